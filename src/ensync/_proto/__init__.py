@@ -1,0 +1,1 @@
+"""Code generated from proto/ensync.proto by `make proto`. Do not edit."""

@@ -1,0 +1,3 @@
+"""The ``ensync`` command line."""
+
+__all__: list[str] = []

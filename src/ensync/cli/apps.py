@@ -1,0 +1,114 @@
+"""``ensync app create | list | revoke`` and ``ensync keygen``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from ensync.crypto import generate_keypair
+from ensync.server.core.apps import AppRegistry
+from ensync.server.core.engine import wall_clock_ms
+from ensync.server.store import open_store
+from ensync.server.store.base import AppExistsError, StoreError
+
+__all__ = ["create", "keygen", "list_apps", "revoke"]
+
+
+def _registry_call(args: argparse.Namespace, action: str) -> int:
+    async def go() -> int:
+        try:
+            store = open_store(args.store, Path(args.data))
+        except ValueError as exc:
+            print(f"ensync: {exc}", file=sys.stderr)
+            return 2
+        await store.open()
+        try:
+            registry = AppRegistry(store, wall_clock_ms, cache_ms=0)
+            if action == "create":
+                try:
+                    app = await registry.create(args.name)
+                except ValueError as exc:
+                    print(f"ensync: {exc}", file=sys.stderr)
+                    return 2
+                except AppExistsError:
+                    print(f"ensync: an app named {args.name!r} already exists", file=sys.stderr)
+                    return 1
+                if args.json:
+                    print(
+                        json.dumps(
+                            {
+                                "name": app.name,
+                                "app_key": app.app_key,
+                                "app_id": app.app_id,
+                                "secret_key": app.secret_key,
+                            }
+                        )
+                    )
+                else:
+                    print(f"app:        {app.name}")
+                    print(f"app key:    {app.app_key}")
+                    print(f"app id:     {app.app_id}")
+                    print(f"secret key: {app.secret_key}")
+                    print("Keep the app key and the secret key now: they are not shown again.")
+                return 0
+            if action == "list":
+                apps = await store.list_apps()
+                if args.json:
+                    rows = [
+                        {
+                            "name": a.name,
+                            "app_id": a.app_id,
+                            "created_at_ms": a.created_at_ms,
+                            "revoked": a.revoked,
+                        }
+                        for a in apps
+                    ]
+                    print(json.dumps(rows))
+                else:
+                    for a in apps:
+                        status = "revoked" if a.revoked else "active"
+                        print(f"{a.name}\t{a.app_id}\t{status}")
+                return 0
+            try:
+                await registry.revoke(args.name)
+            except LookupError as exc:
+                print(f"ensync: {exc}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.name}")
+            return 0
+        except StoreError as exc:
+            print(f"ensync: storage error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def create(args: argparse.Namespace) -> int:
+    """Register an app and print its app key, app id and secret key once."""
+    return _registry_call(args, "create")
+
+
+def list_apps(args: argparse.Namespace) -> int:
+    """List registered apps (never their keys)."""
+    return _registry_call(args, "list")
+
+
+def revoke(args: argparse.Namespace) -> int:
+    """Revoke an app: its key is refused from the next connect on."""
+    return _registry_call(args, "revoke")
+
+
+def keygen(args: argparse.Namespace) -> int:
+    """Print a fresh Ed25519 key pair."""
+    pair = generate_keypair()
+    if args.json:
+        print(json.dumps({"app_id": pair.app_id, "secret_key": pair.secret_key}))
+    else:
+        print(f"app id:     {pair.app_id}")
+        print(f"secret key: {pair.secret_key}")
+    return 0

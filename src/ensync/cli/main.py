@@ -1,0 +1,97 @@
+"""``ensync``: run the engine, manage apps, make keys, benchmark.
+
+Every option can also come from an ``ENSYNC_*`` environment variable named
+after it (``--data`` → ``ENSYNC_DATA``, ``--ack-deadline-ms`` →
+``ENSYNC_ACK_DEADLINE_MS``); a flag on the command line wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from ensync.cli import apps, serve
+
+__all__ = ["build_parser", "main"]
+
+
+def env(name: str, default: str) -> str:
+    """The value of ``ENSYNC_<NAME>``, else ``default``."""
+    return os.environ.get("ENSYNC_" + name.upper().replace("-", "_"), default)
+
+
+def env_int(name: str, default: int) -> int:
+    raw = env(name, str(default))
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"ensync: ENSYNC_{name.upper()} must be an integer, not {raw!r}") from None
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", default=env("data", ".ensync"), help="data directory (default: ./.ensync)"
+    )
+    parser.add_argument(
+        "--store",
+        default=env("store", "sqlite:"),
+        help="store URL: sqlite: (default, DATA/ensync.db), sqlite:PATH, memory:",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ensync", description="The ensync engine and tools. Options also read ENSYNC_* env."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve_cmd = commands.add_parser("serve", help="run the engine")
+    add_data_options(serve_cmd)
+    serve_cmd.add_argument("--grpc", default=env("grpc", "127.0.0.1:50051"), help="gRPC HOST:PORT")
+    serve_cmd.add_argument("--http", default=env("http", "127.0.0.1:8080"), help="HTTP HOST:PORT")
+    serve_cmd.add_argument("--log-level", default=env("log_level", "INFO"), help="DEBUG, INFO, ...")
+    for flag, default, text in serve.ENGINE_FLAGS:
+        serve_cmd.add_argument(f"--{flag}", type=int, default=env_int(flag, default), help=text)
+    serve_cmd.set_defaults(run=serve.run)
+
+    app_cmd = commands.add_parser("app", help="register, list and revoke apps")
+    app_commands = app_cmd.add_subparsers(dest="app_command", required=True, metavar="ACTION")
+    create = app_commands.add_parser("create", help="register an app and print its keys once")
+    create.add_argument("name")
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    add_data_options(create)
+    create.set_defaults(run=apps.create)
+    listing = app_commands.add_parser("list", help="list registered apps")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    add_data_options(listing)
+    listing.set_defaults(run=apps.list_apps)
+    revoke = app_commands.add_parser("revoke", help="revoke an app's key")
+    revoke.add_argument("name")
+    add_data_options(revoke)
+    revoke.set_defaults(run=apps.revoke)
+
+    keygen = commands.add_parser("keygen", help="print a new Ed25519 key pair")
+    keygen.add_argument("--json", action="store_true", help="print one JSON object")
+    keygen.set_defaults(run=apps.keygen)
+
+    from ensync.cli import bench
+
+    bench.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ensync`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

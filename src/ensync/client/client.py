@@ -1,0 +1,264 @@
+"""The client: one authenticated app connection, for publishing and subscribing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from ensync import errors
+from ensync.client.connection import Connection, ConnectionState
+from ensync.client.subscription import Subscription
+from ensync.client.transport import ClientTransport
+from ensync.crypto import OpeningKey, is_app_id, opening_key, seal, seal_hybrid
+from ensync.protocol.names import validate_name
+
+if TYPE_CHECKING:
+    from ensync.client.engine import BaseEngine
+
+__all__ = ["EnSyncClient"]
+
+_METADATA_KEYS = {"persist", "headers", "ttl_ms"}
+
+
+def _skeleton_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer" if -(2**31) <= value < 2**31 else "long"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list | tuple) else "object"
+
+
+class EnSyncClient:
+    """An app's connection to the engine. Get one from ``engine.create_client``.
+
+    Example::
+
+        async with await engine.create_client(app_key, app_secret_key=secret) as client:
+            await client.publish("orders/created", [warehouse_id], {"orderId": "o-1"})
+    """
+
+    def __init__(
+        self,
+        engine: BaseEngine,
+        connection: Connection,
+        secret: OpeningKey | None,
+    ) -> None:
+        self._engine = engine
+        self._connection = connection
+        self._secret = secret
+        self._subscriptions: dict[str, Subscription] = {}
+        self._closed = False
+
+    @property
+    def client_id(self) -> str:
+        """The engine's id for the current connection (changes after a reconnect)."""
+        return self._connection.client_id
+
+    @property
+    def client_hash(self) -> str:
+        return self._connection.client_hash
+
+    @property
+    def state(self) -> ConnectionState:
+        """``CONNECTED``, ``RECONNECTING``, ``FAILED`` or ``CLOSED``."""
+        return self._connection.state
+
+    # ------------------------------------------------------------------ publish
+
+    async def publish(
+        self,
+        message_name: str,
+        recipients: Sequence[str],
+        payload: Mapping[str, Any],
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        hybrid: bool = False,
+    ) -> str:
+        """Encrypt ``payload`` for each recipient and publish it.
+
+        Args:
+            message_name: e.g. ``"orders/status/updated"``.
+            recipients: app ids (base64 Ed25519 public keys), at least one.
+            payload: a JSON object.
+            metadata: ``{"persist": bool, "headers": {str: str}, "ttl_ms": int}``;
+                persist defaults to true.
+            hybrid: seal the payload once for all recipients (the hybrid
+                envelope; only Node clients and ensync can read it).
+
+        Returns:
+            The idem, or for several recipients their idems joined by ``,``
+            in recipient order (as the official SDKs do).
+
+        Raises:
+            EnSyncValidationError: bad name, recipients, payload or metadata.
+            EnSyncPublishError: the engine refused.
+            EnSyncConnectionError: the link is down.
+        """
+        self._check_open()
+        try:
+            validate_name(message_name)
+        except ValueError as exc:
+            raise errors.EnSyncValidationError(str(exc)) from None
+        if isinstance(recipients, str) or not isinstance(recipients, Sequence):
+            raise errors.EnSyncValidationError("recipients must be a list of app ids")
+        if not recipients:
+            raise errors.EnSyncValidationError("recipients is empty: name at least one app id")
+        for recipient in recipients:
+            if not isinstance(recipient, str) or not is_app_id(recipient):
+                raise errors.EnSyncValidationError(
+                    f"recipient {str(recipient)[:64]!r} is not an app id (base64 of 32 bytes)"
+                )
+        if not isinstance(payload, Mapping):
+            raise errors.EnSyncValidationError(
+                f"payload must be a JSON object (a mapping), not {type(payload).__name__}"
+            )
+        try:
+            plaintext = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        except (TypeError, ValueError) as exc:
+            raise errors.EnSyncValidationError(f"payload is not JSON-serialisable: {exc}") from None
+        metadata_text = self._metadata_text(metadata)
+        payload_metadata = json.dumps(
+            {
+                "byte_size": len(plaintext),
+                "skeleton": {str(k): _skeleton_type(v) for k, v in payload.items()},
+            },
+            separators=(",", ":"),
+        )
+        transport = self._connection.transport
+        if hybrid:
+            envelope = seal_hybrid(plaintext, list(recipients))
+            envelopes = [envelope] * len(recipients)
+        else:
+            envelopes = [seal(plaintext, recipient) for recipient in recipients]
+        idems = await asyncio.gather(
+            *(
+                transport.publish(
+                    message_name, recipient, envelope, metadata_text, payload_metadata
+                )
+                for recipient, envelope in zip(recipients, envelopes, strict=True)
+            )
+        )
+        return ",".join(idems)
+
+    @staticmethod
+    def _metadata_text(metadata: Mapping[str, Any] | None) -> str:
+        if metadata is None:
+            return '{"persist":true,"headers":{}}'
+        if not isinstance(metadata, Mapping):
+            raise errors.EnSyncValidationError("metadata must be a mapping")
+        persist = metadata.get("persist", True)
+        if not isinstance(persist, bool):
+            raise errors.EnSyncValidationError("metadata['persist'] must be True or False")
+        headers = metadata.get("headers", {})
+        if not isinstance(headers, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+        ):
+            raise errors.EnSyncValidationError("metadata['headers'] must map strings to strings")
+        ttl = metadata.get("ttl_ms")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
+            raise errors.EnSyncValidationError("metadata['ttl_ms'] must be a positive integer")
+        out: dict[str, Any] = {"persist": persist, "headers": dict(headers)}
+        if ttl is not None:
+            out["ttl_ms"] = ttl
+        for key, value in metadata.items():
+            if key not in _METADATA_KEYS:
+                out[key] = value
+        try:
+            return json.dumps(out, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise errors.EnSyncValidationError(
+                f"metadata is not JSON-serialisable: {exc}"
+            ) from None
+
+    # ------------------------------------------------------------------ subscribe
+
+    async def subscribe(
+        self,
+        message_name: str,
+        *,
+        auto_ack: bool = True,
+        app_secret_key: str | None = None,
+    ) -> Subscription:
+        """Start receiving ``message_name``; returns the :class:`Subscription`.
+
+        Args:
+            auto_ack: ack each message once its handlers (or loop body) succeed.
+            app_secret_key: decrypt with this key instead of the client's.
+
+        Raises:
+            EnSyncValidationError: bad name, no secret key to decrypt with.
+            EnSyncSubscriptionError: the engine refused, or already subscribed.
+        """
+        self._check_open()
+        try:
+            validate_name(message_name)
+        except ValueError as exc:
+            raise errors.EnSyncValidationError(str(exc)) from None
+        if message_name in self._subscriptions:
+            raise errors.EnSyncSubscriptionError(f"already subscribed to {message_name!r}")
+        key = opening_key(app_secret_key) if app_secret_key is not None else self._secret
+        if key is None:
+            raise errors.EnSyncValidationError(
+                "no secret key to decrypt messages with: pass app_secret_key to "
+                "create_client or subscribe"
+            )
+        subscription = Subscription(self, message_name, auto_ack, key)
+        self._subscriptions[message_name] = subscription
+        try:
+            await self._connection.subscribe(message_name, subscription._deliver)
+        except BaseException:
+            self._subscriptions.pop(message_name, None)
+            await subscription._close()
+            raise
+        return subscription
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self, close_engine: bool = False) -> None:
+        """Close this client (its subscriptions stop); with ``True`` the engine too."""
+        if not self._closed:
+            self._closed = True
+            subscriptions = list(self._subscriptions.values())
+            self._subscriptions.clear()
+            await asyncio.gather(*(s._close() for s in subscriptions))
+            await self._connection.close()
+            self._engine._forget(self)
+        if close_engine:
+            await self._engine.close()
+
+    async def __aenter__(self) -> EnSyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise errors.EnSyncConnectionError("the client is closed")
+
+    def _transport(self) -> ClientTransport:
+        self._check_open()
+        return self._connection.transport
+
+    def _report(self, error: errors.EnSyncError) -> None:
+        self._engine._events.emit("error", error)
+
+    def _forget(self, subscription: Subscription) -> None:
+        if self._subscriptions.get(subscription.name) is subscription:
+            del self._subscriptions[subscription.name]

@@ -1,0 +1,252 @@
+"""The connection component: heartbeats, reconnection, subscription replay.
+
+It owns the current transport. The first connect fails fast (bad key, no
+engine: the caller gets the error). After that, a lost link is healed in
+the background: capped exponential backoff with jitter, a new connect (the
+engine issues a new client id), every recorded subscription opened again and
+its pause state restored, then a ``reconnect`` event. A subscription the
+engine refuses during that replay is reported as an ``error`` event and the
+connection is marked failed: never silently skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ensync import errors
+from ensync.client.backoff import backoff_delay_s
+from ensync.client.events import EventEmitter
+from ensync.client.transport import ClientTransport, WireMessage
+
+__all__ = ["Connection", "ConnectionOptions", "ConnectionState"]
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionState(enum.Enum):
+    """Where the connection stands."""
+
+    IDLE = "idle"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    FAILED = "failed"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionOptions:
+    """Timing of heartbeats and reconnection, in milliseconds."""
+
+    heartbeat_interval_ms: int = 30_000
+    reconnect_interval_ms: int = 5_000
+    max_reconnect_delay_ms: int = 60_000
+    max_reconnect_attempts: int = 5
+
+
+@dataclass(slots=True)
+class _Recorded:
+    deliver: Callable[[WireMessage], None]
+    paused: str | None = None
+
+
+class Connection:
+    """Owns one logical connection to an engine across reconnects."""
+
+    def __init__(
+        self,
+        factory: Callable[[], ClientTransport],
+        app_key: str,
+        options: ConnectionOptions,
+        events: EventEmitter,
+        *,
+        log_level: int = logging.DEBUG,
+    ) -> None:
+        self._factory = factory
+        self._app_key = app_key
+        self._options = options
+        self._events = events
+        self._log_level = log_level
+        self._transport: ClientTransport | None = None
+        self._subscriptions: dict[str, _Recorded] = {}
+        self._state = ConnectionState.IDLE
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self.client_hash = ""
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    @property
+    def client_id(self) -> str:
+        return self._transport.client_id if self._transport is not None else ""
+
+    @property
+    def transport(self) -> ClientTransport:
+        """The live transport; raises EnSyncConnectionError while the link is down."""
+        if self._state is not ConnectionState.CONNECTED or self._transport is None:
+            raise errors.EnSyncConnectionError(f"not connected to the engine ({self._state.value})")
+        return self._transport
+
+    async def open(self) -> None:
+        """Connect for the first time; errors propagate to the caller."""
+        transport = self._factory()
+        try:
+            info = await transport.connect(self._app_key)
+        except BaseException:
+            await transport.close()
+            raise
+        self.client_hash = info.client_hash
+        self._install(transport)
+        self._heartbeat_task = asyncio.get_running_loop().create_task(
+            self._heartbeat(), name="ensync-heartbeat"
+        )
+
+    def _install(self, transport: ClientTransport) -> None:
+        self._transport = transport
+        transport.on_lost(self._lost)
+        self._state = ConnectionState.CONNECTED
+        self._connected.set()
+        log.log(self._log_level, "connected as client %s", transport.client_id[:8])
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        """Wait until the link is up; raises EnSyncConnectionError on timeout or failure."""
+        if self._state is ConnectionState.CONNECTED:
+            return
+        if self._state in (ConnectionState.FAILED, ConnectionState.CLOSED):
+            raise errors.EnSyncConnectionError(f"connection is {self._state.value}")
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        except TimeoutError:
+            raise errors.EnSyncConnectionError("not reconnected in time") from None
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def subscribe(self, name: str, deliver: Callable[[WireMessage], None]) -> None:
+        await self.transport.subscribe(name, deliver)
+        self._subscriptions[name] = _Recorded(deliver)
+
+    async def unsubscribe(self, name: str) -> None:
+        self._subscriptions.pop(name, None)
+        await self.transport.unsubscribe(name)
+
+    async def pause(self, name: str, reason: str) -> None:
+        await self.transport.pause(name, reason)
+        recorded = self._subscriptions.get(name)
+        if recorded is not None:
+            recorded.paused = reason
+
+    async def resume(self, name: str) -> None:
+        await self.transport.resume(name)
+        recorded = self._subscriptions.get(name)
+        if recorded is not None:
+            recorded.paused = None
+
+    # ------------------------------------------------------------------ liveness
+
+    async def _heartbeat(self) -> None:
+        interval_s = self._options.heartbeat_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._state is not ConnectionState.CONNECTED or self._transport is None:
+                continue
+            transport = self._transport
+            try:
+                await transport.heartbeat()
+            except errors.EnSyncError as exc:
+                if transport is self._transport:
+                    self._lost(exc)
+
+    def _lost(self, cause: BaseException) -> None:
+        if self._state is not ConnectionState.CONNECTED:
+            return
+        self._state = ConnectionState.RECONNECTING
+        self._connected.clear()
+        log.warning("connection to the engine lost: %s", cause)
+        self._events.emit("disconnect", cause)
+        self._reconnect_task = asyncio.get_running_loop().create_task(
+            self._reconnect(), name="ensync-reconnect"
+        )
+
+    async def _reconnect(self) -> None:
+        old = self._transport
+        self._transport = None
+        if old is not None:
+            await old.close()
+        opts = self._options
+        attempt = 0
+        while self._state is ConnectionState.RECONNECTING:
+            attempt += 1
+            if opts.max_reconnect_attempts and attempt > opts.max_reconnect_attempts:
+                self._fail(
+                    errors.EnSyncConnectionError(
+                        f"gave up reconnecting after {opts.max_reconnect_attempts} attempts"
+                    )
+                )
+                return
+            delay = backoff_delay_s(
+                attempt, opts.reconnect_interval_ms, opts.max_reconnect_delay_ms, random.random()
+            )
+            await asyncio.sleep(delay)
+            transport = self._factory()
+            try:
+                info = await transport.connect(self._app_key)
+                await self._replay_subscriptions(transport)
+            except errors.EnSyncAuthError as exc:
+                await transport.close()
+                self._fail(exc)
+                return
+            except errors.EnSyncConnectionError as exc:
+                await transport.close()
+                log.log(self._log_level, "reconnect attempt %d failed: %s", attempt, exc)
+                continue
+            except errors.EnSyncError as exc:
+                # The engine is reachable but refused to restore a
+                # subscription: retrying will not help. Say so loudly.
+                await transport.close()
+                self._fail(exc)
+                return
+            self.client_hash = info.client_hash
+            self._install(transport)
+            self._events.emit("reconnect", attempt)
+            return
+
+    async def _replay_subscriptions(self, transport: ClientTransport) -> None:
+        for name, recorded in list(self._subscriptions.items()):
+            try:
+                await transport.subscribe(name, recorded.deliver)
+                if recorded.paused is not None:
+                    await transport.pause(name, recorded.paused)
+            except errors.EnSyncConnectionError:
+                raise
+            except errors.EnSyncError as exc:
+                raise errors.EnSyncSubscriptionError(
+                    f"could not restore the subscription to {name!r}: {exc.message}"
+                ) from exc
+
+    def _fail(self, exc: errors.EnSyncError) -> None:
+        self._state = ConnectionState.FAILED
+        log.error("connection failed for good: %s", exc)
+        self._events.emit("error", exc)
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self) -> None:
+        """Stop heartbeats and reconnection and close the transport. Idempotent."""
+        if self._state is ConnectionState.CLOSED:
+            return
+        self._state = ConnectionState.CLOSED
+        self._connected.clear()
+        tasks = [t for t in (self._heartbeat_task, self._reconnect_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._transport is not None:
+            await self._transport.close()
+            self._transport = None

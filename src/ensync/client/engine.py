@@ -1,0 +1,175 @@
+"""``EnSyncEngine``: where clients come from, and where connection events go."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from ensync import errors
+from ensync.client.client import EnSyncClient
+from ensync.client.connection import Connection, ConnectionOptions
+from ensync.client.events import EventEmitter, EventName
+from ensync.client.grpc_transport import GrpcClientTransport
+from ensync.client.transport import ClientTransport
+from ensync.crypto import opening_key
+from ensync.protocol.urls import EngineUrl, parse_engine_url
+
+__all__ = ["BaseEngine", "EnSyncEngine"]
+
+log = logging.getLogger("ensync.client")
+
+
+def _positive_ms(name: str, value: object, *, zero_ok: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if zero_ok else 1):
+        bound = "zero or more" if zero_ok else "a positive integer"
+        raise errors.EnSyncValidationError(f"{name} must be {bound} (milliseconds), not {value!r}")
+    return value
+
+
+class BaseEngine(ABC):
+    """What both transports' engines share; see :class:`EnSyncEngine`."""
+
+    _transport_kind: str = "grpc"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reconnect_interval: int = 5_000,
+        max_reconnect_attempts: int = 5,
+        enable_logging: bool = False,
+        keepalive_interval: int = 30_000,
+        call_timeout: int = 30_000,
+        ca_file: str | None = None,
+    ) -> None:
+        try:
+            self.url: EngineUrl = parse_engine_url(url, transport=self._transport_kind)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise errors.EnSyncValidationError(str(exc)) from None
+        self._options = ConnectionOptions(
+            heartbeat_interval_ms=_positive_ms("heartbeat interval", keepalive_interval),
+            reconnect_interval_ms=_positive_ms("reconnect_interval", reconnect_interval),
+            max_reconnect_attempts=_positive_ms(
+                "max_reconnect_attempts", max_reconnect_attempts, zero_ok=True
+            ),
+        )
+        self._call_timeout_s = _positive_ms("call_timeout", call_timeout) / 1000
+        self._root_certificates: bytes | None = None
+        if ca_file is not None:
+            try:
+                with open(ca_file, "rb") as handle:
+                    self._root_certificates = handle.read()
+            except OSError as exc:
+                raise errors.EnSyncValidationError(
+                    f"cannot read CA file {ca_file!r}: {exc}"
+                ) from None
+        # enable_logging raises the SDK's routine records (connects, reconnect
+        # attempts) from DEBUG to INFO; handlers and levels stay the app's.
+        self._log_level = logging.INFO if enable_logging else logging.DEBUG
+        self._events = EventEmitter()
+        self._clients: list[EnSyncClient] = []
+        self._closed = False
+
+    @abstractmethod
+    def _make_transport(self) -> ClientTransport:
+        """A fresh, unconnected transport to ``self.url``."""
+
+    def on(self, event: EventName, callback: Callable[..., Any]) -> Callable[[], None]:
+        """Listen to ``"disconnect"`` (cause), ``"reconnect"`` (attempt) or
+        ``"error"`` (an :class:`~ensync.errors.EnSyncError`).
+
+        Returns a function that removes the listener.
+        """
+        try:
+            return self._events.on(event, callback)
+        except ValueError as exc:
+            raise errors.EnSyncValidationError(str(exc)) from None
+
+    async def create_client(
+        self, app_key: str, *, app_secret_key: str | None = None
+    ) -> EnSyncClient:
+        """Connect and authenticate as the app owning ``app_key``.
+
+        Args:
+            app_key: the key ``ensync app create`` printed.
+            app_secret_key: the app's secret key, to decrypt received messages.
+
+        Raises:
+            EnSyncAuthError: the key was refused.
+            EnSyncConnectionError: the engine cannot be reached.
+            EnSyncValidationError: the secret key is malformed.
+        """
+        if self._closed:
+            raise errors.EnSyncConnectionError("the engine is closed")
+        if not isinstance(app_key, str) or not app_key:
+            raise errors.EnSyncValidationError("app_key must be a non-empty string")
+        secret = opening_key(app_secret_key) if app_secret_key is not None else None
+        connection = Connection(
+            self._make_transport, app_key, self._options, self._events, log_level=self._log_level
+        )
+        await connection.open()
+        client = EnSyncClient(self, connection, secret)
+        self._clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        """Close every client of this engine. Idempotent."""
+        self._closed = True
+        clients = list(self._clients)
+        self._clients.clear()
+        await asyncio.gather(*(client.close() for client in clients))
+
+    def _forget(self, client: EnSyncClient) -> None:
+        if client in self._clients:
+            self._clients.remove(client)
+
+
+class EnSyncEngine(BaseEngine):
+    """The EnSync engine over gRPC.
+
+    Args:
+        url: ``grpc://host:port``, ``grpcs://host:port``, or a bare host
+            (``localhost`` → plaintext :50051, others → TLS :443).
+        heartbeat_interval: ms between heartbeats (default 30 000).
+        reconnect_interval: base delay of the reconnect backoff, ms.
+        max_reconnect_attempts: give up after this many (0: never).
+        enable_logging: log connection life at INFO instead of DEBUG.
+        call_timeout: deadline of every call, ms.
+        ca_file: PEM file of a CA to trust for ``grpcs://``.
+
+    Example::
+
+        engine = EnSyncEngine("grpc://localhost:50051")
+        client = await engine.create_client(app_key, app_secret_key=secret)
+    """
+
+    def __init__(
+        self,
+        url: str = "grpc://localhost:50051",
+        *,
+        heartbeat_interval: int = 30_000,
+        reconnect_interval: int = 5_000,
+        max_reconnect_attempts: int = 5,
+        enable_logging: bool = False,
+        call_timeout: int = 30_000,
+        ca_file: str | None = None,
+    ) -> None:
+        super().__init__(
+            url,
+            reconnect_interval=reconnect_interval,
+            max_reconnect_attempts=max_reconnect_attempts,
+            enable_logging=enable_logging,
+            keepalive_interval=heartbeat_interval,
+            call_timeout=call_timeout,
+            ca_file=ca_file,
+        )
+
+    def _make_transport(self) -> ClientTransport:
+        return GrpcClientTransport(
+            self.url,
+            call_timeout_s=self._call_timeout_s,
+            root_certificates=self._root_certificates,
+        )

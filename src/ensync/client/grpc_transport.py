@@ -1,0 +1,346 @@
+"""The SDK's gRPC transport (grpcio, asyncio API).
+
+One channel per connection; one Subscribe stream per subscribed name, read
+by a task this transport owns. The channel announces itself with an
+``ensync-python/<version>`` user agent so the engine sends Replay data in
+the JSON form (the bare-payload form is kept for ``grpc-python`` clients,
+PROTOCOL.md §2.7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from ensync import errors
+from ensync._proto import ensync_pb2 as pb
+from ensync.client.transport import ConnectInfo, LostCallback, WireMessage, WireReplay
+from ensync.protocol.urls import EngineUrl
+
+__all__ = ["USER_AGENT", "GrpcClientTransport"]
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = "ensync-python/0.1.0"
+_SERVICE = "/ensync.EnSyncService/"
+
+# Statuses that mean "the link", not "the request": the call may succeed on
+# a new connection.
+_LINK_STATUSES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+}
+
+
+def _metadata_dict(text: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class GrpcClientTransport:
+    """A :class:`~ensync.client.transport.ClientTransport` over gRPC.
+
+    Args:
+        url: the parsed engine URL (``grpc://`` or ``grpcs://``).
+        call_timeout_s: deadline of every unary call.
+        root_certificates: PEM bytes of a CA to trust instead of the system's.
+    """
+
+    def __init__(
+        self,
+        url: EngineUrl,
+        *,
+        call_timeout_s: float = 30.0,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        options: list[tuple[str, Any]] = [
+            ("grpc.primary_user_agent", USER_AGENT),
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+        ]
+        if url.secure:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.aio.secure_channel(url.target, creds, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(url.target, options=options)
+        self._timeout = call_timeout_s
+        self._client_id = ""
+        self._streams: dict[str, tuple[grpc.aio.UnaryStreamCall[Any, Any], asyncio.Task[None]]] = {}
+        self._lost: LostCallback | None = None
+        self._closed = False
+        self._lost_reported = False
+        ch = self._channel
+
+        def unary(method: str, resp: Any) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
+            return ch.unary_unary(
+                _SERVICE + method,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=resp.FromString,
+            )
+
+        self._connect = unary("Connect", pb.ConnectResponse)
+        self._heartbeat = unary("Heartbeat", pb.HeartbeatResponse)
+        self._publish = unary("PublishMessage", pb.PublishMessageResponse)
+        self._unsubscribe = unary("Unsubscribe", pb.UnsubscribeResponse)
+        self._ack = unary("AcknowledgeMessage", pb.AcknowledgeResponse)
+        self._defer = unary("DeferMessage", pb.DeferResponse)
+        self._discard = unary("DiscardMessage", pb.DiscardResponse)
+        self._replay = unary("ReplayMessage", pb.ReplayResponse)
+        self._pause = unary("PauseMessages", pb.PauseResponse)
+        self._continue = unary("ContinueMessages", pb.ContinueResponse)
+        self._subscribe: grpc.aio.UnaryStreamMultiCallable[Any, Any] = ch.unary_stream(
+            _SERVICE + "Subscribe",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=pb.MessageStreamResponse.FromString,
+        )
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    def on_lost(self, callback: LostCallback) -> None:
+        self._lost = callback
+
+    # ------------------------------------------------------------------ calls
+
+    async def _call(
+        self,
+        multicallable: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+        request: Any,
+        error: type[errors.EnSyncError],
+    ) -> Any:
+        if self._closed:
+            raise errors.EnSyncConnectionError("the connection is closed")
+        try:
+            return await multicallable(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, error) from exc
+
+    def _translate(
+        self, exc: grpc.aio.AioRpcError, error: type[errors.EnSyncError]
+    ) -> errors.EnSyncError:
+        code = exc.code()
+        details = exc.details() or code.name
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return errors.EnSyncTimeoutError(f"the engine did not answer in {self._timeout:g} s")
+        if code in _LINK_STATUSES:
+            return errors.EnSyncConnectionError(f"connection to the engine failed: {details}")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            return errors.EnSyncAuthError(details)
+        return error(details)
+
+    async def connect(self, app_key: str) -> ConnectInfo:
+        response = await self._call(
+            self._connect, pb.ConnectRequest(access_key=app_key), errors.EnSyncAuthError
+        )
+        if not response.success:
+            raise errors.EnSyncAuthError(f"Authentication failed: {response.error_message}")
+        self._client_id = response.client_id
+        return ConnectInfo(response.client_id, response.client_hash)
+
+    async def heartbeat(self) -> None:
+        response = await self._call(
+            self._heartbeat,
+            pb.HeartbeatRequest(client_id=self._client_id),
+            errors.EnSyncConnectionError,
+        )
+        if not response.success:
+            raise errors.EnSyncConnectionError("the engine no longer knows this client")
+
+    async def publish(
+        self,
+        name: str,
+        recipient: str,
+        payload: str,
+        metadata: str,
+        payload_metadata: str | None,
+    ) -> str:
+        request = pb.PublishMessageRequest(
+            client_id=self._client_id,
+            message_name=name,
+            payload=payload,
+            delivery_to=recipient,
+            metadata=metadata,
+        )
+        if payload_metadata is not None:
+            request.payload_metadata = payload_metadata
+        response = await self._call(self._publish, request, errors.EnSyncPublishError)
+        if not response.success:
+            raise errors.EnSyncPublishError(response.error_message)
+        return str(response.message_idem)
+
+    async def subscribe(self, name: str, deliver: Callable[[WireMessage], None]) -> None:
+        if self._closed:
+            raise errors.EnSyncConnectionError("the connection is closed")
+        call = self._subscribe(pb.SubscribeRequest(client_id=self._client_id, message_name=name))
+        # Wait for the engine to accept the stream (or refuse it) so that a
+        # bad name or session fails here, not later in the reader task.
+        try:
+            await call.wait_for_connection()
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, errors.EnSyncSubscriptionError) from exc
+        task = asyncio.get_running_loop().create_task(
+            self._read(name, call, deliver), name=f"ensync-stream-{name}"
+        )
+        old = self._streams.pop(name, None)
+        self._streams[name] = (call, task)
+        if old is not None:
+            old[0].cancel()
+
+    async def _read(
+        self,
+        name: str,
+        call: grpc.aio.UnaryStreamCall[Any, Any],
+        deliver: Callable[[WireMessage], None],
+    ) -> None:
+        try:
+            async for item in call:
+                deliver(
+                    WireMessage(
+                        name=item.message_name or name,
+                        idem=item.message_idem,
+                        block=item.partition_block,
+                        payload=item.payload,
+                        metadata=_metadata_dict(item.metadata),
+                        sender=item.sender,
+                        timestamp=time.time_ns() // 1_000_000,
+                    )
+                )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
+                return
+            if (
+                exc.code() == grpc.StatusCode.CANCELLED
+                and self._streams.get(name, (None,))[0] is not call
+            ):
+                return
+            self._report_lost(self._translate(exc, errors.EnSyncSubscriptionError))
+            return
+        except asyncio.CancelledError:
+            raise
+        # The engine ended the stream without an error: our session is over.
+        current = self._streams.get(name)
+        if not self._closed and current is not None and current[0] is call:
+            self._report_lost(errors.EnSyncConnectionError(f"the engine ended the {name} stream"))
+
+    def _report_lost(self, exc: BaseException) -> None:
+        if self._closed or self._lost_reported:
+            return
+        self._lost_reported = True
+        if self._lost is not None:
+            self._lost(exc)
+
+    async def unsubscribe(self, name: str) -> None:
+        response = await self._call(
+            self._unsubscribe,
+            pb.UnsubscribeRequest(client_id=self._client_id, message_name=name),
+            errors.EnSyncSubscriptionError,
+        )
+        if not response.success:
+            raise errors.EnSyncSubscriptionError(response.message)
+        entry = self._streams.pop(name, None)
+        if entry is not None:
+            entry[0].cancel()
+
+    async def ack(self, name: str, idem: str, block: int) -> None:
+        request = pb.AcknowledgeRequest(
+            client_id=self._client_id, message_idem=idem, message_name=name, partition_block=block
+        )
+        response = await self._call(self._ack, request, errors.EnSyncAckError)
+        if not response.success:
+            raise errors.EnSyncAckError(response.message)
+
+    async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
+        request = pb.DeferRequest(
+            client_id=self._client_id,
+            message_idem=idem,
+            message_name=name,
+            delay_ms=delay_ms,
+            reason=reason,
+        )
+        response = await self._call(self._defer, request, errors.EnSyncDeferError)
+        if not response.success:
+            raise errors.EnSyncDeferError(response.message)
+        return int(response.delivery_time)
+
+    async def discard(self, name: str, idem: str, reason: str) -> None:
+        request = pb.DiscardRequest(
+            client_id=self._client_id, message_idem=idem, message_name=name, reason=reason
+        )
+        response = await self._call(self._discard, request, errors.EnSyncDiscardError)
+        if not response.success:
+            raise errors.EnSyncDiscardError(response.message)
+
+    async def replay(self, name: str, idem: str) -> WireReplay:
+        request = pb.ReplayRequest(client_id=self._client_id, message_idem=idem, message_name=name)
+        response = await self._call(self._replay, request, errors.EnSyncReplayError)
+        if not response.success:
+            raise errors.EnSyncReplayError(response.message)
+        try:
+            data = json.loads(response.message_data)
+            if not isinstance(data, dict):
+                raise TypeError("message_data is not an object")
+            metadata = _metadata_dict(str(data.get("metadata") or ""))
+            block = int(data.get("partition_block") or 0)
+        except (TypeError, ValueError) as exc:
+            raise errors.EnSyncReplayError("the engine's replay data is malformed") from exc
+        internal = metadata.pop("$internal", None)
+        info = internal.get("replay_info") if isinstance(internal, dict) else None
+        info = info if isinstance(info, dict) else {}
+        replay_ts = info.get("replayTimestamp")
+        message = WireMessage(
+            name=str(data.get("message_name") or name),
+            idem=str(data.get("message_idem") or idem),
+            block=block,
+            payload=str(data.get("payload") or ""),
+            metadata=metadata,
+            sender=str(data.get("sender") or ""),
+            timestamp=None,
+        )
+        return WireReplay(
+            message=message,
+            replay_timestamp=replay_ts if isinstance(replay_ts, int) else None,
+            was_acknowledged=bool(info.get("wasAcknowledged", False)),
+        )
+
+    async def pause(self, name: str, reason: str) -> None:
+        request = pb.PauseRequest(client_id=self._client_id, message_name=name, reason=reason)
+        response = await self._call(self._pause, request, errors.EnSyncPauseError)
+        if not response.success:
+            raise errors.EnSyncPauseError(response.message)
+
+    async def resume(self, name: str) -> None:
+        request = pb.ContinueRequest(client_id=self._client_id, message_name=name)
+        response = await self._call(self._continue, request, errors.EnSyncContinueError)
+        if not response.success:
+            raise errors.EnSyncContinueError(response.message)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for call, _ in streams:
+            call.cancel()
+        for _, task in streams:
+            task.cancel()
+        if streams:
+            await asyncio.gather(*(task for _, task in streams), return_exceptions=True)
+        await self._channel.close()

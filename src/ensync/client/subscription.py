@@ -1,0 +1,274 @@
+"""A subscription: handlers or ``async for``, and the per-message verbs.
+
+Messages of one subscription are handled one at a time, in arrival order,
+by a task the subscription owns. With handlers registered, every handler
+sees every message; when all of them succeed and ``auto_ack`` is on, the
+message is acked once. A handler that raises leaves the message unacked
+(the engine delivers it again) and the error is reported through the
+engine's ``error`` event and the log. Without handlers, messages go to
+``async for`` loops; with ``auto_ack`` a message is acked when the loop
+body finishes for it without raising.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ensync import errors
+from ensync.client.transport import WireMessage
+from ensync.crypto import OpeningKey, open_envelope, parse_envelope
+from ensync.models import Message, ReplayInfo
+
+if TYPE_CHECKING:
+    from ensync.client.client import EnSyncClient
+
+__all__ = ["Handler", "Subscription"]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Message], Awaitable[object] | object]
+
+MAX_DEFER_MS = 86_400_000
+
+
+class Subscription:
+    """Messages of one name for one client. Get one from ``client.subscribe``.
+
+    Example::
+
+        sub = await client.subscribe("orders/created", auto_ack=False)
+        remove = sub.on(handle)          # or: async for message in sub: ...
+        await sub.ack(message.idem, message.block)
+    """
+
+    def __init__(self, client: EnSyncClient, name: str, auto_ack: bool, key: OpeningKey) -> None:
+        self._client = client
+        self.name = name
+        self.auto_ack = auto_ack
+        self._key = key
+        self._handlers: list[Handler] = []
+        self._inbox: deque[WireMessage] = deque()
+        self._arrived = asyncio.Event()
+        self._consumers = asyncio.Event()  # set while handlers or iterators exist
+        self._iterators = 0
+        self._for_iterators: asyncio.Queue[Message] = asyncio.Queue()
+        self._closed = False
+        self._closed_event = asyncio.Event()
+        self._acks: set[asyncio.Task[None]] = set()
+        self._task = asyncio.get_running_loop().create_task(
+            self._dispatch(), name=f"ensync-subscription-{name}"
+        )
+
+    # ------------------------------------------------------------------ consuming
+
+    def on(self, handler: Handler) -> Callable[[], None]:
+        """Call ``handler(message)`` for every message (sync or async).
+
+        Returns a function that removes the handler again.
+        """
+        if not callable(handler):
+            raise errors.EnSyncValidationError("handler must be callable")
+        self._handlers.append(handler)
+        self._consumers.set()
+
+        def remove() -> None:
+            if handler in self._handlers:
+                self._handlers.remove(handler)
+            self._update_consumers()
+
+        return remove
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message]:
+        self._iterators += 1
+        self._consumers.set()
+        try:
+            while not self._closed:
+                getter = asyncio.ensure_future(self._for_iterators.get())
+                closed = asyncio.ensure_future(self._closed_event.wait())
+                done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                closed.cancel()
+                if getter not in done:
+                    getter.cancel()
+                    return
+                message = getter.result()
+                yield message
+                # Resumed: the loop body finished for this message.
+                if self.auto_ack:
+                    await self._auto_ack(message)
+        finally:
+            self._iterators -= 1
+            self._update_consumers()
+
+    def _update_consumers(self) -> None:
+        if self._handlers or self._iterators:
+            self._consumers.set()
+        else:
+            self._consumers.clear()
+
+    def _deliver(self, wire: WireMessage) -> None:
+        """Called by the transport's reader for every delivery, in order."""
+        self._inbox.append(wire)
+        self._arrived.set()
+
+    async def _dispatch(self) -> None:
+        while not self._closed:
+            if not self._inbox:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self._consumers.wait()
+            if self._closed:
+                return
+            wire = self._inbox.popleft()
+            try:
+                message = self._open(wire)
+            except errors.EnSyncMessageError as exc:
+                # Left unacked: the engine delivers it again and, if it never
+                # becomes readable, dead-letters it after max_deliveries.
+                self._client._report(exc)
+                continue
+            if self._handlers:
+                await self._run_handlers(message)
+            else:
+                await self._for_iterators.put(message)
+
+    async def _run_handlers(self, message: Message) -> None:
+        ok = True
+        for handler in list(self._handlers):
+            try:
+                result = handler(message)
+                if inspect.isawaitable(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # isolation boundary: user code
+                ok = False
+                log.exception("handler for %s failed on %s", self.name, message.idem)
+                error = errors.EnSyncGenericError(
+                    f"handler for {self.name!r} failed on message {message.idem}: {exc!r}"
+                )
+                error.__cause__ = exc
+                self._client._report(error)
+        if ok and self.auto_ack:
+            await self._auto_ack(message)
+
+    async def _auto_ack(self, message: Message) -> None:
+        # Acks are pipelined: the next message is handled while this ack is
+        # on the wire, so throughput is not bound by the ack round trip.
+        task = asyncio.get_running_loop().create_task(self._ack_quietly(message))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+
+    async def _ack_quietly(self, message: Message) -> None:
+        try:
+            await self.ack(message.idem, message.block)
+        except errors.EnSyncError as exc:
+            self._client._report(exc)
+
+    def _open(self, wire: WireMessage) -> Message:
+        try:
+            plaintext = open_envelope(parse_envelope(wire.payload), self._key)
+            payload = json.loads(plaintext)
+        except errors.EnSyncMessageError as exc:
+            raise errors.EnSyncMessageError(
+                f"message {wire.idem} on {self.name!r} cannot be decrypted: {exc.message}"
+            ) from exc
+        except ValueError as exc:
+            raise errors.EnSyncMessageError(
+                f"message {wire.idem} on {self.name!r} is not JSON after decryption"
+            ) from exc
+        return Message(
+            message_name=wire.name,
+            idem=wire.idem,
+            block=wire.block,
+            payload=payload,
+            timestamp=wire.timestamp,
+            metadata=wire.metadata,
+            sender=wire.sender,
+        )
+
+    # ------------------------------------------------------------------ verbs
+
+    async def ack(self, idem: str, block: int) -> None:
+        """Acknowledge a message: it is done and will not be delivered again."""
+        await self._client._transport().ack(self.name, idem, block)
+
+    async def defer(self, idem: str, delay_ms: int = 1000, reason: str = "") -> int:
+        """Deliver the message again after ``delay_ms`` (0 … 86 400 000).
+
+        Returns the scheduled delivery time in epoch milliseconds.
+        """
+        if isinstance(delay_ms, bool) or not isinstance(delay_ms, int):
+            raise errors.EnSyncValidationError("delay_ms must be an integer")
+        if not 0 <= delay_ms <= MAX_DEFER_MS:
+            raise errors.EnSyncValidationError(
+                f"delay_ms {delay_ms} is outside 0..{MAX_DEFER_MS} (24 hours)"
+            )
+        return await self._client._transport().defer(self.name, idem, delay_ms, reason)
+
+    async def discard(self, idem: str, reason: str = "") -> None:
+        """Drop the message for good; it goes to the app's dead-letter list."""
+        await self._client._transport().discard(self.name, idem, reason)
+
+    async def replay(self, idem: str) -> Message:
+        """Fetch a message of this app again by idem, whatever its state."""
+        replay = await self._client._transport().replay(self.name, idem)
+        message = self._open(replay.message)
+        return Message(
+            message_name=message.message_name,
+            idem=message.idem,
+            block=message.block,
+            payload=message.payload,
+            timestamp=message.timestamp,
+            metadata=message.metadata,
+            sender=message.sender,
+            replay_info=ReplayInfo(
+                is_replayed=True,
+                replay_timestamp=replay.replay_timestamp,
+                was_acknowledged=replay.was_acknowledged,
+            ),
+        )
+
+    async def pause(self, reason: str = "") -> None:
+        """Stop deliveries to this client; unsettled ones go to other clients."""
+        await self._client._connection.pause(self.name, reason)
+
+    async def resume(self) -> None:
+        """Undo :meth:`pause`: deliveries flow to this client again."""
+        await self._client._connection.resume(self.name)
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving this name; pending messages stay with the engine."""
+        try:
+            await self._client._connection.unsubscribe(self.name)
+        finally:
+            self._client._forget(self)
+            await self._close()
+
+    async def _close(self) -> None:
+        self._closed = True
+        self._closed_event.set()
+        self._arrived.set()
+        self._consumers.set()
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        # Acks already sent are let finish: they settle messages for good.
+        if self._acks:
+            await asyncio.gather(*list(self._acks), return_exceptions=True)
+
+    def statistics(self) -> dict[str, Any]:
+        """Buffered (not yet handled) messages and registered handlers."""
+        return {
+            "buffered": len(self._inbox) + self._for_iterators.qsize(),
+            "handlers": len(self._handlers),
+            "iterators": self._iterators,
+        }

@@ -1,0 +1,107 @@
+"""The seam between the SDK and a wire protocol.
+
+A transport is one authenticated connection to an engine. The SDK's client,
+subscriptions and reconnection logic are written once over this protocol;
+:mod:`ensync.client.grpc` and the WebSocket transport implement it.
+
+Transports raise only :mod:`ensync.errors` exceptions: an
+:class:`~ensync.errors.EnSyncConnectionError` when the link is the problem,
+the operation's own error class when the engine refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = ["ClientTransport", "ConnectInfo", "LostCallback", "WireMessage", "WireReplay"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectInfo:
+    """The engine's answer to a successful connect."""
+
+    client_id: str
+    client_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class WireMessage:
+    """A delivery as it came off the wire: payload still encrypted."""
+
+    name: str
+    idem: str
+    block: int
+    payload: str
+    metadata: dict[str, Any]
+    sender: str
+    timestamp: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class WireReplay:
+    """A replayed message and the engine's replay information."""
+
+    message: WireMessage
+    replay_timestamp: int | None
+    was_acknowledged: bool
+
+
+LostCallback = Callable[[BaseException], None]
+
+
+class ClientTransport(Protocol):
+    """One connection to an engine. Create, ``connect``, use, ``close``."""
+
+    @property
+    def client_id(self) -> str:
+        """The id the engine issued at connect ("" before)."""
+        ...
+
+    async def connect(self, app_key: str) -> ConnectInfo:
+        """Open the link and authenticate; raises EnSyncAuthError or EnSyncConnectionError."""
+        ...
+
+    def on_lost(self, callback: LostCallback) -> None:
+        """Call ``callback`` once if the link breaks after connect (not on close)."""
+        ...
+
+    async def heartbeat(self) -> None:
+        """Prove liveness; raises EnSyncConnectionError if the session is gone."""
+        ...
+
+    async def publish(
+        self,
+        name: str,
+        recipient: str,
+        payload: str,
+        metadata: str,
+        payload_metadata: str | None,
+    ) -> str:
+        """Publish one envelope to one recipient; returns the idem."""
+        ...
+
+    async def subscribe(self, name: str, deliver: Callable[[WireMessage], None]) -> None:
+        """Start receiving ``name``; ``deliver`` is called for every message, in order."""
+        ...
+
+    async def unsubscribe(self, name: str) -> None: ...
+
+    async def ack(self, name: str, idem: str, block: int) -> None: ...
+
+    async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
+        """Returns the scheduled delivery time (epoch ms)."""
+        ...
+
+    async def discard(self, name: str, idem: str, reason: str) -> None: ...
+
+    async def replay(self, name: str, idem: str) -> WireReplay: ...
+
+    async def pause(self, name: str, reason: str) -> None: ...
+
+    async def resume(self, name: str) -> None: ...
+
+    async def close(self) -> None:
+        """Close the link; idempotent; does not trigger the lost callback."""
+        ...

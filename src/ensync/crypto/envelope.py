@@ -1,0 +1,438 @@
+"""Sealing and opening message payloads (PROTOCOL.md §4.2 and §4.3).
+
+The wire ``payload`` of a publish is base64 of the UTF-8 JSON of an envelope.
+Two envelope shapes exist:
+
+* **single** (§4.2), readable by every official client::
+
+    {"nonce": b64(24), "ciphertext": b64(tag ‖ ct), "ephemeralPublicKey": b64(32)}
+
+  NaCl ``box`` from a fresh X25519 key pair to the recipient's converted key.
+
+* **hybrid** (§4.3): the payload sealed once with ``secretbox`` under a
+  random 32-byte message key, and that key boxed to each recipient::
+
+    {"type": "hybrid", "payload": {"nonce": …, "ciphertext": …},
+     "keys": {<map key>: {"nonce": …, <key field>: …, "ephemeralPublicKey": …}}}
+
+  Node clients write map key = app id and key field ``encryptedKey``; Python
+  clients write hex public keys and ``ciphertext``; Go writes app ids and
+  ``ciphertext``. We write the Node dialect (the only one another official
+  client can read) and read all three, trying every entry of ``keys``.
+
+Everything here is pure computation on bytes and text: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+from nacl import bindings
+from nacl.exceptions import CryptoError
+
+from ensync.crypto._base64 import b64decode, b64encode
+from ensync.crypto.keys import OpeningKey, opening_key, x25519_public
+from ensync.errors import EnSyncMessageError, EnSyncValidationError
+
+__all__ = [
+    "KEY_FIELDS",
+    "MESSAGE_KEY_BYTES",
+    "NONCE_BYTES",
+    "TAG_BYTES",
+    "Box",
+    "Envelope",
+    "EnvelopeKind",
+    "HybridEnvelope",
+    "envelope_kind",
+    "open_envelope",
+    "open_payload",
+    "parse_envelope",
+    "seal",
+    "seal_hybrid",
+]
+
+NONCE_BYTES = 24
+"""Nonce length of ``box`` and ``secretbox`` (XSalsa20)."""
+
+TAG_BYTES = 16
+"""Poly1305 tag length; a sealed text is this much longer than the plain one."""
+
+MESSAGE_KEY_BYTES = 32
+"""Length of a hybrid envelope's message key."""
+
+KEY_FIELDS = ("encryptedKey", "ciphertext")
+"""Names of the sealed message key in a hybrid key entry, in reading order."""
+
+_PUBLIC_KEY_BYTES = 32
+
+EnvelopeKind: TypeAlias = Literal["single", "hybrid"]
+
+
+@dataclass(frozen=True, slots=True)
+class Box:
+    """A NaCl ``box``: a single envelope, or one entry of a hybrid key map.
+
+    Attributes:
+        nonce: 24 bytes.
+        ciphertext: Poly1305 tag followed by the encrypted bytes.
+        ephemeral_public_key: the sender's one-time X25519 public key.
+    """
+
+    nonce: bytes
+    ciphertext: bytes = field(repr=False)
+    ephemeral_public_key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HybridEnvelope:
+    """A hybrid envelope, decoded but not decrypted.
+
+    Attributes:
+        nonce: the ``secretbox`` nonce of the payload.
+        ciphertext: the sealed payload (tag ‖ encrypted bytes).
+        keys: ``(map key, boxed message key)`` pairs in document order.
+    """
+
+    nonce: bytes
+    ciphertext: bytes = field(repr=False)
+    keys: tuple[tuple[str, Box], ...]
+
+
+Envelope: TypeAlias = Box | HybridEnvelope
+
+
+def seal(plaintext: bytes, recipient_app_id: str) -> str:
+    """Seal ``plaintext`` for one recipient as a single envelope (§4.2).
+
+    Every official client can open the result. ``plaintext`` is normally the
+    UTF-8 JSON of the message payload.
+
+    Returns:
+        The wire payload: base64 of the envelope JSON.
+
+    Raises:
+        EnSyncValidationError: ``recipient_app_id`` is not a usable app id,
+            or ``plaintext`` is not bytes.
+
+    >>> from ensync.crypto.keys import keypair_from_seed
+    >>> bob = keypair_from_seed(bytes(32))
+    >>> open_payload(seal(b'{"hi":1}', bob.app_id), bob.secret_key)
+    b'{"hi":1}'
+    """
+    data = _plaintext_bytes(plaintext)
+    box = _box(data, x25519_public(recipient_app_id))
+    return _to_wire(_box_json(box, "ciphertext"))
+
+
+def seal_hybrid(plaintext: bytes, recipient_app_ids: Sequence[str]) -> str:
+    """Seal ``plaintext`` once for several recipients as a hybrid envelope (§4.3).
+
+    Writes the Node clients' dialect (map key = app id, key field
+    ``encryptedKey``): ensync and the Node clients can open it, the Python
+    and Go clients cannot. Duplicate recipients are listed once. The same
+    wire payload is then published once per recipient.
+
+    Returns:
+        The wire payload: base64 of the envelope JSON.
+
+    Raises:
+        EnSyncValidationError: no recipients, a recipient that is not a
+            usable app id, or ``plaintext`` that is not bytes.
+
+    >>> from ensync.crypto.keys import keypair_from_seed
+    >>> a, b = keypair_from_seed(bytes(32)), keypair_from_seed(bytes(31) + b"\\1")
+    >>> wire = seal_hybrid(b"{}", [a.app_id, b.app_id])
+    >>> open_payload(wire, a.secret_key), open_payload(wire, b.secret_key)
+    (b'{}', b'{}')
+    """
+    data = _plaintext_bytes(plaintext)
+    # A str is a Sequence[str] too; one app id here would be split into letters.
+    if isinstance(recipient_app_ids, str):
+        raise EnSyncValidationError("recipient_app_ids must be a sequence of app ids, not a str")
+    recipients = list(dict.fromkeys(recipient_app_ids))
+    if not recipients:
+        raise EnSyncValidationError("seal_hybrid needs at least one recipient app id")
+    # Convert every key before sealing anything, so a bad id fails cleanly.
+    publics = [(app_id, x25519_public(app_id)) for app_id in recipients]
+
+    message_key = bindings.randombytes(MESSAGE_KEY_BYTES)
+    nonce = bindings.randombytes(NONCE_BYTES)
+    sealed = bindings.crypto_secretbox_easy(data, nonce, message_key)
+    keys = {
+        app_id: _box_json(_box(message_key, public), "encryptedKey") for app_id, public in publics
+    }
+    envelope = {
+        "type": "hybrid",
+        "payload": {"nonce": b64encode(nonce), "ciphertext": b64encode(sealed)},
+        "keys": keys,
+    }
+    return _to_wire(envelope)
+
+
+def open_payload(wire_payload: str, secret_key: str | bytes) -> bytes:
+    """Decrypt a wire payload in any envelope form ensync knows.
+
+    Reads single envelopes and hybrid ones in all three dialects (either key
+    field, any map key). ``secret_key`` is base64 text or raw bytes, 64 bytes
+    (tweetnacl layout) or 32 (bare X25519 scalar); its conversion is cached.
+
+    Returns:
+        The plaintext bytes (normally UTF-8 JSON).
+
+    Raises:
+        EnSyncValidationError: ``secret_key`` is not a secret key.
+        EnSyncMessageError: the payload is malformed, was changed, or was
+            not sealed for this key.
+
+    >>> from ensync.crypto.keys import keypair_from_seed
+    >>> bob = keypair_from_seed(bytes(32))
+    >>> open_payload(seal(b"{}", bob.app_id), bob.secret_key)
+    b'{}'
+    """
+    key = opening_key(secret_key)
+    return open_envelope(parse_envelope(wire_payload), key)
+
+
+def open_envelope(envelope: Envelope, secret_key: str | bytes | OpeningKey) -> bytes:
+    """Decrypt an envelope from :func:`parse_envelope`; see :func:`open_payload`.
+
+    >>> from ensync.crypto.keys import keypair_from_seed
+    >>> bob = keypair_from_seed(bytes(32))
+    >>> envelope = parse_envelope(seal(b"{}", bob.app_id))
+    >>> open_envelope(envelope, bob.secret_key)
+    b'{}'
+    """
+    key = secret_key if isinstance(secret_key, OpeningKey) else opening_key(secret_key)
+    if isinstance(envelope, Box):
+        plaintext = _open_box(envelope, key)
+        if plaintext is None:
+            raise EnSyncMessageError(
+                "cannot decrypt the message: not sealed for this key, or changed in transit"
+            )
+        return plaintext
+    message_key = _open_message_key(envelope, key)
+    try:
+        return bindings.crypto_secretbox_open_easy(envelope.ciphertext, envelope.nonce, message_key)
+    except CryptoError:
+        # The key entry authenticated, so the sender meant us: the payload
+        # itself was changed (or sealed under another key by a broken sender).
+        raise EnSyncMessageError(
+            "cannot decrypt the hybrid payload with its message key: changed in transit"
+        ) from None
+
+
+def parse_envelope(wire_payload: str) -> Envelope:
+    """Decode a wire payload into a :class:`Box` or :class:`HybridEnvelope`.
+
+    Checks the shape and every field's base64 and length; decrypts nothing.
+
+    Raises:
+        EnSyncMessageError: the payload is not a known envelope.
+
+    >>> from ensync.crypto.keys import keypair_from_seed
+    >>> envelope = parse_envelope(seal(b"{}", keypair_from_seed(bytes(32)).app_id))
+    >>> len(envelope.nonce), len(envelope.ciphertext)
+    (24, 18)
+    """
+    document = _load(wire_payload)
+    if _kind(document) == "single":
+        return _parse_box(document, "ciphertext", "envelope")
+    payload = _object(document, "payload", "hybrid envelope")
+    keys = _object(document, "keys", "hybrid envelope")
+    entries: list[tuple[str, Box]] = []
+    for map_key, entry in keys.items():
+        where = "hybrid key entry"
+        if not isinstance(entry, dict):
+            raise EnSyncMessageError(f"{where} is a {_json_type(entry)}, not an object")
+        key_field = next((name for name in KEY_FIELDS if name in entry), None)
+        if key_field is None:
+            raise EnSyncMessageError(f"{where} has neither 'encryptedKey' nor 'ciphertext'")
+        entries.append((map_key, _parse_box(entry, key_field, where)))
+    if not entries:
+        raise EnSyncMessageError("hybrid envelope has no recipient keys")
+    return HybridEnvelope(
+        nonce=_field(payload, "nonce", "hybrid payload", exact=NONCE_BYTES),
+        ciphertext=_field(payload, "ciphertext", "hybrid payload", minimum=TAG_BYTES),
+        keys=tuple(entries),
+    )
+
+
+def envelope_kind(wire_payload: str) -> EnvelopeKind:
+    """Tell a single envelope from a hybrid one without decoding its fields.
+
+    Raises:
+        EnSyncMessageError: the payload is not base64 JSON of either shape.
+
+    >>> from ensync.crypto.keys import keypair_from_seed
+    >>> envelope_kind(seal(b"{}", keypair_from_seed(bytes(32)).app_id))
+    'single'
+    """
+    return _kind(_load(wire_payload))
+
+
+# -- sealing helpers -------------------------------------------------------
+
+
+def _plaintext_bytes(plaintext: bytes) -> bytes:
+    if isinstance(plaintext, bytearray | memoryview):
+        return bytes(plaintext)
+    if not isinstance(plaintext, bytes):
+        raise EnSyncValidationError(
+            f"plaintext must be bytes (UTF-8 of the JSON payload), not {type(plaintext).__name__}"
+        )
+    return plaintext
+
+
+def _box(message: bytes, recipient_public: bytes) -> Box:
+    # A fresh key pair per box: the envelope carries no sender identity, and
+    # reusing the ephemeral secret would link messages to each other.
+    ephemeral_public, ephemeral_secret = bindings.crypto_box_keypair()
+    nonce = bindings.randombytes(NONCE_BYTES)
+    sealed = bindings.crypto_box_easy(message, nonce, recipient_public, ephemeral_secret)
+    return Box(nonce=nonce, ciphertext=sealed, ephemeral_public_key=ephemeral_public)
+
+
+def _box_json(box: Box, key_field: str) -> dict[str, str]:
+    # Field order as the Node clients write it; readers do not depend on it.
+    return {
+        "nonce": b64encode(box.nonce),
+        key_field: b64encode(box.ciphertext),
+        "ephemeralPublicKey": b64encode(box.ephemeral_public_key),
+    }
+
+
+def _to_wire(envelope: dict[str, Any]) -> str:
+    # Compact separators give exactly JSON.stringify's output.
+    text = json.dumps(envelope, separators=(",", ":"))
+    return b64encode(text.encode("utf-8"))
+
+
+# -- opening helpers -------------------------------------------------------
+
+
+def _open_box(box: Box, key: OpeningKey) -> bytes | None:
+    try:
+        shared = bindings.crypto_box_beforenm(box.ephemeral_public_key, key.x25519_secret)
+        return bindings.crypto_box_open_easy_afternm(box.ciphertext, box.nonce, shared)
+    except CryptoError:
+        # Wrong key, changed data, or a small-order ephemeral key that
+        # libsodium refuses: all mean "not for us" to the caller.
+        return None
+
+
+def _open_message_key(envelope: HybridEnvelope, key: OpeningKey) -> bytes:
+    # Entries whose map key names us go first so the usual case costs one
+    # X25519 operation; the rest follow because map keys are not trustworthy
+    # (three dialects, and PROTOCOL.md §4.3 says to try every entry).
+    ordered = sorted(envelope.keys, key=lambda item: not _names_us(item[0], key))
+    for _, box in ordered:
+        message_key = _open_box(box, key)
+        if message_key is None:
+            continue
+        if len(message_key) != MESSAGE_KEY_BYTES:
+            raise EnSyncMessageError(
+                f"hybrid message key has {len(message_key)} bytes, expected {MESSAGE_KEY_BYTES}"
+            )
+        return message_key
+    raise EnSyncMessageError(
+        f"cannot decrypt the message: none of the {len(ordered)} hybrid key entries "
+        "opens with this key (not a recipient, or changed in transit)"
+    )
+
+
+def _names_us(map_key: str, key: OpeningKey) -> bool:
+    return map_key in key.map_keys or map_key.lower() in key.map_keys
+
+
+# -- parsing helpers -------------------------------------------------------
+
+
+def _load(wire_payload: str) -> dict[str, Any]:
+    if not isinstance(wire_payload, str | bytes):
+        raise EnSyncMessageError(f"payload must be text, not {type(wire_payload).__name__}")
+    try:
+        raw = b64decode(wire_payload)
+    except ValueError:
+        raise EnSyncMessageError(
+            f"payload is not standard padded base64 ({len(wire_payload)} characters)"
+        ) from None
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EnSyncMessageError(f"payload is not UTF-8 JSON: {_brief(exc)}") from None
+    if not isinstance(document, dict):
+        raise EnSyncMessageError(f"envelope is {_json_type(document)}, not a JSON object")
+    return document
+
+
+def _kind(document: dict[str, Any]) -> EnvelopeKind:
+    kind = document.get("type")
+    if kind == "hybrid":
+        return "hybrid"
+    if kind is not None:
+        raise EnSyncMessageError(f"unknown envelope type {str(kind)[:40]!r}")
+    if "ephemeralPublicKey" in document:
+        return "single"
+    raise EnSyncMessageError("envelope is neither single (no 'ephemeralPublicKey') nor hybrid")
+
+
+def _parse_box(document: dict[str, Any], key_field: str, where: str) -> Box:
+    return Box(
+        nonce=_field(document, "nonce", where, exact=NONCE_BYTES),
+        ciphertext=_field(document, key_field, where, minimum=TAG_BYTES),
+        ephemeral_public_key=_field(document, "ephemeralPublicKey", where, exact=_PUBLIC_KEY_BYTES),
+    )
+
+
+def _object(document: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    value = document.get(name)
+    if not isinstance(value, dict):
+        raise EnSyncMessageError(f"{where} field {name!r} is {_json_type(value)}, not an object")
+    return value
+
+
+def _field(
+    document: dict[str, Any],
+    name: str,
+    where: str,
+    *,
+    exact: int | None = None,
+    minimum: int = 0,
+) -> bytes:
+    value = document.get(name)
+    if not isinstance(value, str):
+        raise EnSyncMessageError(f"{where} field {name!r} is {_json_type(value)}, not a string")
+    try:
+        raw = b64decode(value)
+    except ValueError:
+        raise EnSyncMessageError(f"{where} field {name!r} is not standard padded base64") from None
+    if exact is not None and len(raw) != exact:
+        raise EnSyncMessageError(f"{where} field {name!r} has {len(raw)} bytes, expected {exact}")
+    if len(raw) < minimum:
+        raise EnSyncMessageError(
+            f"{where} field {name!r} has {len(raw)} bytes, at least {minimum} expected"
+        )
+    return raw
+
+
+def _json_type(value: object) -> str:
+    # Name the JSON type rather than echo the value, which may be large.
+    if value is None:
+        return "missing or null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def _brief(exc: ValueError) -> str:
+    # json errors carry a position, never the document; unicode errors the
+    # offending byte. Either is safe and useful; cap the length regardless.
+    return str(exc)[:120]

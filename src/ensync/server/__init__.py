@@ -1,0 +1,3 @@
+"""The ensync engine: core, stores and transports."""
+
+__all__: list[str] = []

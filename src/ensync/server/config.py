@@ -1,0 +1,54 @@
+"""Runtime configuration of the engine: one frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["EngineConfig", "ServerConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Tunables of the delivery core. Times are milliseconds.
+
+    Attributes:
+        ack_deadline_ms: a delivered message not settled within this time is
+            delivered again.
+        max_deliveries: after this many deliveries without a settlement the
+            message is dead-lettered.
+        window: most unsettled deliveries per client subscription.
+        max_payload_bytes: largest accepted ``payload`` (the base64 text).
+        max_metadata_bytes: largest accepted ``metadata`` JSON text.
+        session_timeout_ms: a client with no open stream and no call for this
+            long is dropped (three missed 30 s heartbeats).
+        max_defer_ms: longest accepted defer delay (24 h).
+        retention_ms: how long acked and dead messages stay replayable.
+        fetch_batch: how many pending messages are read from the store at a
+            time for one partition.
+        buffer_high_watermark: most messages of one partition held in memory
+            ahead of delivery; the rest wait in the store.
+    """
+
+    ack_deadline_ms: int = 30_000
+    max_deliveries: int = 10
+    window: int = 128
+    max_payload_bytes: int = 1024 * 1024
+    max_metadata_bytes: int = 64 * 1024
+    session_timeout_ms: int = 90_000
+    max_defer_ms: int = 86_400_000
+    retention_ms: int = 7 * 86_400_000
+    fetch_batch: int = 256
+    buffer_high_watermark: int = 1024
+    app_cache_ms: int = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Where the engine listens and keeps its data."""
+
+    data_dir: Path = Path(".ensync")
+    grpc_address: str = "127.0.0.1:50051"
+    http_address: str = "127.0.0.1:8080"
+    store_url: str = "sqlite:"
+    engine: EngineConfig = EngineConfig()

@@ -1,0 +1,3 @@
+"""Transport-neutral engine core: apps, sessions, delivery, leases."""
+
+__all__: list[str] = []

@@ -1,0 +1,46 @@
+"""Errors the core reports to transports.
+
+Each carries a :class:`ErrorCode`; transports turn it into ``success=false``
+or ``-FAIL:<message>`` (never into a gRPC status that clients retry,
+PROTOCOL.md §2.3). Messages name the offending value but never a payload,
+an app key or a secret key.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["ErrorCode", "ServiceError"]
+
+
+class ErrorCode(enum.Enum):
+    """What kind of failure: chosen so each maps to one non-retryable status."""
+
+    INVALID_ARGUMENT = "invalid argument"
+    NOT_FOUND = "not found"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission denied"
+    FAILED_PRECONDITION = "failed precondition"
+    LIMIT_EXCEEDED = "limit exceeded"
+    UNAVAILABLE = "unavailable"
+
+
+class ServiceError(Exception):
+    """A request the core refused; ``message`` is safe to show the client."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def invalid(cls, message: str) -> ServiceError:
+        return cls(ErrorCode.INVALID_ARGUMENT, message)
+
+    @classmethod
+    def not_found(cls, message: str) -> ServiceError:
+        return cls(ErrorCode.NOT_FOUND, message)
+
+    @classmethod
+    def unauthenticated(cls, message: str) -> ServiceError:
+        return cls(ErrorCode.UNAUTHENTICATED, message)

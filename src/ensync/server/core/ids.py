@@ -1,0 +1,66 @@
+"""Identifiers and secrets the engine issues.
+
+Every value here uses only ``[A-Za-z0-9_-]`` so it survives the official
+clients' parsers: ids are joined with ``,`` and embedded in ``;``-separated
+WebSocket lines, and the CONN reply breaks on ``,``, ``=``, braces and
+spaces (PROTOCOL.md §2.8, §3.6, §7.2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+__all__ = [
+    "APP_KEY_PREFIX",
+    "hash_app_key",
+    "new_app_key",
+    "new_client_hash",
+    "new_client_id",
+    "new_idem",
+]
+
+# Crockford's base32: sortable as text, no ambiguous letters.
+_B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+APP_KEY_PREFIX = "ensk_"
+
+
+def new_idem(now_ms: int) -> str:
+    """A 26-character, time-sortable, unguessable message id.
+
+    48 bits of milliseconds then 80 random bits, in Crockford base32 (the
+    ULID layout): sorting idems as text sorts them by creation time, and the
+    random part cannot be guessed.
+    """
+    value = ((now_ms & ((1 << 48) - 1)) << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        chars.append(_B32[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def new_client_id() -> str:
+    """A bearer credential for one connection: 192 random bits, URL-safe."""
+    return secrets.token_urlsafe(24)
+
+
+def new_client_hash() -> str:
+    """An opaque per-connection token. Clients store it; none sends it back."""
+    return secrets.token_hex(16)
+
+
+def new_app_key() -> str:
+    """A 256-bit random app key, shown to the operator once."""
+    return APP_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_app_key(app_key: str) -> bytes:
+    """The stored form of an app key.
+
+    A plain SHA-256 suffices: keys carry 256 bits of entropy, so there is
+    nothing for a slow hash or a salt to protect, and the digest doubles as
+    the lookup index.
+    """
+    return hashlib.sha256(app_key.encode("utf-8")).digest()

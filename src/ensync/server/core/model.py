@@ -1,0 +1,90 @@
+"""Values the core hands to transports, and the seams transports implement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "Delivery",
+    "DeliverySink",
+    "EngineStats",
+    "ReplayResult",
+    "SessionInfo",
+    "SessionRouter",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message on its way to one client. ``metadata`` is JSON text."""
+
+    idem: str
+    name: str
+    block: int
+    payload: str
+    metadata: str
+    sender: str
+    created_at_ms: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """A message read back by idem, with what the replay says about it."""
+
+    delivery: Delivery
+    replayed_at_ms: int
+    was_acknowledged: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What a successful connect returns."""
+
+    client_id: str
+    client_hash: str
+    app_id: str
+    app_name: str
+
+
+class DeliverySink(Protocol):
+    """Where the core pushes deliveries for one client: a transport's outbox.
+
+    ``push`` must not block; the core bounds what it pushes by the
+    subscription's in-flight window.
+    """
+
+    def push(self, delivery: Delivery) -> None: ...
+
+
+class SessionRouter(Protocol):
+    """A transport's view of one connected client, given to ``Engine.connect``."""
+
+    def sink_for(self, name: str) -> DeliverySink | None:
+        """The outbox that delivers messages of ``name``, or ``None`` to hold them."""
+        ...
+
+    def is_attached(self) -> bool:
+        """Whether the client still has a live connection or open stream."""
+        ...
+
+    def close(self) -> None:
+        """The engine ended the session (expired, revoked): end its streams."""
+        ...
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters since start; read by ``/metrics`` and the benchmark."""
+
+    published: int = 0
+    delivered: int = 0
+    redelivered: int = 0
+    acked: int = 0
+    deferred: int = 0
+    discarded: int = 0
+    dead_lettered: int = 0
+    expired: int = 0
+    connects: int = 0
+    rejected: int = 0

@@ -1,0 +1,44 @@
+"""Connected clients and their subscriptions (in memory only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ensync.server.core.model import SessionRouter
+from ensync.server.store.base import AppRecord
+
+__all__ = ["Session", "Subscription"]
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """One authenticated connection of an app (``client_id`` is its bearer token)."""
+
+    client_id: str
+    client_hash: str
+    app: AppRecord
+    router: SessionRouter
+    connected_at_ms: int
+    last_seen_ms: int
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    # Pause is per client and name, and may precede the subscribe; it is not
+    # persisted: a reconnecting client starts unpaused (DESIGN.md §2).
+    paused: dict[str, str] = field(default_factory=dict)
+    closed: bool = False
+
+    @property
+    def app_id(self) -> str:
+        return self.app.app_id
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """A client's subscription to one message name, with its in-flight set."""
+
+    session: Session
+    name: str
+    in_flight: set[str] = field(default_factory=set)
+
+    @property
+    def paused(self) -> bool:
+        return self.name in self.session.paused

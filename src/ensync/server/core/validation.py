@@ -1,0 +1,127 @@
+"""Checks on publish input. Pure functions: text in, value or ServiceError out."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from ensync.protocol.names import validate_name
+from ensync.server.core.errors import ErrorCode, ServiceError
+
+__all__ = [
+    "PublishMetadata",
+    "check_name",
+    "check_payload",
+    "check_recipient",
+    "parse_metadata",
+    "parse_payload_metadata",
+]
+
+_SINGLE_KEYS = ("nonce", "ciphertext", "ephemeralPublicKey")
+
+
+@dataclass(frozen=True, slots=True)
+class PublishMetadata:
+    """What the engine reads from a publish's metadata; the text is forwarded as is."""
+
+    text: str
+    persist: bool
+    ttl_ms: int | None
+
+
+def check_name(name: str) -> str:
+    try:
+        return validate_name(name)
+    except ValueError as exc:
+        raise ServiceError.invalid(str(exc)) from None
+
+
+def check_recipient(recipient: str) -> str:
+    """A recipient must be an app id: standard base64 of 32 bytes."""
+    if not recipient:
+        raise ServiceError.invalid("recipient (delivery_to) is empty")
+    try:
+        raw = base64.b64decode(recipient, validate=True)
+    except (binascii.Error, ValueError):
+        raise ServiceError.invalid(
+            f"recipient {recipient[:64]!r} is not base64 (expected an app id)"
+        ) from None
+    if len(raw) != 32:
+        raise ServiceError.invalid(
+            f"recipient {recipient[:64]!r} is not an app id (decodes to {len(raw)} bytes, not 32)"
+        )
+    return recipient
+
+
+def check_payload(payload: str, max_bytes: int) -> None:
+    """The payload must be base64 of a JSON envelope (single or hybrid).
+
+    The engine never decrypts; it checks the shape only so that garbage is
+    refused at the door instead of reaching every recipient.
+    """
+    if not payload:
+        raise ServiceError.invalid("payload is empty")
+    if len(payload) > max_bytes:
+        raise ServiceError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"payload is {len(payload)} bytes, more than the limit of {max_bytes} bytes",
+        )
+    try:
+        envelope = json.loads(base64.b64decode(payload, validate=True))
+    except (binascii.Error, ValueError):
+        raise ServiceError.invalid("payload is not a base64-encoded JSON envelope") from None
+    if not isinstance(envelope, dict):
+        raise ServiceError.invalid("payload is not a JSON envelope object")
+    if envelope.get("type") == "hybrid":
+        if not isinstance(envelope.get("payload"), dict) or not isinstance(
+            envelope.get("keys"), dict
+        ):
+            raise ServiceError.invalid("hybrid envelope lacks its 'payload' or 'keys' object")
+        return
+    missing = [key for key in _SINGLE_KEYS if not isinstance(envelope.get(key), str)]
+    if missing:
+        raise ServiceError.invalid(f"payload envelope lacks {', '.join(missing)}")
+
+
+def parse_metadata(text: str, max_bytes: int) -> PublishMetadata:
+    """Metadata is a JSON object; ``persist`` defaults to true (PROTOCOL.md §4.6).
+
+    An optional ``ttl_ms`` (positive integer) makes the message expire if it
+    has not been delivered in time.
+    """
+    if not text:
+        return PublishMetadata(text="{}", persist=True, ttl_ms=None)
+    if len(text) > max_bytes:
+        raise ServiceError(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"metadata is {len(text)} bytes, more than the limit of {max_bytes}",
+        )
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ServiceError.invalid("metadata is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ServiceError.invalid(f"metadata must be a JSON object, not {type(value).__name__}")
+    persist = value.get("persist", True)
+    if not isinstance(persist, bool):
+        raise ServiceError.invalid("metadata.persist must be true or false")
+    headers = value.get("headers", {})
+    if not isinstance(headers, dict):
+        raise ServiceError.invalid("metadata.headers must be a JSON object")
+    ttl = value.get("ttl_ms")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
+        raise ServiceError.invalid("metadata.ttl_ms must be a positive integer")
+    return PublishMetadata(text=text, persist=persist, ttl_ms=ttl)
+
+
+def parse_payload_metadata(text: str | None) -> str | None:
+    """Advisory only (PROTOCOL.md §4.7): kept when it is JSON, dropped otherwise."""
+    if not text:
+        return None
+    try:
+        json.loads(text)
+    except ValueError:
+        return None
+    return text

@@ -1,0 +1,80 @@
+"""Assemble and run an engine: store(s), core, transports."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ensync.server.config import ServerConfig
+from ensync.server.core.engine import Engine
+from ensync.server.store import MemoryStore, open_store
+from ensync.server.store.base import Store
+from ensync.server.transports.grpc import GrpcTransport
+from ensync.server.transports.http import HttpListener
+
+__all__ = ["RunningServer", "parse_address", "running_server"]
+
+log = logging.getLogger(__name__)
+
+
+def parse_address(address: str, *, what: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) into its parts, with a clear error."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise ValueError(f"{what} address {address!r} is not HOST:PORT")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what} port {port} is outside 0..65535")
+    return host.strip("[]"), port
+
+
+@dataclass(slots=True)
+class RunningServer:
+    """A serving engine: its core, store and bound ports."""
+
+    engine: Engine
+    store: Store
+    grpc_port: int
+    http_port: int
+
+
+@contextlib.asynccontextmanager
+async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
+    """Open the store, start the core and both listeners; undo it all on exit.
+
+    Example::
+
+        async with running_server(ServerConfig(grpc_address="127.0.0.1:0")) as srv:
+            print(srv.grpc_port)
+    """
+    grpc_host, grpc_port = parse_address(config.grpc_address, what="gRPC")
+    http_host, http_port = parse_address(config.http_address, what="HTTP")
+    store = open_store(config.store_url, config.data_dir)
+    await store.open()
+    volatile: Store = store if isinstance(store, MemoryStore) else MemoryStore()
+    if volatile is not store:
+        await volatile.open()
+    engine = Engine(store, volatile, config.engine)
+    grpc_transport = GrpcTransport(engine, f"{grpc_host}:{grpc_port}")
+    http_listener = HttpListener(engine, http_host, http_port)
+    try:
+        await engine.start()
+        bound_grpc = await grpc_transport.start()
+        bound_http = await http_listener.start()
+        log.info(
+            "engine serving gRPC on %s:%d, HTTP on %s:%d",
+            grpc_host,
+            bound_grpc,
+            http_host,
+            bound_http,
+        )
+        yield RunningServer(engine, store, bound_grpc, bound_http)
+    finally:
+        await http_listener.stop()
+        await grpc_transport.stop()
+        await engine.stop()
+        if volatile is not store:
+            await volatile.close()
+        await store.close()

@@ -1,0 +1,74 @@
+"""Storage backends of the engine behind one contract, :class:`Store`.
+
+:func:`open_store` picks a backend from a URL:
+
+=============================  ==============================================
+``memory`` / ``memory:``       :class:`MemoryStore`, volatile
+``sqlite:``                    :class:`SqliteStore` at ``DATA_DIR/ensync.db``
+``sqlite:relative.db``         :class:`SqliteStore` at ``DATA_DIR/relative.db``
+``sqlite:///abs/path.db``      :class:`SqliteStore` at ``/abs/path.db``
+=============================  ==============================================
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from .base import AppExistsError, AppRecord, MessageState, Store, StoredMessage, StoreError
+from .memory import MemoryStore, MemoryStoreStatistics
+from .sqlite import SqliteStore, SqliteStoreStatistics
+
+__all__ = [
+    "AppExistsError",
+    "AppRecord",
+    "MemoryStore",
+    "MemoryStoreStatistics",
+    "MessageState",
+    "SqliteStore",
+    "SqliteStoreStatistics",
+    "Store",
+    "StoreError",
+    "StoredMessage",
+    "open_store",
+]
+
+_DEFAULT_SQLITE_FILE = "ensync.db"
+_PLANNED_SCHEMES = frozenset({"nats", "nats+tls", "tls", "jetstream"})
+
+
+def open_store(url: str, data_dir: pathlib.Path) -> Store:
+    """Build (but do not open) the store that ``url`` names.
+
+    Relative sqlite paths are resolved against ``data_dir``. Call ``open()``
+    on the result before use.
+
+    Raises:
+        ValueError: the URL names no supported backend; the message quotes it.
+    """
+    scheme, colon, rest = url.partition(":")
+    scheme = scheme.lower()
+    if scheme == "memory" and (not colon or rest == ""):
+        return MemoryStore()
+    if scheme == "sqlite" and colon:
+        return SqliteStore(_sqlite_path(url, rest, data_dir))
+    if scheme in _PLANNED_SCHEMES and colon:
+        raise ValueError(f"store URL {url!r}: the NATS JetStream backend is not supported yet")
+    raise ValueError(
+        f"unsupported store URL {url!r}: use 'memory:', 'sqlite:', 'sqlite:relative.db'"
+        " or 'sqlite:///absolute/path.db'"
+    )
+
+
+def _sqlite_path(url: str, rest: str, data_dir: pathlib.Path) -> pathlib.Path:
+    if rest == "":
+        return data_dir / _DEFAULT_SQLITE_FILE
+    if rest.startswith("///"):
+        path = rest[2:]
+    elif rest.startswith("//"):
+        # sqlite://host/... would silently drop the host; refuse it.
+        raise ValueError(f"store URL {url!r}: sqlite takes no host, write 'sqlite:///abs/path.db'")
+    else:
+        path = rest
+    if path in ("", "/") or path.endswith("/"):
+        raise ValueError(f"store URL {url!r} names a directory, not a database file")
+    return data_dir / path  # an absolute path replaces data_dir

@@ -1,0 +1,3 @@
+"""Wire adapters over the engine core: gRPC, WebSocket, HTTP."""
+
+__all__: list[str] = []

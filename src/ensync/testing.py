@@ -1,0 +1,84 @@
+"""Helpers for testing code that uses ensync: a real engine on a free port.
+
+Example::
+
+    from ensync import EnSyncEngine
+    from ensync.testing import run_engine
+
+    async with run_engine() as server:
+        alice = await server.create_app("alice")
+        engine = EnSyncEngine(server.grpc_url)
+        client = await engine.create_client(alice.app_key, app_secret_key=alice.secret_key)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ensync.server.config import EngineConfig, ServerConfig
+from ensync.server.core.apps import NewApp
+from ensync.server.core.engine import Engine
+from ensync.server.runtime import RunningServer, running_server
+
+__all__ = ["TestServer", "run_engine"]
+
+
+@dataclass(slots=True)
+class TestServer:
+    """A running engine for tests; see :func:`run_engine`."""
+
+    __test__ = False  # not a pytest test class
+
+    server: RunningServer
+    data_dir: Path
+
+    @property
+    def engine(self) -> Engine:
+        return self.server.engine
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def http_port(self) -> int:
+        return self.server.http_port
+
+    async def create_app(self, name: str) -> NewApp:
+        """Register an app; returns its app key, app id and secret key."""
+        return await self.engine.apps.create(name)
+
+
+@contextlib.asynccontextmanager
+async def run_engine(
+    store: str = "memory:",
+    data_dir: Path | None = None,
+    **engine_options: Any,
+) -> AsyncIterator[TestServer]:
+    """Serve an engine on 127.0.0.1 with free ports until the block ends.
+
+    Args:
+        store: ``"memory:"`` (default) or ``"sqlite:"`` (in ``data_dir``).
+        data_dir: where a sqlite store lives; a temporary directory if None.
+        engine_options: :class:`~ensync.server.config.EngineConfig` fields,
+            e.g. ``ack_deadline_ms=500``.
+    """
+    config = dataclasses.replace(EngineConfig(), **engine_options)
+    with contextlib.ExitStack() as stack:
+        if data_dir is None:
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ensync-")))
+        server_config = ServerConfig(
+            data_dir=data_dir,
+            grpc_address="127.0.0.1:0",
+            http_address="127.0.0.1:0",
+            store_url=store,
+            engine=config,
+        )
+        async with running_server(server_config) as server:
+            yield TestServer(server, data_dir)

@@ -1,0 +1,330 @@
+"""Every SDK verb through a real engine on loopback, once per transport."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from ensync import (
+    EnSyncAuthError,
+    EnSyncClient,
+    EnSyncConnectionError,
+    EnSyncEngine,
+    EnSyncError,
+    EnSyncReplayError,
+    EnSyncSubscriptionError,
+    EnSyncValidationError,
+    Message,
+)
+from ensync.client.engine import BaseEngine
+from ensync.server.core.apps import NewApp
+from ensync.testing import TestServer, run_engine
+from tests.support.timing import eventually, seconds
+
+TRANSPORTS = ["grpc"]
+
+
+@dataclass
+class Setup:
+    server: TestServer
+    make_engine: Callable[..., BaseEngine]
+    alice: NewApp
+    bob: NewApp
+    engines: list[BaseEngine]
+
+    async def connect(self, app: NewApp, **options: Any) -> EnSyncClient:
+        engine = self.make_engine(**options)
+        self.engines.append(engine)
+        return await engine.create_client(app.app_key, app_secret_key=app.secret_key)
+
+
+@pytest.fixture(params=TRANSPORTS)
+async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
+    async with run_engine(ack_deadline_ms=600) as server:
+
+        def make(**options: Any) -> BaseEngine:
+            return EnSyncEngine(server.grpc_url, **options)
+
+        state = Setup(
+            server,
+            make,
+            await server.create_app("alice"),
+            await server.create_app("bob"),
+            [],
+        )
+        try:
+            yield state
+        finally:
+            for engine in state.engines:
+                await engine.close()
+
+
+def collector() -> tuple[list[Message], Callable[[Message], None]]:
+    got: list[Message] = []
+    return got, got.append
+
+
+async def test_publish_and_receive_with_a_handler(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("orders/created")
+    got, handler = collector()
+    sub.on(handler)
+    idem = await alice.publish(
+        "orders/created", [setup.bob.app_id], {"orderId": "o-1", "n": 2}, {"headers": {"k": "v"}}
+    )
+    await eventually(lambda: len(got) == 1)
+    message = got[0]
+    assert message.idem == idem
+    assert message.message_name == "orders/created"
+    assert message.payload == {"orderId": "o-1", "n": 2}
+    assert message.sender == setup.alice.app_id
+    assert message.block == 1
+    assert message.headers == {"k": "v"}
+    assert message.metadata["persist"] is True
+    assert isinstance(message.timestamp, int)
+    # auto_ack (the default) acked it once the handler returned.
+    await eventually(lambda: setup.server.engine.stats.acked == 1)
+    replay = await sub.replay(idem)
+    assert replay.replay_info is not None
+    assert replay.replay_info.was_acknowledged
+    assert replay.payload == message.payload
+
+
+async def test_several_recipients_get_comma_joined_idems(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    a_got, a_handler = collector()
+    b_got, b_handler = collector()
+    (await alice.subscribe("news")).on(a_handler)
+    (await bob.subscribe("news")).on(b_handler)
+    for hybrid in (False, True):
+        joined = await alice.publish(
+            "news", [setup.bob.app_id, setup.alice.app_id], {"h": hybrid}, hybrid=hybrid
+        )
+        bob_idem, alice_idem = joined.split(",")
+        await eventually(lambda h=hybrid: len(a_got) == len(b_got) == 1 + h)  # type: ignore[misc]
+        assert b_got[-1].idem == bob_idem
+        assert a_got[-1].idem == alice_idem
+        assert a_got[-1].payload == b_got[-1].payload == {"h": hybrid}
+
+
+async def test_sync_and_async_handlers_and_the_remover(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("x")
+    sync_got, sync_handler = collector()
+    async_got: list[Message] = []
+
+    async def async_handler(message: Message) -> None:
+        await asyncio.sleep(0)
+        async_got.append(message)
+
+    remove = sub.on(sync_handler)
+    sub.on(async_handler)
+    await alice.publish("x", [setup.bob.app_id], {"i": 1})
+    await eventually(lambda: len(sync_got) == len(async_got) == 1)
+    remove()
+    await alice.publish("x", [setup.bob.app_id], {"i": 2})
+    await eventually(lambda: len(async_got) == 2)
+    assert len(sync_got) == 1
+    # Acked once per message, not once per handler.
+    await eventually(lambda: setup.server.engine.stats.acked == 2)
+    await asyncio.sleep(0.1)
+    assert setup.server.engine.stats.acked == 2
+
+
+async def test_async_iteration_acks_after_the_loop_body(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("x")
+    for i in range(3):
+        await alice.publish("x", [setup.bob.app_id], {"i": i})
+    seen = []
+    async for message in sub:
+        seen.append(message.payload["i"])
+        if len(seen) == 3:
+            break
+    assert seen == [0, 1, 2]
+    # The first two bodies finished (acked); the third was left by `break`.
+    await eventually(lambda: setup.server.engine.stats.acked == 2)
+
+
+async def test_a_failing_handler_leaves_the_message_unacked_and_reports(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob_engine = setup.make_engine()
+    setup.engines.append(bob_engine)
+    errors: list[EnSyncError] = []
+    bob_engine.on("error", errors.append)
+    bob = await bob_engine.create_client(setup.bob.app_key, app_secret_key=setup.bob.secret_key)
+    sub = await bob.subscribe("x")
+    attempts: list[Message] = []
+
+    def flaky(message: Message) -> None:
+        attempts.append(message)
+        if len(attempts) == 1:
+            raise RuntimeError("database down")
+
+    sub.on(flaky)
+    idem = await alice.publish("x", [setup.bob.app_id], {"i": 1})
+    # Redelivered after the 600 ms ack deadline, then handled and acked.
+    await eventually(lambda: len(attempts) == 2, timeout_s=5)
+    assert [m.idem for m in attempts] == [idem, idem]
+    assert len(errors) == 1
+    assert "database down" in str(errors[0])
+    await eventually(lambda: setup.server.engine.stats.acked == 1)
+
+
+async def test_manual_ack_defer_discard_and_replay(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("jobs", auto_ack=False)
+    got, handler = collector()
+    sub.on(handler)
+    first = await alice.publish("jobs", [setup.bob.app_id], {"job": 1})
+    await eventually(lambda: len(got) == 1)
+    when = await sub.defer(first, 200, "busy")
+    assert isinstance(when, int)
+    await eventually(lambda: len(got) == 2, timeout_s=3)
+    assert got[1].idem == first
+    await sub.ack(got[1].idem, got[1].block)
+    await sub.ack(got[1].idem, got[1].block)  # idempotent
+
+    second = await alice.publish("jobs", [setup.bob.app_id], {"job": 2})
+    await eventually(lambda: len(got) == 3)
+    await sub.discard(second, "bad job")
+    replay = await sub.replay(second)
+    assert replay.payload == {"job": 2}
+    assert replay.replay_info is not None
+    assert not replay.replay_info.was_acknowledged
+    dead = await setup.server.engine.store.list_dead(setup.bob.app_id, 10)
+    assert [m.dead_reason for m in dead] == ["discarded: bad job"]
+    await asyncio.sleep(seconds(0.8))
+    assert len(got) == 3  # neither the acked nor the discarded one came back
+
+
+async def test_pause_and_resume(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("x")
+    got, handler = collector()
+    sub.on(handler)
+    await sub.pause("maintenance")
+    await alice.publish("x", [setup.bob.app_id], {"i": 1})
+    await asyncio.sleep(0.2)
+    assert got == []
+    await sub.resume()
+    await eventually(lambda: len(got) == 1)
+
+
+async def test_unsubscribe_stops_deliveries(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("x")
+    got, handler = collector()
+    sub.on(handler)
+    await sub.unsubscribe()
+    await alice.publish("x", [setup.bob.app_id], {"i": 1})
+    await asyncio.sleep(0.2)
+    assert got == []
+    again = await bob.subscribe("x")
+    again.on(handler)
+    await eventually(lambda: len(got) == 1)
+
+
+async def test_subscribing_twice_to_a_name_is_refused(setup: Setup) -> None:
+    bob = await setup.connect(setup.bob)
+    await bob.subscribe("x")
+    with pytest.raises(EnSyncSubscriptionError) as caught:
+        await bob.subscribe("x")
+    assert caught.value.name == "EnSyncSubscriptionError"
+
+
+async def test_replay_of_unknown_idem_is_not_found(setup: Setup) -> None:
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("x")
+    with pytest.raises(EnSyncReplayError) as caught:
+        await sub.replay("01AAAAAAAAAAAAAAAAAAAAAAAA")
+    assert "not found" in caught.value.message
+    assert caught.value.name == "EnSyncReplayError"
+
+
+@pytest.mark.parametrize(
+    ("name", "recipients", "payload", "metadata", "words"),
+    [
+        ("bad name;", None, {"a": 1}, None, "malformed message name"),
+        ("x", [], {"a": 1}, None, "recipients is empty"),
+        ("x", "not-a-list", {"a": 1}, None, "list of app ids"),
+        ("x", ["nope"], {"a": 1}, None, "not an app id"),
+        ("x", None, [1, 2], None, "JSON object"),
+        ("x", None, {"a": object()}, None, "not JSON-serialisable"),
+        ("x", None, {"a": 1}, {"persist": "yes"}, "persist"),
+        ("x", None, {"a": 1}, {"headers": {"a": 1}}, "headers"),
+    ],
+)
+async def test_publish_validation_errors(
+    setup: Setup,
+    name: str,
+    recipients: object,
+    payload: object,
+    metadata: object,
+    words: str,
+) -> None:
+    alice = await setup.connect(setup.alice)
+    targets = [setup.bob.app_id] if recipients is None else recipients
+    with pytest.raises(EnSyncValidationError) as caught:
+        await alice.publish(name, targets, payload, metadata)  # type: ignore[arg-type]
+    assert words in caught.value.message
+    assert caught.value.name == "EnSyncValidationError"
+
+
+async def test_defer_validation(setup: Setup) -> None:
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("x")
+    for delay in (-1, 86_400_001):
+        with pytest.raises(EnSyncValidationError):
+            await sub.defer("01AAAAAAAAAAAAAAAAAAAAAAAA", delay)
+
+
+async def test_wrong_key_and_missing_engine(setup: Setup) -> None:
+    engine = setup.make_engine()
+    setup.engines.append(engine)
+    with pytest.raises(EnSyncAuthError) as caught:
+        await engine.create_client("ensk_not-a-key")
+    assert caught.value.name == "EnSyncAuthError"
+    await setup.server.engine.apps.revoke("bob")
+    with pytest.raises(EnSyncAuthError):
+        await engine.create_client(setup.bob.app_key)
+    nowhere = EnSyncEngine("grpc://127.0.0.1:1", call_timeout=2000)
+    with pytest.raises(EnSyncConnectionError) as failed:
+        await nowhere.create_client(setup.alice.app_key)
+    assert failed.value.name in ("EnSyncConnectionError", "EnSyncTimeoutError")
+
+
+async def test_close_and_async_with(setup: Setup) -> None:
+    engine = setup.make_engine()
+    setup.engines.append(engine)
+    async with await engine.create_client(
+        setup.alice.app_key, app_secret_key=setup.alice.secret_key
+    ) as client:
+        await client.subscribe("x")
+    with pytest.raises(EnSyncConnectionError):
+        await client.publish("x", [setup.bob.app_id], {"a": 1})
+    other = await engine.create_client(setup.alice.app_key)
+    await other.close(True)
+    with pytest.raises(EnSyncConnectionError):
+        await engine.create_client(setup.alice.app_key)
+
+
+async def test_subscribe_needs_a_secret_key(setup: Setup) -> None:
+    engine = setup.make_engine()
+    setup.engines.append(engine)
+    client = await engine.create_client(setup.bob.app_key)
+    with pytest.raises(EnSyncValidationError):
+        await client.subscribe("x")
+    sub = await client.subscribe("x", app_secret_key=setup.bob.secret_key)
+    assert sub.name == "x"

@@ -1,0 +1,522 @@
+"""The delivery contract (DESIGN.md §2), driven on the core without a transport."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from ensync.server.config import EngineConfig
+from ensync.server.core.apps import NewApp
+from ensync.server.core.engine import Engine
+from ensync.server.core.errors import ErrorCode, ServiceError
+from ensync.server.store import MemoryStore, SqliteStore
+from ensync.server.store.base import MessageState
+from tests.support.timing import eventually
+from tests.unit.server.fakes import FakeRouter, envelope
+
+Factory = Callable[..., Awaitable[Engine]]
+
+
+@pytest.fixture
+async def make_engine() -> AsyncIterator[Factory]:
+    engines: list[Engine] = []
+
+    async def make(**options: int) -> Engine:
+        store = MemoryStore()
+        await store.open()
+        engine = Engine(store, store, dataclasses.replace(EngineConfig(), **options))
+        await engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        await engine.stop()
+        await engine.store.close()
+
+
+@dataclasses.dataclass
+class World:
+    engine: Engine
+    alice: NewApp
+    bob: NewApp
+    carol: NewApp
+
+    async def client(self, app: NewApp, router: FakeRouter | None = None) -> tuple[str, FakeRouter]:
+        router = router or FakeRouter()
+        info = await self.engine.connect(app.app_key, router)
+        return info.client_id, router
+
+    async def publish(
+        self,
+        client_id: str,
+        to: NewApp,
+        name: str = "orders/created",
+        metadata: str = '{"persist":true,"headers":{}}',
+    ) -> str:
+        return await self.engine.publish(client_id, name, envelope(to.app_id), to.app_id, metadata)
+
+
+@pytest.fixture
+async def world(make_engine: Factory) -> World:
+    engine = await make_engine(ack_deadline_ms=300)
+    apps = [await engine.apps.create(name) for name in ("alice", "bob", "carol")]
+    return World(engine, *apps)
+
+
+async def test_publish_reaches_the_recipient_with_engine_set_sender(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, bob_router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+    idems = [await world.publish(alice, world.bob) for _ in range(3)]
+    await eventually(lambda: len(bob_router.received) == 3)
+    got = bob_router.received
+    assert [d.idem for d in got] == idems
+    assert [d.block for d in got] == [1, 2, 3]
+    assert {d.sender for d in got} == {world.alice.app_id}
+    assert all(d.attempt == 1 for d in got)
+
+
+async def test_messages_route_by_recipient_app_only(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, bob_router = await world.client(world.bob)
+    carol, carol_router = await world.client(world.carol)
+    world.engine.subscribe(bob, "orders/created")
+    world.engine.subscribe(carol, "orders/created")
+    await world.publish(alice, world.bob)
+    await world.publish(alice, world.carol)
+    await world.publish(alice, world.carol)
+    await eventually(lambda: len(carol_router.received) == 2)
+    assert len(bob_router.received) == 1
+
+
+async def test_clients_of_one_app_compete(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    first, r1 = await world.client(world.bob)
+    second, r2 = await world.client(world.bob)
+    world.engine.subscribe(first, "orders/created")
+    world.engine.subscribe(second, "orders/created")
+    idems = {await world.publish(alice, world.bob) for _ in range(10)}
+    await eventually(lambda: len(r1.received) + len(r2.received) == 10)
+    one = {d.idem for d in r1.received}
+    two = {d.idem for d in r2.received}
+    assert one | two == idems
+    assert not one & two
+    assert len(one) == len(two) == 5  # round robin
+
+
+async def test_ack_is_idempotent_and_stops_redelivery(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 1)
+    await world.engine.ack(bob, idem)
+    await world.engine.ack(bob, idem)
+    await asyncio.sleep(0.5)  # past the 300 ms ack deadline
+    assert len(router.received) == 1
+    stored = await world.engine.store.get(idem)
+    assert stored is not None
+    assert stored.state is MessageState.ACKED
+
+
+async def test_settling_unknown_or_foreign_messages_is_not_found(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    carol, _ = await world.client(world.carol)
+    world.engine.subscribe(bob, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 1)
+    texts = set()
+    for target in (idem, "01NOSUCHMESSAGE00000000000", "bad idem;="):
+        for call in (
+            world.engine.ack(carol, target),
+            world.engine.discard(carol, target, "x"),
+            world.engine.defer(carol, target, 10, "x"),
+            world.engine.replay(carol, target),
+        ):
+            with pytest.raises(ServiceError) as caught:
+                await call
+            assert caught.value.code is ErrorCode.NOT_FOUND
+            texts.add(caught.value.message.replace(repr(target[:64]), "<idem>"))
+    # The same words whether the message exists for someone else or not at all.
+    assert len(texts) == 1
+    # Bob's message is untouched.
+    stored = await world.engine.store.get(idem)
+    assert stored is not None
+    assert stored.state is MessageState.PENDING
+
+
+async def test_unsettled_delivery_comes_back_after_the_deadline(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 2, timeout_s=3)
+    assert [d.idem for d in router.received] == [idem, idem]
+    assert [d.attempt for d in router.received] == [1, 2]
+    assert world.engine.stats.redelivered == 1
+
+
+async def test_disconnect_returns_in_flight_messages_to_other_clients(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    first, r1 = await world.client(world.bob)
+    world.engine.subscribe(first, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(r1.received) == 1)
+    second, r2 = await world.client(world.bob)
+    world.engine.subscribe(second, "orders/created")
+    world.engine.disconnect(first)
+    await eventually(lambda: len(r2.received) == 1)
+    assert r2.received[0].idem == idem
+    assert r2.received[0].attempt == 2
+    with pytest.raises(ServiceError) as caught:
+        await world.engine.ack(first, idem)
+    assert caught.value.code is ErrorCode.UNAUTHENTICATED
+
+
+async def test_defer_redelivers_the_same_idem_after_the_delay(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 1)
+    before = world.engine._now_ms()
+    when = await world.engine.defer(bob, idem, 150, "busy")
+    assert before + 150 <= when <= world.engine._now_ms() + 150
+    await asyncio.sleep(0.05)
+    assert len(router.received) == 1  # invisible while deferred
+    await eventually(lambda: len(router.received) == 2, timeout_s=2)
+    assert router.received[1].idem == idem
+    await world.engine.ack(bob, idem)
+
+
+@pytest.mark.parametrize("delay", [-1, 86_400_001])
+async def test_defer_refuses_delays_outside_a_day(world: World, delay: int) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 1)
+    with pytest.raises(ServiceError) as caught:
+        await world.engine.defer(bob, idem, delay, "x")
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert str(delay) in caught.value.message
+
+
+async def test_defer_zero_delivers_again_at_once(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 1)
+    await world.engine.defer(bob, idem, 0, "again")
+    await eventually(lambda: len(router.received) == 2, timeout_s=0.25)
+
+
+async def test_discard_dead_letters_with_the_reason(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 1)
+    await world.engine.discard(bob, idem, "malformed order")
+    await world.engine.discard(bob, idem, "again")  # answers success, changes nothing
+    await asyncio.sleep(0.5)
+    assert len(router.received) == 1
+    dead = await world.engine.store.list_dead(world.bob.app_id, 10)
+    assert [m.idem for m in dead] == [idem]
+    assert dead[0].dead_reason == "discarded: malformed order"
+
+
+async def test_poison_message_is_dead_lettered_after_max_deliveries(make_engine: Factory) -> None:
+    engine = await make_engine(ack_deadline_ms=50, max_deliveries=3)
+    alice_app = await engine.apps.create("alice")
+    bob_app = await engine.apps.create("bob")
+    alice = (await engine.connect(alice_app.app_key, FakeRouter())).client_id
+    router = FakeRouter()
+    bob = (await engine.connect(bob_app.app_key, router)).client_id
+    engine.subscribe(bob, "jobs")
+    idem = await engine.publish(alice, "jobs", envelope(bob_app.app_id), bob_app.app_id, "{}")
+
+    async def dead() -> bool:
+        return bool(await engine.store.list_dead(bob_app.app_id, 10))
+
+    for _ in range(100):
+        if await dead():
+            break
+        await asyncio.sleep(0.02)
+    assert [d.attempt for d in router.received] == [1, 2, 3]
+    (letter,) = await engine.store.list_dead(bob_app.app_id, 10)
+    assert letter.idem == idem
+    assert letter.dead_reason is not None
+    assert "3 attempts" in letter.dead_reason
+    assert engine.stats.dead_lettered == 1
+
+
+async def test_replay_returns_any_own_message_with_replay_info(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 1)
+    pending = await world.engine.replay(bob, idem)
+    assert pending.delivery.idem == idem
+    assert pending.delivery.payload == router.received[0].payload
+    assert not pending.was_acknowledged
+    await world.engine.ack(bob, idem)
+    acked = await world.engine.replay(bob, idem)
+    assert acked.was_acknowledged
+    assert acked.replayed_at_ms >= pending.replayed_at_ms
+
+
+async def test_pause_hands_unsettled_messages_to_other_clients(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    first, r1 = await world.client(world.bob)
+    world.engine.subscribe(first, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(r1.received) == 1)
+    world.engine.pause(first, "orders/created", "maintenance")
+    second, r2 = await world.client(world.bob)
+    world.engine.subscribe(second, "orders/created")
+    await eventually(lambda: len(r2.received) == 1)
+    assert r2.received[0].idem == idem
+    await world.engine.ack(second, idem)
+    world.engine.disconnect(second)
+    later = await world.publish(alice, world.bob)
+    await asyncio.sleep(0.1)
+    assert len(r1.received) == 1  # paused: nothing new
+    world.engine.resume(first, "orders/created")
+    await eventually(lambda: len(r1.received) == 2)
+    assert r1.received[1].idem == later
+
+
+async def test_in_flight_window_bounds_unsettled_deliveries(make_engine: Factory) -> None:
+    engine = await make_engine(window=2)
+    alice_app = await engine.apps.create("alice")
+    bob_app = await engine.apps.create("bob")
+    alice = (await engine.connect(alice_app.app_key, FakeRouter())).client_id
+    router = FakeRouter()
+    bob = (await engine.connect(bob_app.app_key, router)).client_id
+    engine.subscribe(bob, "jobs")
+    for _ in range(5):
+        await engine.publish(alice, "jobs", envelope(bob_app.app_id), bob_app.app_id, "{}")
+    await asyncio.sleep(0.05)
+    assert len(router.received) == 2
+    await engine.ack(bob, router.received[0].idem)
+    await eventually(lambda: len(router.received) == 3)
+    assert [d.block for d in router.received] == [1, 2, 3]
+
+
+async def test_expired_message_is_dropped_not_delivered_late(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    idem = await world.publish(alice, world.bob, metadata='{"ttl_ms": 50}')
+    await asyncio.sleep(0.1)
+    bob, router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+    fresh = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 1)
+    await asyncio.sleep(0.05)
+    assert [d.idem for d in router.received] == [fresh]
+    assert world.engine.stats.expired == 1
+    stored = await world.engine.store.get(idem)
+    assert stored is not None
+    assert stored.state is MessageState.EXPIRED
+
+
+async def test_backlog_is_delivered_in_block_order_across_pages(make_engine: Factory) -> None:
+    engine = await make_engine(fetch_batch=16, buffer_high_watermark=32, window=8)
+    alice_app = await engine.apps.create("alice")
+    bob_app = await engine.apps.create("bob")
+    alice = (await engine.connect(alice_app.app_key, FakeRouter())).client_id
+    payload = envelope(bob_app.app_id)
+    for _ in range(100):
+        await engine.publish(alice, "jobs", payload, bob_app.app_id, "{}")
+    router = FakeRouter()
+    bob = (await engine.connect(bob_app.app_key, router)).client_id
+    engine.subscribe(bob, "jobs")
+
+    async def publish_more() -> None:
+        for _ in range(100):
+            await engine.publish(alice, "jobs", payload, bob_app.app_id, "{}")
+
+    publisher = asyncio.create_task(publish_more())
+    acked = 0
+    while acked < 200:
+        await eventually(lambda n=acked: len(router.received) > n, timeout_s=5)  # type: ignore[misc]
+        await engine.ack(bob, router.received[acked].idem)
+        acked += 1
+    await publisher
+    assert [d.block for d in router.received] == list(range(1, 201))
+
+
+async def test_silent_detached_sessions_expire(make_engine: Factory) -> None:
+    engine = await make_engine(session_timeout_ms=150)
+    app = await engine.apps.create("alice")
+    kept_router = FakeRouter(attached=True)
+    kept = (await engine.connect(app.app_key, kept_router)).client_id
+    gone_router = FakeRouter(attached=False)
+    gone = (await engine.connect(app.app_key, gone_router)).client_id
+    await eventually(lambda: gone_router.closed, timeout_s=2)
+    assert not engine.heartbeat(gone)
+    assert engine.heartbeat(kept)
+    assert not kept_router.closed
+
+
+async def test_heartbeats_keep_a_detached_session_alive(make_engine: Factory) -> None:
+    engine = await make_engine(session_timeout_ms=200)
+    app = await engine.apps.create("alice")
+    router = FakeRouter(attached=False)
+    client = (await engine.connect(app.app_key, router)).client_id
+    for _ in range(8):
+        await asyncio.sleep(0.06)
+        assert engine.heartbeat(client)
+    assert not router.closed
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("name", "", "empty"),
+        ("name", "orders//x", "malformed message name"),
+        ("name", "orders;x", "malformed message name"),
+        ("recipient", "not-base64!", "not base64"),
+        ("recipient", "AAAA", "not an app id"),
+        ("payload", "", "payload is empty"),
+        ("payload", "@@@", "not a base64-encoded JSON envelope"),
+        ("payload", "eyJhIjoxfQ==", "lacks"),  # {"a":1}
+        ("metadata", "[1]", "must be a JSON object"),
+        ("metadata", "{nope", "not valid JSON"),
+        ("metadata", '{"persist":"yes"}', "persist"),
+    ],
+)
+async def test_bad_publish_input_is_refused_and_stores_nothing(
+    world: World, field: str, value: str, words: str
+) -> None:
+    alice, _ = await world.client(world.alice)
+    args = {
+        "name": "orders/created",
+        "payload": envelope(world.bob.app_id),
+        "recipient": world.bob.app_id,
+        "metadata": "{}",
+    }
+    args[field] = value
+    with pytest.raises(ServiceError) as caught:
+        await world.engine.publish(
+            alice, args["name"], args["payload"], args["recipient"], args["metadata"]
+        )
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert words in caught.value.message
+    assert await world.engine.store.last_block(world.bob.app_id, "orders/created") == 0
+    # The engine still works for the same client.
+    assert await world.publish(alice, world.bob)
+
+
+async def test_publish_to_an_unregistered_app_is_refused(world: World) -> None:
+    from ensync.crypto import generate_keypair
+
+    alice, _ = await world.client(world.alice)
+    stranger = generate_keypair().app_id
+    with pytest.raises(ServiceError) as caught:
+        await world.engine.publish(alice, "x", envelope(stranger), stranger, "{}")
+    assert "not a registered app" in caught.value.message
+
+
+async def test_oversized_payload_is_refused(make_engine: Factory) -> None:
+    engine = await make_engine(max_payload_bytes=1000)
+    alice_app = await engine.apps.create("alice")
+    alice = (await engine.connect(alice_app.app_key, FakeRouter())).client_id
+    big = envelope(alice_app.app_id, b'{"x":"' + b"a" * 2000 + b'"}')
+    with pytest.raises(ServiceError) as caught:
+        await engine.publish(alice, "x", big, alice_app.app_id, "{}")
+    assert caught.value.code is ErrorCode.LIMIT_EXCEEDED
+    assert "1000" in caught.value.message
+
+
+async def test_unknown_client_and_bad_keys_are_refused(world: World) -> None:
+    with pytest.raises(ServiceError) as caught:
+        await world.engine.publish("nobody", "x", "", "", "")
+    assert caught.value.code is ErrorCode.UNAUTHENTICATED
+    for key in ("", "ensk_wrong"):
+        with pytest.raises(ServiceError) as caught:
+            await world.engine.connect(key, FakeRouter())
+        assert caught.value.code is ErrorCode.UNAUTHENTICATED
+    await world.engine.apps.revoke("carol")
+    with pytest.raises(ServiceError):
+        await world.engine.connect(world.carol.app_key, FakeRouter())
+
+
+async def test_persist_false_lives_in_the_volatile_store(tmp_path: Path) -> None:
+    durable = SqliteStore(tmp_path / "e.db")
+    volatile = MemoryStore()
+    await durable.open()
+    await volatile.open()
+    engine = Engine(durable, volatile)
+    await engine.start()
+    try:
+        alice_app = await engine.apps.create("alice")
+        alice = (await engine.connect(alice_app.app_key, FakeRouter())).client_id
+        target = alice_app.app_id
+        kept = await engine.publish(alice, "x", envelope(target), target, '{"persist":true}')
+        fleeting = await engine.publish(alice, "x", envelope(target), target, '{"persist":false}')
+        assert await durable.get(kept) is not None
+        assert await durable.get(fleeting) is None
+        assert await volatile.get(fleeting) is not None
+        router = FakeRouter()
+        bob = (await engine.connect(alice_app.app_key, router)).client_id
+        engine.subscribe(bob, "x")
+        await eventually(lambda: len(router.received) == 2)
+        assert [d.block for d in router.received] == [1, 2]
+        await engine.ack(bob, fleeting)
+        stored = await volatile.get(fleeting)
+        assert stored is not None
+        assert stored.state is MessageState.ACKED
+    finally:
+        await engine.stop()
+        await durable.close()
+        await volatile.close()
+
+
+async def test_restart_keeps_messages_blocks_and_deferrals(tmp_path: Path) -> None:
+    async def boot() -> Engine:
+        store = SqliteStore(tmp_path / "e.db")
+        await store.open()
+        engine = Engine(store, MemoryStore())
+        await engine.volatile.open()
+        await engine.start()
+        return engine
+
+    async def shut(engine: Engine) -> None:
+        await engine.stop()
+        await engine.store.close()
+        await engine.volatile.close()
+
+    engine = await boot()
+    app = await engine.apps.create("alice")
+    client = (await engine.connect(app.app_key, FakeRouter())).client_id
+    first = await engine.publish(client, "x", envelope(app.app_id), app.app_id, "{}")
+    second = await engine.publish(client, "x", envelope(app.app_id), app.app_id, "{}")
+    router = FakeRouter()
+    reader = (await engine.connect(app.app_key, router)).client_id
+    engine.subscribe(reader, "x")
+    await eventually(lambda: len(router.received) == 2)
+    await engine.defer(reader, second, 300, "later")
+    await shut(engine)
+
+    engine = await boot()
+    try:
+        client = (await engine.connect(app.app_key, FakeRouter())).client_id
+        third = await engine.publish(client, "x", envelope(app.app_id), app.app_id, "{}")
+        router = FakeRouter()
+        reader = (await engine.connect(app.app_key, router)).client_id
+        engine.subscribe(reader, "x")
+        await eventually(lambda: len(router.received) == 2)
+        assert [(d.idem, d.block) for d in router.received] == [(first, 1), (third, 3)]
+        await eventually(lambda: len(router.received) == 3, timeout_s=3)
+        assert router.received[2].idem == second
+    finally:
+        await shut(engine)
