@@ -1,0 +1,168 @@
+"""The ``ensync`` command line, run as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ensync import EnSyncAuthError, EnSyncEngine, Message
+from ensync.crypto import decode_app_id, decode_secret_key
+from tests.support.timing import eventually, seconds
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def ensync(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ensync.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=seconds(60),
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+async def wait_listening(port: int, process: asyncio.subprocess.Process) -> None:
+    for _ in range(int(seconds(300))):
+        assert process.returncode is None, "the engine exited"
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        await writer.wait_closed()
+        return
+    raise AssertionError(f"nothing listens on {port}")
+
+
+class Serving:
+    def __init__(self, process: asyncio.subprocess.Process, data: Path, grpc_port: int) -> None:
+        self.process = process
+        self.data = data
+        self.grpc_port = grpc_port
+
+
+@pytest.fixture
+async def serving(tmp_path: Path) -> AsyncIterator[Serving]:
+    grpc_port, http_port = free_port(), free_port()
+    data = tmp_path / "data"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ensync.cli.main",
+        "serve",
+        "--data",
+        str(data),
+        "--grpc",
+        f"127.0.0.1:{grpc_port}",
+        "--http",
+        f"127.0.0.1:{http_port}",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_listening(grpc_port, process)
+        yield Serving(process, data, grpc_port)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_keygen_prints_a_usable_key_pair() -> None:
+    result = ensync("keygen", "--json")
+    assert result.returncode == 0, result.stderr
+    pair = json.loads(result.stdout)
+    assert set(pair) == {"app_id", "secret_key"}
+    assert len(decode_app_id(pair["app_id"])) == 32
+    assert len(decode_secret_key(pair["secret_key"])) == 64
+    text = ensync("keygen")
+    assert "app id:" in text.stdout
+    assert "secret key:" in text.stdout
+
+
+async def test_app_created_while_serving_connects_at_once(serving: Serving) -> None:
+    created = ensync("app", "create", "orders", "--data", str(serving.data), "--json")
+    assert created.returncode == 0, created.stderr
+    orders = json.loads(created.stdout)
+    assert set(orders) == {"name", "app_key", "app_id", "secret_key"}
+    assert orders["name"] == "orders"
+    warehouse = json.loads(
+        ensync("app", "create", "warehouse", "--data", str(serving.data), "--json").stdout
+    )
+    engine = EnSyncEngine(f"grpc://127.0.0.1:{serving.grpc_port}")
+    try:
+        sender = await engine.create_client(orders["app_key"])
+        receiver = await engine.create_client(
+            warehouse["app_key"], app_secret_key=warehouse["secret_key"]
+        )
+        got: list[Message] = []
+        (await receiver.subscribe("orders/created")).on(got.append)
+        await sender.publish("orders/created", [warehouse["app_id"]], {"id": 7})
+        await eventually(lambda: len(got) == 1)
+        assert got[0].payload == {"id": 7}
+        assert got[0].sender == orders["app_id"]
+
+        listed = ensync("app", "list", "--json", env={"ENSYNC_DATA": str(serving.data)})
+        rows = json.loads(listed.stdout)
+        assert [(r["name"], r["revoked"]) for r in rows] == [
+            ("orders", False),
+            ("warehouse", False),
+        ]
+        assert "app_key" not in listed.stdout
+        assert orders["app_key"] not in listed.stdout
+
+        revoked = ensync("app", "revoke", "orders", "--data", str(serving.data))
+        assert revoked.returncode == 0, revoked.stderr
+        with pytest.raises(EnSyncAuthError):
+            await engine.create_client(orders["app_key"])
+    finally:
+        await engine.close()
+
+
+def test_app_commands_report_mistakes(tmp_path: Path) -> None:
+    data = str(tmp_path)
+    assert ensync("app", "create", "ok", "--data", data).returncode == 0
+    duplicate = ensync("app", "create", "ok", "--data", data)
+    assert duplicate.returncode == 1
+    assert "already exists" in duplicate.stderr
+    bad = ensync("app", "create", "no spaces", "--data", data)
+    assert bad.returncode == 2
+    assert "invalid app name" in bad.stderr
+    missing = ensync("app", "revoke", "ghost", "--data", data)
+    assert missing.returncode == 1
+    assert "ghost" in missing.stderr
+    store = ensync("app", "list", "--data", data, "--store", "mongodb://x")
+    assert store.returncode == 2
+    assert "mongodb://x" in store.stderr
+
+
+def test_serve_refuses_bad_addresses(tmp_path: Path) -> None:
+    result = ensync("serve", "--data", str(tmp_path), "--grpc", "nonsense")
+    assert result.returncode != 0
+    assert "nonsense" in result.stderr
+
+
+async def test_sigterm_shuts_down_cleanly(serving: Serving) -> None:
+    serving.process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(serving.process.wait(), seconds(15))
+    assert serving.process.returncode == 0
+    assert serving.process.stderr is not None
+    err = (await serving.process.stderr.read()).decode()
+    assert "shutting down" in err
+    assert "Traceback" not in err

@@ -1,0 +1,109 @@
+"""The SDK heals a broken link: reconnect, resubscribe, keep handlers and pauses."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ensync import ConnectionState, EnSyncConnectionError, EnSyncEngine, EnSyncError, Message
+from ensync.testing import TestServer
+from tests.support.proxy import tcp_proxy
+from tests.support.timing import eventually
+
+
+async def test_reconnects_resubscribes_and_keeps_handlers(server: TestServer) -> None:
+    alice = await server.create_app("alice")
+    bob = await server.create_app("bob")
+    publisher_engine = EnSyncEngine(server.grpc_url)
+    async with tcp_proxy(server.server.grpc_port) as proxy:
+        engine = EnSyncEngine(
+            f"grpc://127.0.0.1:{proxy.port}", reconnect_interval=50, max_reconnect_attempts=20
+        )
+        events: list[str] = []
+        engine.on("disconnect", lambda cause: events.append("disconnect"))
+        engine.on("reconnect", lambda attempt: events.append("reconnect"))
+        try:
+            publisher = await publisher_engine.create_client(alice.app_key)
+            client = await engine.create_client(bob.app_key, app_secret_key=bob.secret_key)
+            got: list[Message] = []
+            also: list[Message] = []
+            sub = await client.subscribe("x")
+            sub.on(got.append)
+            sub.on(also.append)
+            paused = await client.subscribe("held")
+            held: list[Message] = []
+            paused.on(held.append)
+            await paused.pause("kept across reconnects")
+            first_id = client.client_id
+
+            await publisher.publish("x", [bob.app_id], {"i": 1})
+            await eventually(lambda: len(got) == 1)
+
+            await proxy.cut()
+            await eventually(lambda: "disconnect" in events)
+            state_while_down = client.state
+            assert state_while_down is ConnectionState.RECONNECTING
+            with pytest.raises(EnSyncConnectionError):
+                await client.publish("x", [bob.app_id], {"i": 0})
+            await asyncio.sleep(0.2)
+            proxy.restore()
+            await eventually(lambda: "reconnect" in events, timeout_s=10)
+            assert client.state is ConnectionState.CONNECTED
+            assert client.client_id != first_id  # a new session
+
+            await publisher.publish("x", [bob.app_id], {"i": 2})
+            await publisher.publish("held", [bob.app_id], {"i": 3})
+            await eventually(lambda: [m.payload["i"] for m in got][-1:] == [2])
+            assert [m.payload["i"] for m in also][-1] == 2
+            await asyncio.sleep(0.2)
+            assert held == []  # the pause was restored on the new session
+            await paused.resume()
+            await eventually(lambda: len(held) == 1)
+        finally:
+            await engine.close()
+            await publisher_engine.close()
+
+
+async def test_gives_up_after_max_attempts_and_says_so(server: TestServer) -> None:
+    bob = await server.create_app("bob")
+    async with tcp_proxy(server.server.grpc_port) as proxy:
+        engine = EnSyncEngine(
+            f"grpc://127.0.0.1:{proxy.port}",
+            reconnect_interval=20,
+            max_reconnect_attempts=2,
+            call_timeout=500,
+        )
+        errors: list[EnSyncError] = []
+        engine.on("error", errors.append)
+        try:
+            client = await engine.create_client(bob.app_key, app_secret_key=bob.secret_key)
+            await client.subscribe("x")
+            await proxy.cut()
+            await eventually(lambda: client.state is ConnectionState.FAILED, timeout_s=10)
+            assert len(errors) == 1
+            assert "2 attempts" in errors[0].message
+            assert errors[0].name == "EnSyncConnectionError"
+        finally:
+            await engine.close()
+
+
+async def test_revoked_key_fails_the_reconnect_loudly(server: TestServer) -> None:
+    bob = await server.create_app("bob")
+    async with tcp_proxy(server.server.grpc_port) as proxy:
+        engine = EnSyncEngine(
+            f"grpc://127.0.0.1:{proxy.port}", reconnect_interval=20, max_reconnect_attempts=50
+        )
+        errors: list[EnSyncError] = []
+        engine.on("error", errors.append)
+        try:
+            client = await engine.create_client(bob.app_key, app_secret_key=bob.secret_key)
+            await client.subscribe("x")
+            await server.engine.apps.revoke("bob")
+            await proxy.cut()
+            proxy.restore()
+            await eventually(lambda: client.state is ConnectionState.FAILED, timeout_s=10)
+            assert errors
+            assert errors[0].name == "EnSyncAuthError"
+        finally:
+            await engine.close()

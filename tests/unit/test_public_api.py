@@ -1,0 +1,87 @@
+"""The package exports what the docs promise, and layers import downward only."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import ensync
+from ensync import errors
+
+SRC = Path(ensync.__file__).parent
+
+
+def test_top_level_exports() -> None:
+    for name in ("EnSyncEngine", "EnSyncClient", "Subscription", "Message", "EnSyncError"):
+        assert name in ensync.__all__
+        assert getattr(ensync, name) is not None
+    assert sorted(ensync.__all__) == sorted(set(ensync.__all__))
+
+
+def test_every_module_declares_all() -> None:
+    for module in pkgutil.walk_packages([str(SRC)], prefix="ensync."):
+        if module.name.startswith("ensync._proto"):
+            continue
+        loaded = importlib.import_module(module.name)
+        assert hasattr(loaded, "__all__"), module.name
+        for name in loaded.__all__:
+            assert hasattr(loaded, name), f"{module.name}.{name}"
+
+
+@pytest.mark.parametrize(
+    ("cls", "name"),
+    [
+        (errors.EnSyncError, "EnSyncError"),
+        (errors.EnSyncConnectionError, "EnSyncConnectionError"),
+        (errors.EnSyncAuthError, "EnSyncAuthError"),
+        (errors.EnSyncPublishError, "EnSyncPublishError"),
+        (errors.EnSyncSubscriptionError, "EnSyncSubscriptionError"),
+        (errors.EnSyncGenericError, "EnSyncGenericError"),
+        (errors.EnSyncValidationError, "EnSyncValidationError"),
+        (errors.EnSyncTimeoutError, "EnSyncTimeoutError"),
+        (errors.EnSyncReplayError, "EnSyncReplayError"),
+        (errors.EnSyncDeferError, "EnSyncDeferError"),
+        (errors.EnSyncDiscardError, "EnSyncDiscardError"),
+        (errors.EnSyncPauseError, "EnSyncPauseError"),
+        (errors.EnSyncContinueError, "EnSyncContinueError"),
+    ],
+)
+def test_error_names_match_the_official_sdks(cls: type[errors.EnSyncError], name: str) -> None:
+    error = cls("boom")
+    assert error.name == name
+    assert isinstance(error, errors.EnSyncError)
+    assert str(error) == f"{name}: boom"
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+# Each layer may not import these (STYLE.md: layers import downward only).
+FORBIDDEN = {
+    "protocol": ("grpc", "websockets", "nats", "ensync.client", "ensync.server", "ensync.cli"),
+    "crypto": ("grpc", "websockets", "nats", "ensync.client", "ensync.server", "ensync.cli"),
+    "server/core": ("grpc", "websockets", "nats", "ensync.client", "ensync.cli"),
+    "server": ("ensync.client", "ensync.cli"),
+    "client": ("ensync.server", "ensync.cli"),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_layers_import_downward_only(layer: str) -> None:
+    for path in (SRC / layer).rglob("*.py"):
+        for imported in _imports(path):
+            for banned in FORBIDDEN[layer]:
+                hit = imported == banned or imported.startswith(banned + ".")
+                assert not hit, f"{path.relative_to(SRC)} imports {imported}"
