@@ -35,7 +35,7 @@ types: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) $(NODE_STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest --cov=ensync --cov-branch --cov-report=term:skip-covered --cov-fail-under=80
 
 test: lint types pytest
 

@@ -166,3 +166,21 @@ async def test_sigterm_shuts_down_cleanly(serving: Serving) -> None:
     err = (await serving.process.stderr.read()).decode()
     assert "shutting down" in err
     assert "Traceback" not in err
+
+
+def test_bench_prints_its_figures_as_json() -> None:
+    result = ensync("bench", "--messages", "200", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["messages"] == figures["received"] == 200
+    assert figures["transport"] == "grpc"
+    for key in ("end_to_end_rate", "latency_p50_ms", "latency_p99_ms", "engine_cpu_percent"):
+        assert figures[key] > 0, key
+    assert figures["latency_p50_ms"] <= figures["latency_p99_ms"]
+    assert "received 200/200" in result.stderr  # the progress display
+
+
+def test_bench_refuses_bad_arguments() -> None:
+    result = ensync("bench", "--messages", "0")
+    assert result.returncode == 2
+    assert "--messages" in result.stderr

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # websockets logs every HTTP request at INFO; keep the engine's log readable.
+    logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.root.level))
     try:
         config = ServerConfig(
             data_dir=Path(args.data),

@@ -119,7 +119,8 @@ class Store(Protocol):
     # --- apps ----------------------------------------------------------------
 
     async def create_app(self, app: AppRecord) -> None:
-        """Register ``app``. Raises :class:`AppExistsError` on a duplicate name or id."""
+        """Register ``app``. Raises :class:`AppExistsError` on a duplicate name,
+        app id or key hash."""
 
     async def get_app_by_key_hash(self, key_hash: bytes) -> AppRecord | None:
         """The app whose key hashes to ``key_hash`` (revoked apps included)."""
@@ -134,12 +135,17 @@ class Store(Protocol):
         """Every registered app, ordered by name."""
 
     async def update_app(self, app: AppRecord) -> None:
-        """Replace the record of the app with ``app.name`` (revoke, new key hash)."""
+        """Replace the record of the app with ``app.name`` (revoke, new key hash).
+
+        Raises ``LookupError`` if no app has that name."""
 
     # --- messages ------------------------------------------------------------
 
     async def append(self, messages: Sequence[StoredMessage]) -> None:
-        """Store new messages; durable when this returns. Idems are unique."""
+        """Store new messages; durable when this returns.
+
+        Idems are unique: a duplicate raises :class:`StoreError` and that call
+        stores nothing."""
 
     async def last_block(self, recipient: str, name: str) -> int:
         """The highest block ever stored for the partition, 0 if none."""
@@ -163,7 +169,8 @@ class Store(Protocol):
         """Move a pending message to ACKED, DEAD or EXPIRED.
 
         Returns ``False`` (and changes nothing) when the message is unknown or
-        no longer pending; settling is therefore idempotent.
+        no longer pending; settling is therefore idempotent. ``state`` may not
+        be PENDING (``ValueError``).
         """
 
     async def reschedule(self, idem: str, visible_at_ms: int, attempts: int) -> bool:
