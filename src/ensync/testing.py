@@ -47,6 +47,11 @@ class TestServer:
         return f"grpc://127.0.0.1:{self.server.grpc_port}"
 
     @property
+    def ws_url(self) -> str:
+        """``ws://127.0.0.1:<http port>`` (the SDK adds ``/message``)."""
+        return f"ws://127.0.0.1:{self.server.http_port}"
+
+    @property
     def http_port(self) -> int:
         return self.server.http_port
 

@@ -23,9 +23,10 @@ from ensync import (
 from ensync.client.engine import BaseEngine
 from ensync.server.core.apps import NewApp
 from ensync.testing import TestServer, run_engine
+from ensync.websocket import EnSyncEngine as WsEngine
 from tests.support.timing import eventually, seconds
 
-TRANSPORTS = ["grpc"]
+TRANSPORTS = ["grpc", "ws"]
 
 
 @dataclass
@@ -47,6 +48,10 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     async with run_engine(ack_deadline_ms=600) as server:
 
         def make(**options: Any) -> BaseEngine:
+            if request.param == "ws":
+                if "heartbeat_interval" in options:
+                    options["ping_interval"] = options.pop("heartbeat_interval")
+                return WsEngine(server.ws_url, **options)
             return EnSyncEngine(server.grpc_url, **options)
 
         state = Setup(
@@ -299,7 +304,11 @@ async def test_wrong_key_and_missing_engine(setup: Setup) -> None:
     await setup.server.engine.apps.revoke("bob")
     with pytest.raises(EnSyncAuthError):
         await engine.create_client(setup.bob.app_key)
-    nowhere = EnSyncEngine("grpc://127.0.0.1:1", call_timeout=2000)
+    nowhere = (
+        WsEngine("ws://127.0.0.1:1", call_timeout=2000)
+        if isinstance(engine, WsEngine)
+        else EnSyncEngine("grpc://127.0.0.1:1", call_timeout=2000)
+    )
     with pytest.raises(EnSyncConnectionError) as failed:
         await nowhere.create_client(setup.alice.app_key)
     assert failed.value.name in ("EnSyncConnectionError", "EnSyncTimeoutError")
@@ -328,3 +337,28 @@ async def test_subscribe_needs_a_secret_key(setup: Setup) -> None:
         await client.subscribe("x")
     sub = await client.subscribe("x", app_secret_key=setup.bob.secret_key)
     assert sub.name == "x"
+
+
+async def test_messages_cross_transports() -> None:
+    async with run_engine() as server:
+        alice = await server.create_app("alice")
+        bob = await server.create_app("bob")
+        over_grpc = EnSyncEngine(server.grpc_url)
+        over_ws = WsEngine(server.ws_url)
+        try:
+            g = await over_grpc.create_client(alice.app_key, app_secret_key=alice.secret_key)
+            w = await over_ws.create_client(bob.app_key, app_secret_key=bob.secret_key)
+            to_ws, on_ws = collector()
+            to_grpc, on_grpc = collector()
+            (await w.subscribe("x")).on(on_ws)
+            (await g.subscribe("x")).on(on_grpc)
+            sent_to_bob = await g.publish("x", [bob.app_id], {"via": "grpc"})
+            sent_to_alice = await w.publish("x", [alice.app_id], {"via": "ws"})
+            await eventually(lambda: len(to_ws) == len(to_grpc) == 1)
+            assert (to_ws[0].idem, to_ws[0].payload) == (sent_to_bob, {"via": "grpc"})
+            assert (to_grpc[0].idem, to_grpc[0].payload) == (sent_to_alice, {"via": "ws"})
+            assert to_ws[0].sender == alice.app_id
+            assert to_grpc[0].sender == bob.app_id
+        finally:
+            await over_grpc.close()
+            await over_ws.close()

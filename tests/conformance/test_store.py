@@ -1058,3 +1058,14 @@ def test_open_store_takes_absolute_sqlite_paths(tmp_path: pathlib.Path) -> None:
 def test_open_store_names_a_bad_url(url: str, complaint: str, tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError, match=complaint):
         open_store(url, tmp_path)
+
+
+async def test_backlog_counts_pending_messages_per_recipient(store: Store) -> None:
+    messages = [
+        message(f"b{i}", i + 1, recipient=RECIPIENT if i < 3 else OTHER_RECIPIENT) for i in range(5)
+    ]
+    await store.append(messages)
+    assert await store.backlog() == {RECIPIENT: 3, OTHER_RECIPIENT: 2}
+    await store.settle("b0", MessageState.ACKED, 1)
+    await store.settle("b3", MessageState.DEAD, 1, "x")
+    assert await store.backlog() == {RECIPIENT: 2, OTHER_RECIPIENT: 1}

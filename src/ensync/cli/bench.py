@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ensync.client.engine import EnSyncEngine
+from ensync.client.engine import BaseEngine, EnSyncEngine
 from ensync.models import Message
 from ensync.server.core.apps import AppRegistry, NewApp
 from ensync.server.core.engine import wall_clock_ms
 from ensync.server.store.sqlite import SqliteStore
+from ensync.websocket import EnSyncEngine as WsEngine
 
 __all__ = ["BenchResult", "add_parser"]
 
@@ -72,7 +73,9 @@ def add_parser(commands: Any) -> None:
     bench.add_argument(
         "--concurrency", type=int, default=64, help="most publishes in flight at once (64)"
     )
-    bench.add_argument("--transport", choices=["grpc"], default="grpc", help="wire protocol")
+    bench.add_argument(
+        "--transport", choices=["grpc", "ws"], default="grpc", help="wire protocol (grpc)"
+    )
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     bench.set_defaults(run=run)
 
@@ -215,7 +218,9 @@ async def _bench(args: argparse.Namespace) -> BenchResult:
         grpc_port, http_port = _free_port(), _free_port()
         with _engine_process(data_dir, grpc_port, http_port) as process:
             await _wait_listening(grpc_port, process, 30.0)
-            return await _drive(args, process.pid, grpc_port, publisher_app, subscriber_app)
+            await _wait_listening(http_port, process, 30.0)
+            port = grpc_port if args.transport == "grpc" else http_port
+            return await _drive(args, process.pid, port, publisher_app, subscriber_app)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -224,8 +229,11 @@ async def _drive(
     args: argparse.Namespace, engine_pid: int, port: int, pub_app: NewApp, sub_app: NewApp
 ) -> BenchResult:
     total: int = args.messages
-    url = f"grpc://127.0.0.1:{port}"
-    engine = EnSyncEngine(url, max_reconnect_attempts=0)
+    engine: BaseEngine
+    if args.transport == "ws":
+        engine = WsEngine(f"ws://127.0.0.1:{port}", max_reconnect_attempts=0)
+    else:
+        engine = EnSyncEngine(f"grpc://127.0.0.1:{port}", max_reconnect_attempts=0)
     try:
         publisher = await engine.create_client(pub_app.app_key)
         subscriber = await engine.create_client(sub_app.app_key, app_secret_key=sub_app.secret_key)

@@ -520,3 +520,24 @@ async def test_restart_keeps_messages_blocks_and_deferrals(tmp_path: Path) -> No
         assert router.received[2].idem == second
     finally:
         await shut(engine)
+
+
+async def test_extend_pushes_back_the_ack_deadline(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    carol, _ = await world.client(world.carol)
+    world.engine.subscribe(bob, "orders/created")
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: len(router.received) == 1)
+    for _ in range(4):  # 4 x 150 ms, twice the 300 ms deadline
+        await asyncio.sleep(0.15)
+        deadline = await world.engine.extend(bob, idem)
+        assert deadline > world.engine._now_ms()
+    assert len(router.received) == 1
+    with pytest.raises(ServiceError) as caught:
+        await world.engine.extend(carol, idem)
+    assert caught.value.code is ErrorCode.NOT_FOUND
+    await world.engine.ack(bob, idem)
+    with pytest.raises(ServiceError) as caught:
+        await world.engine.extend(bob, idem)
+    assert caught.value.code is ErrorCode.FAILED_PRECONDITION

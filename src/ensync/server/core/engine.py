@@ -217,6 +217,28 @@ class Engine:
         payload_metadata: str | None = None,
     ) -> str:
         """Store a message for one recipient app; returns its idem once committed."""
+        commit = await self.accept_publish(
+            client_id, name, payload, recipient, metadata, payload_metadata
+        )
+        return await commit
+
+    async def accept_publish(
+        self,
+        client_id: str,
+        name: str,
+        payload: str,
+        recipient: str,
+        metadata: str,
+        payload_metadata: str | None = None,
+    ) -> asyncio.Task[str]:
+        """Validate and number a publish, and start committing it.
+
+        Returns a task that resolves to the idem once the message is stored
+        (or raises :class:`ServiceError`). Publishes accepted one after the
+        other are numbered, committed and delivered in that order, so a
+        transport may pipeline them: await this call in order, await the
+        returned tasks in any order.
+        """
         session = self.session(client_id)
         cfg = self.config
         validation.check_name(name)
@@ -241,16 +263,20 @@ class Engine:
             expires_at_ms=now + meta.ttl_ms if meta.ttl_ms is not None else None,
         )
         store = self.store if meta.persist else self.volatile
+        # A task starts in creation order, so commits are queued in block order.
+        return asyncio.get_running_loop().create_task(self._commit(store, partition, message))
+
+    async def _commit(self, store: Store, partition: Partition, message: StoredMessage) -> str:
         try:
             await store.append([message])
         except BaseException as exc:
-            self._release(partition, partition.committed(block, None))
+            self._release(partition, partition.committed(message.block, None))
             if isinstance(exc, StoreError):
                 log.error("store refused a publish: %s", exc)
                 raise ServiceError(ErrorCode.UNAVAILABLE, "storage failed; retry later") from exc
             raise
         self.stats.published += 1
-        self._release(partition, partition.committed(block, message))
+        self._release(partition, partition.committed(message.block, message))
         return message.idem
 
     async def _partition_ready(self, recipient: str, name: str) -> Partition:
@@ -401,6 +427,22 @@ class Engine:
             replayed_at_ms=self._now_ms(),
             was_acknowledged=message.state is MessageState.ACKED,
         )
+
+    async def extend(self, client_id: str, idem: str) -> int:
+        """Push back the ack deadline of a message the caller's app has in flight.
+
+        Returns the new deadline (epoch ms). Our SDK calls this while a long
+        handler runs, so the message is not delivered a second time.
+        """
+        session = self.session(client_id)
+        lease = self._leases.get(idem)
+        if lease is None or lease.message.recipient != session.app_id:
+            await self._find(session, idem)  # "not found" unless it is the caller's
+            raise ServiceError(ErrorCode.FAILED_PRECONDITION, f"message {idem} is not in flight")
+        lease.timer.cancel()
+        loop = self._loop or asyncio.get_running_loop()
+        lease.timer = loop.call_later(self.config.ack_deadline_ms / 1000, self._lease_expired, idem)
+        return self._now_ms() + self.config.ack_deadline_ms
 
     async def _find(self, session: Session, idem: str) -> StoredMessage:
         """The caller's message with this idem. Another app's message is "not

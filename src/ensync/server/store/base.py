@@ -187,5 +187,8 @@ class Store(Protocol):
     async def redrive(self, idem: str, now_ms: int) -> bool:
         """Return a dead letter to PENDING (attempts reset, visible now)."""
 
+    async def backlog(self) -> dict[str, int]:
+        """Pending messages per recipient app id (for metrics)."""
+
     async def prune(self, settled_before_ms: int) -> int:
         """Delete settled messages settled before the given time; returns how many."""

@@ -337,6 +337,15 @@ class MemoryStore:
         self._index(entry)
         return True
 
+    async def backlog(self) -> dict[str, int]:
+        """Pending messages per recipient: O(partitions)."""
+        self._check_open()
+        counts: dict[str, int] = {}
+        for (recipient, _), keys in self._ready.items():
+            if keys:
+                counts[recipient] = counts.get(recipient, 0) + len(keys)
+        return counts
+
     async def prune(self, settled_before_ms: int) -> int:
         """Delete messages settled before ``settled_before_ms``; returns how many."""
         self._begin_write()

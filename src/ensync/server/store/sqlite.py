@@ -406,6 +406,18 @@ class SqliteStore:
             )
         )
 
+    async def backlog(self) -> dict[str, int]:
+        """Pending messages per recipient. Counts every pending row (an index
+        scan): meant for metrics scrapes, not for hot paths."""
+        rows = await self._read(
+            functools.partial(
+                _fetch_rows,
+                "SELECT recipient, count(*) FROM messages WHERE state = ? GROUP BY recipient",
+                (_PENDING,),
+            )
+        )
+        return {str(recipient): int(count) for recipient, count in rows}
+
     async def redrive(self, idem: str, now_ms: int) -> bool:
         """Return a dead letter to PENDING, attempts reset, visible at ``now_ms``."""
         return await self._write(
@@ -830,6 +842,12 @@ def _append(messages: tuple[StoredMessage, ...], conn: sqlite3.Connection) -> No
         " SET last_block = max(last_block, excluded.last_block)",
         [(recipient, name, block) for (recipient, name), block in last_blocks.items()],
     )
+
+
+def _fetch_rows(
+    sql: str, params: tuple[object, ...], conn: sqlite3.Connection
+) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in conn.execute(sql, params).fetchall()]
 
 
 def _update_one(sql: str, params: tuple[object, ...], conn: sqlite3.Connection) -> bool:

@@ -1,7 +1,9 @@
-"""The HTTP listener: ``/healthz`` now; WebSocket ``/message`` and ``/metrics`` later.
+"""The HTTP listener: WebSocket on ``/message`` (and any path), ``/healthz``, ``/metrics``.
 
 Served by the ``websockets`` library, whose ``process_request`` hook answers
-plain HTTP requests on the same port that accepts WebSocket upgrades.
+plain HTTP requests on the same port that accepts WebSocket upgrades. The
+official Go client connects to the URL it is given, with no ``/message``
+suffix, so an upgrade is accepted on every path (PROTOCOL.md §3.1).
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import json
 import logging
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from ensync.server.core.engine import Engine
+from ensync.server.metrics import CONTENT_TYPE, render_metrics
+from ensync.server.transports.websocket import WebSocketTransport
 
 __all__ = ["HttpListener"]
 
@@ -21,45 +26,80 @@ log = logging.getLogger(__name__)
 
 
 class HttpListener:
-    """Answers ``GET /healthz`` with the engine's gauges as JSON."""
+    """The engine's HTTP port.
 
-    def __init__(self, engine: Engine, host: str, port: int) -> None:
+    Args:
+        engine: the core.
+        host, port: where to listen (port 0 picks a free one).
+        max_frame_bytes: larger WebSocket frames close the connection with
+            code 1009 ("message too big").
+        ping_interval_s: keep-alive pings; a peer that does not answer within
+            ``ping_interval_s`` is dropped and its in-flight messages requeued.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        host: str,
+        port: int,
+        *,
+        max_frame_bytes: int | None = None,
+        ping_interval_s: float = 20.0,
+    ) -> None:
         self._engine = engine
         self._host = host
         self._port = port
+        self._max_frame = max_frame_bytes or engine.config.max_payload_bytes * 2 + 64 * 1024
+        self._ping_interval_s = ping_interval_s
         self._server: Server | None = None
+        self.websocket = WebSocketTransport(engine)
         self.port = 0
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port."""
         self._server = await serve(
-            self._session,
+            self.websocket.handle,
             self._host,
             self._port,
             process_request=self._process_request,
             server_header="ensync",
+            max_size=self._max_frame,
+            ping_interval=self._ping_interval_s,
+            ping_timeout=self._ping_interval_s,
+            # Official clients send one command per frame: no compression.
+            compression=None,
         )
         sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1] if sockets else self._port
         return self.port
 
     async def stop(self) -> None:
+        """Stop accepting, close connections (1001 going away), wait for handlers."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        if "websocket" in request.headers.get("Upgrade", "").lower():
+            return None
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
-            body = json.dumps({"status": "ok", **self._engine.statistics()})
-            response = connection.respond(http.HTTPStatus.OK, body + "\n")
-            response.headers["Content-Type"] = "application/json"
-            return response
-        if "upgrade" not in request.headers.get("Connection", "").lower():
-            return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
-        return None
+            body = json.dumps({"status": "ok", **self._engine.statistics()}) + "\n"
+            return _response(http.HTTPStatus.OK, body.encode(), "application/json")
+        if path == "/metrics":
+            return _response(http.HTTPStatus.OK, await render_metrics(self._engine), CONTENT_TYPE)
+        return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
-    async def _session(self, connection: ServerConnection) -> None:
-        # The WebSocket transport is not served yet: refuse politely.
-        await connection.close(1013, "WebSocket transport not available on this engine yet")
+
+def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers(
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(body))),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)

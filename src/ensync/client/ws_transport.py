@@ -1,0 +1,321 @@
+"""The SDK's WebSocket transport (``websockets``, asyncio API).
+
+One socket per connection. Requests are pipelined: each is sent at once and
+answered in order (PROTOCOL.md §3.8), so many publishes can be on the wire
+together. A request that gets no answer in time breaks the connection on
+purpose: with FIFO correlation a late answer would be taken for the next
+request's, so the link is rebuilt instead (the reconnection logic takes over).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from ensync import errors
+from ensync.client.transport import ConnectInfo, LostCallback, WireMessage, WireReplay
+from ensync.protocol.urls import EngineUrl
+from ensync.protocol.wscodec import (
+    Ack,
+    Conn,
+    Continue,
+    Defer,
+    Discard,
+    Extend,
+    Fail,
+    Malformed,
+    Pass,
+    Pause,
+    Pong,
+    Pub,
+    Record,
+    Replay,
+    Replayed,
+    Request,
+    Sub,
+    Unsub,
+    parse_conn_pass,
+)
+from ensync.protocol.wssession import (
+    ClientSession,
+    PingArrived,
+    RecordArrived,
+    ReplyFor,
+    Unexpected,
+)
+
+__all__ = ["WebSocketClientTransport", "wire_message"]
+
+log = logging.getLogger(__name__)
+
+
+def wire_message(record: Record) -> WireMessage:
+    """A record as the SDK's transport-neutral delivery."""
+    metadata = dict(record.metadata)
+    metadata.pop("$internal", None)
+    return WireMessage(
+        name=record.name,
+        idem=record.idem,
+        block=record.block,
+        payload=record.payload,
+        metadata=metadata,
+        sender=record.sender,
+        timestamp=record.logged_at_ms,
+    )
+
+
+class WebSocketClientTransport:
+    """A :class:`~ensync.client.transport.ClientTransport` over WebSocket.
+
+    Args:
+        url: the parsed ``ws://`` or ``wss://`` URL; a bare path means ``/message``.
+        call_timeout_s: how long a request may wait for its answer.
+        root_certificates: PEM bytes of a CA to trust for ``wss://``.
+        max_frame_bytes: largest frame accepted from the engine.
+    """
+
+    def __init__(
+        self,
+        url: EngineUrl,
+        *,
+        call_timeout_s: float = 30.0,
+        root_certificates: bytes | None = None,
+        max_frame_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        path = url.path if url.path not in ("", "/") else "/message"
+        host = f"[{url.host}]" if ":" in url.host else url.host
+        self._uri = f"{url.scheme}://{host}:{url.port}{path}"
+        self._ssl: ssl.SSLContext | None = None
+        if url.secure:
+            self._ssl = ssl.create_default_context()
+            if root_certificates is not None:
+                self._ssl.load_verify_locations(cadata=root_certificates.decode("ascii"))
+        self._timeout = call_timeout_s
+        self._max_frame = max_frame_bytes
+        self._ws: ClientConnection | None = None
+        self._session = ClientSession()
+        self._pending: dict[int, asyncio.Future[Pass | Fail | Replayed]] = {}
+        self._handlers: dict[str, Callable[[WireMessage], None]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._lost: LostCallback | None = None
+        self._lost_reported = False
+        self._closed = False
+        self._client_id = ""
+        self._send_lock = asyncio.Lock()
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    def on_lost(self, callback: LostCallback) -> None:
+        self._lost = callback
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def connect(self, app_key: str) -> ConnectInfo:
+        try:
+            self._ws = await asyncio.wait_for(
+                connect(
+                    self._uri,
+                    ssl=self._ssl,
+                    max_size=self._max_frame,
+                    compression=None,
+                    # Liveness is the connection layer's heartbeat (ping frames).
+                    ping_interval=None,
+                    open_timeout=None,
+                ),
+                self._timeout,
+            )
+        except TimeoutError:
+            raise errors.EnSyncTimeoutError(
+                f"no WebSocket handshake with {self._uri} in {self._timeout:g} s"
+            ) from None
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            raise errors.EnSyncConnectionError(f"cannot connect to {self._uri}: {exc}") from exc
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read(self._ws), name="ensync-ws-reader"
+        )
+        reply = await self._request(Conn(app_key), errors.EnSyncAuthError)
+        if isinstance(reply, Fail):
+            raise errors.EnSyncAuthError(f"Authentication failed: {reply.reason}")
+        parsed = parse_conn_pass(reply.text if isinstance(reply, Pass) else "")
+        if isinstance(parsed, Malformed):
+            raise errors.EnSyncConnectionError(f"unreadable CONN answer: {parsed.reason}")
+        self._client_id, client_hash = parsed
+        return ConnectInfo(self._client_id, client_hash)
+
+    async def _request(
+        self, request: Request, error: type[errors.EnSyncError]
+    ) -> Pass | Fail | Replayed:
+        if self._closed or self._ws is None:
+            raise errors.EnSyncConnectionError("the connection is closed")
+        future: asyncio.Future[Pass | Fail | Replayed] = asyncio.get_running_loop().create_future()
+        async with self._send_lock:
+            # seq and send happen together so frames leave in seq order.
+            seq, frame = self._session.send(request)
+            if seq is not None:
+                self._pending[seq] = future
+            try:
+                await self._ws.send(frame)
+            except ConnectionClosed as exc:
+                if seq is not None:
+                    self._pending.pop(seq, None)
+                self._report_lost(exc)
+                raise errors.EnSyncConnectionError(f"connection to the engine lost: {exc}") from exc
+        if seq is None:
+            return Pass("")
+        try:
+            return await asyncio.wait_for(future, self._timeout)
+        except TimeoutError:
+            self._pending.pop(seq, None)
+            # Replies are matched in order: a missing one poisons every later
+            # match, so the link is rebuilt rather than trusted.
+            self._report_lost(errors.EnSyncTimeoutError("a request got no answer"))
+            raise errors.EnSyncTimeoutError(
+                f"the engine did not answer in {self._timeout:g} s"
+            ) from None
+
+    async def _checked(self, request: Request, error: type[errors.EnSyncError]) -> str:
+        reply = await self._request(request, error)
+        if isinstance(reply, Fail):
+            raise error(reply.reason)
+        if isinstance(reply, Replayed):
+            raise error("unexpected replay answer")
+        return reply.text
+
+    async def _read(self, ws: ClientConnection) -> None:
+        cause: BaseException = errors.EnSyncConnectionError("the engine closed the connection")
+        try:
+            async for frame in ws:
+                if isinstance(frame, bytes):
+                    log.warning("ignoring a binary frame from the engine")
+                    continue
+                for event in self._session.receive_text(frame):
+                    self._handle(event)
+        except ConnectionClosed as exc:
+            cause = errors.EnSyncConnectionError(f"connection to the engine lost: {exc}")
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(errors.EnSyncConnectionError("connection lost"))
+            self._pending.clear()
+            self._report_lost(cause)
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, ReplyFor):
+            future = self._pending.pop(event.seq, None)
+            if future is not None and not future.done():
+                future.set_result(event.reply)
+        elif isinstance(event, RecordArrived):
+            handler = self._handlers.get(event.record.name)
+            if handler is not None:
+                handler(wire_message(event.record))
+        elif isinstance(event, PingArrived):
+            asyncio.get_running_loop().create_task(self._pong())
+        elif isinstance(event, Unexpected):
+            log.warning("unexpected frame from the engine: %s", event.reason)
+
+    async def _pong(self) -> None:
+        with contextlib.suppress(errors.EnSyncError):
+            await self._request(Pong(), errors.EnSyncConnectionError)
+
+    def _report_lost(self, exc: BaseException) -> None:
+        if self._closed or self._lost_reported:
+            return
+        self._lost_reported = True
+        if self._lost is not None:
+            self._lost(exc)
+
+    # ------------------------------------------------------------------ operations
+
+    async def heartbeat(self) -> None:
+        if self._ws is None or self._closed:
+            raise errors.EnSyncConnectionError("the connection is closed")
+        try:
+            pong = await self._ws.ping()
+            await asyncio.wait_for(pong, self._timeout)
+        except (ConnectionClosed, TimeoutError) as exc:
+            raise errors.EnSyncConnectionError("the engine does not answer pings") from exc
+
+    async def publish(
+        self,
+        name: str,
+        recipient: str,
+        payload: str,
+        metadata: str,
+        payload_metadata: str | None,
+    ) -> str:
+        request = Pub(self._client_id, name, payload, recipient, metadata, payload_metadata)
+        return await self._checked(request, errors.EnSyncPublishError)
+
+    async def subscribe(self, name: str, deliver: Callable[[WireMessage], None]) -> None:
+        # Registered first: records may follow the SUB answer immediately.
+        self._handlers[name] = deliver
+        try:
+            await self._checked(Sub(self._client_id, name), errors.EnSyncSubscriptionError)
+        except BaseException:
+            self._handlers.pop(name, None)
+            raise
+
+    async def unsubscribe(self, name: str) -> None:
+        await self._checked(Unsub(self._client_id, name), errors.EnSyncSubscriptionError)
+        self._handlers.pop(name, None)
+
+    async def ack(self, name: str, idem: str, block: int) -> None:
+        await self._checked(Ack(self._client_id, idem, block, name), errors.EnSyncAckError)
+
+    async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
+        text = await self._checked(
+            Defer(self._client_id, idem, name, delay_ms, reason), errors.EnSyncDeferError
+        )
+        try:
+            return int(text)
+        except ValueError:
+            raise errors.EnSyncDeferError(f"unreadable defer answer {text[:40]!r}") from None
+
+    async def discard(self, name: str, idem: str, reason: str) -> None:
+        await self._checked(Discard(self._client_id, idem, name, reason), errors.EnSyncDiscardError)
+
+    async def extend(self, name: str, idem: str) -> int:
+        """Push back the ack deadline of an in-flight message (ensync extension)."""
+        text = await self._checked(Extend(self._client_id, idem, name), errors.EnSyncAckError)
+        return int(text) if text.isdigit() else 0
+
+    async def replay(self, name: str, idem: str) -> WireReplay:
+        reply = await self._request(Replay(self._client_id, idem, name), errors.EnSyncReplayError)
+        if isinstance(reply, Fail):
+            raise errors.EnSyncReplayError(reply.reason)
+        if not isinstance(reply, Replayed):
+            raise errors.EnSyncReplayError("the engine answered a replay without a record")
+        internal = reply.record.metadata.get("$internal")
+        info: Any = internal.get("replay_info") if isinstance(internal, dict) else None
+        info = info if isinstance(info, dict) else {}
+        stamp = info.get("replayTimestamp")
+        return WireReplay(
+            message=wire_message(reply.record),
+            replay_timestamp=stamp if isinstance(stamp, int) else None,
+            was_acknowledged=bool(info.get("wasAcknowledged", False)),
+        )
+
+    async def pause(self, name: str, reason: str) -> None:
+        await self._checked(Pause(self._client_id, name, reason), errors.EnSyncPauseError)
+
+    async def resume(self, name: str) -> None:
+        await self._checked(Continue(self._client_id, name), errors.EnSyncContinueError)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)

@@ -1,0 +1,328 @@
+"""The WebSocket transport: the text protocol of PROTOCOL.md §3 over the engine core.
+
+Each connection is driven by a sans-I/O :class:`ServerSession` (parsing,
+"CONN first", one reply per command in order); this module only moves
+frames and calls the core. Commands run concurrently, so a client may
+pipeline them; replies still leave in arrival order. Publishes are
+*accepted* (validated and numbered) one after the other in arrival order and
+committed concurrently, so pipelined publishes keep their order.
+
+Records of a name are pushed only after the SUB reply for that name has been
+queued (§3.8 rule 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from ensync.protocol.wscodec import (
+    Ack,
+    Conn,
+    Continue,
+    Defer,
+    Discard,
+    Extend,
+    Fail,
+    Pass,
+    Pause,
+    Pong,
+    Pub,
+    Record,
+    Replay,
+    Replayed,
+    Request,
+    Rollback,
+    Sub,
+    Unsub,
+)
+from ensync.protocol.wssession import Incoming, ServerSession, ServerState
+from ensync.server.core.engine import Engine
+from ensync.server.core.errors import ServiceError
+from ensync.server.core.model import Delivery, ReplayResult
+
+__all__ = ["WebSocketTransport", "delivery_record"]
+
+log = logging.getLogger(__name__)
+
+
+def _metadata_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def delivery_record(delivery: Delivery) -> Record:
+    """The §3.7 record of a delivery (metadata as an object)."""
+    return Record(
+        idem=delivery.idem,
+        name=delivery.name,
+        block=delivery.block,
+        logged_at_ms=delivery.created_at_ms,
+        payload=delivery.payload,
+        metadata=_metadata_object(delivery.metadata),
+        sender=delivery.sender,
+    )
+
+
+def _replay_record(result: ReplayResult) -> Record:
+    record = delivery_record(result.delivery)
+    internal = record.metadata.get("$internal")
+    internal = dict(internal) if isinstance(internal, dict) else {}
+    internal["replay_info"] = {
+        "isReplayed": True,
+        "replayTimestamp": result.replayed_at_ms,
+        "wasAcknowledged": result.was_acknowledged,
+    }
+    metadata = {**record.metadata, "$internal": internal}
+    return Record(
+        idem=record.idem,
+        name=record.name,
+        block=record.block,
+        logged_at_ms=record.logged_at_ms,
+        payload=record.payload,
+        metadata=metadata,
+        sender=record.sender,
+    )
+
+
+class WebSocketTransport:
+    """Serves the text protocol on connections handed over by the HTTP listener.
+
+    Args:
+        engine: the core.
+        max_outstanding: most commands of one connection in progress at once;
+            beyond it the connection is not read until replies go out.
+    """
+
+    def __init__(self, engine: Engine, *, max_outstanding: int = 512) -> None:
+        self._engine = engine
+        self._max_outstanding = max_outstanding
+        self._connections: set[_Connection] = set()
+
+    async def handle(self, websocket: ServerConnection) -> None:
+        """Run one connection until it closes."""
+        connection = _Connection(self._engine, websocket, self._max_outstanding)
+        self._connections.add(connection)
+        try:
+            await connection.run()
+        finally:
+            self._connections.discard(connection)
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+
+class _Connection:
+    """One WebSocket connection: the engine's :class:`SessionRouter` for it too."""
+
+    def __init__(self, engine: Engine, websocket: ServerConnection, max_outstanding: int) -> None:
+        self._engine = engine
+        self._ws = websocket
+        self._max_outstanding = max_outstanding
+        self._session = ServerSession()
+        self._ready_names: set[str] = set()
+        self._client_id: str | None = None
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ SessionRouter
+
+    def sink_for(self, name: str) -> _Connection | None:
+        return self if not self._closed and name in self._ready_names else None
+
+    def push(self, delivery: Delivery) -> None:
+        self._session.push(delivery_record(delivery))
+        self._wake.set()
+
+    def is_attached(self) -> bool:
+        return not self._closed
+
+    def close(self) -> None:
+        """The engine ended this client's session: close the socket."""
+        self._closed = True
+        self._spawn(self._ws.close(1008, "session ended by the engine"))
+
+    # ------------------------------------------------------------------ driving
+
+    async def run(self) -> None:
+        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        try:
+            async for frame in self._ws:
+                if isinstance(frame, bytes):
+                    self._session.receive_binary(frame)
+                else:
+                    await self._dispatch(self._session.receive_text(frame))
+                self._wake.set()
+                while self._session.outstanding() >= self._max_outstanding:
+                    self._drained.clear()
+                    await self._drained.wait()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._closed = True
+            self._session.close()
+            if self._client_id is not None:
+                self._engine.disconnect(self._client_id)
+            writer.cancel()
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(writer, *self._tasks, return_exceptions=True)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            frames = self._session.data_to_send()
+            if self._session.outstanding() < self._max_outstanding:
+                self._drained.set()
+            for frame in frames:
+                try:
+                    await self._ws.send(frame)
+                except ConnectionClosed:
+                    return
+
+    def _spawn(self, work: Awaitable[Any]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _answer(self, seq: int, call: Callable[[], Awaitable[Pass | Replayed]]) -> None:
+        """Run ``call`` concurrently and reply with its result or its refusal."""
+
+        async def run() -> None:
+            try:
+                reply: Pass | Fail | Replayed = await call()
+            except ServiceError as exc:
+                reply = Fail(exc.message)
+            except Exception:  # isolation boundary: one command's bug, not the connection's
+                log.exception("WebSocket command failed")
+                reply = Fail("internal error")
+            self._reply(seq, reply)
+
+        self._spawn(run())
+
+    def _reply(
+        self,
+        seq: int,
+        reply: Pass | Fail | Replayed,
+        on_sent: Callable[[], None] | None = None,
+    ) -> None:
+        if self._session.state is ServerState.CLOSED:
+            return
+        self._session.reply(seq, reply, on_sent=on_sent)
+        self._wake.set()
+
+    async def _dispatch(self, incoming: list[Incoming]) -> None:
+        for item in incoming:
+            await self._run(item.seq, item.request)
+
+    async def _run(self, seq: int, request: Request) -> None:
+        engine = self._engine
+        try:
+            if isinstance(request, Conn):
+                await self._connect(seq, request)
+                return
+            if isinstance(request, Pub):
+                await self._publish(seq, request)
+                return
+            if isinstance(request, Pong):
+                return
+            client = request.client_id
+            if isinstance(request, Sub):
+                engine.subscribe(client, request.name)
+                name = request.name
+
+                def start_pushing() -> None:
+                    self._ready_names.add(name)
+                    engine.routes_changed(client)
+
+                self._reply(seq, Pass("subscribed"), on_sent=start_pushing)
+            elif isinstance(request, Unsub):
+                engine.unsubscribe(client, request.name)
+                self._ready_names.discard(request.name)
+                self._reply(seq, Pass("unsubscribed"))
+            elif isinstance(request, Pause):
+                engine.pause(client, request.name, request.reason)
+                self._reply(seq, Pass("paused"))
+            elif isinstance(request, Continue):
+                engine.resume(client, request.name)
+                self._reply(seq, Pass("continued"))
+            elif isinstance(request, Ack):
+                self._answer(seq, lambda: self._done(engine.ack(client, request.idem), "acked"))
+            elif isinstance(request, Discard):
+                call = engine.discard(client, request.idem, request.reason)
+                self._answer(seq, lambda: self._done(call, "discarded"))
+            elif isinstance(request, Defer):
+                deferred = engine.defer(client, request.idem, request.delay_ms, request.reason)
+                self._answer(seq, lambda: self._value(deferred))
+            elif isinstance(request, Rollback):
+                # The legacy "rollback" hands the message back for redelivery now.
+                rolled = engine.defer(client, request.idem, 0, "rollback")
+                self._answer(seq, lambda: self._value(rolled))
+            elif isinstance(request, Replay):
+                self._answer(seq, lambda: self._replay(client, request.idem))
+            elif isinstance(request, Extend):
+                extended = engine.extend(client, request.idem)
+                self._answer(seq, lambda: self._value(extended))
+            else:  # pragma: no cover - the codec produces nothing else
+                self._reply(seq, Fail(f"unsupported command {type(request).__name__}"))
+        except ServiceError as exc:
+            self._reply(seq, Fail(exc.message))
+
+    @staticmethod
+    async def _done(call: Awaitable[None], text: str) -> Pass:
+        await call
+        return Pass(text)
+
+    @staticmethod
+    async def _value(call: Awaitable[int]) -> Pass:
+        return Pass(str(await call))
+
+    async def _replay(self, client: str, idem: str) -> Replayed:
+        return Replayed(_replay_record(await self._engine.replay(client, idem)))
+
+    async def _connect(self, seq: int, request: Conn) -> None:
+        try:
+            info = await self._engine.connect(request.access_key, self)
+        except ServiceError as exc:
+            # The socket stays open after a refused CONN (PROTOCOL.md §3.6).
+            more = self._session.conn_refused(seq, exc.message)
+        else:
+            self._client_id = info.client_id
+            more = self._session.conn_accepted(seq, info.client_id, info.client_hash)
+        self._wake.set()
+        await self._dispatch(more)
+
+    async def _publish(self, seq: int, request: Pub) -> None:
+        try:
+            commit = await self._engine.accept_publish(
+                request.client_id,
+                request.name,
+                request.payload,
+                request.delivery_to,
+                request.metadata,
+                request.payload_metadata,
+            )
+        except ServiceError as exc:
+            self._reply(seq, Fail(exc.message))
+            return
+
+        async def committed() -> Pass:
+            return Pass(await commit)
+
+        self._answer(seq, committed)
