@@ -209,3 +209,35 @@ async def test_metrics_are_served_in_the_prometheus_format(wire: Wire) -> None:
     assert "ensync_connected_clients 1.0" in raw
     for name in ("delivered", "acked", "deferred", "discarded", "redelivered", "dead_lettered"):
         assert f"ensync_{name}_total" in raw
+
+
+async def test_a_silent_peer_is_dropped_and_its_messages_requeued() -> None:
+    from tests.support.proxy import tcp_proxy
+
+    async with run_engine(ack_deadline_ms=60_000, ws_ping_interval_ms=200) as server:
+        alice = await server.create_app("alice")
+        bob = await server.create_app("bob")
+        state = Wire(server, alice, bob, [])
+        sender, alice_id = await state.conn(alice)
+        async with tcp_proxy(server.http_port) as proxy:
+            ghost = await connect(f"ws://127.0.0.1:{proxy.port}/message", ping_interval=None)
+            await ghost.send(f"CONN;ACCESS_KEY=:{bob.app_key}")
+            ghost_id = (await recv(ghost)).split("clientId=", 1)[1].split(",", 1)[0]
+            await ghost.send(f"SUB;CLIENT_ID=:{ghost_id};EVENT_NAME=:x")
+            assert await recv(ghost) == "+PASS:subscribed"
+            await sender.send(state.pub(alice_id, bob))
+            idem = (await recv(sender)).removeprefix("+PASS:")
+            assert json.loads((await recv(ghost)).removeprefix("+RECORD:"))["idem"] == idem
+            healthy, bob_id = await state.conn(bob)
+            await healthy.send(f"SUB;CLIENT_ID=:{bob_id};EVENT_NAME=:x")
+            assert await recv(healthy) == "+PASS:subscribed"
+            proxy.stall()
+            # Within a few ping intervals the engine gives up on the silent
+            # peer and hands its message to the healthy client.
+            record = json.loads((await recv(healthy, timeout_s=5)).removeprefix("+RECORD:"))
+            assert record["idem"] == idem
+            assert ghost_id not in server.engine._sessions
+            proxy.restore()
+            await ghost.close()
+        for ws in state.sockets:
+            await ws.close()

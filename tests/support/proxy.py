@@ -21,6 +21,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
         self._open = True
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -48,10 +50,10 @@ class TcpProxy:
                 w.close()
             self._links.discard(task)
 
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -68,7 +70,13 @@ class TcpProxy:
         await asyncio.gather(*links, return_exceptions=True)
 
     def restore(self) -> None:
+        """Accept connections and forward bytes again."""
         self._open = True
+        self._flowing.set()
+
+    def stall(self) -> None:
+        """Keep links open but forward nothing: a peer that went silent."""
+        self._flowing.clear()
 
     async def stop(self) -> None:
         await self.cut()

@@ -28,6 +28,9 @@ class EngineConfig:
             time for one partition.
         buffer_high_watermark: most messages of one partition held in memory
             ahead of delivery; the rest wait in the store.
+        app_cache_ms: how long a looked-up recipient app is trusted.
+        ws_ping_interval_ms: WebSocket keep-alive pings; a peer that does not
+            answer within the same time is dropped and its messages requeued.
     """
 
     ack_deadline_ms: int = 30_000
@@ -41,6 +44,7 @@ class EngineConfig:
     fetch_batch: int = 256
     buffer_high_watermark: int = 1024
     app_cache_ms: int = 2_000
+    ws_ping_interval_ms: int = 20_000
 
 
 @dataclass(frozen=True, slots=True)

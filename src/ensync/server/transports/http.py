@@ -44,13 +44,17 @@ class HttpListener:
         port: int,
         *,
         max_frame_bytes: int | None = None,
-        ping_interval_s: float = 20.0,
+        ping_interval_s: float | None = None,
     ) -> None:
         self._engine = engine
         self._host = host
         self._port = port
         self._max_frame = max_frame_bytes or engine.config.max_payload_bytes * 2 + 64 * 1024
-        self._ping_interval_s = ping_interval_s
+        self._ping_interval_s = (
+            ping_interval_s
+            if ping_interval_s is not None
+            else engine.config.ws_ping_interval_ms / 1000
+        )
         self._server: Server | None = None
         self.websocket = WebSocketTransport(engine)
         self.port = 0
@@ -66,6 +70,9 @@ class HttpListener:
             max_size=self._max_frame,
             ping_interval=self._ping_interval_s,
             ping_timeout=self._ping_interval_s,
+            # A dead peer never answers the closing handshake either: do not
+            # hold its messages for the library's default 10 s.
+            close_timeout=min(5.0, self._ping_interval_s),
             # Official clients send one command per frame: no compression.
             compression=None,
         )
