@@ -31,6 +31,7 @@ class Message:
         metadata: the publisher's metadata (``persist``, ``headers``, ...).
         sender: the publishing app's id; publish to it to reply.
         replay_info: set on messages returned by ``replay``.
+        attempt: which delivery of this message this is (1 = the first).
     """
 
     message_name: str
@@ -41,6 +42,7 @@ class Message:
     metadata: dict[str, Any] = field(default_factory=dict)
     sender: str = ""
     replay_info: ReplayInfo | None = None
+    attempt: int = 1
 
     @property
     def headers(self) -> dict[str, Any]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +25,7 @@ from ensync import (
 )
 from ensync.client.engine import BaseEngine
 from ensync.server.core.apps import NewApp
+from ensync.server.store.base import StoredMessage
 from ensync.testing import TestServer, run_engine
 from ensync.websocket import EnSyncEngine as WsEngine
 from tests.support.timing import eventually, seconds
@@ -362,3 +366,57 @@ async def test_messages_cross_transports() -> None:
         finally:
             await over_grpc.close()
             await over_ws.close()
+
+
+async def test_long_handler_is_not_delivered_twice(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("slow")
+    seen: list[Message] = []
+
+    async def slow(message: Message) -> None:
+        seen.append(message)
+        await asyncio.sleep(seconds(1.5))  # well past the 600 ms ack deadline
+
+    sub.on(slow)
+    await alice.publish("slow", [setup.bob.app_id], {"i": 1})
+    await eventually(lambda: setup.server.engine.stats.acked == 1, timeout_s=5)
+    assert len(seen) == 1
+    assert setup.server.engine.stats.redelivered == 0
+
+
+async def test_poison_message_backs_off_then_is_dead_lettered(setup: Setup) -> None:
+    engine = setup.server.engine
+    engine.config = dataclasses.replace(
+        engine.config, max_deliveries=3, redelivery_backoff_ms=(100, 400)
+    )
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("poison")
+    arrivals: list[tuple[float, Message]] = []
+
+    def always_fails(message: Message) -> None:
+        arrivals.append((time.monotonic(), message))
+        raise ValueError("cannot parse order")
+
+    sub.on(always_fails)
+    idem = await alice.publish("poison", [setup.bob.app_id], {"bad": True})
+
+    async def dead() -> list[StoredMessage]:
+        return await engine.store.list_dead(setup.bob.app_id, 10)
+
+    for _ in range(int(seconds(100))):
+        if await dead():
+            break
+        await asyncio.sleep(0.05)
+    (letter,) = await dead()
+    assert letter.idem == idem
+    assert letter.dead_reason is not None
+    assert "3 attempts" in letter.dead_reason
+    assert "cannot parse order" in letter.dead_reason
+    assert [m.attempt for _, m in arrivals] == [1, 2, 3]
+    gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(arrivals)]
+    assert gaps[0] >= 0.09
+    assert gaps[1] >= 0.39  # the delay grows
+    await asyncio.sleep(0.3)
+    assert len(arrivals) == 3

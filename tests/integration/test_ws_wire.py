@@ -134,7 +134,9 @@ async def test_records_follow_the_sub_reply_and_have_the_documented_shape(wire: 
         "payload",
         "metadata",
         "sender",
+        "attempt",
     }
+    assert first["attempt"] == 1
     assert first["id"] == first["idem"]
     assert first["block"] == "1"
     assert isinstance(first["loggedAt"], int)

@@ -96,20 +96,22 @@ class UnsubscribeResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class MessageStreamResponse(_message.Message):
-    __slots__ = ("message_idem", "message_name", "payload", "partition_block", "metadata", "sender")
+    __slots__ = ("message_idem", "message_name", "payload", "partition_block", "metadata", "sender", "attempt")
     MESSAGE_IDEM_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_NAME_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     PARTITION_BLOCK_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     message_idem: str
     message_name: str
     payload: str
     partition_block: int
     metadata: str
     sender: str
-    def __init__(self, message_idem: _Optional[str] = ..., message_name: _Optional[str] = ..., payload: _Optional[str] = ..., partition_block: _Optional[int] = ..., metadata: _Optional[str] = ..., sender: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, message_idem: _Optional[str] = ..., message_name: _Optional[str] = ..., payload: _Optional[str] = ..., partition_block: _Optional[int] = ..., metadata: _Optional[str] = ..., sender: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class AcknowledgeRequest(_message.Message):
     __slots__ = ("client_id", "message_idem", "message_name", "partition_block")
@@ -258,20 +260,22 @@ class PublishEventResponse(_message.Message):
     def __init__(self, success: _Optional[bool] = ..., event_idem: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
 
 class EventStreamResponse(_message.Message):
-    __slots__ = ("event_idem", "event_name", "payload", "partition_block", "metadata", "sender")
+    __slots__ = ("event_idem", "event_name", "payload", "partition_block", "metadata", "sender", "attempt")
     EVENT_IDEM_FIELD_NUMBER: _ClassVar[int]
     EVENT_NAME_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     PARTITION_BLOCK_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     event_idem: str
     event_name: str
     payload: str
     partition_block: int
     metadata: str
     sender: str
-    def __init__(self, event_idem: _Optional[str] = ..., event_name: _Optional[str] = ..., payload: _Optional[str] = ..., partition_block: _Optional[int] = ..., metadata: _Optional[str] = ..., sender: _Optional[str] = ...) -> None: ...
+    attempt: int
+    def __init__(self, event_idem: _Optional[str] = ..., event_name: _Optional[str] = ..., payload: _Optional[str] = ..., partition_block: _Optional[int] = ..., metadata: _Optional[str] = ..., sender: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class AcknowledgeEventRequest(_message.Message):
     __slots__ = ("client_id", "event_idem", "event_name", "partition_block")
@@ -350,3 +354,45 @@ class ContinueEventsRequest(_message.Message):
     client_id: str
     event_name: str
     def __init__(self, client_id: _Optional[str] = ..., event_name: _Optional[str] = ...) -> None: ...
+
+class ExtendRequest(_message.Message):
+    __slots__ = ("client_id", "message_idem", "message_name")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_IDEM_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    message_idem: str
+    message_name: str
+    def __init__(self, client_id: _Optional[str] = ..., message_idem: _Optional[str] = ..., message_name: _Optional[str] = ...) -> None: ...
+
+class ExtendResponse(_message.Message):
+    __slots__ = ("success", "message", "deadline")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    message: str
+    deadline: int
+    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., deadline: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("client_id", "message_idem", "message_name", "reason")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_IDEM_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    message_idem: str
+    message_name: str
+    reason: str
+    def __init__(self, client_id: _Optional[str] = ..., message_idem: _Optional[str] = ..., message_name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("success", "message", "delivery_time")
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_TIME_FIELD_NUMBER: _ClassVar[int]
+    success: bool
+    message: str
+    delivery_time: int
+    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., delivery_time: _Optional[int] = ...) -> None: ...

@@ -78,6 +78,7 @@ class Connection:
         self._reconnect_task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self.client_hash = ""
+        self.ack_deadline_ms: int | None = None
 
     @property
     def state(self) -> ConnectionState:
@@ -103,6 +104,7 @@ class Connection:
             await transport.close()
             raise
         self.client_hash = info.client_hash
+        self.ack_deadline_ms = info.ack_deadline_ms
         self._install(transport)
         self._heartbeat_task = asyncio.get_running_loop().create_task(
             self._heartbeat(), name="ensync-heartbeat"
@@ -213,6 +215,7 @@ class Connection:
                 self._fail(exc)
                 return
             self.client_hash = info.client_hash
+            self.ack_deadline_ms = info.ack_deadline_ms
             self._install(transport)
             self._events.emit("reconnect", attempt)
             return

@@ -104,6 +104,8 @@ class GrpcClientTransport:
         self._replay = unary("ReplayMessage", pb.ReplayResponse)
         self._pause = unary("PauseMessages", pb.PauseResponse)
         self._continue = unary("ContinueMessages", pb.ContinueResponse)
+        self._extend = unary("ExtendMessage", pb.ExtendResponse)
+        self._release = unary("ReleaseMessage", pb.ReleaseResponse)
         self._subscribe: grpc.aio.UnaryStreamMultiCallable[Any, Any] = ch.unary_stream(
             _SERVICE + "Subscribe",
             request_serializer=lambda m: m.SerializeToString(),
@@ -152,7 +154,12 @@ class GrpcClientTransport:
         if not response.success:
             raise errors.EnSyncAuthError(f"Authentication failed: {response.error_message}")
         self._client_id = response.client_id
-        return ConnectInfo(response.client_id, response.client_hash)
+        deadline = response.server_config.get("ack_deadline_ms", "")
+        return ConnectInfo(
+            response.client_id,
+            response.client_hash,
+            int(deadline) if deadline.isdigit() else None,
+        )
 
     async def heartbeat(self) -> None:
         response = await self._call(
@@ -220,6 +227,7 @@ class GrpcClientTransport:
                         metadata=_metadata_dict(item.metadata),
                         sender=item.sender,
                         timestamp=time.time_ns() // 1_000_000,
+                        attempt=max(1, item.attempt),
                     )
                 )
         except grpc.aio.AioRpcError as exc:
@@ -286,6 +294,22 @@ class GrpcClientTransport:
         response = await self._call(self._discard, request, errors.EnSyncDiscardError)
         if not response.success:
             raise errors.EnSyncDiscardError(response.message)
+
+    async def extend(self, name: str, idem: str) -> int:
+        request = pb.ExtendRequest(client_id=self._client_id, message_idem=idem, message_name=name)
+        response = await self._call(self._extend, request, errors.EnSyncAckError)
+        if not response.success:
+            raise errors.EnSyncAckError(response.message)
+        return int(response.deadline)
+
+    async def release(self, name: str, idem: str, reason: str) -> int | None:
+        request = pb.ReleaseRequest(
+            client_id=self._client_id, message_idem=idem, message_name=name, reason=reason
+        )
+        response = await self._call(self._release, request, errors.EnSyncAckError)
+        if not response.success:
+            raise errors.EnSyncAckError(response.message)
+        return int(response.delivery_time) if response.message != "dead-lettered" else None
 
     async def replay(self, name: str, idem: str) -> WireReplay:
         request = pb.ReplayRequest(client_id=self._client_id, message_idem=idem, message_name=name)

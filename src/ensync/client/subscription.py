@@ -3,11 +3,16 @@
 Messages of one subscription are handled one at a time, in arrival order,
 by a task the subscription owns. With handlers registered, every handler
 sees every message; when all of them succeed and ``auto_ack`` is on, the
-message is acked once. A handler that raises leaves the message unacked
-(the engine delivers it again) and the error is reported through the
-engine's ``error`` event and the log. Without handlers, messages go to
-``async for`` loops; with ``auto_ack`` a message is acked when the loop
-body finishes for it without raising.
+message is acked once. A handler that raises leaves the message unacked: it
+is given back to the engine, which delivers it again after its redelivery
+backoff (and dead-letters it after ``max_deliveries``), and the error is
+reported through the engine's ``error`` event and the log. Without
+handlers, messages go to ``async for`` loops; with ``auto_ack`` a message is
+acked when the loop body finishes for it without raising.
+
+While a handler (or loop body) runs, the subscription extends the message's
+lease before the engine's ack deadline passes, so a slow handler does not
+cause a second delivery.
 """
 
 from __future__ import annotations
@@ -100,7 +105,12 @@ class Subscription:
                     getter.cancel()
                     return
                 message = getter.result()
-                yield message
+                extender = self._keep_leased(message)
+                try:
+                    yield message
+                finally:
+                    if extender is not None:
+                        extender.cancel()
                 # Resumed: the loop body finished for this message.
                 if self.auto_ack:
                     await self._auto_ack(message)
@@ -142,31 +152,69 @@ class Subscription:
                 await self._for_iterators.put(message)
 
     async def _run_handlers(self, message: Message) -> None:
-        ok = True
-        for handler in list(self._handlers):
-            try:
-                result = handler(message)
-                if inspect.isawaitable(result):
-                    await result
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # isolation boundary: user code
-                ok = False
-                log.exception("handler for %s failed on %s", self.name, message.idem)
-                error = errors.EnSyncGenericError(
-                    f"handler for {self.name!r} failed on message {message.idem}: {exc!r}"
-                )
-                error.__cause__ = exc
-                self._client._report(error)
-        if ok and self.auto_ack:
+        failure: Exception | None = None
+        extender = self._keep_leased(message)
+        try:
+            for handler in list(self._handlers):
+                try:
+                    result = handler(message)
+                    if inspect.isawaitable(result):
+                        await result
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # isolation boundary: user code
+                    failure = exc
+                    log.exception("handler for %s failed on %s", self.name, message.idem)
+                    error = errors.EnSyncGenericError(
+                        f"handler for {self.name!r} failed on message {message.idem}: {exc!r}"
+                    )
+                    error.__cause__ = exc
+                    self._client._report(error)
+        finally:
+            if extender is not None:
+                extender.cancel()
+        if failure is not None:
+            self._background(self._release(message, repr(failure)[:200]))
+        elif self.auto_ack:
             await self._auto_ack(message)
+
+    def _keep_leased(self, message: Message) -> asyncio.Task[None] | None:
+        """Extend the message's lease while it is being handled."""
+        deadline_ms = self._client._connection.ack_deadline_ms
+        if not deadline_ms:
+            return None
+        return asyncio.get_running_loop().create_task(self._extend_loop(message, deadline_ms))
+
+    async def _extend_loop(self, message: Message, deadline_ms: int) -> None:
+        # A third of the deadline leaves two chances before it passes.
+        interval_s = max(deadline_ms / 3000, 0.05)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self._client._transport().extend(self.name, message.idem)
+            except errors.EnSyncError as exc:
+                log.debug("could not extend the lease of %s: %s", message.idem, exc)
+                return
+
+    async def _release(self, message: Message, reason: str) -> None:
+        try:
+            await self._client._transport().release(self.name, message.idem, reason)
+        except errors.EnSyncError as exc:
+            # The lease then simply runs out; the engine redelivers anyway.
+            log.debug("could not give back %s: %s", message.idem, exc)
+
+    def _background(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
 
     async def _auto_ack(self, message: Message) -> None:
         # Acks are pipelined: the next message is handled while this ack is
         # on the wire, so throughput is not bound by the ack round trip.
-        task = asyncio.get_running_loop().create_task(self._ack_quietly(message))
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
+        self._background(self._ack_quietly(message))
 
     async def _ack_quietly(self, message: Message) -> None:
         try:
@@ -194,6 +242,7 @@ class Subscription:
             timestamp=wire.timestamp,
             metadata=wire.metadata,
             sender=wire.sender,
+            attempt=wire.attempt,
         )
 
     # ------------------------------------------------------------------ verbs

@@ -24,6 +24,9 @@ class ConnectInfo:
 
     client_id: str
     client_hash: str
+    # The engine's ack deadline when it says (ensync does): the SDK extends
+    # leases of long-running handlers before it passes.
+    ack_deadline_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,7 @@ class WireMessage:
     metadata: dict[str, Any]
     sender: str
     timestamp: int | None
+    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,15 @@ class ClientTransport(Protocol):
         ...
 
     async def discard(self, name: str, idem: str, reason: str) -> None: ...
+
+    async def extend(self, name: str, idem: str) -> int:
+        """Push back the ack deadline of a message in flight; returns the new one."""
+        ...
+
+    async def release(self, name: str, idem: str, reason: str) -> int | None:
+        """Give a message back unsettled (its handler failed); returns when it is
+        visible again, ``None`` if the engine dead-lettered it."""
+        ...
 
     async def replay(self, name: str, idem: str) -> WireReplay: ...
 

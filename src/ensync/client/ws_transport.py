@@ -39,8 +39,10 @@ from ensync.protocol.wscodec import (
     Replay,
     Replayed,
     Request,
+    Rollback,
     Sub,
     Unsub,
+    parse_conn_fields,
     parse_conn_pass,
 )
 from ensync.protocol.wssession import (
@@ -68,6 +70,7 @@ def wire_message(record: Record) -> WireMessage:
         metadata=metadata,
         sender=record.sender,
         timestamp=record.logged_at_ms,
+        attempt=record.attempt,
     )
 
 
@@ -145,11 +148,15 @@ class WebSocketClientTransport:
         reply = await self._request(Conn(app_key), errors.EnSyncAuthError)
         if isinstance(reply, Fail):
             raise errors.EnSyncAuthError(f"Authentication failed: {reply.reason}")
-        parsed = parse_conn_pass(reply.text if isinstance(reply, Pass) else "")
+        text = reply.text if isinstance(reply, Pass) else ""
+        parsed = parse_conn_pass(text)
         if isinstance(parsed, Malformed):
             raise errors.EnSyncConnectionError(f"unreadable CONN answer: {parsed.reason}")
         self._client_id, client_hash = parsed
-        return ConnectInfo(self._client_id, client_hash)
+        deadline = parse_conn_fields(text).get("ackDeadlineMs", "")
+        return ConnectInfo(
+            self._client_id, client_hash, int(deadline) if deadline.isdigit() else None
+        )
 
     async def _request(
         self, request: Request, error: type[errors.EnSyncError]
@@ -287,6 +294,13 @@ class WebSocketClientTransport:
         """Push back the ack deadline of an in-flight message (ensync extension)."""
         text = await self._checked(Extend(self._client_id, idem, name), errors.EnSyncAckError)
         return int(text) if text.isdigit() else 0
+
+    async def release(self, name: str, idem: str, reason: str) -> int | None:
+        # ROLLBACK is the text protocol's "give it back" (REASON is our extension).
+        text = await self._checked(
+            Rollback(self._client_id, idem, None, reason), errors.EnSyncAckError
+        )
+        return int(text) if text.isdigit() else None
 
     async def replay(self, name: str, idem: str) -> WireReplay:
         reply = await self._request(Replay(self._client_id, idem, name), errors.EnSyncReplayError)

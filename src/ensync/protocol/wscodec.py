@@ -66,6 +66,7 @@ __all__ = [
     "format_conn_pass",
     "format_reply",
     "format_request",
+    "parse_conn_fields",
     "parse_conn_pass",
     "parse_record",
     "parse_reply",
@@ -136,6 +137,8 @@ class Rollback:
     client_id: str
     idem: str
     block: int | None
+    # ensync extension: why the message is given back (official clients send none).
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,9 +347,14 @@ _COMMANDS: dict[str, _Command] = {
         ),
         _command(
             "ROLLBACK",
-            (_F.CLIENT_ID, _F.IDEM, _F.BLOCK),
-            (_F.BLOCK,),
-            lambda f: Rollback(f[_F.CLIENT_ID], f[_F.IDEM], _int_or_none(f.get(_F.BLOCK))),
+            (_F.CLIENT_ID, _F.IDEM, _F.BLOCK, _F.REASON),
+            (_F.BLOCK, _F.REASON),
+            lambda f: Rollback(
+                f[_F.CLIENT_ID],
+                f[_F.IDEM],
+                _int_or_none(f.get(_F.BLOCK)),
+                f.get(_F.REASON, ""),
+            ),
         ),
         _command(
             "DEFER",
@@ -575,6 +583,8 @@ def _request_fields(request: Request) -> tuple[str, list[tuple[_Field, str]]]:
             pairs = [(f.CLIENT_ID, request.client_id), (f.IDEM, request.idem)]
             if request.block is not None:
                 pairs.append((f.BLOCK, str(request.block)))
+            if request.reason:
+                pairs.append((f.REASON, request.reason))
             return "ROLLBACK", pairs
         case Defer():
             return "DEFER", [
@@ -644,6 +654,9 @@ class Record:
     # Left out of the hash so records stay hashable despite the dict.
     metadata: dict[str, Any] = field(hash=False)
     sender: str
+    # ensync extension: which delivery attempt this is (1 = first). Official
+    # clients ignore unknown record keys.
+    attempt: int = 1
 
 
 # P-ws strips every "+RECORD:" / "+REPLAY:" from a frame, not just the prefix
@@ -666,6 +679,7 @@ def record_to_json(record: Record) -> str:
             "payload": record.payload,
             "metadata": record.metadata,
             "sender": record.sender,
+            "attempt": record.attempt,
         },
         separators=(",", ":"),
     )
@@ -705,7 +719,10 @@ def parse_record(text: str) -> Record | Malformed:
     sender = obj.get("sender", "")
     if not isinstance(sender, str):
         return _malformed("record sender is not a string")
-    return Record(idem, name, block, logged_at, payload, metadata, sender)
+    attempt = obj.get("attempt", 1)
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        attempt = 1
+    return Record(idem, name, block, logged_at, payload, metadata, sender, attempt)
 
 
 def _describe(value: object) -> str:
@@ -817,27 +834,31 @@ def parse_reply(text: str) -> Reply | Malformed:
 _NOT_IN_CONN_VALUES = re.compile(r"[,={};\s]")
 
 
-def format_conn_pass(client_id: str, client_hash: str) -> str:
-    """The ``+PASS:`` text of a successful CONN: ``{clientId=<id>, clientHash=<hash>}``.
+def format_conn_pass(
+    client_id: str, client_hash: str, extra: Mapping[str, str] | None = None
+) -> str:
+    """The ``+PASS:`` text of a successful CONN: ``{clientId=<id>, clientHash=<hash>}``,
+    followed by any ``extra`` pairs (clients tolerate them, §3.6; ensync sends
+    ``ackDeadlineMs``).
 
     Raises:
-        ValueError: ``client_id`` is empty, or either value holds ``,`` ``=``
+        ValueError: ``client_id`` is empty, or a key or value holds ``,`` ``=``
             ``{`` ``}`` ``;`` or whitespace, which the clients' parsers break on.
     """
     if not client_id:
         raise ValueError("client_id is empty")
-    for label, value in (("client_id", client_id), ("client_hash", client_hash)):
-        if _NOT_IN_CONN_VALUES.search(value):
-            raise ValueError(
-                f"{label} {value!r} holds one of , = {{ }} ; or whitespace (PROTOCOL.md §3.6)"
-            )
-    return f"{{clientId={client_id}, clientHash={client_hash}}}"
+    pairs = [("clientId", client_id), ("clientHash", client_hash), *(extra or {}).items()]
+    for key, value in pairs:
+        for label, text in ((f"key {key!r}", key), (f"value of {key}", value)):
+            if _NOT_IN_CONN_VALUES.search(text):
+                raise ValueError(
+                    f"{label} {text!r} holds one of , = {{ }} ; or whitespace (PROTOCOL.md §3.6)"
+                )
+    return "{" + ", ".join(f"{key}={value}" for key, value in pairs) + "}"
 
 
-def parse_conn_pass(text: str) -> tuple[str, str] | Malformed:
-    """``(client_id, client_hash)`` from a CONN's ``+PASS:`` text, parsed like P-ws:
-    braces optional, items split on ``,`` then on the first ``=``, items without
-    ``=`` and unknown keys ignored, a missing clientHash read as ``""``."""
+def parse_conn_fields(text: str) -> dict[str, str]:
+    """Every ``key=value`` pair of a CONN's ``+PASS:`` text (braces optional)."""
     body = text.strip()
     if body.startswith("{") and body.endswith("}"):
         body = body[1:-1]
@@ -846,6 +867,14 @@ def parse_conn_pass(text: str) -> tuple[str, str] | Malformed:
         key, sep, value = item.partition("=")
         if sep:
             items[key.strip()] = value.strip()
+    return items
+
+
+def parse_conn_pass(text: str) -> tuple[str, str] | Malformed:
+    """``(client_id, client_hash)`` from a CONN's ``+PASS:`` text, parsed like P-ws:
+    braces optional, items split on ``,`` then on the first ``=``, items without
+    ``=`` and unknown keys ignored, a missing clientHash read as ``""``."""
+    items = parse_conn_fields(text)
     client_id = items.get("clientId", "")
     if not client_id:
         return _malformed(f"CONN reply lacks clientId: {_show(text)}")

@@ -279,7 +279,13 @@ class ServerSession:
 
     # -- calls from the driver ------------------------------------------------
 
-    def conn_accepted(self, seq: int, client_id: str, client_hash: str) -> list[Incoming]:
+    def conn_accepted(
+        self,
+        seq: int,
+        client_id: str,
+        client_hash: str,
+        extra: Mapping[str, str] | None = None,
+    ) -> list[Incoming]:
         """The engine accepted CONN ``seq``: reply ``+PASS:{clientId=..., clientHash=...}``,
         bind ``client_id``, and return the held commands that may now run.
 
@@ -294,7 +300,7 @@ class ServerSession:
         if transition.action is ServerAction.IGNORE:
             return []
         self._check_conn_seq(seq)
-        text = format_conn_pass(client_id, client_hash)
+        text = format_conn_pass(client_id, client_hash, extra)
         self._state = transition.next_state
         self._client_id = client_id
         self._conn_seq = None

@@ -31,6 +31,9 @@ class EngineConfig:
         app_cache_ms: how long a looked-up recipient app is trusted.
         ws_ping_interval_ms: WebSocket keep-alive pings; a peer that does not
             answer within the same time is dropped and its messages requeued.
+        redelivery_backoff_ms: how long a message waits before its next
+            delivery after its n-th failed one (deadline passed, handler gave
+            it back); the last value repeats.
     """
 
     ack_deadline_ms: int = 30_000
@@ -45,6 +48,7 @@ class EngineConfig:
     buffer_high_watermark: int = 1024
     app_cache_ms: int = 2_000
     ws_ping_interval_ms: int = 20_000
+    redelivery_backoff_ms: tuple[int, ...] = (0, 1_000, 5_000, 15_000, 60_000, 300_000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -508,14 +508,25 @@ RECORD = Record(
 
 
 def test_record_json_is_exactly_section_3_7() -> None:
+    # §3.7 plus ensync's "attempt" key, which official clients ignore.
     assert record_to_json(RECORD) == (
         '{"id":"01HZX3K9Q2-idem_1","idem":"01HZX3K9Q2-idem_1","name":"orders/created",'
         '"block":"42","loggedAt":1718000000123,"payload":"' + PAYLOAD + '",'
         '"metadata":{"persist":true,"headers":{"x-tricky":"semi;colon=:eq,comma"}},'
-        '"sender":"' + APP + '"}'
+        '"sender":"' + APP + '","attempt":1}'
     )
     obj = json.loads(record_to_json(RECORD))
-    assert list(obj) == ["id", "idem", "name", "block", "loggedAt", "payload", "metadata", "sender"]
+    assert list(obj) == [
+        "id",
+        "idem",
+        "name",
+        "block",
+        "loggedAt",
+        "payload",
+        "metadata",
+        "sender",
+        "attempt",
+    ]
     assert isinstance(obj["block"], str)
     assert isinstance(obj["loggedAt"], int)
     assert isinstance(obj["metadata"], dict)

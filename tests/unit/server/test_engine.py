@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,7 @@ Factory = Callable[..., Awaitable[Engine]]
 async def make_engine() -> AsyncIterator[Factory]:
     engines: list[Engine] = []
 
-    async def make(**options: int) -> Engine:
+    async def make(**options: Any) -> Engine:
         store = MemoryStore()
         await store.open()
         engine = Engine(store, store, dataclasses.replace(EngineConfig(), **options))
@@ -541,3 +542,31 @@ async def test_extend_pushes_back_the_ack_deadline(world: World) -> None:
     with pytest.raises(ServiceError) as caught:
         await world.engine.extend(bob, idem)
     assert caught.value.code is ErrorCode.FAILED_PRECONDITION
+
+
+async def test_release_waits_out_the_backoff_schedule(make_engine: Factory) -> None:
+    engine = await make_engine(redelivery_backoff_ms=(0, 250), max_deliveries=4)
+    alice_app = await engine.apps.create("alice")
+    bob_app = await engine.apps.create("bob")
+    alice = (await engine.connect(alice_app.app_key, FakeRouter())).client_id
+    router = FakeRouter()
+    bob = (await engine.connect(bob_app.app_key, router)).client_id
+    engine.subscribe(bob, "jobs")
+    idem = await engine.publish(alice, "jobs", envelope(bob_app.app_id), bob_app.app_id, "{}")
+    await eventually(lambda: len(router.received) == 1)
+    first = await engine.release(bob, idem, "boom")
+    assert first is not None
+    assert first <= engine._now_ms()  # the first failure retries at once
+    await eventually(lambda: len(router.received) == 2)
+    second = await engine.release(bob, idem, "boom")
+    assert second is not None
+    assert second >= engine._now_ms() + 200
+    await asyncio.sleep(0.1)
+    assert len(router.received) == 2  # still waiting
+    await eventually(lambda: len(router.received) == 3, timeout_s=2)
+    assert [d.attempt for d in router.received] == [1, 2, 3]
+    with pytest.raises(ServiceError) as caught:
+        await engine.release(bob, "01NOSUCHMESSAGE00000000000", "x")
+    assert caught.value.code is ErrorCode.NOT_FOUND
+    assert engine.backoff_ms(1) == 0
+    assert engine.backoff_ms(2) == engine.backoff_ms(9) == 250

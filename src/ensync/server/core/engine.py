@@ -593,7 +593,7 @@ class Engine:
         lease = self._leases.get(idem)
         if lease is not None:
             log.debug("ack deadline passed for %s", idem)
-            self._requeue(idem)
+            self._requeue(idem, failure="ack deadline passed")
 
     def _end_lease(self, idem: str) -> _Lease | None:
         lease = self._leases.pop(idem, None)
@@ -609,26 +609,70 @@ class Engine:
         for idem in list(sub.in_flight):
             self._requeue(idem)
 
-    def _requeue(self, idem: str) -> None:
-        """A lease ended without a settlement: deliver again, or dead-letter."""
+    def backoff_ms(self, attempts: int) -> int:
+        """How long a message that failed ``attempts`` times waits before the next try."""
+        schedule = self.config.redelivery_backoff_ms
+        if not schedule:
+            return 0
+        return schedule[min(max(attempts, 1), len(schedule)) - 1]
+
+    def _requeue(self, idem: str, *, failure: str | None = None) -> int | None:
+        """A lease ended without a settlement: deliver again, or dead-letter.
+
+        ``failure`` says the message itself failed (deadline passed, handler
+        gave it back): it then waits out the redelivery backoff. Otherwise
+        (client gone, paused, unsubscribed) it is delivered again at once.
+        Returns when it becomes visible again, or ``None`` if dead-lettered.
+        """
         lease = self._leases.pop(idem, None)
         if lease is None:
-            return
+            return None
         lease.timer.cancel()
         sub = lease.subscription
         sub.in_flight.discard(idem)
         message = lease.message
         partition = self._partition(message.recipient, message.name)
+        now = self._now_ms()
         if message.attempts >= self.config.max_deliveries:
             self.stats.dead_lettered += 1
-            reason = f"delivery limit reached: {message.attempts} attempts without a settlement"
+            reason = f"delivery limit reached: {message.attempts} attempts without a settlement" + (
+                f" (last: {failure})" if failure else ""
+            )
             self._spawn(self._settle_quietly(message, MessageState.DEAD, reason))
+            self._pump(partition)
+            return None
+        delay = self.backoff_ms(message.attempts) if failure is not None else 0
+        if delay > 0:
+            self._spawn(self._store_reschedule(message, now + delay))
+            self._schedule_visible(idem, now + delay)
         else:
             self._spawn(self._store_attempts(message))
             if partition.subscribers:
                 partition.retry.append(message)
                 self._queued.add(idem)
         self._pump(partition)
+        return now + delay
+
+    async def release(self, client_id: str, idem: str, reason: str) -> int | None:
+        """Give back a message this app has in flight, unsettled (its handler failed).
+
+        It is delivered again after the redelivery backoff; at
+        ``max_deliveries`` it is dead-lettered instead. Returns when it
+        becomes visible again (epoch ms), or ``None`` if it was dead-lettered.
+        """
+        session = self.session(client_id)
+        lease = self._leases.get(idem)
+        if lease is None or lease.message.recipient != session.app_id:
+            await self._find(session, idem)  # "not found" unless it is the caller's
+            raise ServiceError(ErrorCode.FAILED_PRECONDITION, f"message {idem} is not in flight")
+        return self._requeue(idem, failure=reason[:_MAX_REASON] or "released by the client")
+
+    async def _store_reschedule(self, message: StoredMessage, visible_at_ms: int) -> None:
+        try:
+            store = await self._home(message)
+            await store.reschedule(message.idem, visible_at_ms, message.attempts)
+        except StoreError:
+            log.warning("could not reschedule %s", message.idem)
 
     async def _store_attempts(self, message: StoredMessage) -> None:
         try:

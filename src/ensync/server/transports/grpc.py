@@ -232,6 +232,10 @@ class GrpcTransport:
                 f"Pause{plural}": unary(pb.PauseRequest, self._pause, event),
                 f"Continue{plural}": unary(pb.ContinueRequest, self._continue, event),
             }
+        handlers |= {
+            "ExtendMessage": unary(pb.ExtendRequest, self._extend),
+            "ReleaseMessage": unary(pb.ReleaseRequest, self._release),
+        }
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     def _unary(
@@ -274,7 +278,11 @@ class GrpcTransport:
             success=True,
             client_id=info.client_id,
             client_hash=info.client_hash,
-            server_config={"server": "ensync", "app_id": info.app_id},
+            server_config={
+                "server": "ensync",
+                "app_id": info.app_id,
+                "ack_deadline_ms": str(self._engine.config.ack_deadline_ms),
+            },
         )
 
     async def _heartbeat(
@@ -398,6 +406,37 @@ class GrpcTransport:
         success, text = await _guard(run())
         return pb.ContinueResponse(success=success, message=text)
 
+    async def _extend(
+        self, request: pb.ExtendRequest, context: grpc.aio.ServicerContext[Any, Any], _: bool
+    ) -> pb.ExtendResponse:
+        deadline = 0
+
+        async def run() -> str:
+            nonlocal deadline
+            deadline = await self._engine.extend(request.client_id, request.message_idem)
+            return "extended"
+
+        success, text = await _guard(run())
+        return pb.ExtendResponse(success=success, message=text, deadline=deadline)
+
+    async def _release(
+        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any], _: bool
+    ) -> pb.ReleaseResponse:
+        visible = 0
+
+        async def run() -> str:
+            nonlocal visible
+            when = await self._engine.release(
+                request.client_id, request.message_idem, request.reason
+            )
+            if when is None:
+                return "dead-lettered"
+            visible = when
+            return "released"
+
+        success, text = await _guard(run())
+        return pb.ReleaseResponse(success=success, message=text, delivery_time=visible)
+
     # ------------------------------------------------------------------ streams
 
     async def _subscribe(
@@ -435,6 +474,7 @@ class GrpcTransport:
                     partition_block=delivery.block,
                     metadata=delivery.metadata,
                     sender=delivery.sender,
+                    attempt=delivery.attempt,
                 )
         finally:
             self._stream_closed(client, stream)

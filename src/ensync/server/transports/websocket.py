@@ -70,6 +70,7 @@ def delivery_record(delivery: Delivery) -> Record:
         payload=delivery.payload,
         metadata=_metadata_object(delivery.metadata),
         sender=delivery.sender,
+        attempt=delivery.attempt,
     )
 
 
@@ -271,9 +272,12 @@ class _Connection:
                 deferred = engine.defer(client, request.idem, request.delay_ms, request.reason)
                 self._answer(seq, lambda: self._value(deferred))
             elif isinstance(request, Rollback):
-                # The legacy "rollback" hands the message back for redelivery now.
-                rolled = engine.defer(client, request.idem, 0, "rollback")
-                self._answer(seq, lambda: self._value(rolled))
+                # "Rollback" gives the message back unsettled: delivered again
+                # after the redelivery backoff (at once the first time).
+                released = engine.release(
+                    client, request.idem, request.reason or "rolled back by the client"
+                )
+                self._answer(seq, lambda: self._released(released))
             elif isinstance(request, Replay):
                 self._answer(seq, lambda: self._replay(client, request.idem))
             elif isinstance(request, Extend):
@@ -293,6 +297,11 @@ class _Connection:
     async def _value(call: Awaitable[int]) -> Pass:
         return Pass(str(await call))
 
+    @staticmethod
+    async def _released(call: Awaitable[int | None]) -> Pass:
+        when = await call
+        return Pass("dead-lettered" if when is None else str(when))
+
     async def _replay(self, client: str, idem: str) -> Replayed:
         return Replayed(_replay_record(await self._engine.replay(client, idem)))
 
@@ -304,7 +313,12 @@ class _Connection:
             more = self._session.conn_refused(seq, exc.message)
         else:
             self._client_id = info.client_id
-            more = self._session.conn_accepted(seq, info.client_id, info.client_hash)
+            more = self._session.conn_accepted(
+                seq,
+                info.client_id,
+                info.client_hash,
+                extra={"ackDeadlineMs": str(self._engine.config.ack_deadline_ms)},
+            )
         self._wake.set()
         await self._dispatch(more)
 
