@@ -93,7 +93,8 @@ async def test_publish_and_receive_with_a_handler(setup: Setup) -> None:
     assert message.payload == {"orderId": "o-1", "n": 2}
     assert message.sender == setup.alice.app_id
     assert message.block == 1
-    assert message.headers == {"k": "v"}
+    assert message.headers["k"] == "v"
+    assert len(message.headers["ensync-idempotency-key"]) >= 16
     assert message.metadata["persist"] is True
     assert isinstance(message.timestamp, int)
     # auto_ack (the default) acked it once the handler returned.
@@ -420,3 +421,53 @@ async def test_poison_message_backs_off_then_is_dead_lettered(setup: Setup) -> N
     assert gaps[1] >= 0.39  # the delay grows
     await asyncio.sleep(0.3)
     assert len(arrivals) == 3
+
+
+async def test_close_lets_running_handlers_finish_and_ack(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("work")
+    started = asyncio.Event()
+    finished: list[int] = []
+
+    async def handler(message: Message) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        finished.append(message.payload["i"])
+
+    sub.on(handler)
+    first = await alice.publish("work", [setup.bob.app_id], {"i": 1})
+    second = await alice.publish("work", [setup.bob.app_id], {"i": 2})
+    await asyncio.wait_for(started.wait(), seconds(5))
+    await bob.close()
+    assert finished == [1]  # the running handler finished; the next was not taken up
+    stored = await setup.server.engine.store.get(first)
+    assert stored is not None
+    assert stored.state.name == "ACKED"
+    # The message that was not handled goes to the app's next client.
+    other = await setup.connect(setup.bob)
+    got, collect = collector()
+    (await other.subscribe("work")).on(collect)
+    await eventually(lambda: [m.idem for m in got] == [second])
+
+
+async def test_close_cancels_a_handler_that_overruns_the_drain_timeout(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("stuck")
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def handler(message: Message) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    sub.on(handler)
+    await alice.publish("stuck", [setup.bob.app_id], {"i": 1})
+    await asyncio.wait_for(started.wait(), seconds(5))
+    await asyncio.wait_for(bob.close(drain_timeout_s=0.2), seconds(5))
+    assert cancelled.is_set()

@@ -1069,3 +1069,20 @@ async def test_backlog_counts_pending_messages_per_recipient(store: Store) -> No
     await store.settle("b0", MessageState.ACKED, 1)
     await store.settle("b3", MessageState.DEAD, 1, "x")
     assert await store.backlog() == {RECIPIENT: 2, OTHER_RECIPIENT: 1}
+
+
+async def test_recent_dedupe_keys_rebuild_the_window(store: Store) -> None:
+    await store.append(
+        [
+            message("k1", 1, created_at_ms=100, dedupe_key="key-a"),
+            message("k2", 2, created_at_ms=200),
+            message("k3", 3, created_at_ms=300, dedupe_key="key-b", sender="other"),
+            message("k4", 4, created_at_ms=50, dedupe_key="key-old"),
+        ]
+    )
+    assert (await store.get("k1")) == message("k1", 1, created_at_ms=100, dedupe_key="key-a")
+    assert await store.recent_dedupe_keys(100) == [
+        ("app-sender", RECIPIENT, "key-a", "k1"),
+        ("other", RECIPIENT, "key-b", "k3"),
+    ]
+    assert await store.recent_dedupe_keys(1000) == []

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from ensync import ConnectionState, EnSyncConnectionError, EnSyncEngine, EnSyncError, Message
+from ensync.client.grpc_transport import GrpcClientTransport
+from ensync.server.core.errors import ServiceError
 from ensync.testing import TestServer
 from tests.support.proxy import tcp_proxy
 from tests.support.timing import eventually
@@ -44,11 +47,14 @@ async def test_reconnects_resubscribes_and_keeps_handlers(server: TestServer) ->
             await eventually(lambda: "disconnect" in events)
             state_while_down = client.state
             assert state_while_down is ConnectionState.RECONNECTING
-            with pytest.raises(EnSyncConnectionError):
-                await client.publish("x", [bob.app_id], {"i": 0})
+            # A publish while the link is down waits for it and is then sent.
+            pending = asyncio.create_task(client.publish("x", [bob.app_id], {"i": 0}))
             await asyncio.sleep(0.2)
+            assert not pending.done()
             proxy.restore()
             await eventually(lambda: "reconnect" in events, timeout_s=10)
+            retried = await asyncio.wait_for(pending, 10)
+            await eventually(lambda: retried in [m.idem for m in got])
             assert client.state is ConnectionState.CONNECTED
             assert client.client_id != first_id  # a new session
 
@@ -105,5 +111,64 @@ async def test_revoked_key_fails_the_reconnect_loudly(server: TestServer) -> Non
             await eventually(lambda: client.state is ConnectionState.FAILED, timeout_s=10)
             assert errors
             assert errors[0].name == "EnSyncAuthError"
+        finally:
+            await engine.close()
+
+
+async def test_a_publish_whose_answer_was_lost_is_not_stored_twice(
+    server: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = await server.create_app("alice")
+    bob = await server.create_app("bob")
+    engine = EnSyncEngine(server.grpc_url, reconnect_interval=20, max_reconnect_attempts=20)
+    real_publish = GrpcClientTransport.publish
+    lost = {"once": False}
+
+    async def answer_lost(self: GrpcClientTransport, *args: Any) -> str:
+        idem = await real_publish(self, *args)
+        if not lost["once"]:
+            # The engine stored it, but the answer never reaches the client.
+            lost["once"] = True
+            self._report_lost(EnSyncConnectionError("cut after the commit"))
+            raise EnSyncConnectionError("connection to the engine lost")
+        return idem
+
+    monkeypatch.setattr(GrpcClientTransport, "publish", answer_lost)
+    try:
+        client = await engine.create_client(alice.app_key)
+        idem = await client.publish("x", [bob.app_id], {"i": 1})
+        assert lost["once"]
+        assert await server.engine.store.last_block(bob.app_id, "x") == 1  # stored once
+        stored = await server.engine.store.get(idem)
+        assert stored is not None
+        assert server.engine.stats.deduplicated == 1
+    finally:
+        await engine.close()
+
+
+async def test_a_refused_resubscribe_fails_loudly(
+    server: TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bob = await server.create_app("bob")
+    async with tcp_proxy(server.server.grpc_port) as proxy:
+        engine = EnSyncEngine(
+            f"grpc://127.0.0.1:{proxy.port}", reconnect_interval=20, max_reconnect_attempts=50
+        )
+        errors: list[EnSyncError] = []
+        engine.on("error", errors.append)
+        try:
+            client = await engine.create_client(bob.app_key, app_secret_key=bob.secret_key)
+            await client.subscribe("x")
+
+            def refuse(client_id: str, name: str) -> None:
+                raise ServiceError.invalid(f"subscriptions to {name!r} are closed")
+
+            monkeypatch.setattr(server.engine, "subscribe", refuse)
+            await proxy.cut()
+            proxy.restore()
+            await eventually(lambda: client.state is ConnectionState.FAILED, timeout_s=10)
+            assert len(errors) == 1
+            assert errors[0].name == "EnSyncSubscriptionError"
+            assert "'x'" in errors[0].message
         finally:
             await engine.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from ensync.client.connection import Connection, ConnectionState
 from ensync.client.subscription import Subscription
 from ensync.client.transport import ClientTransport
 from ensync.crypto import OpeningKey, is_app_id, opening_key, seal, seal_hybrid
+from ensync.protocol.headers import IDEMPOTENCY_HEADER
 from ensync.protocol.names import validate_name
 
 if TYPE_CHECKING:
@@ -98,10 +100,15 @@ class EnSyncClient:
             The idem, or for several recipients their idems joined by ``,``
             in recipient order (as the official SDKs do).
 
+        Every publish carries a random ``ensync-idempotency-key`` header. If
+        the link breaks before the engine's answer arrives, the publish waits
+        for the reconnection and is sent again with the same key, and the
+        engine answers with the idem it already stored: no duplicate.
+
         Raises:
             EnSyncValidationError: bad name, recipients, payload or metadata.
             EnSyncPublishError: the engine refused.
-            EnSyncConnectionError: the link is down.
+            EnSyncConnectionError: the link stayed down for the whole call timeout.
         """
         self._check_open()
         try:
@@ -125,7 +132,7 @@ class EnSyncClient:
             plaintext = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise errors.EnSyncValidationError(f"payload is not JSON-serialisable: {exc}") from None
-        metadata_text = self._metadata_text(metadata)
+        metadata_text = self._metadata_text(metadata, secrets.token_urlsafe(16))
         payload_metadata = json.dumps(
             {
                 "byte_size": len(plaintext),
@@ -133,26 +140,50 @@ class EnSyncClient:
             },
             separators=(",", ":"),
         )
-        transport = self._connection.transport
         if hybrid:
             envelope = seal_hybrid(plaintext, list(recipients))
             envelopes = [envelope] * len(recipients)
         else:
             envelopes = [seal(plaintext, recipient) for recipient in recipients]
+        deadline = asyncio.get_running_loop().time() + self._engine._call_timeout_s
         idems = await asyncio.gather(
             *(
-                transport.publish(
-                    message_name, recipient, envelope, metadata_text, payload_metadata
+                self._publish_one(
+                    deadline, message_name, recipient, envelope, metadata_text, payload_metadata
                 )
                 for recipient, envelope in zip(recipients, envelopes, strict=True)
             )
         )
         return ",".join(idems)
 
+    async def _publish_one(
+        self,
+        deadline: float,
+        name: str,
+        recipient: str,
+        envelope: str,
+        metadata_text: str,
+        payload_metadata: str,
+    ) -> str:
+        """Publish to one recipient, riding out reconnections until ``deadline``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                transport = self._transport()
+                return await transport.publish(
+                    name, recipient, envelope, metadata_text, payload_metadata
+                )
+            except errors.EnSyncConnectionError:
+                remaining = deadline - loop.time()
+                if self._closed or remaining <= 0:
+                    raise
+                # Raises EnSyncConnectionError if the link is not back in time.
+                await self._connection.wait_connected(remaining)
+
     @staticmethod
-    def _metadata_text(metadata: Mapping[str, Any] | None) -> str:
+    def _metadata_text(metadata: Mapping[str, Any] | None, idempotency_key: str) -> str:
         if metadata is None:
-            return '{"persist":true,"headers":{}}'
+            metadata = {}
         if not isinstance(metadata, Mapping):
             raise errors.EnSyncValidationError("metadata must be a mapping")
         persist = metadata.get("persist", True)
@@ -166,7 +197,11 @@ class EnSyncClient:
         ttl = metadata.get("ttl_ms")
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
             raise errors.EnSyncValidationError("metadata['ttl_ms'] must be a positive integer")
-        out: dict[str, Any] = {"persist": persist, "headers": dict(headers)}
+        out: dict[str, Any] = {
+            "persist": persist,
+            # A key the caller chose wins: it may span several publish calls.
+            "headers": {IDEMPOTENCY_HEADER: idempotency_key, **headers},
+        }
         if ttl is not None:
             out["ttl_ms"] = ttl
         for key, value in metadata.items():
@@ -223,13 +258,21 @@ class EnSyncClient:
 
     # ------------------------------------------------------------------ close
 
-    async def close(self, close_engine: bool = False) -> None:
-        """Close this client (its subscriptions stop); with ``True`` the engine too."""
+    async def close(self, close_engine: bool = False, *, drain_timeout_s: float = 10.0) -> None:
+        """Close this client gracefully; with ``True`` the engine too.
+
+        Subscriptions stop taking up messages, handlers already running finish
+        (up to ``drain_timeout_s``, then they are cancelled), their acks are
+        sent, and only then is the connection closed. Messages received but
+        not handled go back to the engine for another client.
+        """
         if not self._closed:
-            self._closed = True
             subscriptions = list(self._subscriptions.values())
             self._subscriptions.clear()
-            await asyncio.gather(*(s._close() for s in subscriptions))
+            # Publishing stays possible until the handlers are done: a
+            # handler may reply to the message it is handling.
+            await asyncio.gather(*(s._close(drain_timeout_s) for s in subscriptions))
+            self._closed = True
             await self._connection.close()
             self._engine._forget(self)
         if close_engine:

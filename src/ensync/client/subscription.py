@@ -64,6 +64,8 @@ class Subscription:
         self._iterators = 0
         self._for_iterators: asyncio.Queue[Message] = asyncio.Queue()
         self._closed = False
+        # Set by close: no new message is taken up; the one in hand finishes.
+        self._closing = False
         self._closed_event = asyncio.Event()
         self._acks: set[asyncio.Task[None]] = set()
         self._task = asyncio.get_running_loop().create_task(
@@ -130,13 +132,13 @@ class Subscription:
         self._arrived.set()
 
     async def _dispatch(self) -> None:
-        while not self._closed:
+        while not self._closing:
             if not self._inbox:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
             await self._consumers.wait()
-            if self._closed:
+            if self._closing:
                 return
             wire = self._inbox.popleft()
             try:
@@ -295,24 +297,43 @@ class Subscription:
         """Undo :meth:`pause`: deliveries flow to this client again."""
         await self._client._connection.resume(self.name)
 
-    async def unsubscribe(self) -> None:
-        """Stop receiving this name; pending messages stay with the engine."""
+    async def unsubscribe(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop receiving this name; pending messages stay with the engine.
+
+        A handler already running is let finish (up to ``drain_timeout_s``).
+        """
         try:
             await self._client._connection.unsubscribe(self.name)
         finally:
             self._client._forget(self)
-            await self._close()
+            await self._close(drain_timeout_s)
 
-    async def _close(self) -> None:
-        self._closed = True
-        self._closed_event.set()
+    async def _close(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop taking up messages; let the handler in hand finish (up to
+        ``drain_timeout_s``), then wait for the acks (and give-backs) it sent.
+
+        Messages received but not yet handled stay unacked: the engine gives
+        them to another client once this one's connection closes.
+        """
+        self._closing = True
         self._arrived.set()
         self._consumers.set()
+        if drain_timeout_s > 0:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout_s)
+            except TimeoutError:
+                log.warning(
+                    "a handler for %s did not finish within %g s; cancelling it",
+                    self.name,
+                    drain_timeout_s,
+                )
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
-        # Acks already sent are let finish: they settle messages for good.
+        self._closed = True
+        self._closed_event.set()
         if self._acks:
-            await asyncio.gather(*list(self._acks), return_exceptions=True)
+            # Acks already on the wire settle messages for good: let them land.
+            await asyncio.wait(list(self._acks), timeout=max(drain_timeout_s, 1.0))
 
     def statistics(self) -> dict[str, Any]:
         """Buffered (not yet handled) messages and registered handlers."""

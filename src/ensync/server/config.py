@@ -34,6 +34,8 @@ class EngineConfig:
         redelivery_backoff_ms: how long a message waits before its next
             delivery after its n-th failed one (deadline passed, handler gave
             it back); the last value repeats.
+        dedupe_window_ms: how long a publish's idempotency key is remembered.
+        dedupe_max_keys: most keys remembered (the oldest are forgotten first).
     """
 
     ack_deadline_ms: int = 30_000
@@ -49,6 +51,8 @@ class EngineConfig:
     app_cache_ms: int = 2_000
     ws_ping_interval_ms: int = 20_000
     redelivery_backoff_ms: tuple[int, ...] = (0, 1_000, 5_000, 15_000, 60_000, 300_000)
+    dedupe_window_ms: int = 600_000
+    dedupe_max_keys: int = 200_000
 
 
 @dataclass(frozen=True, slots=True)

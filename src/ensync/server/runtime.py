@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -72,8 +73,10 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
         )
         yield RunningServer(engine, store, bound_grpc, bound_http)
     finally:
-        await http_listener.stop()
-        await grpc_transport.stop()
+        # Stop taking work, let calls in progress finish (their commits
+        # included), end streams cleanly; then in-flight messages go back to
+        # the queue when the core stops, and the store drains its writes.
+        await asyncio.gather(http_listener.stop(), grpc_transport.stop(grace_s=5.0))
         await engine.stop()
         if volatile is not store:
             await volatile.close()

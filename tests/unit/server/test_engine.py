@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -570,3 +571,66 @@ async def test_release_waits_out_the_backoff_schedule(make_engine: Factory) -> N
     assert caught.value.code is ErrorCode.NOT_FOUND
     assert engine.backoff_ms(1) == 0
     assert engine.backoff_ms(2) == engine.backoff_ms(9) == 250
+
+
+def keyed(key: str) -> str:
+    return json.dumps({"persist": True, "headers": {"ensync-idempotency-key": key}})
+
+
+async def test_a_repeated_idempotency_key_returns_the_original_idem(world: World) -> None:
+    alice, _ = await world.client(world.alice)
+    again, _ = await world.client(world.alice)  # another session of the same app
+    first = await world.publish(alice, world.bob, metadata=keyed("k-1"))
+    # A retry, even on a new connection, and even while the first still commits.
+    retry, concurrent = await asyncio.gather(
+        world.publish(again, world.bob, metadata=keyed("k-1")),
+        world.publish(alice, world.bob, metadata=keyed("k-2")),
+    )
+    assert retry == first
+    assert concurrent != first
+    to_carol = await world.publish(alice, world.carol, metadata=keyed("k-1"))
+    assert to_carol != first  # the key is per recipient
+    assert await world.engine.store.last_block(world.bob.app_id, "orders/created") == 2
+    assert world.engine.stats.deduplicated == 1
+    with pytest.raises(ServiceError) as caught:
+        await world.publish(alice, world.bob, metadata=keyed(""))
+    assert "ensync-idempotency-key" in caught.value.message
+
+
+async def test_idempotency_keys_expire_and_survive_restarts(tmp_path: Path) -> None:
+    async def boot(**options: Any) -> Engine:
+        store = SqliteStore(tmp_path / "e.db")
+        await store.open()
+        config = dataclasses.replace(EngineConfig(), **options)
+        engine = Engine(store, MemoryStore(), config)
+        await engine.volatile.open()
+        await engine.start()
+        return engine
+
+    engine = await boot()
+    app = await engine.apps.create("alice")
+    client = (await engine.connect(app.app_key, FakeRouter())).client_id
+    target = app.app_id
+    first = await engine.publish(client, "x", envelope(target), target, keyed("k"))
+    await engine.stop()
+    await engine.store.close()
+    await engine.volatile.close()
+
+    engine = await boot()
+    try:
+        client = (await engine.connect(app.app_key, FakeRouter())).client_id
+        assert await engine.publish(client, "x", envelope(target), target, keyed("k")) == first
+    finally:
+        await engine.stop()
+        await engine.store.close()
+        await engine.volatile.close()
+
+    engine = await boot(dedupe_window_ms=1)
+    try:
+        await asyncio.sleep(0.01)
+        client = (await engine.connect(app.app_key, FakeRouter())).client_id
+        assert await engine.publish(client, "x", envelope(target), target, keyed("k")) != first
+    finally:
+        await engine.stop()
+        await engine.store.close()
+        await engine.volatile.close()

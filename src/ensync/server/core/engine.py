@@ -22,6 +22,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
@@ -53,6 +54,15 @@ _MAX_REASON = 1024
 def wall_clock_ms() -> int:
     """Epoch milliseconds: the engine's default clock."""
     return time.time_ns() // 1_000_000
+
+
+@dataclass(eq=False, slots=True)
+class _Seen:
+    """A remembered idempotency key: the publish's commit, then its idem."""
+
+    expires_at_ms: int
+    commit: asyncio.Task[str] | None = None
+    idem: str | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -95,6 +105,7 @@ class Engine:
         self._leases: dict[str, _Lease] = {}
         self._queued: set[str] = set()
         self._deferred: dict[str, asyncio.TimerHandle] = {}
+        self._seen: OrderedDict[tuple[str, str, str], _Seen] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
@@ -115,6 +126,10 @@ class Engine:
                 if len(scheduled) < 1000:
                     break
                 after = scheduled[-1].visible_at_ms
+        window_start = now - self.config.dedupe_window_ms
+        for sender, recipient, key, idem in await self.store.recent_dedupe_keys(window_start):
+            self._remember((sender, recipient, key), _Seen(now + self.config.dedupe_window_ms))
+            self._seen[(sender, recipient, key)].idem = idem
         self._spawn(self._housekeeping(), name="ensync-housekeeping")
 
     async def stop(self) -> None:
@@ -247,6 +262,12 @@ class Engine:
         meta = validation.parse_metadata(metadata, cfg.max_metadata_bytes)
         if await self.apps.active_app(recipient) is None:
             raise ServiceError.invalid(f"recipient {recipient} is not a registered app")
+        dedupe = (session.app_id, recipient, meta.idempotency_key or "")
+        if meta.idempotency_key is not None:
+            earlier = self._recall(dedupe)
+            if earlier is not None:
+                self.stats.deduplicated += 1
+                return earlier
         partition = await self._partition_ready(recipient, name)
         now = self._now_ms()
         block = partition.allocate()
@@ -261,10 +282,43 @@ class Engine:
             created_at_ms=now,
             payload_metadata=validation.parse_payload_metadata(payload_metadata),
             expires_at_ms=now + meta.ttl_ms if meta.ttl_ms is not None else None,
+            dedupe_key=meta.idempotency_key,
         )
         store = self.store if meta.persist else self.volatile
         # A task starts in creation order, so commits are queued in block order.
-        return asyncio.get_running_loop().create_task(self._commit(store, partition, message))
+        commit = asyncio.get_running_loop().create_task(self._commit(store, partition, message))
+        if meta.idempotency_key is not None:
+            seen = _Seen(now + self.config.dedupe_window_ms, commit=commit)
+            self._remember(dedupe, seen)
+            commit.add_done_callback(lambda done: self._committed(dedupe, seen, done))
+        return commit
+
+    def _recall(self, key: tuple[str, str, str]) -> asyncio.Task[str] | None:
+        """The outcome of an earlier publish with this idempotency key, if remembered."""
+        seen = self._seen.get(key)
+        if seen is None or seen.expires_at_ms <= self._now_ms():
+            return None
+        if seen.idem is not None:
+            return asyncio.get_running_loop().create_task(_already(seen.idem))
+        return seen.commit
+
+    def _remember(self, key: tuple[str, str, str], seen: _Seen) -> None:
+        self._seen[key] = seen
+        self._seen.move_to_end(key)
+        now = self._now_ms()
+        while self._seen and (
+            len(self._seen) > self.config.dedupe_max_keys
+            or next(iter(self._seen.values())).expires_at_ms <= now
+        ):
+            self._seen.popitem(last=False)
+
+    def _committed(self, key: tuple[str, str, str], seen: _Seen, commit: asyncio.Task[str]) -> None:
+        if commit.cancelled() or commit.exception() is not None:
+            if self._seen.get(key) is seen:
+                del self._seen[key]  # nothing was stored: a retry must store it
+            return
+        seen.idem = commit.result()
+        seen.commit = None
 
     async def _commit(self, store: Store, partition: Partition, message: StoredMessage) -> str:
         try:
@@ -797,6 +851,10 @@ class Engine:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+
+async def _already(idem: str) -> str:
+    return idem
 
 
 def _delivery(message: StoredMessage, attempt: int) -> Delivery:

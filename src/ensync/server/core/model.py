@@ -88,3 +88,4 @@ class EngineStats:
     expired: int = 0
     connects: int = 0
     rejected: int = 0
+    deduplicated: int = 0

@@ -7,6 +7,7 @@ import binascii
 import json
 from dataclasses import dataclass
 
+from ensync.protocol.headers import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
 from ensync.protocol.names import validate_name
 from ensync.server.core.errors import ErrorCode, ServiceError
 
@@ -29,6 +30,7 @@ class PublishMetadata:
     text: str
     persist: bool
     ttl_ms: int | None
+    idempotency_key: str | None = None
 
 
 def check_name(name: str) -> str:
@@ -113,7 +115,15 @@ def parse_metadata(text: str, max_bytes: int) -> PublishMetadata:
     ttl = value.get("ttl_ms")
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
         raise ServiceError.invalid("metadata.ttl_ms must be a positive integer")
-    return PublishMetadata(text=text, persist=persist, ttl_ms=ttl)
+    key = headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and (
+        not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
+    ):
+        raise ServiceError.invalid(
+            f"header {IDEMPOTENCY_HEADER} must be a string of 1-{MAX_IDEMPOTENCY_KEY_LENGTH} "
+            "characters"
+        )
+    return PublishMetadata(text=text, persist=persist, ttl_ms=ttl, idempotency_key=key)
 
 
 def parse_payload_metadata(text: str | None) -> str | None:

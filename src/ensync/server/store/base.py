@@ -93,6 +93,9 @@ class StoredMessage:
     expires_at_ms: int | None = None
     settled_at_ms: int | None = None
     dead_reason: str | None = None
+    # The publisher's idempotency key, if it sent one: a retried publish with
+    # the same (sender, recipient, key) returns the original idem.
+    dedupe_key: str | None = None
 
     @property
     def partition(self) -> tuple[str, str]:
@@ -186,6 +189,11 @@ class Store(Protocol):
 
     async def redrive(self, idem: str, now_ms: int) -> bool:
         """Return a dead letter to PENDING (attempts reset, visible now)."""
+
+    async def recent_dedupe_keys(self, since_ms: int) -> list[tuple[str, str, str, str]]:
+        """``(sender, recipient, dedupe_key, idem)`` of messages created at or after
+        ``since_ms`` that carry a dedupe key, oldest first: how the engine
+        rebuilds its deduplication window after a restart."""
 
     async def backlog(self) -> dict[str, int]:
         """Pending messages per recipient app id (for metrics)."""

@@ -337,6 +337,17 @@ class MemoryStore:
         self._index(entry)
         return True
 
+    async def recent_dedupe_keys(self, since_ms: int) -> list[tuple[str, str, str, str]]:
+        """Scans every message: O(n). Used once, when an engine starts."""
+        self._check_open()
+        found = [
+            (entry.seq, entry.message)
+            for entry in self._entries.values()
+            if entry.message.dedupe_key is not None and entry.message.created_at_ms >= since_ms
+        ]
+        found.sort(key=lambda item: (item[1].created_at_ms, item[0]))
+        return [(m.sender, m.recipient, m.dedupe_key or "", m.idem) for _, m in found]
+
     async def backlog(self) -> dict[str, int]:
         """Pending messages per recipient: O(partitions)."""
         self._check_open()

@@ -68,7 +68,8 @@ _SCHEMA: Final = (
         visible_at_ms INTEGER NOT NULL,
         expires_at_ms INTEGER,
         settled_at_ms INTEGER,
-        dead_reason TEXT
+        dead_reason TEXT,
+        dedupe_key TEXT
     )
     """,
     # Rowids break ties, so every index below also orders by insertion.
@@ -76,6 +77,8 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS messages_scheduled ON messages (state, visible_at_ms)",
     "CREATE INDEX IF NOT EXISTS messages_dead ON messages (recipient, state, settled_at_ms)",
     "CREATE INDEX IF NOT EXISTS messages_settled ON messages (settled_at_ms) WHERE state != 0",
+    "CREATE INDEX IF NOT EXISTS messages_deduped ON messages (created_at_ms)"
+    " WHERE dedupe_key IS NOT NULL",
     # Separate from messages so numbering survives pruning.
     """
     CREATE TABLE IF NOT EXISTS partitions (
@@ -98,7 +101,7 @@ _SCHEMA: Final = (
 
 _MESSAGE_COLUMNS: Final = (
     "idem, recipient, name, block, payload, metadata, payload_metadata, sender, created_at_ms,"
-    " state, attempts, visible_at_ms, expires_at_ms, settled_at_ms, dead_reason"
+    " state, attempts, visible_at_ms, expires_at_ms, settled_at_ms, dead_reason, dedupe_key"
 )
 _APP_COLUMNS: Final = "name, app_id, key_hash, created_at_ms, revoked"
 _PENDING: Final = int(MessageState.PENDING)
@@ -405,6 +408,19 @@ class SqliteStore:
                 (recipient, _DEAD, limit),
             )
         )
+
+    async def recent_dedupe_keys(self, since_ms: int) -> list[tuple[str, str, str, str]]:
+        """Uses the partial index on ``created_at_ms`` of keyed messages."""
+        rows = await self._read(
+            functools.partial(
+                _fetch_rows,
+                "SELECT sender, recipient, dedupe_key, idem FROM messages"
+                " WHERE dedupe_key IS NOT NULL AND created_at_ms >= ?"
+                " ORDER BY created_at_ms, rowid",
+                (since_ms,),
+            )
+        )
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
 
     async def backlog(self) -> dict[str, int]:
         """Pending messages per recipient. Counts every pending row (an index
@@ -721,6 +737,7 @@ def _message(row: Sequence[Any]) -> StoredMessage:
         expires_at_ms=row[12],
         settled_at_ms=row[13],
         dead_reason=row[14],
+        dedupe_key=row[15],
     )
 
 
@@ -810,7 +827,7 @@ def _append(messages: tuple[StoredMessage, ...], conn: sqlite3.Connection) -> No
         try:
             conn.execute(
                 f"INSERT INTO messages ({_MESSAGE_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     m.idem,
                     m.recipient,
@@ -827,6 +844,7 @@ def _append(messages: tuple[StoredMessage, ...], conn: sqlite3.Connection) -> No
                     m.expires_at_ms,
                     m.settled_at_ms,
                     m.dead_reason,
+                    m.dedupe_key,
                 ),
             )
         except sqlite3.IntegrityError as exc:

@@ -202,10 +202,13 @@ class GrpcTransport:
         return self.port
 
     async def stop(self, grace_s: float = 1.0) -> None:
-        """Stop accepting calls, end every stream cleanly, then close."""
+        """Refuse new calls at once, end every stream cleanly (status OK), let
+        unary calls in progress finish (up to ``grace_s``), then close."""
+        stopping = asyncio.get_running_loop().create_task(self._server.stop(grace_s))
+        await asyncio.sleep(0)  # let stop() refuse new calls before streams end
         for client in list(self._clients.values()):
             client.close()
-        await self._server.stop(grace_s)
+        await stopping
 
     # ------------------------------------------------------------------ wiring
 

@@ -80,9 +80,12 @@ class HttpListener:
         self.port = sockets[0].getsockname()[1] if sockets else self._port
         return self.port
 
-    async def stop(self) -> None:
-        """Stop accepting, close connections (1001 going away), wait for handlers."""
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Stop accepting connections, let each connection finish the commands
+        in progress (up to ``grace_s``), close them with 1001, wait for handlers."""
         if self._server is not None:
+            self._server.close(close_connections=False)
+            await self.websocket.drain(grace_s)
             self._server.close()
             await self._server.wait_closed()
             self._server = None

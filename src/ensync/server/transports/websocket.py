@@ -122,6 +122,12 @@ class WebSocketTransport:
     def connections(self) -> int:
         return len(self._connections)
 
+    async def drain(self, timeout_s: float) -> None:
+        """Shut every connection down gracefully: refuse new commands, let the
+        commands in progress finish and their replies go out (up to
+        ``timeout_s``), then close with 1001 "going away"."""
+        await asyncio.gather(*(c.shutdown(timeout_s) for c in list(self._connections)))
+
 
 class _Connection:
     """One WebSocket connection: the engine's :class:`SessionRouter` for it too."""
@@ -137,6 +143,9 @@ class _Connection:
         self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ------------------------------------------------------------------ SessionRouter
 
@@ -163,6 +172,9 @@ class _Connection:
             async for frame in self._ws:
                 if isinstance(frame, bytes):
                     self._session.receive_binary(frame)
+                elif self._draining:
+                    for item in self._session.receive_text(frame):
+                        self._reply(item.seq, Fail("the engine is shutting down"))
                 else:
                     await self._dispatch(self._session.receive_text(frame))
                 self._wake.set()
@@ -173,6 +185,7 @@ class _Connection:
             pass
         finally:
             self._closed = True
+            self._idle.set()  # nothing more will be answered: wake a shutdown
             self._session.close()
             if self._client_id is not None:
                 self._engine.disconnect(self._client_id)
@@ -186,13 +199,32 @@ class _Connection:
             await self._wake.wait()
             self._wake.clear()
             frames = self._session.data_to_send()
-            if self._session.outstanding() < self._max_outstanding:
+            outstanding = self._session.outstanding()
+            if outstanding < self._max_outstanding:
                 self._drained.set()
             for frame in frames:
                 try:
                     await self._ws.send(frame)
                 except ConnectionClosed:
                     return
+            if outstanding == 0 and not self._wake.is_set():
+                self._idle.set()
+            else:
+                self._idle.clear()
+
+    async def shutdown(self, timeout_s: float) -> None:
+        """Finish what is in progress, then close with 1001 (see ``drain``)."""
+        if self._closed:
+            return
+        self._draining = True
+        self._idle.clear()
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("closing a WebSocket with commands still in progress")
+        if not self._closed:
+            await self._ws.close(1001, "the engine is shutting down")
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         async def run() -> None:
