@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from ensync import ConnectionState, EnSyncConnectionError, EnSyncEngine, EnSyncE
 from ensync.client.grpc_transport import GrpcClientTransport
 from ensync.server.core.errors import ServiceError
 from ensync.testing import TestServer
+from tests.integration.test_cli import free_port
 from tests.support.proxy import tcp_proxy
 from tests.support.timing import eventually
 
@@ -172,3 +174,55 @@ async def test_a_refused_resubscribe_fails_loudly(
             assert "'x'" in errors[0].message
         finally:
             await engine.close()
+
+
+async def test_a_publisher_heals_at_once_when_the_engine_restarts(tmp_path: Path) -> None:
+    """No subscription, no heartbeat due: the first refused call (the engine
+    forgot the session) makes the client reconnect, and the publish goes
+    through on the new session."""
+    from ensync.server.config import ServerConfig
+    from ensync.server.runtime import running_server
+
+    port = free_port()
+    config = ServerConfig(
+        data_dir=tmp_path, grpc_address=f"127.0.0.1:{port}", http_address="127.0.0.1:0"
+    )
+    engine = EnSyncEngine(
+        f"grpc://127.0.0.1:{port}", reconnect_interval=20, max_reconnect_attempts=50
+    )
+    try:
+        async with running_server(config) as first:
+            alice = await first.engine.apps.create("alice")
+            bob = await first.engine.apps.create("bob")
+            client = await engine.create_client(alice.app_key)
+            await client.publish("x", [bob.app_id], {"i": 1})
+        async with running_server(config) as second:
+            started = asyncio.get_running_loop().time()
+            idem = await asyncio.wait_for(client.publish("x", [bob.app_id], {"i": 2}), 10)
+            assert asyncio.get_running_loop().time() - started < 5  # not a heartbeat away
+            assert await second.engine.store.get(idem) is not None
+    finally:
+        await engine.close()
+
+
+async def test_calls_cut_off_by_a_reconnect_fail_as_connection_errors() -> None:
+    """A call in flight when its transport is replaced raises EnSyncConnectionError,
+    never a bare CancelledError."""
+    from ensync.client.grpc_transport import GrpcClientTransport as Transport
+    from ensync.protocol.urls import parse_engine_url
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts the connection, never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = Transport(parse_engine_url(f"grpc://127.0.0.1:{port}"), call_timeout_s=10)
+    try:
+        pending = asyncio.create_task(transport.ack("x", "01IDEM", 1))
+        await asyncio.sleep(0.2)
+        await transport.close()
+        with pytest.raises(EnSyncConnectionError):
+            await asyncio.wait_for(pending, 5)
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -21,6 +21,7 @@ import grpc
 from ensync import errors
 from ensync._proto import ensync_pb2 as pb
 from ensync.client.transport import ConnectInfo, LostCallback, WireMessage, WireReplay
+from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.urls import EngineUrl
 
 __all__ = ["USER_AGENT", "GrpcClientTransport"]
@@ -130,9 +131,27 @@ class GrpcClientTransport:
         if self._closed:
             raise errors.EnSyncConnectionError("the connection is closed")
         try:
-            return await multicallable(request, timeout=self._timeout)
+            response = await multicallable(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
-            raise self._translate(exc, error) from exc
+            translated = self._translate(exc, error)
+            if isinstance(translated, errors.EnSyncConnectionError):
+                self._report_lost(translated)
+            raise translated from exc
+        except asyncio.CancelledError:
+            # Closing the channel (a reconnect replacing this transport)
+            # cancels the calls on it; the caller was not cancelled itself.
+            task = asyncio.current_task()
+            if self._closed and task is not None and task.cancelling() == 0:
+                raise errors.EnSyncConnectionError("the connection was replaced") from None
+            raise
+        refusal = getattr(response, "message", "") or getattr(response, "error_message", "")
+        if not response.success and refusal.startswith(UNKNOWN_SESSION):
+            # The engine no longer knows this session (it restarted, or expired
+            # it): the link is useless even though grpc reconnected it.
+            lost = errors.EnSyncConnectionError(f"the engine dropped this session: {refusal}")
+            self._report_lost(lost)
+            raise lost
+        return response
 
     def _translate(
         self, exc: grpc.aio.AioRpcError, error: type[errors.EnSyncError]

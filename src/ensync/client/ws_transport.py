@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from ensync import errors
 from ensync.client.transport import ConnectInfo, LostCallback, WireMessage, WireReplay
+from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.urls import EngineUrl
 from ensync.protocol.wscodec import (
     Ack,
@@ -192,6 +193,12 @@ class WebSocketClientTransport:
     async def _checked(self, request: Request, error: type[errors.EnSyncError]) -> str:
         reply = await self._request(request, error)
         if isinstance(reply, Fail):
+            if reply.reason.startswith(UNKNOWN_SESSION):
+                lost = errors.EnSyncConnectionError(
+                    f"the engine dropped this session: {reply.reason}"
+                )
+                self._report_lost(lost)
+                raise lost
             raise error(reply.reason)
         if isinstance(reply, Replayed):
             raise error("unexpected replay answer")

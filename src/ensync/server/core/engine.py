@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.server.config import EngineConfig
 from ensync.server.core import validation
 from ensync.server.core.apps import AppRegistry
@@ -196,7 +197,7 @@ class Engine:
         """The live session of ``client_id``; raises UNAUTHENTICATED otherwise."""
         session = self._sessions.get(client_id)
         if session is None:
-            raise ServiceError.unauthenticated("unknown client_id: connect first")
+            raise ServiceError.unauthenticated(f"{UNKNOWN_SESSION}: connect first")
         session.last_seen_ms = self._now_ms()
         return session
 

@@ -31,6 +31,7 @@ import grpc
 from google.protobuf.message import Message as ProtoMessage
 
 from ensync._proto import ensync_pb2 as pb
+from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.server.core.engine import Engine
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
@@ -449,7 +450,7 @@ class GrpcTransport:
         client = self._clients.get(request.client_id)
         try:
             if client is None or client.closed:
-                raise ServiceError.unauthenticated("unknown client_id: connect first")
+                raise ServiceError.unauthenticated(f"{UNKNOWN_SESSION}: connect first")
             self._engine.subscribe(request.client_id, request.message_name)
         except ServiceError as exc:
             # A grpc-js client crashes on any error status (PROTOCOL.md §2.5

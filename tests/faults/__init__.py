@@ -1,0 +1,1 @@
+"""Fault tests: the engine killed for real, links dropped mid-stream."""
