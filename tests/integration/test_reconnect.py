@@ -211,8 +211,11 @@ async def test_calls_cut_off_by_a_reconnect_fail_as_connection_errors() -> None:
     from ensync.client.grpc_transport import GrpcClientTransport as Transport
     from ensync.protocol.urls import parse_engine_url
 
+    accepted: list[asyncio.StreamWriter] = []
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # accepts the connection, never answers
+        accepted.append(writer)  # accepts the connection, never answers
+        await reader.read()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -224,5 +227,7 @@ async def test_calls_cut_off_by_a_reconnect_fail_as_connection_errors() -> None:
         with pytest.raises(EnSyncConnectionError):
             await asyncio.wait_for(pending, 5)
     finally:
+        for writer in accepted:
+            writer.close()
         server.close()
         await server.wait_closed()
