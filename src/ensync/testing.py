@@ -47,6 +47,16 @@ class TestServer:
         return f"grpc://127.0.0.1:{self.server.grpc_port}"
 
     @property
+    def grpcs_url(self) -> str:
+        """The TLS URL (when served with ``tls=``); the name in the test
+        certificate is ``localhost``."""
+        return f"grpcs://localhost:{self.server.grpc_port}"
+
+    @property
+    def wss_url(self) -> str:
+        return f"wss://localhost:{self.server.http_port}"
+
+    @property
     def ws_url(self) -> str:
         """``ws://127.0.0.1:<http port>`` (the SDK adds ``/message``)."""
         return f"ws://127.0.0.1:{self.server.http_port}"
@@ -64,6 +74,8 @@ class TestServer:
 async def run_engine(
     store: str = "memory:",
     data_dir: Path | None = None,
+    *,
+    tls: tuple[Path, Path] | None = None,
     **engine_options: Any,
 ) -> AsyncIterator[TestServer]:
     """Serve an engine on 127.0.0.1 with free ports until the block ends.
@@ -71,6 +83,7 @@ async def run_engine(
     Args:
         store: ``"memory:"`` (default) or ``"sqlite:"`` (in ``data_dir``).
         data_dir: where a sqlite store lives; a temporary directory if None.
+        tls: ``(certificate, key)`` PEM files to serve TLS with.
         engine_options: :class:`~ensync.server.config.EngineConfig` fields,
             e.g. ``ack_deadline_ms=500``.
     """
@@ -84,6 +97,8 @@ async def run_engine(
             http_address="127.0.0.1:0",
             store_url=store,
             engine=config,
+            tls_cert=tls[0] if tls else None,
+            tls_key=tls[1] if tls else None,
         )
         async with running_server(server_config) as server:
             yield TestServer(server, data_dir)

@@ -1086,3 +1086,13 @@ async def test_recent_dedupe_keys_rebuild_the_window(store: Store) -> None:
         ("other", RECIPIENT, "key-b", "k3"),
     ]
     assert await store.recent_dedupe_keys(1000) == []
+
+
+async def test_app_rules_round_trip(store: Store) -> None:
+    ruled = app("ruled", publish_rules=("orders/*",), subscribe_rules=("billing/#", "x"))
+    await store.create_app(ruled)
+    assert await store.get_app_by_name("ruled") == ruled
+    opened = dataclasses.replace(ruled, publish_rules=("#",))
+    await store.update_app(opened)
+    assert await store.get_app(ruled.app_id) == opened
+    assert (await store.list_apps())[0].subscribe_rules == ("billing/#", "x")

@@ -14,7 +14,7 @@ from ensync.server.core.engine import wall_clock_ms
 from ensync.server.store import open_store
 from ensync.server.store.base import AppExistsError, StoreError
 
-__all__ = ["create", "keygen", "list_apps", "revoke"]
+__all__ = ["allow", "create", "keygen", "list_apps", "revoke", "rotate_key"]
 
 
 def _registry_call(args: argparse.Namespace, action: str) -> int:
@@ -63,6 +63,8 @@ def _registry_call(args: argparse.Namespace, action: str) -> int:
                             "app_id": a.app_id,
                             "created_at_ms": a.created_at_ms,
                             "revoked": a.revoked,
+                            "publish": list(a.publish_rules),
+                            "subscribe": list(a.subscribe_rules),
                         }
                         for a in apps
                     ]
@@ -70,14 +72,43 @@ def _registry_call(args: argparse.Namespace, action: str) -> int:
                 else:
                     for a in apps:
                         status = "revoked" if a.revoked else "active"
-                        print(f"{a.name}\t{a.app_id}\t{status}")
+                        rules = (
+                            f"publish {' '.join(a.publish_rules)}; "
+                            f"subscribe {' '.join(a.subscribe_rules)}"
+                        )
+                        print(f"{a.name}\t{a.app_id}\t{status}\t{rules}")
                 return 0
             try:
-                await registry.revoke(args.name)
+                if action == "revoke":
+                    await registry.revoke(args.name)
+                    print(f"revoked {args.name}")
+                elif action == "rotate":
+                    app_key = await registry.rotate_key(args.name)
+                    if args.json:
+                        print(json.dumps({"name": args.name, "app_key": app_key}))
+                    else:
+                        print(f"app:     {args.name}")
+                        print(f"app key: {app_key}")
+                        print("Keep the new app key now: it is not shown again.")
+                else:
+                    if args.publish is None and args.subscribe is None:
+                        print("ensync: give --publish and/or --subscribe", file=sys.stderr)
+                        return 2
+                    ruled = await registry.allow(
+                        args.name,
+                        publish=tuple(args.publish) if args.publish else None,
+                        subscribe=tuple(args.subscribe) if args.subscribe else None,
+                    )
+                    print(
+                        f"{ruled.name}: publish {' '.join(ruled.publish_rules)}; "
+                        f"subscribe {' '.join(ruled.subscribe_rules)}"
+                    )
             except LookupError as exc:
                 print(f"ensync: {exc}", file=sys.stderr)
                 return 1
-            print(f"revoked {args.name}")
+            except ValueError as exc:
+                print(f"ensync: {exc}", file=sys.stderr)
+                return 2
             return 0
         except StoreError as exc:
             print(f"ensync: storage error: {exc}", file=sys.stderr)
@@ -101,6 +132,16 @@ def list_apps(args: argparse.Namespace) -> int:
 def revoke(args: argparse.Namespace) -> int:
     """Revoke an app: its key is refused from the next connect on."""
     return _registry_call(args, "revoke")
+
+
+def rotate_key(args: argparse.Namespace) -> int:
+    """Give an app a new app key, printed once; the old key stops working."""
+    return _registry_call(args, "rotate")
+
+
+def allow(args: argparse.Namespace) -> int:
+    """Set an app's publish and subscribe rules."""
+    return _registry_call(args, "allow")
 
 
 def keygen(args: argparse.Namespace) -> int:

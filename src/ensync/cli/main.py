@@ -49,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cmd = commands.add_parser("serve", help="run the engine")
     add_data_options(serve_cmd)
-    serve_cmd.add_argument("--grpc", default=env("grpc", "127.0.0.1:50051"), help="gRPC HOST:PORT")
-    serve_cmd.add_argument("--http", default=env("http", "127.0.0.1:8080"), help="HTTP HOST:PORT")
-    serve_cmd.add_argument("--log-level", default=env("log_level", "INFO"), help="DEBUG, INFO, ...")
-    for flag, default, text in serve.ENGINE_FLAGS:
-        serve_cmd.add_argument(f"--{flag}", type=int, default=env_int(flag, default), help=text)
+    serve.add_arguments(serve_cmd, env, env_int)
     serve_cmd.set_defaults(run=serve.run)
 
     app_cmd = commands.add_parser("app", help="register, list and revoke apps")
@@ -67,10 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--json", action="store_true", help="print JSON")
     add_data_options(listing)
     listing.set_defaults(run=apps.list_apps)
-    revoke = app_commands.add_parser("revoke", help="revoke an app's key")
+    revoke = app_commands.add_parser("revoke", help="revoke an app's key (its clients are cut off)")
     revoke.add_argument("name")
     add_data_options(revoke)
     revoke.set_defaults(run=apps.revoke)
+    rotate = app_commands.add_parser(
+        "rotate-key", help="give an app a new app key and print it once; the old one stops"
+    )
+    rotate.add_argument("name")
+    rotate.add_argument("--json", action="store_true", help="print one JSON object")
+    add_data_options(rotate)
+    rotate.set_defaults(run=apps.rotate_key)
+    allow = app_commands.add_parser(
+        "allow",
+        help="set which message names an app may publish and subscribe to",
+        description="Patterns: segments separated by '/', '*' = one segment, a final '#' = "
+        "any rest ('#' alone: every name, the default). Each option replaces that list.",
+    )
+    allow.add_argument("name")
+    allow.add_argument("--publish", nargs="+", metavar="PATTERN", help="names it may publish")
+    allow.add_argument(
+        "--subscribe", nargs="+", metavar="PATTERN", help="names it may subscribe to"
+    )
+    add_data_options(allow)
+    allow.set_defaults(run=apps.allow)
 
     keygen = commands.add_parser("keygen", help="print a new Ed25519 key pair")
     keygen.add_argument("--json", action="store_true", help="print one JSON object")

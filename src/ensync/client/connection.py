@@ -124,9 +124,14 @@ class Connection:
         if self._state in (ConnectionState.FAILED, ConnectionState.CLOSED):
             raise errors.EnSyncConnectionError(f"connection is {self._state.value}")
         try:
+            # _connected is also set when the connection fails or closes, to
+            # wake waiters at once; the state says which it was.
             await asyncio.wait_for(self._connected.wait(), timeout_s)
         except TimeoutError:
             raise errors.EnSyncConnectionError("not reconnected in time") from None
+        state = self.state  # changed while we waited
+        if state is not ConnectionState.CONNECTED:
+            raise errors.EnSyncConnectionError(f"connection is {state.value}")
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -235,6 +240,7 @@ class Connection:
 
     def _fail(self, exc: errors.EnSyncError) -> None:
         self._state = ConnectionState.FAILED
+        self._connected.set()  # wake waiters: they see FAILED
         log.error("connection failed for good: %s", exc)
         self._events.emit("error", exc)
 
@@ -245,7 +251,7 @@ class Connection:
         if self._state is ConnectionState.CLOSED:
             return
         self._state = ConnectionState.CLOSED
-        self._connected.clear()
+        self._connected.set()  # wake waiters: they see CLOSED
         tasks = [t for t in (self._heartbeat_task, self._reconnect_task) if t is not None]
         for task in tasks:
             task.cancel()

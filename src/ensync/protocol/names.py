@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MAX_NAME_LENGTH", "is_valid_name", "validate_name"]
+__all__ = [
+    "MAX_NAME_LENGTH",
+    "allowed",
+    "is_valid_name",
+    "matches",
+    "validate_name",
+    "validate_pattern",
+]
 
 MAX_NAME_LENGTH = 255
 
@@ -42,3 +49,59 @@ def validate_name(name: object) -> str:
             "separated by single '/'"
         )
     return name
+
+
+# --- patterns ---------------------------------------------------------------
+#
+# Authorization rules name the messages an app may publish or subscribe to
+# with patterns over the same segments: ``*`` stands for exactly one segment,
+# a final ``#`` for any number of trailing segments (none included), and any
+# other segment matches itself. ``#`` alone matches every name.
+
+_SEGMENT = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def validate_pattern(pattern: object) -> str:
+    """Return ``pattern`` if it is a well-formed name pattern, else raise ``ValueError``.
+
+    >>> validate_pattern("orders/*/updated")
+    'orders/*/updated'
+    """
+    if not isinstance(pattern, str) or not pattern:
+        raise ValueError("a name pattern must be a non-empty string")
+    if len(pattern) > MAX_NAME_LENGTH:
+        raise ValueError(f"name pattern is longer than {MAX_NAME_LENGTH} characters")
+    segments = pattern.split("/")
+    for index, segment in enumerate(segments):
+        if segment == "#":
+            if index != len(segments) - 1:
+                raise ValueError(f"in pattern {pattern!r}, '#' may only be the last segment")
+        elif segment != "*" and _SEGMENT.fullmatch(segment) is None:
+            raise ValueError(
+                f"malformed pattern {pattern!r}: segments are names, '*' (one segment) "
+                "or a final '#' (any rest)"
+            )
+    return pattern
+
+
+def matches(pattern: str, name: str) -> bool:
+    """Whether ``name`` matches ``pattern`` (see the pattern rules above).
+
+    >>> matches("orders/*", "orders/created"), matches("orders/*", "orders/a/b")
+    (True, False)
+    >>> matches("billing/#", "billing"), matches("billing/#", "billing/x/y")
+    (True, True)
+    """
+    wanted = pattern.split("/")
+    parts = name.split("/")
+    for index, segment in enumerate(wanted):
+        if segment == "#":
+            return True
+        if index >= len(parts) or (segment != "*" and segment != parts[index]):
+            return False
+    return len(parts) == len(wanted)
+
+
+def allowed(patterns: tuple[str, ...] | list[str], name: str) -> bool:
+    """Whether any of ``patterns`` matches ``name``."""
+    return any(matches(pattern, name) for pattern in patterns)

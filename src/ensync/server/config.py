@@ -36,6 +36,14 @@ class EngineConfig:
             it back); the last value repeats.
         dedupe_window_ms: how long a publish's idempotency key is remembered.
         dedupe_max_keys: most keys remembered (the oldest are forgotten first).
+        app_refresh_ms: how often the app registry is re-read, so that a
+            revocation, a new key or new rules set by the CLI reach connected
+            clients.
+        max_name_length: longest accepted message name (at most 255).
+        max_clients_per_app: most connected clients of one app.
+        max_subscriptions_per_client: most names one client may subscribe to.
+        rate_limit_per_app: requests per second an app may make (token bucket,
+            bursts up to one second's worth); 0 turns the limit off.
     """
 
     ack_deadline_ms: int = 30_000
@@ -53,6 +61,11 @@ class EngineConfig:
     redelivery_backoff_ms: tuple[int, ...] = (0, 1_000, 5_000, 15_000, 60_000, 300_000)
     dedupe_window_ms: int = 600_000
     dedupe_max_keys: int = 200_000
+    app_refresh_ms: int = 250
+    max_name_length: int = 255
+    max_clients_per_app: int = 1_000
+    max_subscriptions_per_client: int = 1_000
+    rate_limit_per_app: int = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +77,6 @@ class ServerConfig:
     http_address: str = "127.0.0.1:8080"
     store_url: str = "sqlite:"
     engine: EngineConfig = EngineConfig()
+    # PEM files; when both are set, gRPC and WebSocket are served over TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None

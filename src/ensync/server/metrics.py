@@ -29,7 +29,18 @@ _COUNTERS = {
     "expired": "Messages dropped because their TTL passed",
     "connects": "Successful client connects",
     "rejected": "Refused connects (bad or revoked app key)",
+    "deduplicated": "Publishes answered with an earlier idem (idempotency key seen)",
+    "denied": "Requests refused by an app's publish/subscribe rules",
 }
+
+_LIMITS = (
+    "payload_size",
+    "metadata_size",
+    "name_length",
+    "clients_per_app",
+    "subscriptions_per_client",
+    "request_rate",
+)
 
 
 class _EngineCollector(Collector):
@@ -44,6 +55,13 @@ class _EngineCollector(Collector):
         stats = self._engine.stats
         for field, text in _COUNTERS.items():
             yield CounterMetricFamily(f"ensync_{field}", text, value=getattr(stats, field))
+        limits = CounterMetricFamily(
+            "ensync_limit_rejections", "Requests refused by a configured limit", labels=["limit"]
+        )
+        counts = stats.limit_rejections
+        for limit in sorted({*_LIMITS, *counts}):
+            limits.add_metric([limit], counts.get(limit, 0))
+        yield limits
         gauges = self._engine.statistics()
         yield GaugeMetricFamily(
             "ensync_connected_clients", "Clients with a live session", value=gauges["sessions"]

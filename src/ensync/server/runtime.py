@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+import grpc
 
 from ensync.server.config import ServerConfig
 from ensync.server.core.engine import Engine
@@ -29,6 +32,25 @@ def parse_address(address: str, *, what: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"{what} port {port} is outside 0..65535")
     return host.strip("[]"), port
+
+
+def _tls(config: ServerConfig) -> tuple[grpc.ServerCredentials | None, ssl.SSLContext | None]:
+    """Server credentials for gRPC and an SSL context for WebSocket, or neither."""
+    if config.tls_cert is None and config.tls_key is None:
+        return None, None
+    if config.tls_cert is None or config.tls_key is None:
+        raise ValueError("TLS needs both a certificate file and a key file")
+    try:
+        cert = config.tls_cert.read_bytes()
+        key = config.tls_key.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS files: {exc}") from exc
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except ssl.SSLError as exc:
+        raise ValueError(f"the TLS certificate or key is not usable: {exc}") from exc
+    return grpc.ssl_server_credentials([(key, cert)]), context
 
 
 @dataclass(slots=True)
@@ -58,8 +80,9 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
     if volatile is not store:
         await volatile.open()
     engine = Engine(store, volatile, config.engine)
-    grpc_transport = GrpcTransport(engine, f"{grpc_host}:{grpc_port}")
-    http_listener = HttpListener(engine, http_host, http_port)
+    credentials, ssl_context = _tls(config)
+    grpc_transport = GrpcTransport(engine, f"{grpc_host}:{grpc_port}", credentials=credentials)
+    http_listener = HttpListener(engine, http_host, http_port, ssl_context=ssl_context)
     try:
         await engine.start()
         bound_grpc = await grpc_transport.start()

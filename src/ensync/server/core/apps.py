@@ -6,8 +6,10 @@ import hmac
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ensync.crypto import generate_keypair
+from ensync.protocol.names import validate_pattern
 from ensync.server.core.errors import ServiceError
 from ensync.server.core.ids import hash_app_key, new_app_key
 from ensync.server.store.base import AppRecord, Store
@@ -45,11 +47,20 @@ class AppRegistry:
     and a revoked one stops receiving within the cache time.
     """
 
-    def __init__(self, store: Store, now_ms: Callable[[], int], cache_ms: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        now_ms: Callable[[], int],
+        cache_ms: int,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._now_ms = now_ms
         self._cache_ms = cache_ms
         self._by_id: dict[str, tuple[AppRecord, int]] = {}
+        # Called after this registry changed an app (the engine re-reads apps
+        # at once instead of at its next refresh).
+        self._on_change = on_change
 
     async def authenticate(self, app_key: str) -> AppRecord:
         """The active app owning ``app_key``; raises UNAUTHENTICATED otherwise."""
@@ -93,10 +104,36 @@ class AppRegistry:
 
     async def revoke(self, name: str) -> AppRecord:
         """Revoke an app's key; raises ``LookupError`` if there is no such app."""
+        return await self._change(name, revoked=True)
+
+    async def rotate_key(self, name: str) -> str:
+        """Give an app a new app key (returned, shown once); the old one stops working."""
+        app_key = new_app_key()
+        await self._change(name, key_hash=hash_app_key(app_key), revoked=False)
+        return app_key
+
+    async def allow(
+        self,
+        name: str,
+        *,
+        publish: tuple[str, ...] | None = None,
+        subscribe: tuple[str, ...] | None = None,
+    ) -> AppRecord:
+        """Set which names an app may publish and subscribe to (patterns, see
+        :func:`ensync.protocol.names.validate_pattern`); ``None`` keeps a list."""
+        changes: dict[str, tuple[str, ...]] = {}
+        for field_name, patterns in (("publish_rules", publish), ("subscribe_rules", subscribe)):
+            if patterns is not None:
+                changes[field_name] = tuple(validate_pattern(p) for p in patterns)
+        return await self._change(name, **changes)
+
+    async def _change(self, name: str, **changes: Any) -> AppRecord:
         app = await self._store.get_app_by_name(name)
         if app is None:
             raise LookupError(f"no app named {name!r}")
-        revoked = replace(app, revoked=True)
-        await self._store.update_app(revoked)
+        changed = replace(app, **changes)
+        await self._store.update_app(changed)
         self._by_id.pop(app.app_id, None)
-        return revoked
+        if self._on_change is not None:
+            self._on_change()
+        return changed

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ensync.protocol.errors import UNKNOWN_SESSION
+from ensync.protocol.names import allowed
 from ensync.server.config import EngineConfig
 from ensync.server.core import validation
 from ensync.server.core.apps import AppRegistry
@@ -55,6 +56,23 @@ _MAX_REASON = 1024
 def wall_clock_ms() -> int:
     """Epoch milliseconds: the engine's default clock."""
     return time.time_ns() // 1_000_000
+
+
+@dataclass(eq=False, slots=True)
+class _Bucket:
+    """A token bucket: ``rate`` tokens a second, holding at most ``rate``."""
+
+    tokens: float
+    updated_ms: int
+
+    def take(self, rate: int, now_ms: int) -> bool:
+        elapsed = max(0, now_ms - self.updated_ms)
+        self.tokens = min(float(rate), self.tokens + elapsed * rate / 1000)
+        self.updated_ms = now_ms
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 @dataclass(eq=False, slots=True)
@@ -98,7 +116,11 @@ class Engine:
         self.store = store
         self.volatile = volatile
         self.stats = EngineStats()
-        self.apps = AppRegistry(store, now_ms, self.config.app_cache_ms)
+        self.apps = AppRegistry(
+            store, now_ms, self.config.app_cache_ms, on_change=self._apps_changed
+        )
+        self._buckets: dict[str, _Bucket] = {}
+        self._apps_refresh: asyncio.Task[None] | None = None
         self._now_ms = now_ms
         self._sessions: dict[str, Session] = {}
         self._partitions: dict[tuple[str, str], Partition] = {}
@@ -132,6 +154,7 @@ class Engine:
             self._remember((sender, recipient, key), _Seen(now + self.config.dedupe_window_ms))
             self._seen[(sender, recipient, key)].idem = idem
         self._spawn(self._housekeeping(), name="ensync-housekeeping")
+        self._spawn(self._refresh_apps_forever(), name="ensync-housekeeping")
 
     async def stop(self) -> None:
         """End every session, cancel timers and background work. Idempotent."""
@@ -171,6 +194,13 @@ class Engine:
         except ServiceError:
             self.stats.rejected += 1
             raise
+        clients = sum(1 for s in self._sessions.values() if s.app.name == app.name)
+        if clients >= self.config.max_clients_per_app:
+            raise self._over(
+                "clients_per_app",
+                f"app {app.name!r} already has {clients} connected clients, "
+                f"the limit is {self.config.max_clients_per_app}",
+            )
         now = self._now_ms()
         session = Session(
             client_id=new_client_id(),
@@ -194,12 +224,33 @@ class Engine:
         return True
 
     def session(self, client_id: str) -> Session:
-        """The live session of ``client_id``; raises UNAUTHENTICATED otherwise."""
+        """The live session of ``client_id``, charged one request against its app's
+        rate; raises UNAUTHENTICATED (unknown session) or LIMIT_EXCEEDED."""
         session = self._sessions.get(client_id)
         if session is None:
             raise ServiceError.unauthenticated(f"{UNKNOWN_SESSION}: connect first")
-        session.last_seen_ms = self._now_ms()
+        now = self._now_ms()
+        session.last_seen_ms = now
+        rate = self.config.rate_limit_per_app
+        if rate > 0:
+            bucket = self._buckets.get(session.app.name)
+            if bucket is None:
+                bucket = self._buckets[session.app.name] = _Bucket(float(rate), now)
+            if not bucket.take(rate, now):
+                raise self._over(
+                    "request_rate",
+                    f"app {session.app.name!r} exceeded its rate of {rate} requests/s; slow down",
+                )
         return session
+
+    def _over(self, limit: str, message: str) -> ServiceError:
+        counts = self.stats.limit_rejections
+        counts[limit] = counts.get(limit, 0) + 1
+        return ServiceError.over_limit(limit, message)
+
+    def _deny(self, message: str) -> ServiceError:
+        self.stats.denied += 1
+        return ServiceError.denied(message)
 
     def disconnect(self, client_id: str) -> None:
         """The client is gone: drop its session and requeue what it held."""
@@ -257,10 +308,17 @@ class Engine:
         """
         session = self.session(client_id)
         cfg = self.config
-        validation.check_name(name)
-        validation.check_recipient(recipient)
-        validation.check_payload(payload, cfg.max_payload_bytes)
-        meta = validation.parse_metadata(metadata, cfg.max_metadata_bytes)
+        try:
+            validation.check_name(name, cfg.max_name_length)
+            validation.check_recipient(recipient)
+            validation.check_payload(payload, cfg.max_payload_bytes)
+            meta = validation.parse_metadata(metadata, cfg.max_metadata_bytes)
+        except ServiceError as exc:
+            if exc.limit is not None:
+                raise self._over(exc.limit, exc.message) from None
+            raise
+        if not allowed(session.app.publish_rules, name):
+            raise self._deny(f"app {session.app.name!r} may not publish {name!r}")
         if await self.apps.active_app(recipient) is None:
             raise ServiceError.invalid(f"recipient {recipient} is not a registered app")
         dedupe = (session.app_id, recipient, meta.idempotency_key or "")
@@ -387,10 +445,23 @@ class Engine:
     def subscribe(self, client_id: str, name: str) -> None:
         """Start delivering messages of ``name`` to this client."""
         session = self.session(client_id)
-        validation.check_name(name)
+        try:
+            validation.check_name(name, self.config.max_name_length)
+        except ServiceError as exc:
+            if exc.limit is not None:
+                raise self._over(exc.limit, exc.message) from None
+            raise
+        if not allowed(session.app.subscribe_rules, name):
+            raise self._deny(f"app {session.app.name!r} may not subscribe to {name!r}")
         if name in session.subscriptions:
             self._pump(self._partition(session.app_id, name))
             return
+        if len(session.subscriptions) >= self.config.max_subscriptions_per_client:
+            raise self._over(
+                "subscriptions_per_client",
+                f"this client already has {len(session.subscriptions)} subscriptions, "
+                f"the limit is {self.config.max_subscriptions_per_client}",
+            )
         sub = Subscription(session=session, name=name)
         session.subscriptions[name] = sub
         partition = self._partition(session.app_id, name)
@@ -779,6 +850,41 @@ class Engine:
             partition.retry.append(message)
             self._queued.add(idem)
         self._pump(partition)
+
+    def _apps_changed(self) -> None:
+        """An app changed in this process: apply it now, not at the next refresh."""
+        if self._running:
+            self._spawn(self._refresh_apps())
+
+    async def _refresh_apps_forever(self) -> None:
+        # The CLI changes apps from another process; reading them a few times a
+        # second brings revocations, new keys and rules to connected clients.
+        while True:
+            await asyncio.sleep(self.config.app_refresh_ms / 1000)
+            await self._refresh_apps()
+
+    async def _refresh_apps(self) -> None:
+        try:
+            apps = {app.name: app for app in await self.store.list_apps()}
+        except StoreError:
+            log.exception("could not re-read the registered apps")
+            return
+        for session in list(self._sessions.values()):
+            current = apps.get(session.app.name)
+            if current is None or current.revoked or current.key_hash != session.app.key_hash:
+                log.info(
+                    "ending client %s: app %s was revoked or got a new key",
+                    session.client_id[:8],
+                    session.app.name,
+                )
+                self._end_session(session, requeue=True)
+                continue
+            if current != session.app:
+                session.app = current
+                for sub in list(session.subscriptions.values()):
+                    if not allowed(current.subscribe_rules, sub.name):
+                        del session.subscriptions[sub.name]
+                        self._detach(sub)
 
     async def _housekeeping(self) -> None:
         """Expire silent sessions and prune old settled messages."""

@@ -28,10 +28,20 @@ class ErrorCode(enum.Enum):
 class ServiceError(Exception):
     """A request the core refused; ``message`` is safe to show the client."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, limit: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        # For LIMIT_EXCEEDED: which limit (counted in /metrics under this name).
+        self.limit = limit
+
+    @classmethod
+    def over_limit(cls, limit: str, message: str) -> ServiceError:
+        return cls(ErrorCode.LIMIT_EXCEEDED, message, limit=limit)
+
+    @classmethod
+    def denied(cls, message: str) -> ServiceError:
+        return cls(ErrorCode.PERMISSION_DENIED, message)
 
     @classmethod
     def invalid(cls, message: str) -> ServiceError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
@@ -89,3 +89,5 @@ class EngineStats:
     connects: int = 0
     rejected: int = 0
     deduplicated: int = 0
+    denied: int = 0
+    limit_rejections: dict[str, int] = field(default_factory=dict)

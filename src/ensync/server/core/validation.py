@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ensync.protocol.headers import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
 from ensync.protocol.names import validate_name
-from ensync.server.core.errors import ErrorCode, ServiceError
+from ensync.server.core.errors import ServiceError
 
 __all__ = [
     "PublishMetadata",
@@ -33,7 +33,11 @@ class PublishMetadata:
     idempotency_key: str | None = None
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, max_length: int = 255) -> str:
+    if len(name) > max_length:
+        raise ServiceError.over_limit(
+            "name_length", f"message name is {len(name)} characters, more than {max_length}"
+        )
     try:
         return validate_name(name)
     except ValueError as exc:
@@ -66,8 +70,8 @@ def check_payload(payload: str, max_bytes: int) -> None:
     if not payload:
         raise ServiceError.invalid("payload is empty")
     if len(payload) > max_bytes:
-        raise ServiceError(
-            ErrorCode.LIMIT_EXCEEDED,
+        raise ServiceError.over_limit(
+            "payload_size",
             f"payload is {len(payload)} bytes, more than the limit of {max_bytes} bytes",
         )
     try:
@@ -96,9 +100,8 @@ def parse_metadata(text: str, max_bytes: int) -> PublishMetadata:
     if not text:
         return PublishMetadata(text="{}", persist=True, ttl_ms=None)
     if len(text) > max_bytes:
-        raise ServiceError(
-            ErrorCode.LIMIT_EXCEEDED,
-            f"metadata is {len(text)} bytes, more than the limit of {max_bytes}",
+        raise ServiceError.over_limit(
+            "metadata_size", f"metadata is {len(text)} bytes, more than the limit of {max_bytes}"
         )
     try:
         value = json.loads(text)

@@ -60,6 +60,8 @@ class AppRecord:
     """A registered application.
 
     ``key_hash`` is the SHA-256 of the app key; the key itself is never stored.
+    ``publish_rules`` and ``subscribe_rules`` are name patterns
+    (:mod:`ensync.protocol.names`); the default ``("#",)`` allows every name.
     """
 
     name: str
@@ -67,6 +69,8 @@ class AppRecord:
     key_hash: bytes
     created_at_ms: int
     revoked: bool = False
+    publish_rules: tuple[str, ...] = ("#",)
+    subscribe_rules: tuple[str, ...] = ("#",)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import enum
 import functools
+import json
 import logging
 import pathlib
 import queue
@@ -94,7 +95,9 @@ _SCHEMA: Final = (
         app_id TEXT NOT NULL UNIQUE,
         key_hash BLOB NOT NULL UNIQUE,
         created_at_ms INTEGER NOT NULL,
-        revoked INTEGER NOT NULL
+        revoked INTEGER NOT NULL,
+        publish_rules TEXT NOT NULL,
+        subscribe_rules TEXT NOT NULL
     )
     """,
 )
@@ -103,7 +106,9 @@ _MESSAGE_COLUMNS: Final = (
     "idem, recipient, name, block, payload, metadata, payload_metadata, sender, created_at_ms,"
     " state, attempts, visible_at_ms, expires_at_ms, settled_at_ms, dead_reason, dedupe_key"
 )
-_APP_COLUMNS: Final = "name, app_id, key_hash, created_at_ms, revoked"
+_APP_COLUMNS: Final = (
+    "name, app_id, key_hash, created_at_ms, revoked, publish_rules, subscribe_rules"
+)
 _PENDING: Final = int(MessageState.PENDING)
 _DEAD: Final = int(MessageState.DEAD)
 
@@ -748,6 +753,8 @@ def _app(row: Sequence[Any]) -> AppRecord:
         key_hash=bytes(row[2]),
         created_at_ms=row[3],
         revoked=bool(row[4]),
+        publish_rules=tuple(json.loads(row[5])),
+        subscribe_rules=tuple(json.loads(row[6])),
     )
 
 
@@ -800,8 +807,16 @@ def _create_app(app: AppRecord, conn: sqlite3.Connection) -> None:
     _check_app_conflicts(conn, app, own_name=None)
     try:
         conn.execute(
-            f"INSERT INTO apps ({_APP_COLUMNS}) VALUES (?, ?, ?, ?, ?)",
-            (app.name, app.app_id, app.key_hash, app.created_at_ms, int(app.revoked)),
+            f"INSERT INTO apps ({_APP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                app.name,
+                app.app_id,
+                app.key_hash,
+                app.created_at_ms,
+                int(app.revoked),
+                json.dumps(list(app.publish_rules)),
+                json.dumps(list(app.subscribe_rules)),
+            ),
         )
     except sqlite3.IntegrityError as exc:
         raise AppExistsError(f"app {app.name!r} conflicts with a registered app: {exc}") from exc
@@ -811,9 +826,17 @@ def _update_app(app: AppRecord, conn: sqlite3.Connection) -> None:
     _check_app_conflicts(conn, app, own_name=app.name)
     try:
         cursor = conn.execute(
-            "UPDATE apps SET app_id = ?, key_hash = ?, created_at_ms = ?, revoked = ?"
-            " WHERE name = ?",
-            (app.app_id, app.key_hash, app.created_at_ms, int(app.revoked), app.name),
+            "UPDATE apps SET app_id = ?, key_hash = ?, created_at_ms = ?, revoked = ?,"
+            " publish_rules = ?, subscribe_rules = ? WHERE name = ?",
+            (
+                app.app_id,
+                app.key_hash,
+                app.created_at_ms,
+                int(app.revoked),
+                json.dumps(list(app.publish_rules)),
+                json.dumps(list(app.subscribe_rules)),
+                app.name,
+            ),
         )
     except sqlite3.IntegrityError as exc:
         raise AppExistsError(f"app {app.name!r} conflicts with a registered app: {exc}") from exc

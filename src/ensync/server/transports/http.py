@@ -11,6 +11,7 @@ from __future__ import annotations
 import http
 import json
 import logging
+import ssl
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -45,6 +46,7 @@ class HttpListener:
         *,
         max_frame_bytes: int | None = None,
         ping_interval_s: float | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._engine = engine
         self._host = host
@@ -56,6 +58,7 @@ class HttpListener:
             else engine.config.ws_ping_interval_ms / 1000
         )
         self._server: Server | None = None
+        self._ssl = ssl_context
         self.websocket = WebSocketTransport(engine)
         self.port = 0
 
@@ -75,6 +78,7 @@ class HttpListener:
             close_timeout=min(5.0, self._ping_interval_s),
             # Official clients send one command per frame: no compression.
             compression=None,
+            ssl=self._ssl,
         )
         sockets = list(self._server.sockets)
         self.port = sockets[0].getsockname()[1] if sockets else self._port
