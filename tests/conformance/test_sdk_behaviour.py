@@ -270,6 +270,7 @@ async def test_replay_of_unknown_idem_is_not_found(setup: Setup) -> None:
         ("x", [], {"a": 1}, None, "recipients is empty"),
         ("x", "not-a-list", {"a": 1}, None, "list of app ids"),
         ("x", ["nope"], {"a": 1}, None, "not an app id"),
+        ("x", ["A" * 43 + "="] * 1001, {"a": 1}, None, "limit of 1000"),
         ("x", None, [1, 2], None, "JSON object"),
         ("x", None, {"a": object()}, None, "not JSON-serialisable"),
         ("x", None, {"a": 1}, {"persist": "yes"}, "persist"),

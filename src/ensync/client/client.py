@@ -24,6 +24,10 @@ __all__ = ["EnSyncClient"]
 
 _METADATA_KEYS = {"persist", "headers", "ttl_ms"}
 
+# Each recipient is one request on the wire (PROTOCOL.md §2.2): a bound keeps a
+# mistaken list from turning one call into a flood.
+MAX_RECIPIENTS = 1000
+
 
 def _skeleton_type(value: Any) -> str:
     if value is None:
@@ -119,6 +123,10 @@ class EnSyncClient:
             raise errors.EnSyncValidationError("recipients must be a list of app ids")
         if not recipients:
             raise errors.EnSyncValidationError("recipients is empty: name at least one app id")
+        if len(recipients) > MAX_RECIPIENTS:
+            raise errors.EnSyncValidationError(
+                f"{len(recipients)} recipients, more than the limit of {MAX_RECIPIENTS} per publish"
+            )
         for recipient in recipients:
             if not isinstance(recipient, str) or not is_app_id(recipient):
                 raise errors.EnSyncValidationError(
