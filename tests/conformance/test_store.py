@@ -1081,11 +1081,12 @@ async def test_recent_dedupe_keys_rebuild_the_window(store: Store) -> None:
         ]
     )
     assert (await store.get("k1")) == message("k1", 1, created_at_ms=100, dedupe_key="key-a")
-    assert await store.recent_dedupe_keys(100) == [
+    assert await store.recent_dedupe_keys(100, 10) == [
         ("app-sender", RECIPIENT, "key-a", "k1"),
         ("other", RECIPIENT, "key-b", "k3"),
     ]
-    assert await store.recent_dedupe_keys(1000) == []
+    assert await store.recent_dedupe_keys(1000, 10) == []
+    assert await store.recent_dedupe_keys(0, 1) == [("other", RECIPIENT, "key-b", "k3")]
 
 
 async def test_app_rules_round_trip(store: Store) -> None:

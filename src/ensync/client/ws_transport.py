@@ -59,6 +59,11 @@ __all__ = ["WebSocketClientTransport", "wire_message"]
 log = logging.getLogger(__name__)
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def wire_message(record: Record) -> WireMessage:
     """A record as the SDK's transport-neutral delivery."""
     metadata = dict(record.metadata)
@@ -165,6 +170,10 @@ class WebSocketClientTransport:
         if self._closed or self._ws is None:
             raise errors.EnSyncConnectionError("the connection is closed")
         future: asyncio.Future[Pass | Fail | Replayed] = asyncio.get_running_loop().create_future()
+        # Its caller may have timed out or been cancelled before the link
+        # failed the future: mark the failure seen so it is not reported as
+        # "never retrieved".
+        future.add_done_callback(_retrieve)
         async with self._send_lock:
             # seq and send happen together so frames leave in seq order.
             seq, frame = self._session.send(request)

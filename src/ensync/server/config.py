@@ -60,7 +60,7 @@ class EngineConfig:
     ws_ping_interval_ms: int = 20_000
     redelivery_backoff_ms: tuple[int, ...] = (0, 1_000, 5_000, 15_000, 60_000, 300_000)
     dedupe_window_ms: int = 600_000
-    dedupe_max_keys: int = 200_000
+    dedupe_max_keys: int = 100_000
     app_refresh_ms: int = 250
     max_name_length: int = 255
     max_clients_per_app: int = 1_000

@@ -19,10 +19,10 @@ Delivery contract (DESIGN.md §2), in the terms of this module:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
@@ -128,7 +128,8 @@ class Engine:
         self._leases: dict[str, _Lease] = {}
         self._queued: set[str] = set()
         self._deferred: dict[str, asyncio.TimerHandle] = {}
-        self._seen: OrderedDict[tuple[str, str, str], _Seen] = OrderedDict()
+        # Idempotency keys, oldest first (dicts keep insertion order).
+        self._seen: dict[bytes, _Seen] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._running = False
@@ -150,9 +151,11 @@ class Engine:
                     break
                 after = scheduled[-1].visible_at_ms
         window_start = now - self.config.dedupe_window_ms
-        for sender, recipient, key, idem in await self.store.recent_dedupe_keys(window_start):
-            self._remember((sender, recipient, key), _Seen(now + self.config.dedupe_window_ms))
-            self._seen[(sender, recipient, key)].idem = idem
+        recent = await self.store.recent_dedupe_keys(window_start, self.config.dedupe_max_keys)
+        for sender, recipient, key, idem in recent:
+            seen = _Seen(now + self.config.dedupe_window_ms)
+            seen.idem = idem
+            self._remember(_dedupe_key(sender, recipient, key), seen)
         self._spawn(self._housekeeping(), name="ensync-housekeeping")
         self._spawn(self._refresh_apps_forever(), name="ensync-housekeeping")
 
@@ -321,7 +324,7 @@ class Engine:
             raise self._deny(f"app {session.app.name!r} may not publish {name!r}")
         if await self.apps.active_app(recipient) is None:
             raise ServiceError.invalid(f"recipient {recipient} is not a registered app")
-        dedupe = (session.app_id, recipient, meta.idempotency_key or "")
+        dedupe = _dedupe_key(session.app_id, recipient, meta.idempotency_key or "")
         if meta.idempotency_key is not None:
             earlier = self._recall(dedupe)
             if earlier is not None:
@@ -352,7 +355,7 @@ class Engine:
             commit.add_done_callback(lambda done: self._committed(dedupe, seen, done))
         return commit
 
-    def _recall(self, key: tuple[str, str, str]) -> asyncio.Task[str] | None:
+    def _recall(self, key: bytes) -> asyncio.Task[str] | None:
         """The outcome of an earlier publish with this idempotency key, if remembered."""
         seen = self._seen.get(key)
         if seen is None or seen.expires_at_ms <= self._now_ms():
@@ -361,17 +364,22 @@ class Engine:
             return asyncio.get_running_loop().create_task(_already(seen.idem))
         return seen.commit
 
-    def _remember(self, key: tuple[str, str, str], seen: _Seen) -> None:
+    def _remember(self, key: bytes, seen: _Seen) -> None:
+        self._seen.pop(key, None)  # re-inserted at the end: the newest
         self._seen[key] = seen
-        self._seen.move_to_end(key)
-        now = self._now_ms()
-        while self._seen and (
-            len(self._seen) > self.config.dedupe_max_keys
-            or next(iter(self._seen.values())).expires_at_ms <= now
-        ):
-            self._seen.popitem(last=False)
+        self._forget_old_keys(self.config.dedupe_max_keys)
 
-    def _committed(self, key: tuple[str, str, str], seen: _Seen, commit: asyncio.Task[str]) -> None:
+    def _forget_old_keys(self, keep: int) -> None:
+        """Drop expired keys, and the oldest beyond ``keep``."""
+        now = self._now_ms()
+        seen = self._seen
+        while seen:
+            oldest = next(iter(seen))
+            if len(seen) <= keep and seen[oldest].expires_at_ms > now:
+                break
+            del seen[oldest]
+
+    def _committed(self, key: bytes, seen: _Seen, commit: asyncio.Task[str]) -> None:
         if commit.cancelled() or commit.exception() is not None:
             if self._seen.get(key) is seen:
                 del self._seen[key]  # nothing was stored: a retry must store it
@@ -898,6 +906,8 @@ class Engine:
                 if idle > self.config.session_timeout_ms and not session.router.is_attached():
                     log.info("client %s expired after %d ms", session.client_id[:8], idle)
                     self._end_session(session, requeue=True)
+            # An idle engine frees the keys whose window has passed.
+            self._forget_old_keys(self.config.dedupe_max_keys)
             if now - last_prune > 3_600_000:
                 last_prune = now
                 for store in self._stores():
@@ -958,6 +968,13 @@ class Engine:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+
+def _dedupe_key(sender: str, recipient: str, key: str) -> bytes:
+    # A 16-byte digest stands for the three strings: a third of their memory,
+    # and the window may hold a hundred thousand keys.
+    text = f"{sender}\0{recipient}\0{key}".encode()
+    return hashlib.blake2b(text, digest_size=16).digest()
 
 
 async def _already(idem: str) -> str:

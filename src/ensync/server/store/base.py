@@ -194,10 +194,12 @@ class Store(Protocol):
     async def redrive(self, idem: str, now_ms: int) -> bool:
         """Return a dead letter to PENDING (attempts reset, visible now)."""
 
-    async def recent_dedupe_keys(self, since_ms: int) -> list[tuple[str, str, str, str]]:
-        """``(sender, recipient, dedupe_key, idem)`` of messages created at or after
-        ``since_ms`` that carry a dedupe key, oldest first: how the engine
-        rebuilds its deduplication window after a restart."""
+    async def recent_dedupe_keys(
+        self, since_ms: int, limit: int
+    ) -> list[tuple[str, str, str, str]]:
+        """``(sender, recipient, dedupe_key, idem)`` of the newest ``limit`` messages
+        created at or after ``since_ms`` that carry a dedupe key, oldest first:
+        how the engine rebuilds its deduplication window after a restart."""
 
     async def backlog(self) -> dict[str, int]:
         """Pending messages per recipient app id (for metrics)."""

@@ -337,7 +337,9 @@ class MemoryStore:
         self._index(entry)
         return True
 
-    async def recent_dedupe_keys(self, since_ms: int) -> list[tuple[str, str, str, str]]:
+    async def recent_dedupe_keys(
+        self, since_ms: int, limit: int
+    ) -> list[tuple[str, str, str, str]]:
         """Scans every message: O(n). Used once, when an engine starts."""
         self._check_open()
         found = [
@@ -346,7 +348,8 @@ class MemoryStore:
             if entry.message.dedupe_key is not None and entry.message.created_at_ms >= since_ms
         ]
         found.sort(key=lambda item: (item[1].created_at_ms, item[0]))
-        return [(m.sender, m.recipient, m.dedupe_key or "", m.idem) for _, m in found]
+        newest = found[-limit:] if limit > 0 else []
+        return [(m.sender, m.recipient, m.dedupe_key or "", m.idem) for _, m in newest]
 
     async def backlog(self) -> dict[str, int]:
         """Pending messages per recipient: O(partitions)."""

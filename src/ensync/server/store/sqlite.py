@@ -414,18 +414,23 @@ class SqliteStore:
             )
         )
 
-    async def recent_dedupe_keys(self, since_ms: int) -> list[tuple[str, str, str, str]]:
-        """Uses the partial index on ``created_at_ms`` of keyed messages."""
+    async def recent_dedupe_keys(
+        self, since_ms: int, limit: int
+    ) -> list[tuple[str, str, str, str]]:
+        """Uses the partial index on ``created_at_ms`` of keyed messages; reads at
+        most ``limit`` rows, however many messages the window holds."""
+        if limit <= 0:
+            return []
         rows = await self._read(
             functools.partial(
                 _fetch_rows,
                 "SELECT sender, recipient, dedupe_key, idem FROM messages"
                 " WHERE dedupe_key IS NOT NULL AND created_at_ms >= ?"
-                " ORDER BY created_at_ms, rowid",
-                (since_ms,),
+                " ORDER BY created_at_ms DESC, rowid DESC LIMIT ?",
+                (since_ms, limit),
             )
         )
-        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in rows]
+        return [(str(a), str(b), str(c), str(d)) for a, b, c, d in reversed(rows)]
 
     async def backlog(self) -> dict[str, int]:
         """Pending messages per recipient. Counts every pending row (an index

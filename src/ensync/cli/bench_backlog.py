@@ -1,0 +1,670 @@
+"""``ensync bench --backlog N``: the engine with N pending messages.
+
+What it measures, on two engine processes (sqlite, temporary directories):
+
+1. **Prefill.** N persisted ~1 KB messages for one recipient app, spread
+   over a few partitions, none delivered. By default they are written
+   straight into the backlog engine's store with ``SqliteStore.append`` in
+   large batches *before that engine starts* (one payload is sealed for the
+   recipient once and reused; blocks increase per partition), because
+   publishing a million messages through the engine takes many minutes.
+   ``--backlog-fill engine`` publishes them through an engine instead.
+2. **Memory with the backlog.** The backlog engine's peak RSS (VmHWM from
+   /proc) over the whole run; the target is under 300 MB for N = 1,000,000.
+3. **Publish throughput** (persisted, encrypted, ``--payload-bytes`` JSON,
+   one client with ``--concurrency`` publishes in flight, as in the plain
+   bench; no subscriber) on an empty engine and on the backlog engine, in
+   alternating rounds of ``--messages``; the ratio of the medians should be
+   at least 0.8 (within 20 %).
+4. **A slow consumer.** On the backlog engine, a subscriber whose handler
+   sleeps ``--slow-handler-ms`` per message reads the backlogged partitions
+   while the publisher keeps publishing to them at full speed for
+   ``--slow-seconds``. The engine's RSS is sampled against the count of
+   messages published (a slope in kB per 10k): the consumer must not make
+   it grow (the engine holds a bounded window per partition; the rest stays
+   on disk). The same slope is measured during the rounds, with no
+   subscriber at all: growth found in both comes from the publish path.
+
+The figures are reported; the targets are judged (``*_ok``) but do not
+change the exit code, which is non-zero only when the run itself failed.
+Memory is in MB of 10^6 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from ensync.cli.bench_common import (
+    BenchError,
+    EngineProcess,
+    Progress,
+    PublishFigures,
+    ResourceSampler,
+    bar,
+    client_engine,
+    close_quietly,
+    http_get,
+    mb,
+    print_rows,
+    publish_load,
+    register_apps,
+    running_engine,
+)
+from ensync.client.client import EnSyncClient
+from ensync.client.engine import BaseEngine
+from ensync.crypto import seal
+from ensync.models import Message
+from ensync.server.core.apps import NewApp
+from ensync.server.core.engine import wall_clock_ms
+from ensync.server.core.ids import new_idem
+from ensync.server.store.base import StoredMessage
+from ensync.server.store.sqlite import SqliteStore
+
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "PEAK_RSS_TARGET_MB",
+    "THROUGHPUT_RATIO_TARGET",
+    "BacklogResult",
+    "Prefill",
+    "SlowConsumer",
+    "add_arguments",
+    "run",
+]
+
+DEFAULT_BACKLOG = 1_000_000
+PEAK_RSS_TARGET_MB = 300.0
+THROUGHPUT_RATIO_TARGET = 0.8
+
+_PUBLISHER = "bench-publisher"
+_RECIPIENT = "bench-backlog"
+_PREFILL_BATCH = 5_000
+_WARMUP = 200
+_METADATA = {"persist": True, "headers": {}}
+
+
+@dataclass(frozen=True, slots=True)
+class Prefill:
+    """How the backlog got into the store."""
+
+    method: str
+    messages: int
+    partitions: int
+    duration_s: float
+    rate: float
+    db_mb: float
+
+
+@dataclass(frozen=True, slots=True)
+class SlowConsumer:
+    """Publishing into the backlog while a slow subscriber reads it."""
+
+    duration_s: float
+    handler_ms: float
+    consumed: int
+    consume_rate: float
+    publish: PublishFigures
+    rss_start_mb: float
+    rss_end_mb: float
+    rss_max_mb: float
+    rss_slope_kb_per_10k_published: float
+    buffered_max: int
+    in_flight_max: int
+    samples: list[tuple[float, float, int]]
+    """(seconds, RSS MB, messages published so far), about one per second."""
+
+
+@dataclass(frozen=True, slots=True)
+class BacklogResult:
+    """The figures of one ``--backlog`` run."""
+
+    backlog: int
+    pending_at_start: int
+    transport: str
+    payload_bytes: int
+    concurrency: int
+    prefill: Prefill
+    rss_after_start_mb: float
+    peak_rss_after_publish_mb: float
+    peak_rss_mb: float
+    peak_rss_target_mb: float
+    peak_rss_ok: bool
+    empty_engine_peak_rss_mb: float
+    rounds: list[tuple[float, float]]
+    """(empty engine msg/s, backlog engine msg/s) per round."""
+    empty_publish: PublishFigures
+    backlog_publish: PublishFigures
+    throughput_ratio: float
+    throughput_ratio_target: float
+    throughput_ok: bool
+    rounds_rss_slope_kb_per_10k_published: float
+    """Engine RSS against messages published during the rounds (no subscriber)."""
+    slow_consumer: SlowConsumer | None
+    pending_at_end: int
+    engine_problems: list[str]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--backlog`` on the ``bench`` parser."""
+    group = parser.add_argument_group("--backlog options")
+    group.add_argument(
+        "--backlog-fill",
+        choices=["store", "engine"],
+        default="store",
+        help="write the backlog into the store before the engine starts (store, fast)"
+        " or publish it through an engine (engine, slow)",
+    )
+    group.add_argument(
+        "--backlog-partitions", type=int, default=2, help="partitions of the backlog (2)"
+    )
+    group.add_argument(
+        "--rounds", type=int, default=3, help="throughput rounds, engines alternating (3)"
+    )
+    group.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=60.0,
+        help="length of the slow-consumer phase; 0 skips it (60)",
+    )
+    group.add_argument(
+        "--slow-handler-ms",
+        type=float,
+        default=10.0,
+        help="the slow subscriber's handler sleeps this long per message (10)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the backlog program and print its figures; returns the exit code."""
+    checks = [
+        (args.backlog >= 1, "--backlog must be positive"),
+        (args.backlog_partitions >= 1, "--backlog-partitions must be positive"),
+        (args.rounds >= 1, "--rounds must be positive"),
+        (args.slow_seconds >= 0, "--slow-seconds must be 0 or more"),
+        (args.slow_handler_ms >= 0, "--slow-handler-ms must be 0 or more"),
+    ]
+    for ok, problem in checks:
+        if not ok:
+            print(f"ensync bench: {problem}", file=sys.stderr)
+            return 2
+    try:
+        result = asyncio.run(_backlog(args))
+    except BenchError as exc:
+        print(f"ensync bench: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        _print_table(result, sys.stdout)
+    return 0
+
+
+def _names(partitions: int) -> list[str]:
+    return [f"bench/backlog/{index}" for index in range(partitions)]
+
+
+def _payload(payload_bytes: int) -> dict[str, Any]:
+    return {"seq": 0, "sent": wall_clock_ms(), "data": "x" * max(0, payload_bytes - 60)}
+
+
+async def _backlog(args: argparse.Namespace) -> BacklogResult:
+    base = Path(tempfile.mkdtemp(prefix="ensync-bench-backlog-"))
+    progress = Progress()
+    try:
+        empty_dir, backlog_dir = base / "empty", base / "backlog"
+        empty_apps = await register_apps(empty_dir, [_PUBLISHER, _RECIPIENT])
+        backlog_apps = await register_apps(backlog_dir, [_PUBLISHER, _RECIPIENT])
+        fill = _prefill_store if args.backlog_fill == "store" else _prefill_engine
+        prefill = await fill(args, backlog_dir, backlog_apps[0], backlog_apps[1], progress)
+        progress.note(
+            f"prefill ({prefill.method}): {prefill.messages:,} messages in"
+            f" {prefill.partitions} partitions, {prefill.duration_s:.1f} s"
+            f" ({prefill.rate:,.0f}/s), database {prefill.db_mb:,.0f} MB"
+        )
+        async with (
+            running_engine(empty_dir) as empty_engine,
+            running_engine(backlog_dir) as backlog_engine,
+        ):
+            return await _measure(
+                args, prefill, empty_engine, empty_apps, backlog_engine, backlog_apps, progress
+            )
+    finally:
+        progress.finish()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- prefill
+
+
+async def _prefill_store(
+    args: argparse.Namespace,
+    data_dir: Path,
+    publisher: NewApp,
+    recipient: NewApp,
+    progress: Progress,
+) -> Prefill:
+    """Append the backlog straight into the (not yet served) sqlite store."""
+    total: int = args.backlog
+    names = _names(args.backlog_partitions)
+    payload = _payload(args.payload_bytes)
+    plaintext = json.dumps(payload, separators=(",", ":")).encode()
+    envelope = seal(plaintext, recipient.app_id)  # sealed once, shared by every message
+    metadata = json.dumps(_METADATA, separators=(",", ":"))
+    payload_metadata = json.dumps(
+        {
+            "byte_size": len(plaintext),
+            "skeleton": {"seq": "integer", "sent": "long", "data": "string"},
+        },
+        separators=(",", ":"),
+    )
+    store = SqliteStore(data_dir / "ensync.db", synchronous="NORMAL")
+    await store.open()
+    start = time.perf_counter()
+    try:
+        in_flight: list[asyncio.Task[None]] = []
+        written = 0
+        for first in range(0, total, _PREFILL_BATCH):
+            now = wall_clock_ms()
+            batch = [
+                StoredMessage(
+                    idem=new_idem(now),
+                    recipient=recipient.app_id,
+                    name=names[seq % len(names)],
+                    block=seq // len(names) + 1,
+                    payload=envelope,
+                    metadata=metadata,
+                    sender=publisher.app_id,
+                    created_at_ms=now,
+                    payload_metadata=payload_metadata,
+                )
+                for seq in range(first, min(total, first + _PREFILL_BATCH))
+            ]
+            # Two appends in flight: the next batch is built while one commits.
+            in_flight.append(asyncio.get_running_loop().create_task(store.append(batch)))
+            if len(in_flight) >= 2:
+                await in_flight.pop(0)
+            written += len(batch)
+            _show_fill(progress, "prefill", written, total, start)
+        for task in in_flight:
+            await task
+        _show_fill(progress, "prefill", total, total, start, force=True)
+    finally:
+        await store.close()
+    duration = time.perf_counter() - start
+    return Prefill(
+        method="store",
+        messages=total,
+        partitions=len(names),
+        duration_s=round(duration, 2),
+        rate=round(total / duration, 1),
+        db_mb=mb(_db_bytes(data_dir)),
+    )
+
+
+async def _prefill_engine(
+    args: argparse.Namespace,
+    data_dir: Path,
+    publisher: NewApp,
+    recipient: NewApp,
+    progress: Progress,
+) -> Prefill:
+    """Publish the backlog through an engine (that is then stopped)."""
+    total: int = args.backlog
+    names = _names(args.backlog_partitions)
+    start = time.perf_counter()
+    async with running_engine(data_dir, log_name="fill-engine.log") as engine:
+        sdk = client_engine(args.transport, engine.port(args.transport))
+        try:
+            client = await sdk.create_client(publisher.app_key)
+            figures = await publish_load(
+                _Publisher(client, recipient, names, args.payload_bytes),
+                count=total,
+                concurrency=args.concurrency,
+                on_progress=lambda done, _failed: _show_fill(
+                    progress, "prefill through the engine", done, total, start
+                ),
+            )
+        finally:
+            await close_quietly(sdk)
+    if figures.failed:
+        raise BenchError(f"{figures.failed} publishes of the backlog failed")
+    duration = time.perf_counter() - start
+    return Prefill(
+        method="engine",
+        messages=total,
+        partitions=len(names),
+        duration_s=round(duration, 2),
+        rate=round(total / duration, 1),
+        db_mb=mb(_db_bytes(data_dir)),
+    )
+
+
+def _show_fill(
+    progress: Progress, what: str, done: int, total: int, start: float, *, force: bool = False
+) -> None:
+    elapsed = max(1e-9, time.perf_counter() - start)
+    progress.show(
+        f"{what} {bar(done / total)} {done:,}/{total:,} messages  {done / elapsed:,.0f}/s",
+        force=force,
+    )
+
+
+def _db_bytes(data_dir: Path) -> int:
+    return sum(path.stat().st_size for path in data_dir.glob("ensync.db*"))
+
+
+class _Publisher:
+    """``publish(seq)`` for :func:`publish_load`: one client, the partitions in turn."""
+
+    def __init__(
+        self, client: EnSyncClient, recipient: NewApp, names: list[str], payload_bytes: int
+    ) -> None:
+        self._client = client
+        self._recipients = [recipient.app_id]
+        self._names = names
+        self._filler = "x" * max(0, payload_bytes - 60)
+        self.published = 0
+
+    async def __call__(self, seq: int) -> None:
+        payload = {"seq": seq, "sent": wall_clock_ms(), "data": self._filler}
+        name = self._names[seq % len(self._names)]
+        await self._client.publish(name, self._recipients, payload, _METADATA)
+        self.published += 1
+
+
+# ---------------------------------------------------------------------- measurements
+
+
+async def _measure(
+    args: argparse.Namespace,
+    prefill: Prefill,
+    empty_engine: EngineProcess,
+    empty_apps: list[NewApp],
+    backlog_engine: EngineProcess,
+    backlog_apps: list[NewApp],
+    progress: Progress,
+) -> BacklogResult:
+    rss_after_start = backlog_engine.memory().rss_bytes
+    pending_at_start = await _pending(backlog_engine)
+    progress.note(
+        f"backlog engine up: {pending_at_start:,} pending messages,"
+        f" RSS {mb(rss_after_start):,.1f} MB"
+    )
+    names = _names(args.backlog_partitions)
+    sdks: list[BaseEngine] = []
+    try:
+        publishers: list[_Publisher] = []
+        for engine, (pub_app, recipient) in (
+            (empty_engine, empty_apps),
+            (backlog_engine, backlog_apps),
+        ):
+            sdk = client_engine(args.transport, engine.port(args.transport))
+            sdks.append(sdk)
+            client = await sdk.create_client(pub_app.app_key)
+            publish = _Publisher(client, recipient, names, args.payload_bytes)
+            await publish_load(publish, count=_WARMUP, concurrency=args.concurrency)
+            publishers.append(publish)
+        rounds: list[tuple[PublishFigures, PublishFigures]] = []
+        probe = publishers[1]
+        async with ResourceSampler(backlog_engine.pid, 1.0, lambda: probe.published) as sampler:
+            for index in range(args.rounds):
+                rounds.append(await _round(args, index, publishers, progress))
+        rounds_slope = sampler.rss_slope_bytes_per_count()
+        peak_after_publish = backlog_engine.memory().peak_rss_bytes
+        slow: SlowConsumer | None = None
+        if args.slow_seconds > 0:
+            slow = await _slow_consumer(args, backlog_engine, backlog_apps[1], probe, progress)
+    finally:
+        for sdk in sdks:
+            await close_quietly(sdk)
+    peak = backlog_engine.memory().peak_rss_bytes
+    empty_median = _median(rounds, 0)
+    backlog_median = _median(rounds, 1)
+    ratio = round(backlog_median.rate / empty_median.rate, 3) if empty_median.rate else 0.0
+    return BacklogResult(
+        backlog=args.backlog,
+        pending_at_start=pending_at_start,
+        transport=args.transport,
+        payload_bytes=args.payload_bytes,
+        concurrency=args.concurrency,
+        prefill=prefill,
+        rss_after_start_mb=mb(rss_after_start),
+        peak_rss_after_publish_mb=mb(peak_after_publish),
+        peak_rss_mb=mb(peak),
+        peak_rss_target_mb=PEAK_RSS_TARGET_MB,
+        peak_rss_ok=mb(peak) < PEAK_RSS_TARGET_MB,
+        empty_engine_peak_rss_mb=mb(empty_engine.memory().peak_rss_bytes),
+        rounds=[(empty.rate, backlogged.rate) for empty, backlogged in rounds],
+        empty_publish=empty_median,
+        backlog_publish=backlog_median,
+        throughput_ratio=ratio,
+        throughput_ratio_target=THROUGHPUT_RATIO_TARGET,
+        throughput_ok=ratio >= THROUGHPUT_RATIO_TARGET,
+        rounds_rss_slope_kb_per_10k_published=_kb_per_10k(rounds_slope),
+        slow_consumer=slow,
+        pending_at_end=await _pending(backlog_engine),
+        engine_problems=[*empty_engine.log_problems(), *backlog_engine.log_problems()][:20],
+    )
+
+
+async def _round(
+    args: argparse.Namespace, index: int, publishers: list[_Publisher], progress: Progress
+) -> tuple[PublishFigures, PublishFigures]:
+    """One throughput round: the empty engine, then the backlog engine."""
+    pair = []
+    for label, publish in zip(("empty", "backlog"), publishers, strict=True):
+        what = f"round {index + 1}/{args.rounds}, {label} engine"
+        figures = await publish_load(
+            publish,
+            count=args.messages,
+            concurrency=args.concurrency,
+            on_progress=_count_progress(progress, what, args.messages),
+        )
+        if figures.failed:
+            raise BenchError(f"{figures.failed} publishes failed ({label} engine)")
+        pair.append(figures)
+    progress.note(
+        f"round {index + 1}/{args.rounds}: empty engine {pair[0].rate:,.0f} msg/s,"
+        f" backlog engine {pair[1].rate:,.0f} msg/s"
+    )
+    return pair[0], pair[1]
+
+
+def _kb_per_10k(bytes_per_message: float) -> float:
+    return round(bytes_per_message * 10_000 / 1000, 1)
+
+
+def _count_progress(progress: Progress, what: str, total: int) -> Callable[[int, int], None]:
+    def show(done: int, _failed: int) -> None:
+        progress.show(f"{what} {bar(done / total)} {done:,}/{total:,} published")
+
+    return show
+
+
+def _median(rounds: list[tuple[PublishFigures, PublishFigures]], which: int) -> PublishFigures:
+    """The round whose rate is the median one (the lower middle for an even count)."""
+    ordered = sorted((pair[which] for pair in rounds), key=lambda figures: figures.rate)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+async def _pending(engine: EngineProcess) -> int:
+    """Pending messages, from the engine's ``ensync_backlog`` gauge."""
+    text = await http_get(engine.http_port, "/metrics")
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("ensync_backlog{"):
+            total += float(line.rsplit(maxsplit=1)[1])
+    return int(total)
+
+
+async def _slow_consumer(
+    args: argparse.Namespace,
+    engine: EngineProcess,
+    recipient: NewApp,
+    publish: _Publisher,
+    progress: Progress,
+) -> SlowConsumer:
+    """Publish at full speed into the backlog while a slow subscriber reads it."""
+    names = _names(args.backlog_partitions)
+    handler_s = args.slow_handler_ms / 1000
+    consumed = 0
+    health = {"buffered": 0, "in_flight": 0}
+
+    async def slow_handler(_message: Message) -> None:
+        nonlocal consumed
+        await asyncio.sleep(handler_s)
+        consumed += 1
+
+    async def watch_health() -> None:
+        while True:
+            try:
+                reading = json.loads(await http_get(engine.http_port, "/healthz"))
+            except (OSError, ValueError, BenchError):
+                reading = {}  # a missed reading; the next one counts
+            for key in health:
+                health[key] = max(health[key], int(reading.get(key, 0)))
+            await asyncio.sleep(1.0)
+
+    def on_progress(done: int, _failed: int) -> None:
+        elapsed = time.perf_counter() - start
+        progress.show(
+            f"slow consumer {bar(elapsed / args.slow_seconds)} {elapsed:,.0f}/"
+            f"{args.slow_seconds:g} s  published {done:,}  consumed {consumed:,}"
+            f"  engine RSS {mb(engine.memory().rss_bytes):,.1f} MB"
+        )
+
+    sdk = client_engine(args.transport, engine.port(args.transport))
+    watcher: asyncio.Task[None] | None = None
+    try:
+        subscriber = await sdk.create_client(recipient.app_key, app_secret_key=recipient.secret_key)
+        for name in names:
+            (await subscriber.subscribe(name)).on(slow_handler)
+        watcher = asyncio.get_running_loop().create_task(watch_health())
+        start = time.perf_counter()
+        async with ResourceSampler(engine.pid, 1.0, lambda: publish.published) as sampler:
+            figures = await publish_load(
+                publish,
+                until=start + args.slow_seconds,
+                concurrency=args.concurrency,
+                on_progress=on_progress,
+            )
+        duration = time.perf_counter() - start
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        await close_quietly(sdk)
+    if figures.failed:
+        raise BenchError(f"{figures.failed} publishes failed during the slow-consumer phase")
+    samples = sampler.samples
+    progress.note(
+        f"slow consumer: published {figures.published:,} ({figures.rate:,.0f}/s),"
+        f" consumed {consumed:,}, engine RSS {mb(samples[0].rss_bytes):,.1f} ->"
+        f" {mb(samples[-1].rss_bytes):,.1f} MB (max {mb(sampler.max_rss_bytes):,.1f})"
+    )
+    return SlowConsumer(
+        duration_s=round(duration, 2),
+        handler_ms=args.slow_handler_ms,
+        consumed=consumed,
+        consume_rate=round(consumed / duration, 1),
+        publish=figures,
+        rss_start_mb=mb(samples[0].rss_bytes),
+        rss_end_mb=mb(samples[-1].rss_bytes),
+        rss_max_mb=mb(sampler.max_rss_bytes),
+        rss_slope_kb_per_10k_published=_kb_per_10k(sampler.rss_slope_bytes_per_count()),
+        buffered_max=health["buffered"],
+        in_flight_max=health["in_flight"],
+        samples=[(s.at_s, mb(s.rss_bytes), s.count) for s in samples],
+    )
+
+
+# ---------------------------------------------------------------------- output
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def _print_table(result: BacklogResult, out: TextIO) -> None:
+    prefill = result.prefill
+    empty, backlogged = result.empty_publish, result.backlog_publish
+    rows: list[tuple[str, str]] = [
+        ("backlog", f"{result.pending_at_start:,} pending at start ({result.backlog:,} asked)"),
+        (
+            "prefill",
+            f"{prefill.method}: {prefill.messages:,} in {prefill.partitions} partitions,"
+            f" {prefill.duration_s:.1f} s, database {prefill.db_mb:,.0f} MB",
+        ),
+        (
+            "payload",
+            f"{result.payload_bytes} B JSON, persisted, encrypted, {result.transport},"
+            f" {result.concurrency} in flight",
+        ),
+        ("engine RSS at start", f"{result.rss_after_start_mb:,.1f} MB"),
+        ("peak RSS after publish", f"{result.peak_rss_after_publish_mb:,.1f} MB"),
+        (
+            "peak RSS (VmHWM)",
+            f"{result.peak_rss_mb:,.1f} MB (target < {result.peak_rss_target_mb:g} MB:"
+            f" {_verdict(result.peak_rss_ok)}); empty engine {result.empty_engine_peak_rss_mb:,.1f}"
+            " MB",
+        ),
+        (
+            "publish, empty engine",
+            f"{empty.rate:,.0f} msg/s (p50 {empty.latency_p50_ms:.1f} ms,"
+            f" p99 {empty.latency_p99_ms:.1f} ms)",
+        ),
+        (
+            "publish, with backlog",
+            f"{backlogged.rate:,.0f} msg/s (p50 {backlogged.latency_p50_ms:.1f} ms,"
+            f" p99 {backlogged.latency_p99_ms:.1f} ms)",
+        ),
+        (
+            "throughput ratio",
+            f"{result.throughput_ratio:.2f} (target >= {result.throughput_ratio_target:g}:"
+            f" {_verdict(result.throughput_ok)}); rounds "
+            + ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in result.rounds),
+        ),
+        (
+            "engine RSS in rounds",
+            f"{result.rounds_rss_slope_kb_per_10k_published:+,.1f} kB per 10k published"
+            " (no subscriber)",
+        ),
+    ]
+    slow = result.slow_consumer
+    if slow is not None:
+        rows += [
+            (
+                "slow consumer",
+                f"{slow.handler_ms:g} ms per message: consumed {slow.consumed:,}"
+                f" ({slow.consume_rate:,.0f}/s) in {slow.duration_s:.0f} s",
+            ),
+            (
+                "  publish meanwhile",
+                f"{slow.publish.published:,} at {slow.publish.rate:,.0f} msg/s"
+                f" (p50 {slow.publish.latency_p50_ms:.1f} ms,"
+                f" p99 {slow.publish.latency_p99_ms:.1f} ms)",
+            ),
+            (
+                "  engine RSS",
+                f"{slow.rss_start_mb:,.1f} -> {slow.rss_end_mb:,.1f} MB, max"
+                f" {slow.rss_max_mb:,.1f} MB; {slow.rss_slope_kb_per_10k_published:+,.1f} kB"
+                " per 10k published",
+            ),
+            (
+                "  engine buffers",
+                f"at most {slow.buffered_max:,} buffered, {slow.in_flight_max:,} in flight",
+            ),
+        ]
+    rows.append(("pending at end", f"{result.pending_at_end:,}"))
+    rows.append(("engine warnings", str(len(result.engine_problems))))
+    print_rows(rows, out)
+    for line in result.engine_problems:
+        out.write(f"  {line}\n")

@@ -1,0 +1,760 @@
+"""``ensync bench --soak MINUTES``: a mixed load, watching for leaks.
+
+One engine process (sqlite, temporary directory, ``--soak-ack-deadline-ms``)
+serves, for MINUTES (fractions allowed):
+
+* two publishers, one per transport (gRPC and WebSocket), at
+  ``--soak-rate`` messages/s in all, each message for one of two recipient
+  apps and one of two names; the WebSocket publisher is replaced by a new
+  client every churn period;
+* per recipient app three consumer clients (gRPC, WebSocket, and one behind
+  a TCP proxy whose links are cut every churn period, so the SDK has to
+  reconnect and resubscribe); every churn period one direct consumer is
+  closed and a new one created (its unsettled messages go back to the
+  others). Consumers ack most messages, and by the message's key defer some
+  (then ack the redelivery), discard some, replay some (before and after
+  the ack) and ignore a few (redelivered after the ack deadline).
+
+Then publishing stops, the consumers drain, every client closes and the
+engine stops. Reported: the engine's RSS and open file descriptors idle
+before the load, after a warm-up, once a minute, at the end of the load and
+idle again at the end; message counts per verb (ours and the engine's
+``/metrics``); errors; and whether every published message was settled —
+checked against the store itself once the engine has stopped.
+Memory is in MB of 10^6 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from ensync.cli.bench_common import (
+    BenchError,
+    EngineProcess,
+    ErrorTally,
+    Progress,
+    ResourceSampler,
+    Transport,
+    client_engine,
+    close_quietly,
+    fd_kinds,
+    http_get,
+    mb,
+    print_rows,
+    publish_load,
+    register_apps,
+    running_engine,
+)
+from ensync.client.client import EnSyncClient
+from ensync.client.engine import BaseEngine
+from ensync.client.subscription import Subscription
+from ensync.errors import EnSyncError
+from ensync.models import Message
+from ensync.server.core.apps import NewApp
+from ensync.server.core.engine import wall_clock_ms
+from ensync.server.store.base import MessageState, StoredMessage
+from ensync.server.store.sqlite import SqliteStore
+
+__all__ = ["DEFAULT_SOAK_RATE", "SoakResult", "SoakSample", "add_arguments", "run"]
+
+DEFAULT_SOAK_RATE = 200.0
+_NAMES = ("soak/a", "soak/b")
+_METADATA = {"persist": True, "headers": {}}
+# Out of 100, by a hash of the message key: what its first delivery gets.
+_VERBS = (("ack", 80), ("defer", 8), ("discard", 5), ("replay", 5), ("ignore", 2))
+
+
+@dataclass(frozen=True, slots=True)
+class SoakSample:
+    """The engine process once a minute."""
+
+    minute: float
+    rss_mb: float
+    fds: int
+    published: int
+    settled: int
+
+
+@dataclass(frozen=True, slots=True)
+class SoakResult:
+    """The figures of one ``--soak`` run."""
+
+    minutes: float
+    rate_target: float
+    churn_seconds: float
+    rss_idle_start_mb: float
+    fds_idle_start: int
+    rss_start_mb: float
+    fds_start: int
+    rss_end_load_mb: float
+    fds_end_load: int
+    rss_max_mb: float
+    fds_max: int
+    rss_idle_end_mb: float
+    fds_idle_end: int
+    peak_rss_mb: float
+    fd_kinds: dict[str, dict[str, int]]
+    samples: list[SoakSample]
+    published: int
+    publish_failed: int
+    publish_rate: float
+    verbs: dict[str, int]
+    engine_counters: dict[str, int]
+    churn: dict[str, int]
+    acked: int
+    discarded: int
+    settled_per_store_only: int
+    stuck: int
+    stuck_examples: list[str]
+    unknown_keys: int
+    store_pending: int
+    dead_letters: dict[str, int]
+    engine_end: dict[str, int]
+    all_accounted: bool
+    errors: dict[str, dict[str, int | str]]
+    engine_problem_count: int
+    engine_problems: list[str] = field(default_factory=list)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--soak`` on the ``bench`` parser."""
+    group = parser.add_argument_group("--soak options")
+    group.add_argument(
+        "--soak-rate",
+        type=float,
+        default=DEFAULT_SOAK_RATE,
+        help=f"messages/s published in all ({DEFAULT_SOAK_RATE:g})",
+    )
+    group.add_argument(
+        "--churn-seconds",
+        type=float,
+        default=0,
+        help="clients restarted and links cut this often (default: 20 s, less for short soaks)",
+    )
+    group.add_argument(
+        "--soak-ack-deadline-ms",
+        type=int,
+        default=3_000,
+        help="the engine's ack deadline during the soak (3000)",
+    )
+    group.add_argument(
+        "--soak-drain-seconds",
+        type=float,
+        default=360.0,
+        help="after the load, wait this long at most for every message to be settled;"
+        " covers the engine's longest redelivery backoff (360)",
+    )
+    group.add_argument(
+        "--soak-session-timeout-ms",
+        type=int,
+        default=5_000,
+        help="the engine's session timeout during the soak, so that the sessions of"
+        " closed gRPC clients are gone before the end (5000)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the soak and print its figures; returns 1 if a message was not accounted for."""
+    if args.soak <= 0 or args.soak_rate <= 0 or args.churn_seconds < 0:
+        print("ensync bench: --soak and --soak-rate must be positive", file=sys.stderr)
+        return 2
+    if (
+        args.soak_ack_deadline_ms <= 0
+        or args.soak_session_timeout_ms <= 0
+        or args.soak_drain_seconds < 0
+    ):
+        print("ensync bench: the --soak-* options must be positive", file=sys.stderr)
+        return 2
+    # The SDK warns on every lost link; the soak cuts links on purpose and
+    # counts the disconnects itself.
+    logging.getLogger("ensync").setLevel(logging.ERROR)
+    try:
+        result = asyncio.run(_soak(args))
+    except BenchError as exc:
+        print(f"ensync bench: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(asdict(result)))
+    else:
+        _print_table(result, sys.stdout)
+    return 0 if result.all_accounted else 1
+
+
+def _verb_for(key: str) -> str:
+    point = zlib.crc32(key.encode()) % 100
+    for verb, share in _VERBS:
+        if point < share:
+            return verb
+        point -= share
+    return "ack"
+
+
+async def _soak(args: argparse.Namespace) -> SoakResult:
+    data_dir = Path(tempfile.mkdtemp(prefix="ensync-bench-soak-"))
+    progress = Progress()
+    try:
+        apps = await register_apps(data_dir, ["soak-publisher", "soak-r1", "soak-r2"])
+        engine_args = [
+            f"--ack-deadline-ms={args.soak_ack_deadline_ms}",
+            f"--session-timeout-ms={args.soak_session_timeout_ms}",
+            # Deliveries that fail because the machine is loaded (leases
+            # running out before a busy client gets to them) must not push
+            # messages minutes away: the soak has to drain in seconds.
+            "--redelivery-backoff-ms=0,250,500,1000",
+        ]
+        async with running_engine(data_dir, extra_args=engine_args) as engine:
+            soak = _Soak(args, engine, apps[0], apps[1:], progress)
+            await soak.run()
+        return await soak.result(data_dir / "ensync.db")
+    finally:
+        progress.finish()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+class _Proxy:
+    """A TCP forwarder whose links can be cut, to break clients' links for real."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = target_port
+        self._server: asyncio.Server | None = None
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._open = True
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def cut(self, down_s: float) -> None:
+        """Abort every link and refuse new ones for ``down_s``."""
+        self._open = False
+        for ours, theirs in list(self._links):
+            ours.transport.abort()
+            theirs.transport.abort()
+        await asyncio.sleep(down_s)
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+        for ours, theirs in list(self._links):
+            ours.transport.abort()
+            theirs.transport.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._open:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        link = (writer, up_writer)
+        self._links.add(link)
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        finally:
+            self._links.discard(link)
+            writer.close()
+            up_writer.close()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass  # the link was cut: that is the point
+    finally:
+        writer.close()
+
+
+@dataclass(eq=False, slots=True)
+class _Consumer:
+    label: str
+    app: NewApp
+    transport: Transport
+    proxy: _Proxy | None
+    sdk: BaseEngine | None = None
+
+
+class _Soak:
+    """The load, the churn and the bookkeeping of one soak run."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        engine: EngineProcess,
+        publisher: NewApp,
+        recipients: list[NewApp],
+        progress: Progress,
+    ) -> None:
+        self.args = args
+        self.engine = engine
+        self.publisher = publisher
+        self.recipients = recipients
+        self.progress = progress
+        self.duration_s = args.soak * 60.0
+        self.churn_s = args.churn_seconds or max(1.0, min(20.0, self.duration_s / 5))
+        self.filler = "x" * max(0, args.payload_bytes - 40)
+        self.errors = ErrorTally()
+        self.verbs: Counter[str] = Counter()
+        self.churn: Counter[str] = Counter()
+        self.published: dict[str, str] = {}  # key -> idem, publish confirmed
+        self.uncertain: set[str] = set()  # the publish call failed
+        self._deliveries: Counter[str] = Counter()
+        self.settled: dict[str, str] = {}  # key -> "acked" | "discarded"
+        self.unknown: set[str] = set()
+        self.samples: list[SoakSample] = []
+        self.readings: dict[str, tuple[int, int]] = {}  # (rss bytes, fds) by moment
+        self.engine_counters: dict[str, int] = {}
+        self.engine_end: dict[str, int] = {}
+        self.publish_failed = 0
+        self.publish_rate = 0.0
+        self.rss_max = 0
+        self.fds_max = 0
+        self.peak_rss = 0
+        self.fd_kinds: dict[str, dict[str, int]] = {}
+        self._consumers: list[_Consumer] = []
+        self._proxies: list[_Proxy] = []
+        self._ws_publisher: tuple[BaseEngine, EnSyncClient] | None = None
+        self._retired: list[BaseEngine] = []
+
+    # ------------------------------------------------------------------ the run
+
+    async def run(self) -> None:
+        await asyncio.sleep(1.0)
+        self._read("idle_start")
+        self.fd_kinds["idle_start"] = fd_kinds(self.engine.pid)
+        stop = asyncio.Event()
+        grpc_sdk: BaseEngine | None = None
+        load: asyncio.Future[list[float]] | None = None
+        try:
+            for port in (self.engine.grpc_port, self.engine.http_port):
+                proxy = _Proxy(port)
+                await proxy.start()
+                self._proxies.append(proxy)
+            # Per recipient: a direct consumer per transport, and one behind a
+            # proxy (gRPC for the first app, WebSocket for the second).
+            transports: tuple[Transport, Transport] = ("grpc", "ws")
+            for app, proxy, proxied in zip(self.recipients, self._proxies, transports, strict=True):
+                for transport in transports:
+                    self._consumers.append(
+                        _Consumer(f"{app.name}-{transport}", app, transport, None)
+                    )
+                self._consumers.append(_Consumer(f"{app.name}-proxied", app, proxied, proxy))
+            for consumer in self._consumers:
+                await self._start_consumer(consumer)
+            grpc_sdk = self._sdk("grpc", self.engine.grpc_port)
+            grpc_publisher = await grpc_sdk.create_client(self.publisher.app_key)
+            await self._new_ws_publisher()
+            loads = [
+                self._publish_loop("g", lambda: grpc_publisher, stop),
+                self._publish_loop("w", self._current_ws_publisher, stop),
+            ]
+            async with ResourceSampler(self.engine.pid, 2.0, lambda: len(self.published)) as s:
+                load = asyncio.gather(*loads)
+                await self._watch(s, stop)
+                rates = await load
+            self.publish_rate = round(sum(rates), 1)
+            self.rss_max, self.fds_max = s.max_rss_bytes, s.max_fds
+            self._read("end_load")
+            await self._drain()
+        finally:
+            stop.set()
+            if load is not None:
+                await asyncio.gather(load, return_exceptions=True)
+            for sdk in [
+                *(c.sdk for c in self._consumers if c.sdk is not None),
+                *([grpc_sdk] if grpc_sdk is not None else []),
+                *([self._ws_publisher[0]] if self._ws_publisher is not None else []),
+                *self._retired,
+            ]:
+                await close_quietly(sdk, self.errors)
+            for proxy in self._proxies:
+                await proxy.close()
+        await self._wait_sessions_gone()
+        self._read("idle_end")
+        self.peak_rss = self.engine.memory().peak_rss_bytes
+        self.fd_kinds["idle_end"] = fd_kinds(self.engine.pid)
+        self.engine_end = await self._health()
+        self.engine_counters = await self._metrics()
+
+    async def _wait_sessions_gone(self) -> None:
+        """After the clients closed: wait until the engine has dropped every session."""
+        timeout_s = self.args.soak_session_timeout_ms / 1000 * 2 + 15.0
+        start = time.perf_counter()
+        while time.perf_counter() - start < timeout_s:
+            sessions = (await self._health()).get("sessions", 0)
+            self.progress.show(f"waiting for the engine to drop {sessions} sessions")
+            if sessions == 0:
+                break
+            await asyncio.sleep(0.5)
+        self.progress.finish()
+        await asyncio.sleep(1.0)
+
+    async def _watch(self, sampler: ResourceSampler, stop: asyncio.Event) -> None:
+        """Show progress, take the warm-up and per-minute readings, churn; then stop."""
+        start = time.perf_counter()
+        warmup_s = min(10.0, self.duration_s / 10)
+        next_churn = start + self.churn_s
+        next_minute = start + 60.0
+        churn_task: asyncio.Task[None] | None = None
+        while (now := time.perf_counter()) < start + self.duration_s:
+            if "start" not in self.readings and now - start >= warmup_s:
+                self._read("start")
+            if now >= next_churn and (churn_task is None or churn_task.done()):
+                next_churn = now + self.churn_s
+                churn_task = asyncio.get_running_loop().create_task(self._churn_once())
+            if now >= next_minute:
+                next_minute += 60.0
+                self._minute_sample((now - start) / 60)
+            self.progress.show(
+                f"soak {now - start:,.0f}/{self.duration_s:,.0f} s  published"
+                f" {len(self.published):,}  settled {len(self.settled):,}  errors"
+                f" {self.errors.total}  engine RSS {mb(sampler.samples[-1].rss_bytes):,.1f} MB"
+                f" fds {sampler.samples[-1].fds}"
+            )
+            await asyncio.sleep(0.5)
+        stop.set()
+        if churn_task is not None:
+            await churn_task
+        self._minute_sample((time.perf_counter() - start) / 60)
+
+    def _minute_sample(self, minute: float) -> None:
+        memory = self.engine.memory()
+        sample = SoakSample(
+            minute=round(minute, 2),
+            rss_mb=mb(memory.rss_bytes),
+            fds=self.engine.open_fds(),
+            published=len(self.published),
+            settled=len(self.settled),
+        )
+        self.samples.append(sample)
+        self.progress.note(
+            f"minute {sample.minute:g}: engine RSS {sample.rss_mb:,.1f} MB, fds {sample.fds},"
+            f" published {sample.published:,}, settled {sample.settled:,},"
+            f" errors {self.errors.total}"
+        )
+
+    def _read(self, moment: str) -> None:
+        self.readings[moment] = (self.engine.memory().rss_bytes, self.engine.open_fds())
+
+    async def _drain(self) -> None:
+        """Wait until every confirmed message is settled (or give up)."""
+        limit_s = self.args.soak_drain_seconds
+        start = time.perf_counter()
+        while time.perf_counter() - start < limit_s:
+            left = sum(1 for key in self.published if key not in self.settled)
+            self.progress.show(f"draining: {left:,} messages not settled yet")
+            if left == 0:
+                break
+            await asyncio.sleep(0.5)
+        self.progress.finish()
+
+    # ------------------------------------------------------------------ publishing
+
+    async def _publish_loop(
+        self, label: str, client: Callable[[], EnSyncClient], stop: asyncio.Event
+    ) -> float:
+        targets = [(app.app_id, name) for app in self.recipients for name in _NAMES]
+
+        async def publish(seq: int) -> None:
+            key = f"{label}-{seq}"
+            recipient, name = targets[seq % len(targets)]
+            payload = {"key": key, "data": self.filler}
+            try:
+                idem = await client().publish(name, [recipient], payload, _METADATA)
+            except EnSyncError:
+                self.uncertain.add(key)  # it may or may not have been stored
+                raise
+            self.published[key] = idem
+
+        figures = await publish_load(
+            publish, stop=stop, rate=self.args.soak_rate / 2, errors=self.errors
+        )
+        self.publish_failed += figures.failed
+        return figures.rate
+
+    def _current_ws_publisher(self) -> EnSyncClient:
+        assert self._ws_publisher is not None  # created before the load starts
+        return self._ws_publisher[1]
+
+    async def _new_ws_publisher(self) -> None:
+        sdk = self._sdk("ws", self.engine.http_port)
+        client = await sdk.create_client(self.publisher.app_key)
+        old, self._ws_publisher = self._ws_publisher, (sdk, client)
+        if old is not None:
+            self.churn["publisher_restarts"] += 1
+            self._retired.append(old[0])
+            await asyncio.sleep(1.0)  # publishes already on the old client finish
+            self._retired.remove(old[0])
+            await close_quietly(old[0], self.errors)
+
+    # ------------------------------------------------------------------ consuming
+
+    def _sdk(self, transport: Transport, port: int) -> BaseEngine:
+        sdk = client_engine(transport, port, reconnect_interval_ms=250, heartbeat_interval_ms=1000)
+        sdk.on("disconnect", lambda _cause: self.churn.update(["disconnects"]))
+        sdk.on("reconnect", lambda _attempt: self.churn.update(["reconnects"]))
+        sdk.on("error", lambda error: self.errors.add(error, f"sdk {transport}"))
+        return sdk
+
+    async def _start_consumer(self, consumer: _Consumer) -> None:
+        port = consumer.proxy.port if consumer.proxy else self.engine.port(consumer.transport)
+        consumer.sdk = self._sdk(consumer.transport, port)
+        app = consumer.app
+        client = await consumer.sdk.create_client(app.app_key, app_secret_key=app.secret_key)
+        for name in _NAMES:
+            subscription = await client.subscribe(name, auto_ack=False)
+            subscription.on(self._handler(subscription))
+
+    async def _churn_once(self) -> None:
+        """One round of churn: a consumer replaced, links cut, the WS publisher replaced."""
+        direct = [c for c in self._consumers if c.proxy is None]
+        consumer = direct[self.churn["consumer_restarts"] % len(direct)]
+        try:
+            if consumer.sdk is not None:
+                await close_quietly(consumer.sdk, self.errors)
+            await self._start_consumer(consumer)
+            self.churn["consumer_restarts"] += 1
+            for proxy in self._proxies:
+                self.churn["link_cuts"] += 1
+                await proxy.cut(0.5)
+            await self._new_ws_publisher()
+        except EnSyncError as exc:
+            self.errors.add(exc, "churn")
+
+    def _handler(self, sub: Subscription) -> Callable[[Message], Awaitable[None]]:
+        async def handle(message: Message) -> None:
+            payload = message.payload
+            key = payload.get("key") if isinstance(payload, dict) else None
+            self.verbs["delivered"] += 1
+            if not isinstance(key, str) or message.sender != self.publisher.app_id:
+                self.verbs["corrupt"] += 1
+                return
+            if key not in self.published and key not in self.uncertain:
+                # The publish call may still be on its way back.
+                self.unknown.add(key)
+            if payload.get("data") != self.filler:
+                self.verbs["corrupt"] += 1
+            if key in self.settled:
+                self.verbs["delivered_after_settled"] += 1
+            self._deliveries[key] += 1
+            # The first delivery gets the key's verb; a later one (after a
+            # defer, an ignore or a lost link) is acked.
+            verb = _verb_for(key) if self._deliveries[key] == 1 else "ack"
+            if self._deliveries[key] > 1:
+                self.verbs["redelivered"] += 1
+            try:
+                await self._apply(sub, message, key, verb)
+            except EnSyncError as exc:
+                self.errors.add(exc, verb)
+
+        return handle
+
+    async def _apply(self, sub: Subscription, message: Message, key: str, verb: str) -> None:
+        idem = message.idem
+        if verb == "ack":
+            await sub.ack(idem, message.block)
+            self.settled[key] = "acked"
+        elif verb == "defer":
+            await sub.defer(idem, 200 + zlib.crc32(idem.encode()) % 1800, "soak")
+        elif verb == "discard":
+            await sub.discard(idem, "soak")
+            self.settled[key] = "discarded"
+        elif verb == "replay":
+            before = await sub.replay(idem)
+            self._check_replay(before, key, acked=False)
+            await sub.ack(idem, message.block)
+            self.settled[key] = "acked"
+            after = await sub.replay(idem)
+            self._check_replay(after, key, acked=True)
+            self.verbs["replay"] += 2
+            verb = "ack"
+        self.verbs[verb] += 1
+
+    def _check_replay(self, replayed: Message, key: str, *, acked: bool) -> None:
+        info = replayed.replay_info
+        payload = replayed.payload
+        if (
+            info is None
+            or info.was_acknowledged is not acked
+            or not isinstance(payload, dict)
+            or payload.get("key") != key
+        ):
+            self.verbs["replay_mismatch"] += 1
+
+    # ------------------------------------------------------------------ the engine's view
+
+    async def _health(self) -> dict[str, int]:
+        try:
+            reading = json.loads(await http_get(self.engine.http_port, "/healthz"))
+        except (OSError, ValueError, BenchError) as exc:
+            self.errors.add(exc, "healthz")
+            return {}
+        return {key: int(value) for key, value in reading.items() if isinstance(value, int)}
+
+    async def _metrics(self) -> dict[str, int]:
+        try:
+            text = await http_get(self.engine.http_port, "/metrics")
+        except (OSError, BenchError) as exc:
+            self.errors.add(exc, "metrics")
+            return {}
+        counters: dict[str, int] = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name.startswith("ensync_") and name.endswith("_total"):
+                counters[name.removeprefix("ensync_").removesuffix("_total")] = int(float(value))
+        return counters
+
+    async def result(self, db_path: Path) -> SoakResult:
+        """The figures, with every unsettled message looked up in the (stopped) store."""
+        store = SqliteStore(db_path)
+        await store.open()
+        try:
+            settled_in_store = 0
+            stuck: list[str] = []
+            for key, idem in self.published.items():
+                if key in self.settled:
+                    continue
+                stored = await store.get(idem)
+                if stored is not None and stored.state is not MessageState.PENDING:
+                    settled_in_store += 1
+                else:
+                    stuck.append(_describe(key, idem, stored))
+            store_pending = sum((await store.backlog()).values())
+            dead: Counter[str] = Counter()
+            for app in self.recipients:
+                for message in await store.list_dead(app.app_id, 10_000_000):
+                    dead[(message.dead_reason or "").split(":", 1)[0]] += 1
+        finally:
+            await store.close()
+        unknown = {k for k in self.unknown if k not in self.published and k not in self.uncertain}
+        problems = self.engine.log_problems()
+        idle_start, start = self.readings["idle_start"], self.readings.get("start", (0, 0))
+        end_load, idle_end = self.readings["end_load"], self.readings["idle_end"]
+        return SoakResult(
+            minutes=self.args.soak,
+            rate_target=self.args.soak_rate,
+            churn_seconds=self.churn_s,
+            rss_idle_start_mb=mb(idle_start[0]),
+            fds_idle_start=idle_start[1],
+            rss_start_mb=mb(start[0]),
+            fds_start=start[1],
+            rss_end_load_mb=mb(end_load[0]),
+            fds_end_load=end_load[1],
+            rss_max_mb=mb(self.rss_max),
+            fds_max=self.fds_max,
+            rss_idle_end_mb=mb(idle_end[0]),
+            fds_idle_end=idle_end[1],
+            peak_rss_mb=mb(self.peak_rss),
+            fd_kinds=self.fd_kinds,
+            samples=self.samples,
+            published=len(self.published),
+            publish_failed=self.publish_failed,
+            publish_rate=self.publish_rate,
+            verbs=dict(sorted(self.verbs.items())),
+            engine_counters=self.engine_counters,
+            churn=dict(sorted(self.churn.items())),
+            acked=sum(1 for v in self.settled.values() if v == "acked"),
+            discarded=sum(1 for v in self.settled.values() if v == "discarded"),
+            settled_per_store_only=settled_in_store,
+            stuck=len(stuck),
+            stuck_examples=stuck[:10],
+            unknown_keys=len(unknown),
+            store_pending=store_pending,
+            dead_letters=dict(dead),
+            engine_end=self.engine_end,
+            all_accounted=not stuck and not unknown and store_pending == 0,
+            errors=self.errors.as_dict(),
+            engine_problem_count=len(problems),
+            engine_problems=problems[:20],
+        )
+
+
+def _describe(key: str, idem: str, stored: StoredMessage | None) -> str:
+    if stored is None:
+        return f"{key} {idem}: missing from the store"
+    now = wall_clock_ms()
+    return (
+        f"{key} {idem}: {stored.state.name}, {stored.attempts} attempts, visible"
+        f" {(stored.visible_at_ms - now) / 1000:+.1f} s from now, created"
+        f" {(stored.created_at_ms - now) / 1000:+.1f} s"
+    )
+
+
+def _print_table(result: SoakResult, out: TextIO) -> None:
+    verbs = result.verbs
+    rows: list[tuple[str, str]] = [
+        ("duration", f"{result.minutes:g} min at {result.rate_target:g} msg/s target"),
+        ("churn", f"every {result.churn_seconds:g} s: " + _pairs(result.churn)),
+        (
+            "engine RSS",
+            f"idle {result.rss_idle_start_mb:,.1f} MB, after warm-up {result.rss_start_mb:,.1f},"
+            f" end of load {result.rss_end_load_mb:,.1f}, max {result.rss_max_mb:,.1f},"
+            f" idle at end {result.rss_idle_end_mb:,.1f} (peak {result.peak_rss_mb:,.1f})",
+        ),
+        (
+            "engine open fds",
+            f"idle {result.fds_idle_start}, after warm-up {result.fds_start},"
+            f" end of load {result.fds_end_load}, max {result.fds_max},"
+            f" idle at end {result.fds_idle_end}",
+        ),
+    ]
+    rows += [(f"  fds {moment}", _pairs(kinds)) for moment, kinds in result.fd_kinds.items()]
+    rows += [
+        (
+            f"  minute {s.minute:g}",
+            f"RSS {s.rss_mb:,.1f} MB, fds {s.fds}, published {s.published:,}",
+        )
+        for s in result.samples
+    ]
+    rows += [
+        (
+            "published",
+            f"{result.published:,} confirmed ({result.publish_rate:,.0f}/s),"
+            f" {result.publish_failed} failed calls",
+        ),
+        ("client verbs", _pairs(verbs)),
+        ("engine counters", _pairs(result.engine_counters)),
+        (
+            "settled",
+            f"{result.acked:,} acked, {result.discarded:,} discarded,"
+            f" {result.settled_per_store_only} settled per the store only",
+        ),
+        ("dead letters", _pairs(result.dead_letters) or "none"),
+        (
+            "accounted for",
+            f"{'yes' if result.all_accounted else 'NO'}: {result.stuck} stuck,"
+            f" {result.unknown_keys} unknown, {result.store_pending} pending in the store",
+        ),
+        ("engine at end", _pairs(result.engine_end)),
+        ("errors", f"{sum(int(e['count']) for e in result.errors.values())}"),
+    ]
+    rows += [(f"  {kind}", f"{e['count']} ({e['example']})") for kind, e in result.errors.items()]
+    rows.append(("engine warnings", str(result.engine_problem_count)))
+    print_rows(rows, out)
+    for line in [*result.stuck_examples, *result.engine_problems]:
+        out.write(f"  {line}\n")
+
+
+def _pairs(values: dict[str, int]) -> str:
+    return ", ".join(f"{key} {value:,}" for key, value in values.items())

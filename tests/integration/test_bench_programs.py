@@ -1,0 +1,162 @@
+"""``ensync bench --backlog`` and ``--soak``, run tiny as real processes.
+
+Functional checks only: the programs run, print one JSON object with every
+figure, and the figures are consistent. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from ensync.cli import bench_backlog, bench_common, bench_soak
+from tests.support.timing import seconds
+
+pytestmark = pytest.mark.slow
+
+
+def bench(*args: str, timeout_s: float) -> tuple[dict[str, Any], str]:
+    """Run ``ensync bench ARGS --json``; returns the figures and the progress (stderr)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "ensync.cli.main", "bench", *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=seconds(timeout_s),
+        env=dict(os.environ),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures: dict[str, Any] = json.loads(result.stdout)
+    return figures, result.stderr
+
+
+@pytest.mark.timeout(seconds(240))
+def test_backlog_reports_memory_throughput_and_a_slow_consumer() -> None:
+    figures, progress = bench(
+        "--backlog",
+        "2000",
+        "--messages",
+        "300",
+        "--rounds",
+        "2",
+        "--slow-seconds",
+        "3",
+        timeout_s=200,
+    )
+    assert figures["backlog"] == 2000
+    assert figures["prefill"]["method"] == "store"
+    assert figures["prefill"]["messages"] == 2000
+    # Asked before the warm-up publishes.
+    assert figures["pending_at_start"] == 2000
+    assert 0 < figures["rss_after_start_mb"] <= figures["peak_rss_mb"]
+    assert figures["peak_rss_after_publish_mb"] <= figures["peak_rss_mb"]
+    assert figures["peak_rss_target_mb"] == bench_backlog.PEAK_RSS_TARGET_MB
+    assert figures["peak_rss_ok"] == (figures["peak_rss_mb"] < 300)
+    assert len(figures["rounds"]) == 2
+    for key in ("empty_publish", "backlog_publish"):
+        publish = figures[key]
+        assert publish["published"] == 300
+        assert publish["failed"] == 0
+        assert publish["rate"] > 0
+        assert 0 < publish["latency_p50_ms"] <= publish["latency_p99_ms"]
+    ratio = figures["backlog_publish"]["rate"] / figures["empty_publish"]["rate"]
+    assert figures["throughput_ratio"] == pytest.approx(ratio, abs=0.001)
+    slow = figures["slow_consumer"]
+    assert slow["publish"]["published"] > 0
+    assert slow["publish"]["failed"] == 0
+    assert slow["consumed"] > 0
+    assert 0 < slow["rss_start_mb"] <= slow["rss_max_mb"]
+    assert slow["rss_end_mb"] <= slow["rss_max_mb"]
+    assert len(slow["samples"]) >= 2
+    # One client, one subscription per partition, each with the default window of 128.
+    assert 0 < slow["in_flight_max"] <= 2 * 128
+    # The backlog, the warm-up and the rounds on the backlog engine, the slow phase.
+    published = 2000 + 200 + 2 * 300 + slow["publish"]["published"]
+    assert figures["pending_at_end"] <= published - slow["consumed"] + 2 * 128
+    assert figures["pending_at_end"] >= published - slow["consumed"] - 2 * 128
+    assert figures["engine_problems"] == []
+    assert "prefill" in progress
+    assert "round 2/2" in progress
+
+
+@pytest.mark.timeout(seconds(240))
+def test_backlog_can_be_filled_through_the_engine() -> None:
+    figures, progress = bench(
+        "--backlog",
+        "300",
+        "--backlog-fill",
+        "engine",
+        "--transport",
+        "ws",
+        "--messages",
+        "100",
+        "--rounds",
+        "1",
+        "--slow-seconds",
+        "0",
+        timeout_s=200,
+    )
+    assert figures["prefill"]["method"] == "engine"
+    assert figures["pending_at_start"] == 300
+    assert figures["slow_consumer"] is None
+    assert figures["transport"] == "ws"
+    assert figures["pending_at_end"] == 300 + 200 + 100
+    assert "prefill through the engine" in progress
+
+
+@pytest.mark.timeout(seconds(240))
+def test_soak_accounts_for_every_message() -> None:
+    figures, progress = bench("--soak", "0.1", "--soak-rate", "100", timeout_s=200)
+    assert figures["minutes"] == 0.1
+    assert figures["all_accounted"] is True
+    assert figures["stuck"] == 0
+    assert figures["unknown_keys"] == 0
+    assert figures["store_pending"] == 0
+    assert figures["published"] > 100
+    assert figures["publish_failed"] == 0
+    verbs = figures["verbs"]
+    for verb in ("ack", "delivered"):
+        assert verbs[verb] > 0, verb
+    # Everything confirmed was settled one way or the other.
+    settled = figures["acked"] + figures["discarded"] + figures["settled_per_store_only"]
+    assert settled == figures["published"]
+    counters = figures["engine_counters"]
+    assert counters["published"] == figures["published"]
+    assert counters["acked"] + counters["discarded"] == figures["published"]
+    assert figures["dead_letters"].get("discarded", 0) == counters["discarded"]
+    churn = figures["churn"]
+    assert churn["consumer_restarts"] >= 1
+    assert churn["link_cuts"] >= 1
+    assert churn["reconnects"] >= 1
+    for key in ("rss_idle_start_mb", "rss_end_load_mb", "rss_idle_end_mb", "peak_rss_mb"):
+        assert figures[key] > 0, key
+    for key in ("fds_idle_start", "fds_end_load", "fds_idle_end", "fds_max"):
+        assert figures[key] > 0, key
+    assert figures["engine_end"]["sessions"] == 0
+    assert figures["engine_end"]["in_flight"] == 0
+    assert set(figures["fd_kinds"]) == {"idle_start", "idle_end"}
+    assert figures["samples"], "at least the closing sample"
+    assert "published" in progress
+
+
+def test_bench_programs_refuse_bad_arguments() -> None:
+    for args in (["--backlog", "0"], ["--soak", "0"], ["--backlog", "10", "--soak", "1"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "ensync.cli.main", "bench", *args],
+            capture_output=True,
+            text=True,
+            timeout=seconds(60),
+            check=False,
+        )
+        assert result.returncode == 2, args
+
+
+def test_bench_modules_declare_their_public_names() -> None:
+    for module in (bench_backlog, bench_common, bench_soak):
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name}"
