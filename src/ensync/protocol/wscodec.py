@@ -37,7 +37,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 __all__ = [
     "MAX_REASON_LENGTH",
@@ -260,6 +260,10 @@ class _Field(enum.Enum):
 
 
 _F = _Field
+
+# Values a refusal must never echo: the app key, the session's bearer token,
+# the payload (DESIGN.md §6).
+_SECRET_FIELDS: Final = frozenset({_F.ACCESS_KEY, _F.CLIENT_ID, _F.PAYLOAD})
 # Accepted spellings: MESSAGE_* for our own SDK's older drafts (§7.12),
 # PARTITION_BLOCK from G-ws ROLLBACK (§3.3). Accepted in ACK too: harmless, as
 # ACK carries no free-text value a key could hide in.
@@ -414,7 +418,12 @@ def parse_request(text: str) -> Request | Malformed:
         return Pong() if not sep else _malformed("PONG takes no keys")
     command = _COMMANDS.get(word)
     if command is None:
-        return _malformed(f"unknown command {_show(word)}" if word else "empty command")
+        if not word:
+            return _malformed("empty command")
+        # Echo only what looks like a command word: the text may be anything
+        # a client sent, a key included.
+        shown = _show(word) if re.fullmatch(r"[A-Za-z_]{1,16}", word) else "(not a command word)"
+        return _malformed(f"unknown command {shown}")
     fields = _split_fields(command, text, len(word))
     if isinstance(fields, Malformed):
         return fields
@@ -470,10 +479,13 @@ def _unexpected(
             f"{command.word} does not take key {_show(other.group(1))} (it takes {takes})"
         )
     if not fields:
-        return _malformed(f"expected ';KEY=:' after {command.word}, got {_show(text[pos:])}")
+        # What follows may be a key (CONN's is the app key): never echo it.
+        return _malformed(f"expected ';KEY=:' after {command.word}")
     # The previous field is a never-';' value (the other kinds end at a
     # boundary), so this ';' is inside it: §3.4 rule 2 says it cannot be.
     last = next(reversed(fields))
+    if last in _SECRET_FIELDS:
+        return _malformed(f"{spelled[last]} value contains ';'")
     value = fields[last] + text[pos:]
     return _malformed(f"{spelled[last]} value {_show(value)} contains ';'")
 

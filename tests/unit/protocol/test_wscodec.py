@@ -934,3 +934,19 @@ def test_all_is_complete() -> None:
         if not name.startswith("_") and getattr(value, "__module__", None) == wscodec.__name__
     }
     assert public <= set(wscodec.__all__)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "CONNensk_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+        "CONN ensk_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG",
+        "ensk_abcdefghijklmnopqrstuvwxyz0123456789ABCDEFG;X=:1",
+        "SUB;CLIENT_ID=:secret-client-id;x;EVENT_NAME=:a",
+    ],
+)
+def test_refusals_never_echo_keys_or_client_ids(frame: str) -> None:
+    result = parse_request(frame)
+    assert isinstance(result, Malformed)
+    assert "abcdefghij" not in result.reason
+    assert "secret-client-id" not in result.reason
