@@ -1,4 +1,4 @@
-"""Fixtures shared by every test directory."""
+"""Fixtures shared by every test directory, and the session-wide secret-leak scan."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ensync.testing import TestServer, run_engine
+
+# Captures the whole run's logs and error messages and fails the run if an
+# app key, secret key or published plaintext shows up in them (DESIGN.md §6).
+pytest_plugins = ["tests.support.leaks"]
 
 
 @pytest.fixture
