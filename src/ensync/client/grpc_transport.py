@@ -38,7 +38,6 @@ _LINK_STATUSES = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
 }
 
 

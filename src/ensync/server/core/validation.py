@@ -5,22 +5,53 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from ensync.protocol.headers import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
 from ensync.protocol.names import validate_name
 from ensync.server.core.errors import ServiceError
 
 __all__ = [
+    "MAX_TTL_MS",
     "PublishMetadata",
     "check_name",
     "check_payload",
     "check_recipient",
     "parse_metadata",
     "parse_payload_metadata",
+    "strict_json",
 ]
 
 _SINGLE_KEYS = ("nonce", "ciphertext", "ephemeralPublicKey")
+
+# A TTL beyond a year is a mistake (and 2**63 would overflow the store).
+MAX_TTL_MS = 365 * 86_400_000
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+def strict_json(text: str | bytes) -> Any:
+    """Parse JSON as every client can: no NaN or Infinity (Node and Go refuse
+    them, PROTOCOL.md §2.8), no numbers that overflow to infinity, and a
+    nesting too deep for the parser is an error, not a crash.
+
+    Raises ``ValueError`` for anything else than such JSON.
+    """
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +106,7 @@ def check_payload(payload: str, max_bytes: int) -> None:
             f"payload is {len(payload)} bytes, more than the limit of {max_bytes} bytes",
         )
     try:
-        envelope = json.loads(base64.b64decode(payload, validate=True))
+        envelope = strict_json(base64.b64decode(payload, validate=True))
     except (binascii.Error, ValueError):
         raise ServiceError.invalid("payload is not a base64-encoded JSON envelope") from None
     if not isinstance(envelope, dict):
@@ -104,7 +135,7 @@ def parse_metadata(text: str, max_bytes: int) -> PublishMetadata:
             "metadata_size", f"metadata is {len(text)} bytes, more than the limit of {max_bytes}"
         )
     try:
-        value = json.loads(text)
+        value = strict_json(text)
     except ValueError:
         raise ServiceError.invalid("metadata is not valid JSON") from None
     if not isinstance(value, dict):
@@ -116,8 +147,12 @@ def parse_metadata(text: str, max_bytes: int) -> PublishMetadata:
     if not isinstance(headers, dict):
         raise ServiceError.invalid("metadata.headers must be a JSON object")
     ttl = value.get("ttl_ms")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
-        raise ServiceError.invalid("metadata.ttl_ms must be a positive integer")
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_TTL_MS
+    ):
+        raise ServiceError.invalid(
+            f"metadata.ttl_ms must be a whole number of ms between 1 and {MAX_TTL_MS} (a year)"
+        )
     key = headers.get(IDEMPOTENCY_HEADER)
     if key is not None and (
         not isinstance(key, str) or not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH
@@ -134,7 +169,7 @@ def parse_payload_metadata(text: str | None) -> str | None:
     if not text:
         return None
     try:
-        json.loads(text)
+        strict_json(text)
     except ValueError:
         return None
     return text

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
 from ensync._proto import ensync_pb2 as pb
@@ -80,7 +81,7 @@ def replay_message_data(result: ReplayResult, *, user_agent: str, event_names: b
         return delivery.payload
     try:
         meta = json.loads(delivery.metadata) if delivery.metadata else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         meta = {}
     if not isinstance(meta, dict):
         meta = {}
@@ -105,6 +106,28 @@ def replay_message_data(result: ReplayResult, *, user_agent: str, event_names: b
         },
         separators=(",", ":"),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """A request body that is not the protobuf message it should be."""
+
+    reason: str
+
+
+def _decoder(message_type: type[_Req]) -> Callable[[bytes], _Req | _Undecodable]:
+    """A deserializer that never raises: grpcio would answer an exception with
+    UNKNOWN (a status clients treat as a broken link) and log a traceback per
+    request, so garbage becomes a value the handler refuses with INVALID_ARGUMENT."""
+    name = message_type.DESCRIPTOR.full_name
+
+    def decode(data: bytes) -> _Req | _Undecodable:
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError, RecursionError):
+            return _Undecodable(f"the request is not a valid {name}")
+
+    return decode
 
 
 @dataclass(eq=False, slots=True)
@@ -183,6 +206,13 @@ class GrpcTransport:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # Bounds what one connection can open at once (a "rapid reset"
+                # flood of streams otherwise starves every other client), with
+                # room for a client's every subscription stream plus its calls.
+                (
+                    "grpc.max_concurrent_streams",
+                    max(200, engine.config.max_subscriptions_per_client + 100),
+                ),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ]
@@ -221,7 +251,7 @@ class GrpcTransport:
             "Unsubscribe": unary(pb.UnsubscribeRequest, self._unsubscribe),
             "Subscribe": grpc.unary_stream_rpc_method_handler(
                 self._subscribe,
-                request_deserializer=pb.SubscribeRequest.FromString,
+                request_deserializer=_decoder(pb.SubscribeRequest),
                 response_serializer=pb.MessageStreamResponse.SerializeToString,
             ),
         }
@@ -247,13 +277,17 @@ class GrpcTransport:
         request_type: type[_Req],
         behaviour: Callable[[_Req, grpc.aio.ServicerContext[Any, Any], bool], Awaitable[_Resp]],
         event: bool = False,
-    ) -> grpc.RpcMethodHandler[_Req, _Resp]:
-        async def handle(request: _Req, context: grpc.aio.ServicerContext[Any, Any]) -> _Resp:
+    ) -> grpc.RpcMethodHandler[_Req | _Undecodable, _Resp]:
+        async def handle(
+            request: _Req | _Undecodable, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> _Resp:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             return await behaviour(request, context, event)
 
         return grpc.unary_unary_rpc_method_handler(
             handle,
-            request_deserializer=request_type.FromString,
+            request_deserializer=_decoder(request_type),
             response_serializer=lambda message: message.SerializeToString(),
         )
 
@@ -444,9 +478,15 @@ class GrpcTransport:
     # ------------------------------------------------------------------ streams
 
     async def _subscribe(
-        self, request: pb.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request: pb.SubscribeRequest | _Undecodable,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.MessageStreamResponse]:
         user_agent = _user_agent(context)
+        if isinstance(request, _Undecodable):
+            if not _is_grpc_js(user_agent):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            return
         client = self._clients.get(request.client_id)
         try:
             if client is None or client.closed:

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 def _metadata_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text) if text else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -319,6 +319,9 @@ class _Connection:
                 self._reply(seq, Fail(f"unsupported command {type(request).__name__}"))
         except ServiceError as exc:
             self._reply(seq, Fail(exc.message))
+        except Exception:  # isolation boundary: one command's bug must not kill the socket
+            log.exception("WebSocket command failed")
+            self._reply(seq, Fail("internal error"))
 
     @staticmethod
     async def _done(call: Awaitable[None], text: str) -> Pass:
@@ -343,6 +346,9 @@ class _Connection:
         except ServiceError as exc:
             # The socket stays open after a refused CONN (PROTOCOL.md §3.6).
             more = self._session.conn_refused(seq, exc.message)
+        except Exception:  # isolation boundary, see _run
+            log.exception("WebSocket CONN failed")
+            more = self._session.conn_refused(seq, "internal error")
         else:
             self._client_id = info.client_id
             more = self._session.conn_accepted(

@@ -1,0 +1,1 @@
+"""Hostile input: a live engine process bombarded over both transports."""
