@@ -12,6 +12,7 @@ from ensync import ConnectionState, EnSyncConnectionError, EnSyncEngine, EnSyncE
 from ensync.client.grpc_transport import GrpcClientTransport
 from ensync.server.core.errors import ServiceError
 from ensync.testing import TestServer
+from ensync.websocket import EnSyncEngine as WsEngine
 from tests.integration.test_cli import free_port
 from tests.support.proxy import tcp_proxy
 from tests.support.timing import eventually
@@ -231,3 +232,43 @@ async def test_calls_cut_off_by_a_reconnect_fail_as_connection_errors() -> None:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ws"])
+async def test_a_stalled_link_is_detected_and_healed(server: TestServer, transport: str) -> None:
+    """The link stays open but carries nothing: heartbeats time out, the
+    client reconnects once bytes flow again, and its handler keeps working."""
+    alice = await server.create_app("alice")
+    bob = await server.create_app("bob")
+    target = server.server.grpc_port if transport == "grpc" else server.http_port
+    publisher = EnSyncEngine(server.grpc_url)
+    async with tcp_proxy(target) as proxy:
+        url = f"{transport}://127.0.0.1:{proxy.port}"
+        options: dict[str, Any] = {
+            "reconnect_interval": 50,
+            "max_reconnect_attempts": 100,
+            "call_timeout": 500,
+        }
+        if transport == "ws":
+            engine: Any = WsEngine(url, ping_interval=200, **options)
+        else:
+            engine = EnSyncEngine(url, heartbeat_interval=200, **options)
+        events: list[str] = []
+        engine.on("disconnect", lambda cause: events.append("disconnect"))
+        engine.on("reconnect", lambda attempt: events.append("reconnect"))
+        try:
+            sender = await publisher.create_client(alice.app_key)
+            client = await engine.create_client(bob.app_key, app_secret_key=bob.secret_key)
+            got: list[Message] = []
+            (await client.subscribe("x")).on(got.append)
+            await sender.publish("x", [bob.app_id], {"i": 1})
+            await eventually(lambda: len(got) == 1)
+            proxy.stall()
+            await eventually(lambda: "disconnect" in events, timeout_s=10)
+            proxy.restore()
+            await eventually(lambda: "reconnect" in events, timeout_s=15)
+            await sender.publish("x", [bob.app_id], {"i": 2})
+            await eventually(lambda: [m.payload["i"] for m in got][-1:] == [2], timeout_s=10)
+        finally:
+            await engine.close()
+            await publisher.close()
