@@ -180,12 +180,15 @@ class WebSocketClientTransport:
             if seq is not None:
                 self._pending[seq] = future
             try:
-                await self._ws.send(frame)
-            except ConnectionClosed as exc:
+                # A send waits while the socket's buffer is full; a link that
+                # takes nothing for a whole call timeout is as good as dead.
+                await asyncio.wait_for(self._ws.send(frame), self._timeout)
+            except (ConnectionClosed, TimeoutError) as exc:
                 if seq is not None:
                     self._pending.pop(seq, None)
-                self._report_lost(exc)
-                raise errors.EnSyncConnectionError(f"connection to the engine lost: {exc}") from exc
+                lost = errors.EnSyncConnectionError(f"connection to the engine lost: {exc!r}")
+                self._report_lost(lost)
+                raise lost from exc
         if seq is None:
             return Pass("")
         try:
@@ -262,8 +265,9 @@ class WebSocketClientTransport:
         if self._ws is None or self._closed:
             raise errors.EnSyncConnectionError("the connection is closed")
         try:
-            pong = await self._ws.ping()
-            await asyncio.wait_for(pong, self._timeout)
+            async with asyncio.timeout(self._timeout):
+                pong = await self._ws.ping()
+                await pong
         except (ConnectionClosed, TimeoutError) as exc:
             raise errors.EnSyncConnectionError("the engine does not answer pings") from exc
 
