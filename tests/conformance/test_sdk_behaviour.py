@@ -472,3 +472,24 @@ async def test_close_cancels_a_handler_that_overruns_the_drain_timeout(setup: Se
     await asyncio.wait_for(started.wait(), seconds(5))
     await asyncio.wait_for(bob.close(drain_timeout_s=0.2), seconds(5))
     assert cancelled.is_set()
+
+
+async def test_messages_waiting_behind_a_slow_handler_are_not_delivered_twice(
+    setup: Setup,
+) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("queue")
+    seen: list[int] = []
+
+    async def slow(message: Message) -> None:
+        await asyncio.sleep(0.3)
+        seen.append(message.payload["i"])
+
+    sub.on(slow)
+    for i in range(6):  # ~1.8 s of work, three times the 600 ms ack deadline
+        await alice.publish("queue", [setup.bob.app_id], {"i": i})
+    await eventually(lambda: len(seen) == 6, timeout_s=10)
+    await eventually(lambda: setup.server.engine.stats.acked == 6)
+    assert seen == list(range(6))
+    assert setup.server.engine.stats.redelivered == 0

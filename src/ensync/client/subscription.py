@@ -59,6 +59,9 @@ class Subscription:
         self._key = key
         self._handlers: list[Handler] = []
         self._inbox: deque[WireMessage] = deque()
+        # When each buffered message's lease was last taken or extended.
+        self._leased_at: dict[str, float] = {}
+        self._keeper: asyncio.Task[None] | None = None
         self._arrived = asyncio.Event()
         self._consumers = asyncio.Event()  # set while handlers or iterators exist
         self._iterators = 0
@@ -128,8 +131,38 @@ class Subscription:
 
     def _deliver(self, wire: WireMessage) -> None:
         """Called by the transport's reader for every delivery, in order."""
+        loop = asyncio.get_running_loop()
         self._inbox.append(wire)
+        self._leased_at[wire.idem] = loop.time()
         self._arrived.set()
+        if self._keeper is None and self._client._connection.ack_deadline_ms:
+            self._keeper = loop.create_task(
+                self._keep_buffer_leased(self._client._connection.ack_deadline_ms)
+            )
+
+    async def _keep_buffer_leased(self, deadline_ms: int) -> None:
+        """Extend the leases of messages still waiting their turn, so that a slow
+        handler ahead of them does not let the engine hand them to another client."""
+        interval_s = max(deadline_ms / 3000, 0.05)
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            due = [w for w in self._inbox if now - self._leased_at.get(w.idem, now) >= interval_s]
+            if not due:
+                continue
+            try:
+                transport = self._client._transport()
+            except errors.EnSyncError:
+                continue  # the link is down: the engine requeues them anyway
+            outcomes = await asyncio.gather(
+                *(transport.extend(self.name, w.idem) for w in due), return_exceptions=True
+            )
+            for wire, outcome in zip(due, outcomes, strict=True):
+                if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                    raise outcome
+                if not isinstance(outcome, Exception) and wire.idem in self._leased_at:
+                    self._leased_at[wire.idem] = now
 
     async def _dispatch(self) -> None:
         while not self._closing:
@@ -141,6 +174,7 @@ class Subscription:
             if self._closing:
                 return
             wire = self._inbox.popleft()
+            self._leased_at.pop(wire.idem, None)
             try:
                 message = self._open(wire)
             except errors.EnSyncMessageError as exc:
@@ -328,7 +362,10 @@ class Subscription:
                     drain_timeout_s,
                 )
         self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        keeper = [self._keeper] if self._keeper is not None else []
+        for task in keeper:
+            task.cancel()
+        await asyncio.gather(self._task, *keeper, return_exceptions=True)
         self._closed = True
         self._closed_event.set()
         if self._acks:
