@@ -64,7 +64,7 @@ class EngineConfig:
     app_refresh_ms: int = 250
     max_name_length: int = 255
     max_clients_per_app: int = 1_000
-    max_subscriptions_per_client: int = 1_000
+    max_subscriptions_per_client: int = 100
     rate_limit_per_app: int = 20_000
 
 
