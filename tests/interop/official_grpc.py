@@ -41,7 +41,9 @@ __all__ = [
     "official_grpc_client",
 ]
 
-DRIVER = Path(__file__).parent / "drivers" / "p_grpc.py"
+# Run as a module from the project root, so it can import the shared driver loop.
+DRIVER = "tests.interop.drivers.p_grpc"
+ROOT = Path(__file__).resolve().parents[2]
 
 # The driver gives each call 10 s and closes within 3 s; we wait a little longer.
 CALL_TIMEOUT_S = 12.0
@@ -234,11 +236,13 @@ async def official_grpc_client(
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(DRIVER),
+        "-m",
+        DRIVER,
         json.dumps(config),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
     )
     official = OfficialGrpcClient(process)
     readers = [

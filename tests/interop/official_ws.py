@@ -71,7 +71,7 @@ class WsClientKind:
     """Which official client a driver runs, and how to start it."""
 
     name: str
-    driver: Path
+    driver: Path | str  # a script for Node, a module (run with -m) for Python
     interpreter: str  # an executable name looked up on PATH, or an absolute path
 
     def command(self) -> list[str]:
@@ -79,10 +79,14 @@ class WsClientKind:
         if executable is None:
             # Fail, never skip: a missing runtime must not pass unnoticed.
             raise AssertionError(f"{self.interpreter!r} is not installed; {self.name} needs it")
+        if isinstance(self.driver, str):
+            return [executable, "-m", self.driver]
         return [executable, str(self.driver)]
 
 
-P_WS = WsClientKind("ensync-sdk-ws 0.4.3 (P-ws)", DRIVERS / "p_ws.py", sys.executable)
+P_WS = WsClientKind("ensync-sdk-ws 0.4.3 (P-ws)", "tests.interop.drivers.p_ws", sys.executable)
+# Python drivers import the shared driver loop: they run from the project root.
+ROOT = Path(__file__).resolve().parents[2]
 N_WS_0018 = WsClientKind("ensync-client-sdk 0.0.18 (N-ws-0018)", DRIVERS / "n_ws_0018.js", "node")
 
 
@@ -306,6 +310,7 @@ async def official_ws_client(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
     )
     official = OfficialWsClient(kind, process)
     readers = [

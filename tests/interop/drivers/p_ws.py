@@ -3,7 +3,7 @@
 Run as a script, never imported into the test process (the harness in
 ``tests/interop/official_ws.py`` starts it)::
 
-    python p_ws.py '<config JSON>'
+    python -m tests.interop.drivers.p_ws '<config JSON>'   # from the project root
 
 The config (see :class:`Config`) gives the engine's http(s) base URL (the
 client maps it to ``ws://…/message`` itself, PROTOCOL.md §3.1), the app's key
@@ -48,15 +48,21 @@ Quirks of the official client worked around here (PROTOCOL.md §6, P-ws):
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import sys
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
-CALL_TIMEOUT_S = 10.0
-CLOSE_TIMEOUT_S = 3.0
+from tests.interop.drivers.pyclient import (
+    CALL_TIMEOUT_S,
+    CLOSE_TIMEOUT_S,
+    cancel_leftovers,
+    describe,
+    emit,
+    run,
+)
+
 QUIRK_LOOP = "get_message_loop"
 
 
@@ -78,20 +84,6 @@ class Config:
             subscriptions=tuple(str(item["name"]) for item in raw.get("subscriptions", ())),
             lifetime_s=float(raw.get("lifetime_s", 30.0)),
         )
-
-
-def emit(event: str, **fields: Any) -> None:
-    """Write one JSON event line and flush it at once."""
-    sys.stdout.write(json.dumps({"event": event, **fields}, default=repr) + "\n")
-    sys.stdout.flush()
-
-
-def describe(error: BaseException) -> dict[str, str]:
-    # The official EnSyncError carries ``error_type`` and ``message``.
-    return {
-        "error": str(getattr(error, "message", error)),
-        "error_type": str(getattr(error, "error_type", type(error).__name__)),
-    }
 
 
 class Driver:
@@ -184,57 +176,9 @@ class Driver:
             emit("close_error", **describe(error))
         # close() cancels its reader and ping tasks but not the 30 s timeout
         # task of a request still waiting for its reply.
-        current = asyncio.current_task()
-        leftovers = [task for task in asyncio.all_tasks() if task is not current]
-        for task in leftovers:
-            task.cancel()
-        if leftovers:
-            await asyncio.wait(leftovers, timeout=CLOSE_TIMEOUT_S)
-
-
-async def commands() -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    return reader
-
-
-async def serve(driver: Driver) -> None:
-    await driver.start()
-    reader = await commands()
-    while line := await reader.readline():
-        command = json.loads(line)
-        if command.get("op") == "close":
-            emit("result", id=command.get("id"), op="close", ok=True, value=None)
-            return
-        # Sequential on purpose: one request in flight at a time, results in order.
-        await driver.run(command)
-
-
-async def main(config: Config) -> int:
-    try:
-        # The official package has no type hints: everything it gives is Any.
-        sdk: Any = importlib.import_module("ensync_sdk_ws")
-    except ImportError as error:
-        emit("fatal", error=f"the official client is not installed: {error}", error_type="Import")
-        return 1
-    driver = Driver(config, sdk)
-    lifetime = asyncio.timeout(config.lifetime_s)
-    code = 0
-    try:
-        async with lifetime:
-            await serve(driver)
-    except Exception as error:  # any failure ends the driver with a report
-        if lifetime.expired():
-            emit("fatal", error=f"lifetime of {config.lifetime_s} s exceeded", error_type="Timeout")
-        else:
-            emit("fatal", **describe(error))
-        code = 1
-    finally:
-        await driver.close()
-        emit("closed")
-    return code
+        await cancel_leftovers()
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(Config.parse(sys.argv[1]))))
+    config = Config.parse(sys.argv[1])
+    sys.exit(asyncio.run(run("ensync_sdk_ws", lambda sdk: Driver(config, sdk), config.lifetime_s)))
