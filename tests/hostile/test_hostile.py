@@ -71,11 +71,12 @@ async def test_grpc_frames_oversized_truncated_and_cut(arena: Arena) -> None:
 
 
 @pytest.mark.timeout(seconds(60))
-async def test_grpc_rapid_reset_leaves_other_clients_alone(arena: Arena) -> None:
+@pytest.mark.parametrize("method", ["NoSuchMethod", "PublishMessage", "Subscribe"])
+async def test_grpc_rapid_reset_leaves_other_clients_alone(arena: Arena, method: str) -> None:
     """Streams opened and reset at once, thousands on one connection: the
     well-behaved clients on their own connections must not notice (their
     calls cancelled, their sessions lost)."""
-    findings = await load.grpc_rapid_reset(arena)
+    findings = await load.grpc_rapid_reset(arena, method)
     await conclude(arena, findings)
 
 

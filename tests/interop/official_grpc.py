@@ -109,18 +109,20 @@ class OfficialGrpcClient:
 
     # ------------------------------------------------------------------ calls
 
-    async def call(self, op: str, **fields: Any) -> Result:
-        """Run one client operation in the driver and return what happened."""
+    async def call(self, op: str, *, timeout_s: float = CALL_TIMEOUT_S, **fields: Any) -> Result:
+        """Run one client operation in the driver and return what happened
+        (the driver gives it ``timeout_s`` less two seconds)."""
         if self.process.stdin is None or self.process.returncode is not None:
             raise DriverDiedError(f"driver already exited; {self.diagnostics()}")
         ident = next(self._ids)
         waiter: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending[ident] = waiter
-        line = json.dumps({"id": ident, "op": op, **fields}) + "\n"
+        command = {"id": ident, "op": op, "timeout_s": seconds(timeout_s - 2), **fields}
+        line = json.dumps(command) + "\n"
         try:
             self.process.stdin.write(line.encode())
             await self.process.stdin.drain()
-            return await asyncio.wait_for(waiter, seconds(CALL_TIMEOUT_S))
+            return await asyncio.wait_for(waiter, seconds(timeout_s))
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise DriverDiedError(f"driver stdin closed; {self.diagnostics()}") from exc
         except TimeoutError:
@@ -128,9 +130,9 @@ class OfficialGrpcClient:
         finally:
             self._pending.pop(ident, None)
 
-    async def ok(self, op: str, **fields: Any) -> Result:
+    async def ok(self, op: str, *, timeout_s: float = CALL_TIMEOUT_S, **fields: Any) -> Result:
         """:meth:`call`, asserting that the client reported success."""
-        result = await self.call(op, **fields)
+        result = await self.call(op, timeout_s=timeout_s, **fields)
         assert result.ok, f"{op} failed: {result.error_type}: {result.error}"
         return result
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from ensync import EnSyncClient, EnSyncEngine, Message
-from ensync.crypto import generate_keypair
+from ensync.crypto import generate_keypair, seal
 from ensync.protocol.headers import IDEMPOTENCY_HEADER
 from ensync.server.core.apps import NewApp
 from ensync.server.store.base import MessageState, StoredMessage
 from ensync.testing import TestServer, run_engine
-from tests.interop.official_grpc import Subscribe, official_grpc_client
+from tests.interop.official_grpc import ROOT, Subscribe, official_grpc_client
 from tests.support.timing import eventually, seconds
 
 pytestmark = pytest.mark.interop
@@ -323,3 +323,53 @@ async def test_official_client_with_a_wrong_key_is_refused(setup: Setup) -> None
     assert len(bob.fatal) == 1
     assert "Authentication failed" in bob.fatal[0]
     assert setup.server.engine.stats.rejected == 1
+
+
+@pytest.mark.slow
+async def test_official_client_with_a_thousand_publishes_in_flight_gets_every_one_answered(
+    setup: Setup,
+) -> None:
+    # One connection, 1,000 calls at once: more than the engine's streams per
+    # connection, so the client queues some; none may be refused.
+    async with official_grpc_client(setup.server, setup.alice) as alice:
+        result = await alice.ok(
+            "publish_burst",
+            timeout_s=30,
+            name=NAME,
+            recipients=[setup.bob.app_id],
+            payload={"burst": True},
+            count=1000,
+        )
+    assert result.value == {"answered": 1000, "failed": 0, "errors": []}
+    assert setup.server.engine.stats.published == 1000
+    assert (await setup.server.engine.store.backlog()) == {setup.bob.app_id: 1000}
+
+
+@pytest.mark.slow
+async def test_a_grpc_js_client_with_a_thousand_publishes_in_flight_gets_every_one_answered(
+    setup: Setup,
+) -> None:
+    # The Node gRPC SDK is not on npm; grpc-js with our proto, as that SDK
+    # loads it, stands in for it (same library, options and user agent).
+    config = {
+        "target": f"127.0.0.1:{setup.server.server.grpc_port}",
+        "proto": str(ROOT / "proto" / "ensync.proto"),
+        "app_key": setup.alice.app_key,
+        "name": NAME,
+        "recipient": setup.bob.app_id,
+        "payload": seal(b'{"burst":true}', setup.bob.app_id),
+        "metadata": '{"persist":true,"headers":{}}',
+        "count": 1000,
+    }
+    process = await asyncio.create_subprocess_exec(
+        "node",
+        str(ROOT / "tests" / "interop" / "drivers" / "n_grpc_burst.js"),
+        json.dumps(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), seconds(30))
+    assert process.returncode == 0, f"{out!r} {err[-2000:]!r}"
+    assert json.loads(out) == {"answered": 1000, "failed": 0, "errors": []}
+    assert setup.server.engine.stats.published == 1000
+    assert (await setup.server.engine.store.backlog()) == {setup.bob.app_id: 1000}

@@ -20,6 +20,7 @@ import grpc
 
 from ensync import errors
 from ensync._proto import ensync_pb2 as pb
+from ensync.client.limiter import CallLimiter, LimiterStatistics
 from ensync.client.transport import ConnectInfo, LostCallback, WireMessage, WireReplay
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.urls import EngineUrl
@@ -39,6 +40,38 @@ _LINK_STATUSES = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.INTERNAL,
 }
+
+# Unary calls on the wire at once when the engine does not say how many
+# streams a connection may open: below HTTP/2's recommended minimum of 100.
+DEFAULT_MAX_IN_FLIGHT = 64
+# Streams kept free for heartbeats (which bypass the limiter) and for
+# subscriptions opened while calls are in flight.
+_RESERVED_STREAMS = 8
+_REFUSED_RETRY_S = (0.005, 0.02, 0.05, 0.1, 0.25)
+
+
+class _StillRefusedError(Exception):
+    """The engine kept refusing a call's stream until its timeout."""
+
+
+def _refused(exc: grpc.aio.AioRpcError) -> bool:
+    """The engine refused the stream (HTTP/2 REFUSED_STREAM): it never saw the
+    request, so sending it again is always safe (RFC 9113 §8.7)."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = exc.details() or ""
+    return "REFUSED_STREAM" in details or "error code 7)" in details
+
+
+def max_in_flight(server_config: dict[str, str] | Any) -> int:
+    """How many unary calls to keep on the wire, from the engine's advertised
+    ``max_concurrent_streams`` less the streams its subscriptions may hold."""
+    streams = str(server_config.get("max_concurrent_streams", ""))
+    subscriptions = str(server_config.get("max_subscriptions_per_client", ""))
+    if not streams.isdigit():
+        return DEFAULT_MAX_IN_FLIGHT
+    reserved = int(subscriptions) if subscriptions.isdigit() else 0
+    return max(1, int(streams) - reserved - _RESERVED_STREAMS)
 
 
 def _metadata_dict(text: str) -> dict[str, Any]:
@@ -85,6 +118,7 @@ class GrpcClientTransport:
         self._lost: LostCallback | None = None
         self._closed = False
         self._lost_reported = False
+        self._limiter = CallLimiter(DEFAULT_MAX_IN_FLIGHT)
         ch = self._channel
 
         def unary(method: str, resp: Any) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
@@ -119,6 +153,10 @@ class GrpcClientTransport:
     def on_lost(self, callback: LostCallback) -> None:
         self._lost = callback
 
+    def statistics(self) -> LimiterStatistics:
+        """Calls on the wire and calls waiting for a free stream."""
+        return self._limiter.statistics()
+
     # ------------------------------------------------------------------ calls
 
     async def _call(
@@ -126,11 +164,29 @@ class GrpcClientTransport:
         multicallable: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
         request: Any,
         error: type[errors.EnSyncError],
+        *,
+        limited: bool = True,
     ) -> Any:
         if self._closed:
             raise errors.EnSyncConnectionError("the connection is closed")
+        if not limited:
+            return await self._send(multicallable, request, error)
+        async with self._limiter.slot():
+            return await self._send(multicallable, request, error)
+
+    async def _send(
+        self,
+        multicallable: grpc.aio.UnaryUnaryMultiCallable[Any, Any],
+        request: Any,
+        error: type[errors.EnSyncError],
+    ) -> Any:
         try:
-            response = await multicallable(request, timeout=self._timeout)
+            response = await self._unary_with_retry(multicallable, request)
+        except _StillRefusedError:
+            raise error(
+                f"the engine refused the call for {self._timeout:g} s: "
+                "too many calls in progress on this connection"
+            ) from None
         except grpc.aio.AioRpcError as exc:
             translated = self._translate(exc, error)
             if isinstance(translated, errors.EnSyncConnectionError):
@@ -152,6 +208,26 @@ class GrpcClientTransport:
             raise lost
         return response
 
+    async def _unary_with_retry(
+        self, multicallable: grpc.aio.UnaryUnaryMultiCallable[Any, Any], request: Any
+    ) -> Any:
+        # A refused stream is the engine saying "not now", not a broken link:
+        # it is sent again, with growing pauses, within the call timeout.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        attempt = 0
+        while True:
+            try:
+                return await multicallable(request, timeout=max(0.001, deadline - loop.time()))
+            except grpc.aio.AioRpcError as exc:
+                if not _refused(exc):
+                    raise
+                pause_s = _REFUSED_RETRY_S[min(attempt, len(_REFUSED_RETRY_S) - 1)]
+                if loop.time() + pause_s >= deadline:
+                    raise _StillRefusedError from exc
+            attempt += 1
+            await asyncio.sleep(pause_s)
+
     def _translate(
         self, exc: grpc.aio.AioRpcError, error: type[errors.EnSyncError]
     ) -> errors.EnSyncError:
@@ -167,11 +243,15 @@ class GrpcClientTransport:
 
     async def connect(self, app_key: str) -> ConnectInfo:
         response = await self._call(
-            self._connect, pb.ConnectRequest(access_key=app_key), errors.EnSyncAuthError
+            self._connect,
+            pb.ConnectRequest(access_key=app_key),
+            errors.EnSyncAuthError,
+            limited=False,
         )
         if not response.success:
             raise errors.EnSyncAuthError(f"Authentication failed: {response.error_message}")
         self._client_id = response.client_id
+        self._limiter.resize(max_in_flight(response.server_config))
         deadline = response.server_config.get("ack_deadline_ms", "")
         return ConnectInfo(
             response.client_id,
@@ -184,6 +264,8 @@ class GrpcClientTransport:
             self._heartbeat,
             pb.HeartbeatRequest(client_id=self._client_id),
             errors.EnSyncConnectionError,
+            # Liveness must not queue behind a burst of publishes.
+            limited=False,
         )
         if not response.success:
             raise errors.EnSyncConnectionError("the engine no longer knows this client")
@@ -377,6 +459,7 @@ class GrpcClientTransport:
         if self._closed:
             return
         self._closed = True
+        self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
         streams = list(self._streams.values())
         self._streams.clear()
         for call, _ in streams:

@@ -20,6 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from ensync import errors
+from ensync.client.limiter import CallLimiter, LimiterStatistics
 from ensync.client.transport import ConnectInfo, LostCallback, WireMessage, WireReplay
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.urls import EngineUrl
@@ -54,9 +55,22 @@ from ensync.protocol.wssession import (
     Unexpected,
 )
 
-__all__ = ["WebSocketClientTransport", "wire_message"]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "WebSocketClientTransport", "max_in_flight", "wire_message"]
 
 log = logging.getLogger(__name__)
+
+# Requests awaiting an answer when the engine does not say how many it takes.
+DEFAULT_MAX_IN_FLIGHT = 64
+# Room left below the engine's bound for replies to its pings.
+_RESERVED = 8
+
+
+def max_in_flight(fields: dict[str, str]) -> int:
+    """Requests to keep on the wire, from the CONN answer's ``maxOutstanding``."""
+    value = fields.get("maxOutstanding", "")
+    if not value.isdigit():
+        return DEFAULT_MAX_IN_FLIGHT
+    return max(1, int(value) - _RESERVED)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -118,6 +132,7 @@ class WebSocketClientTransport:
         self._closed = False
         self._client_id = ""
         self._send_lock = asyncio.Lock()
+        self._limiter = CallLimiter(DEFAULT_MAX_IN_FLIGHT)
 
     @property
     def client_id(self) -> str:
@@ -125,6 +140,10 @@ class WebSocketClientTransport:
 
     def on_lost(self, callback: LostCallback) -> None:
         self._lost = callback
+
+    def statistics(self) -> LimiterStatistics:
+        """Requests awaiting an answer and requests waiting to be sent."""
+        return self._limiter.statistics()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -151,7 +170,7 @@ class WebSocketClientTransport:
         self._reader = asyncio.get_running_loop().create_task(
             self._read(self._ws), name="ensync-ws-reader"
         )
-        reply = await self._request(Conn(app_key), errors.EnSyncAuthError)
+        reply = await self._request(Conn(app_key), errors.EnSyncAuthError, limited=False)
         if isinstance(reply, Fail):
             raise errors.EnSyncAuthError(f"Authentication failed: {reply.reason}")
         text = reply.text if isinstance(reply, Pass) else ""
@@ -159,14 +178,27 @@ class WebSocketClientTransport:
         if isinstance(parsed, Malformed):
             raise errors.EnSyncConnectionError(f"unreadable CONN answer: {parsed.reason}")
         self._client_id, client_hash = parsed
-        deadline = parse_conn_fields(text).get("ackDeadlineMs", "")
+        fields = parse_conn_fields(text)
+        self._limiter.resize(max_in_flight(fields))
+        deadline = fields.get("ackDeadlineMs", "")
         return ConnectInfo(
             self._client_id, client_hash, int(deadline) if deadline.isdigit() else None
         )
 
     async def _request(
-        self, request: Request, error: type[errors.EnSyncError]
+        self, request: Request, error: type[errors.EnSyncError], *, limited: bool = True
     ) -> Pass | Fail | Replayed:
+        if self._closed or self._ws is None:
+            raise errors.EnSyncConnectionError("the connection is closed")
+        if not limited:
+            return await self._exchange(request)
+        # The engine stops reading a socket with too many commands in
+        # progress; requests queued behind those would time out here and
+        # break a healthy link, so they wait for a slot instead.
+        async with self._limiter.slot():
+            return await self._exchange(request)
+
+    async def _exchange(self, request: Request) -> Pass | Fail | Replayed:
         if self._closed or self._ws is None:
             raise errors.EnSyncConnectionError("the connection is closed")
         future: asyncio.Future[Pass | Fail | Replayed] = asyncio.get_running_loop().create_future()
@@ -250,7 +282,7 @@ class WebSocketClientTransport:
 
     async def _pong(self) -> None:
         with contextlib.suppress(errors.EnSyncError):
-            await self._request(Pong(), errors.EnSyncConnectionError)
+            await self._request(Pong(), errors.EnSyncConnectionError, limited=False)
 
     def _report_lost(self, exc: BaseException) -> None:
         if self._closed or self._lost_reported:
@@ -348,6 +380,7 @@ class WebSocketClientTransport:
         if self._closed:
             return
         self._closed = True
+        self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
         if self._ws is not None:
             await self._ws.close()
         if self._reader is not None:

@@ -16,7 +16,8 @@ line on stdin and writes one JSON event per line on stdout:
 * ``{"event": "closed"}`` just before it exits.
 
 Commands: ``{"id": n, "op": OP, ...}`` with OP one of ``publish`` (name,
-recipients, payload, metadata), ``ack`` (name, idem, block), ``defer`` (name,
+recipients, payload, metadata), ``publish_burst`` (name, recipients, payload,
+count: that many publishes at once), ``ack`` (name, idem, block), ``defer`` (name,
 idem, delay_ms, reason), ``discard`` (name, idem, reason), ``replay`` (name,
 idem), ``pause`` (name, reason), ``continue`` (name), ``close``. The driver
 exits after ``close``, at end of input, or when its lifetime runs out.
@@ -128,7 +129,8 @@ class Driver:
         op = command.get("op")
         ident = command.get("id")
         try:
-            value = await asyncio.wait_for(self._call(command), CALL_TIMEOUT_S)
+            timeout_s = float(command.get("timeout_s", CALL_TIMEOUT_S))
+            value = await asyncio.wait_for(self._call(command), timeout_s)
         except TimeoutError:
             emit("result", id=ident, op=op, ok=False, error="timed out", error_type="Timeout")
         except Exception as error:  # reported to the test, which decides
@@ -145,6 +147,8 @@ class Driver:
         sub = self.subs.get(command.get("name", ""))
         reason = str(command.get("reason", ""))
         match command["op"]:
+            case "publish_burst":
+                call = self._burst(command)
             case "publish":
                 call = self.client.publish(
                     command["name"],
@@ -166,7 +170,26 @@ class Driver:
                 call = sub.resume()
             case op:
                 raise ValueError(f"unknown op {op!r} or name not subscribed: {command}")
-        return call  # type: ignore[no-any-return]
+        return call
+
+    async def _burst(self, command: dict[str, Any]) -> dict[str, Any]:
+        """``count`` publishes at once on the client's one connection, as a
+        user's ``asyncio.gather`` makes them; how many were answered."""
+        results = await asyncio.gather(
+            *(
+                self.client.publish(
+                    command["name"], list(command["recipients"]), {**command["payload"], "n": n}
+                )
+                for n in range(int(command["count"]))
+            ),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        return {
+            "answered": len(results) - len(failures),
+            "failed": len(failures),
+            "errors": sorted({describe(f)["error"][:200] for f in failures})[:3],
+        }
 
     async def close(self) -> None:
         try:

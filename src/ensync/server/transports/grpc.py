@@ -202,6 +202,7 @@ class GrpcTransport:
         self._address = address
         self._credentials = credentials
         limit = max_message_bytes or engine.config.max_payload_bytes + 256 * 1024
+        self.max_streams = max(200, engine.config.max_subscriptions_per_client + 100)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -209,10 +210,14 @@ class GrpcTransport:
                 # Bounds what one connection can open at once (a "rapid reset"
                 # flood of streams otherwise starves every other client), with
                 # room for a client's every subscription stream plus its calls.
-                (
-                    "grpc.max_concurrent_streams",
-                    max(200, engine.config.max_subscriptions_per_client + 100),
-                ),
+                ("grpc.max_concurrent_streams", self.max_streams),
+                # Count streams as HTTP/2 does, as clients do. By default the
+                # server counts a stream until its call object is freed, which
+                # lags behind the trailers the client saw: a client that keeps
+                # the advertised number of calls in flight (as grpcio and
+                # grpc-js do, queueing the rest) got REFUSED_STREAM, which
+                # official clients read as a lost connection.
+                ("grpc.http.overload_protection", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ]
@@ -320,6 +325,11 @@ class GrpcTransport:
                 "server": "ensync",
                 "app_id": info.app_id,
                 "ack_deadline_ms": str(self._engine.config.ack_deadline_ms),
+                # No official client reads these; ours sizes its calls in flight by them.
+                "max_concurrent_streams": str(self.max_streams),
+                "max_subscriptions_per_client": str(
+                    self._engine.config.max_subscriptions_per_client
+                ),
             },
         )
 

@@ -355,7 +355,11 @@ class _Connection:
                 seq,
                 info.client_id,
                 info.client_hash,
-                extra={"ackDeadlineMs": str(self._engine.config.ack_deadline_ms)},
+                extra={
+                    "ackDeadlineMs": str(self._engine.config.ack_deadline_ms),
+                    # Our SDK keeps fewer requests than this on the wire.
+                    "maxOutstanding": str(self._max_outstanding),
+                },
             )
         self._wake.set()
         await self._dispatch(more)
