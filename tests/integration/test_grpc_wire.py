@@ -272,7 +272,7 @@ async def test_defer_answers_the_delivery_time_in_epoch_ms(wire: Wire) -> None:
     alice = await stub.connect(wire.alice)
     bob = await stub.connect(wire.bob)
     idem = await stub.publish(alice, "x", wire.bob)
-    now = wire.server.engine._now_ms()
+    now = wire.server.engine.clock.now_ms()
     response = await stub.call(
         "DeferMessage",
         pb.DeferRequest(client_id=bob, message_idem=idem, delay_ms=60_000, reason="later"),

@@ -33,7 +33,7 @@ from ensync import (
 from ensync._proto import ensync_pb2 as pb
 from ensync.client.engine import BaseEngine
 from ensync.server.core.apps import AppRegistry, NewApp
-from ensync.server.core.engine import wall_clock_ms
+from ensync.server.runtime.clock import wall_clock_ms
 from ensync.testing import TestServer, run_engine
 from ensync.websocket import EnSyncEngine as WsEngine
 from tests.support.timing import eventually, seconds
@@ -107,7 +107,7 @@ async def test_revoking_cuts_off_connected_clients(world: World) -> None:
     # The engine ends the session; the client cannot get back in.
     await eventually(lambda: bool(errors), timeout_s=5)
     assert errors[0].name == "EnSyncAuthError"
-    assert not any(s.app.name == "bob" for s in world.server.engine._sessions.values())
+    assert not any(s.app.name == "bob" for s in world.server.engine.sessions.values())
     with pytest.raises(EnSyncConnectionError):
         await bob.publish("x", [world.alice.app_id], {"a": 1})
     with pytest.raises(EnSyncAuthError):
@@ -118,7 +118,7 @@ async def test_rotating_a_key_retires_the_old_one(world: World) -> None:
     alice = await world.connect(world.alice, max_reconnect_attempts=1, reconnect_interval=20)
     new_key = await world.cli_registry().rotate_key("alice")
     await eventually(
-        lambda: not any(s.app.name == "alice" for s in world.server.engine._sessions.values()),
+        lambda: not any(s.app.name == "alice" for s in world.server.engine.sessions.values()),
         timeout_s=5,
     )
     with pytest.raises(EnSyncAuthError):

@@ -92,7 +92,7 @@ async def test_commands_before_conn_and_with_foreign_ids_fail(wire: Wire) -> Non
     ws2, _ = await wire.conn(wire.alice)
     await ws2.send(f"SUB;CLIENT_ID=:{other_id};EVENT_NAME=:x")
     assert (await recv(ws2)).startswith("-FAIL:")
-    assert not wire.server.engine._sessions[other_id].subscriptions
+    assert not wire.server.engine.sessions[other_id].subscriptions
 
 
 async def test_pong_gets_no_reply_and_replies_keep_order(wire: Wire) -> None:
@@ -192,7 +192,7 @@ async def test_invalid_utf8_is_refused_with_a_close_code(wire: Wire) -> None:
         await recv(ws)
     assert closed.value.rcvd is not None
     assert closed.value.rcvd.code == 1007
-    await eventually(lambda: wire.server.engine.statistics()["sessions"] == 0)
+    await eventually(lambda: wire.server.engine.statistics().sessions == 0)
 
 
 async def test_metrics_are_served_in_the_prometheus_format(wire: Wire) -> None:
@@ -238,7 +238,7 @@ async def test_a_silent_peer_is_dropped_and_its_messages_requeued() -> None:
             # peer and hands its message to the healthy client.
             record = json.loads((await recv(healthy, timeout_s=5)).removeprefix("+RECORD:"))
             assert record["idem"] == idem
-            assert ghost_id not in server.engine._sessions
+            assert ghost_id not in server.engine.sessions
             proxy.restore()
             await ghost.close()
         for ws in state.sockets:

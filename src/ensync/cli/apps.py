@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ensync.crypto import generate_keypair
 from ensync.server.core.apps import AppRegistry
-from ensync.server.core.engine import wall_clock_ms
+from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store import open_store
 from ensync.server.store.base import AppExistsError, StoreError
 

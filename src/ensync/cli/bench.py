@@ -49,7 +49,7 @@ from ensync.cli.bench_common import (
 )
 from ensync.models import Message
 from ensync.server.core.apps import NewApp
-from ensync.server.core.engine import wall_clock_ms
+from ensync.server.runtime.clock import wall_clock_ms
 
 __all__ = ["BenchResult", "add_parser", "run"]
 

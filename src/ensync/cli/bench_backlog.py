@@ -65,9 +65,9 @@ from ensync.client.engine import BaseEngine
 from ensync.crypto import seal
 from ensync.models import Message
 from ensync.server.core.apps import NewApp
-from ensync.server.core.engine import wall_clock_ms
 from ensync.server.core.ids import new_idem
-from ensync.server.store.base import StoredMessage
+from ensync.server.runtime.clock import wall_clock_ms
+from ensync.server.store.base import Appended, NewMessage
 from ensync.server.store.sqlite import SqliteStore
 
 __all__ = [
@@ -270,16 +270,15 @@ async def _prefill_store(
     await store.open()
     start = time.perf_counter()
     try:
-        in_flight: list[asyncio.Task[None]] = []
+        in_flight: list[asyncio.Task[list[Appended]]] = []
         written = 0
         for first in range(0, total, _PREFILL_BATCH):
             now = wall_clock_ms()
             batch = [
-                StoredMessage(
+                NewMessage(
                     idem=new_idem(now),
                     recipient=recipient.app_id,
                     name=names[seq % len(names)],
-                    block=seq // len(names) + 1,
                     payload=envelope,
                     metadata=metadata,
                     sender=publisher.app_id,
@@ -289,7 +288,11 @@ async def _prefill_store(
                 for seq in range(first, min(total, first + _PREFILL_BATCH))
             ]
             # Two appends in flight: the next batch is built while one commits.
-            in_flight.append(asyncio.get_running_loop().create_task(store.append(batch)))
+            in_flight.append(
+                asyncio.get_running_loop().create_task(
+                    store.append(batch, now_ms=now, dedupe_since_ms=now)
+                )
+            )
             if len(in_flight) >= 2:
                 await in_flight.pop(0)
             written += len(batch)

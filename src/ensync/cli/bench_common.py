@@ -30,7 +30,7 @@ from typing import BinaryIO, Literal, TextIO
 from ensync.client.engine import BaseEngine, EnSyncEngine
 from ensync.errors import EnSyncError
 from ensync.server.core.apps import AppRegistry, NewApp
-from ensync.server.core.engine import wall_clock_ms
+from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store.sqlite import SqliteStore
 from ensync.websocket import EnSyncEngine as WsEngine
 

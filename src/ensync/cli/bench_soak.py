@@ -64,7 +64,7 @@ from ensync.client.subscription import Subscription
 from ensync.errors import EnSyncError
 from ensync.models import Message
 from ensync.server.core.apps import NewApp
-from ensync.server.core.engine import wall_clock_ms
+from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store.base import MessageState, StoredMessage
 from ensync.server.store.sqlite import SqliteStore
 
@@ -461,13 +461,34 @@ class _Soak:
         """Wait until every confirmed message is settled (or give up)."""
         limit_s = self.args.soak_drain_seconds
         start = time.perf_counter()
+        empty_readings = 0
         while time.perf_counter() - start < limit_s:
             left = sum(1 for key in self.published if key not in self.settled)
             self.progress.show(f"draining: {left:,} messages not settled yet")
             if left == 0:
                 break
+            # A settlement whose answer a cut link lost is settled all the
+            # same, and never delivered again: once the engine holds nothing
+            # pending twice in a row, the store has the last word (result()).
+            empty_readings = empty_readings + 1 if await self._engine_backlog() == 0 else 0
+            if empty_readings >= 2:
+                break
             await asyncio.sleep(0.5)
         self.progress.finish()
+
+    async def _engine_backlog(self) -> int | None:
+        try:
+            text = await http_get(self.engine.http_port, "/metrics")
+        except (OSError, BenchError) as exc:
+            self.errors.add(exc, "metrics")
+            return None
+        return int(
+            sum(
+                float(line.rsplit(maxsplit=1)[1])
+                for line in text.splitlines()
+                if line.startswith("ensync_backlog{")
+            )
+        )
 
     # ------------------------------------------------------------------ publishing
 

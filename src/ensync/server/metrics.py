@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ensync.server.core.engine import Engine
+from ensync.server.runtime.engine import Engine
 
 __all__ = ["CONTENT_TYPE", "render_metrics"]
 
@@ -64,13 +64,15 @@ class _EngineCollector(Collector):
         yield limits
         gauges = self._engine.statistics()
         yield GaugeMetricFamily(
-            "ensync_connected_clients", "Clients with a live session", value=gauges["sessions"]
+            "ensync_connected_clients", "Clients with a live session", value=gauges.sessions
         )
         yield GaugeMetricFamily(
-            "ensync_in_flight", "Deliveries awaiting a settlement", value=gauges["in_flight"]
+            "ensync_in_flight", "Deliveries awaiting a settlement", value=gauges.in_flight
         )
         yield GaugeMetricFamily(
-            "ensync_deferred", "Messages waiting for their defer delay", value=gauges["deferred"]
+            "ensync_deferred",
+            "Partitions waiting for a deferral or a redelivery backoff to end",
+            value=gauges.deferred,
         )
         backlog = GaugeMetricFamily(
             "ensync_backlog", "Pending (unsettled) messages per recipient app", labels=["app"]
@@ -82,10 +84,7 @@ class _EngineCollector(Collector):
 
 async def render_metrics(engine: Engine) -> bytes:
     """The Prometheus text exposition of the engine's metrics."""
-    backlog: dict[str, int] = {}
-    for store in {id(engine.store): engine.store, id(engine.volatile): engine.volatile}.values():
-        for app_id, count in (await store.backlog()).items():
-            backlog[app_id] = backlog.get(app_id, 0) + count
+    backlog = await engine.store.backlog()
     names = {app.app_id: app.name for app in await engine.store.list_apps()}
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_EngineCollector(engine, backlog, names))

@@ -12,7 +12,7 @@ from ensync.crypto import generate_keypair
 from ensync.protocol.names import validate_pattern
 from ensync.server.core.errors import ServiceError
 from ensync.server.core.ids import hash_app_key, new_app_key
-from ensync.server.store.base import AppRecord, Store
+from ensync.server.store.base import AppRecord, AppStore
 
 __all__ = ["AppRegistry", "NewApp", "validate_app_name"]
 
@@ -49,7 +49,7 @@ class AppRegistry:
 
     def __init__(
         self,
-        store: Store,
+        store: AppStore,
         now_ms: Callable[[], int],
         cache_ms: int,
         on_change: Callable[[], None] | None = None,

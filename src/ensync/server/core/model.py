@@ -6,13 +6,22 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "Clock",
     "Delivery",
     "DeliverySink",
+    "EngineStatistics",
     "EngineStats",
     "ReplayResult",
     "SessionInfo",
     "SessionRouter",
 ]
+
+
+class Clock(Protocol):
+    """Where the core gets the time: epoch milliseconds. The core never reads
+    a clock itself; the runtime hands it one (tests hand it a fake)."""
+
+    def now_ms(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +100,27 @@ class EngineStats:
     deduplicated: int = 0
     denied: int = 0
     limit_rejections: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatistics:
+    """Gauges of an engine at one moment.
+
+    Attributes:
+        sessions: clients with a live session.
+        in_flight: deliveries awaiting a settlement (this engine's leases).
+        partitions: (recipient, name) partitions with a subscriber here.
+        claiming: partitions with a claim in progress.
+        deferred: partitions waiting for a deferral or backoff to end.
+        publishing: publishes waiting for their batch to be appended.
+        buffered: message references the store read ahead of delivery
+            (no payloads), when the store says.
+    """
+
+    sessions: int
+    in_flight: int
+    partitions: int
+    claiming: int
+    deferred: int
+    publishing: int
+    buffered: int = 0

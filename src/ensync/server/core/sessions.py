@@ -33,7 +33,7 @@ class Session:
 
 @dataclass(eq=False, slots=True)
 class Subscription:
-    """A client's subscription to one message name, with its in-flight set."""
+    """A client's subscription to one message name, with the idems it holds."""
 
     session: Session
     name: str
@@ -42,3 +42,14 @@ class Subscription:
     @property
     def paused(self) -> bool:
         return self.name in self.session.paused
+
+    def eligible(self, window: int) -> bool:
+        """May take another delivery: not paused, window not full, and its
+        transport has an outbox for the name (a gRPC client may subscribe
+        before it opens the stream that carries the name)."""
+        return (
+            not self.paused
+            and len(self.in_flight) < window
+            and not self.session.closed
+            and self.session.router.sink_for(self.name) is not None
+        )

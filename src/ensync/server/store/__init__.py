@@ -1,6 +1,7 @@
 """Storage backends of the engine behind one contract, :class:`Store`.
 
-:func:`open_store` picks a backend from a URL:
+:func:`open_store` picks a backend from a URL (backends are imported only
+when named):
 
 =============================  ==============================================
 ``memory`` / ``memory:``       :class:`MemoryStore`, volatile
@@ -12,18 +13,51 @@
 
 from __future__ import annotations
 
+import importlib
 import pathlib
+from typing import TYPE_CHECKING, Any
 
-from .base import AppExistsError, AppRecord, MessageState, Store, StoredMessage, StoreError
-from .memory import MemoryStore, MemoryStoreStatistics
-from .sqlite import SqliteStore, SqliteStoreStatistics
+from .base import (
+    Appended,
+    AppExistsError,
+    AppRecord,
+    AppStore,
+    Claim,
+    DeliveryPolicy,
+    DeliveryState,
+    Lease,
+    MessageLog,
+    MessageState,
+    NewMessage,
+    Release,
+    Released,
+    Settlement,
+    Store,
+    StoredMessage,
+    StoreError,
+)
+
+if TYPE_CHECKING:
+    from .memory import MemoryStore, MemoryStoreStatistics
+    from .sqlite import SqliteStore, SqliteStoreStatistics
 
 __all__ = [
     "AppExistsError",
     "AppRecord",
+    "AppStore",
+    "Appended",
+    "Claim",
+    "DeliveryPolicy",
+    "DeliveryState",
+    "Lease",
     "MemoryStore",
     "MemoryStoreStatistics",
+    "MessageLog",
     "MessageState",
+    "NewMessage",
+    "Release",
+    "Released",
+    "Settlement",
     "SqliteStore",
     "SqliteStoreStatistics",
     "Store",
@@ -32,8 +66,21 @@ __all__ = [
     "open_store",
 ]
 
+_LAZY = {
+    "MemoryStore": ".memory",
+    "MemoryStoreStatistics": ".memory",
+    "SqliteStore": ".sqlite",
+    "SqliteStoreStatistics": ".sqlite",
+}
 _DEFAULT_SQLITE_FILE = "ensync.db"
 _PLANNED_SCHEMES = frozenset({"nats", "nats+tls", "tls", "jetstream"})
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
 
 
 def open_store(url: str, data_dir: pathlib.Path) -> Store:
@@ -48,8 +95,12 @@ def open_store(url: str, data_dir: pathlib.Path) -> Store:
     scheme, colon, rest = url.partition(":")
     scheme = scheme.lower()
     if scheme == "memory" and (not colon or rest == ""):
+        from .memory import MemoryStore
+
         return MemoryStore()
     if scheme == "sqlite" and colon:
+        from .sqlite import SqliteStore
+
         return SqliteStore(_sqlite_path(url, rest, data_dir))
     if scheme in _PLANNED_SCHEMES and colon:
         raise ValueError(f"store URL {url!r}: the NATS JetStream backend is not supported yet")

@@ -1,37 +1,75 @@
-"""The storage contract of the engine.
+"""The storage contract of the engine: three small protocols and their records.
 
-The core talks to storage only through :class:`Store`. Every backend
-(``memory``, ``sqlite``, and later ``jetstream``) must pass the conformance
-suite in ``tests/conformance/test_store.py`` unchanged.
+The core talks to storage only through :class:`Store`, which is the union of
+what each concern needs:
+
+* :class:`AppStore` — registered apps;
+* :class:`MessageLog` — messages: appended in batches (the store numbers
+  them and remembers idempotency keys), read back by idem, dead letters,
+  retention;
+* :class:`DeliveryState` — who may deliver what: claims with a lease,
+  extension, release, deferral, settlement.
+
+Every backend (``memory``, ``sqlite``, and ``jetstream``) passes the
+conformance suite in ``tests/conformance/test_store.py`` unchanged,
+including its tests with two engine cores over one store instance.
 
 What the contract promises:
 
-* ``append`` returns only when every record of the call is durable (for a
-  durable backend) — callers rely on it to answer a persisted publish.
-  Backends batch concurrent calls into one commit (group commit); they never
-  commit once per record.
-* Records are read back by idem (``get``) and, per partition, in block order
-  (``fetch_ready``). Reads return whole records, payload included; the core
-  asks for small pages, so a deep backlog never has to sit in memory.
-* State changes (``settle``, ``reschedule``) are durable when they return.
-* Blocks are chosen by the caller; the store only remembers the highest one
-  per partition (``last_block``) so numbering survives a restart.
-
-The core keeps all in-flight state (leases, sessions) in memory; a store
-only knows whether a message is still pending, and when it becomes visible.
+* **Time comes from the caller.** Every method that depends on time takes
+  ``now_ms``; a backend never reads a clock for decisions, so the suite runs
+  on a fake clock. (A backend whose timers run in a server, such as
+  JetStream, runs the same suite in real time with scaled deadlines.)
+* ``append`` returns once every fresh record of the call is durable (for a
+  durable backend and a persisted message); a publish is answered only
+  after that. One call is one transaction; a record the backend cannot
+  store fails alone, not the batch.
+* **The store numbers messages.** Blocks are assigned per (recipient, name)
+  partition, strictly increasing, never twice, in the order of ``append``
+  calls and of records within a call.
+* **Deduplication across engine nodes.** A record whose (sender, recipient,
+  idempotency key) was appended at or after ``dedupe_since_ms`` is not
+  stored again: ``append`` answers with the original idem and block.
+* **Claims are exclusive.** A message is leased to one claimer at a time:
+  until its lease ends (settled, released, deferred, or its deadline plus
+  the redelivery backoff passed) no other claim returns it. First deliveries
+  of a partition are claimed in block order; messages that came back may
+  overtake them.
+* Every claim counts a delivery attempt; a message claimed
+  ``max_deliveries`` times without a settlement is dead-lettered when its
+  lease ends (release, or the next claim after its deadline), with a reason.
+* Claims read no payloads but those they return, and a backend holds a
+  bounded window of a partition in memory (a byte budget for payloads):
+  a million deferred or pending messages do not load at start.
+* State changes (``settle``, ``defer``, ``redrive``) are durable when they
+  return. Leases and attempt counts are best effort: a crash voids every
+  lease (the clients holding them are gone too) and may lose the last few
+  attempt counts.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 __all__ = [
     "AppExistsError",
     "AppRecord",
+    "AppStore",
+    "Appended",
+    "Claim",
+    "DeliveryPolicy",
+    "DeliveryState",
+    "Lease",
+    "MessageLog",
     "MessageState",
+    "NewMessage",
+    "ReadyListener",
+    "Release",
+    "Released",
+    "Settlement",
     "Store",
     "StoreError",
     "StoredMessage",
@@ -43,13 +81,13 @@ class StoreError(Exception):
 
 
 class AppExistsError(StoreError):
-    """An app with the same name or app id is already registered."""
+    """An app with the same name, app id or key hash is already registered."""
 
 
 class MessageState(enum.IntEnum):
     """Where a message stands. Values are stored on disk: never renumber."""
 
-    PENDING = 0  # waiting for delivery, or in flight (leases live in memory)
+    PENDING = 0  # waiting for delivery, or leased
     ACKED = 1  # done; kept for replay until retention ends
     DEAD = 2  # discarded or dead-lettered; ``dead_reason`` says why
     EXPIRED = 3  # its TTL passed before it was delivered
@@ -74,12 +112,38 @@ class AppRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message for one recipient app, before the store numbers it.
+
+    ``idem`` is chosen by the engine (unique, unguessable). ``persist=False``
+    keeps the message in memory only (lost on restart, otherwise the same).
+    """
+
+    idem: str
+    recipient: str
+    name: str
+    payload: str
+    metadata: str
+    sender: str
+    created_at_ms: int
+    payload_metadata: str | None = None
+    expires_at_ms: int | None = None
+    dedupe_key: str | None = None
+    persist: bool = True
+
+    @property
+    def partition(self) -> tuple[str, str]:
+        return (self.recipient, self.name)
+
+
+@dataclass(frozen=True, slots=True)
 class StoredMessage:
     """One delivery: a message as addressed to one recipient app.
 
     ``payload`` is the opaque envelope exactly as published; ``metadata`` and
     ``payload_metadata`` are JSON text as published (``payload_metadata`` may
-    be ``None``). Times are epoch milliseconds.
+    be ``None``). Times are epoch milliseconds. ``attempts`` counts the
+    deliveries so far.
     """
 
     idem: str
@@ -97,9 +161,9 @@ class StoredMessage:
     expires_at_ms: int | None = None
     settled_at_ms: int | None = None
     dead_reason: str | None = None
-    # The publisher's idempotency key, if it sent one: a retried publish with
-    # the same (sender, recipient, key) returns the original idem.
+    # The publisher's idempotency key, if it sent one.
     dedupe_key: str | None = None
+    persist: bool = True
 
     @property
     def partition(self) -> tuple[str, str]:
@@ -107,23 +171,111 @@ class StoredMessage:
         return (self.recipient, self.name)
 
 
-@runtime_checkable
-class Store(Protocol):
-    """Durable (or volatile) home of apps and messages. All methods are async.
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What ``append`` did with one record.
 
-    Implementations must be safe to call from many coroutines at once on one
-    event loop.
+    ``duplicate`` means its idempotency key was seen: ``idem`` and ``block``
+    are the original's and nothing was stored. ``error`` is set (and nothing
+    stored) when the backend could not store this record alone.
     """
 
-    # --- lifecycle -----------------------------------------------------------
+    idem: str
+    block: int
+    duplicate: bool = False
+    error: str | None = None
 
-    async def open(self) -> None:
-        """Prepare the backend (create files, schema). Called once before use."""
 
-    async def close(self) -> None:
-        """Finish pending writes and release resources. Idempotent."""
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    """How leases end: the ack deadline, the redelivery backoff, the limit.
 
-    # --- apps ----------------------------------------------------------------
+    ``backoff_ms[n - 1]`` is the wait before the next delivery after the
+    n-th failed one (the last value repeats; empty means no wait).
+    """
+
+    lease_ms: int = 30_000
+    max_deliveries: int = 10
+    backoff_ms: tuple[int, ...] = (0, 1_000, 5_000, 15_000, 60_000, 300_000)
+
+    def backoff_after(self, attempts: int) -> int:
+        """The wait after ``attempts`` failed deliveries."""
+        if not self.backoff_ms:
+            return 0
+        return self.backoff_ms[min(max(attempts, 1), len(self.backoff_ms)) - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A message claimed for delivery until ``deadline_ms``.
+
+    ``message.attempts`` already counts this delivery. ``token`` proves the
+    lease is still the claimer's: extend and release with a stale token do
+    nothing.
+    """
+
+    message: StoredMessage
+    token: int
+    deadline_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The outcome of one claim on a partition.
+
+    ``dead`` are the idems dead-lettered instead of delivered (delivery
+    limit reached); ``expired`` those settled EXPIRED (their TTL passed).
+    ``next_visible_ms`` says when something not claimable now becomes
+    claimable (a deferral or a backoff ends), if the backend knows.
+    """
+
+    leases: tuple[Lease, ...] = ()
+    dead: tuple[str, ...] = ()
+    expired: tuple[str, ...] = ()
+    next_visible_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Give a leased message back unsettled.
+
+    ``failure`` says the delivery failed (deadline passed, handler gave it
+    back): it then waits out the backoff. Without it (client gone, paused)
+    it is claimable at once.
+    """
+
+    idem: str
+    token: int
+    failure: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """What a release did: claimable again at ``visible_at_ms``, dead-lettered
+    (``dead``), or nothing because the lease was no longer the caller's
+    (``stale``)."""
+
+    visible_at_ms: int | None = None
+    dead: bool = False
+    stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """Move a pending message to ACKED, DEAD (with ``reason``) or EXPIRED."""
+
+    idem: str
+    state: MessageState
+    reason: str | None = None
+
+
+ReadyListener = Callable[[str, str], None]
+"""Told ``(recipient, name)`` when a partition may have messages to claim."""
+
+
+@runtime_checkable
+class AppStore(Protocol):
+    """Registered apps."""
 
     async def create_app(self, app: AppRecord) -> None:
         """Register ``app``. Raises :class:`AppExistsError` on a duplicate name,
@@ -142,67 +294,90 @@ class Store(Protocol):
         """Every registered app, ordered by name."""
 
     async def update_app(self, app: AppRecord) -> None:
-        """Replace the record of the app with ``app.name`` (revoke, new key hash).
+        """Replace the record of the app with ``app.name``.
 
         Raises ``LookupError`` if no app has that name."""
 
-    # --- messages ------------------------------------------------------------
 
-    async def append(self, messages: Sequence[StoredMessage]) -> None:
-        """Store new messages; durable when this returns.
+@runtime_checkable
+class MessageLog(Protocol):
+    """Messages: numbered on append, read back by idem."""
 
-        Idems are unique: a duplicate raises :class:`StoreError` and that call
-        stores nothing."""
+    async def append(
+        self, batch: Sequence[NewMessage], *, now_ms: int, dedupe_since_ms: int
+    ) -> list[Appended]:
+        """Number and store ``batch``; one :class:`Appended` per record, in order.
 
-    async def last_block(self, recipient: str, name: str) -> int:
-        """The highest block ever stored for the partition, 0 if none."""
+        Durable on return for persisted records. Listeners registered with
+        :meth:`DeliveryState.watch` hear of every partition that got records.
+        """
 
     async def get(self, idem: str) -> StoredMessage | None:
         """The message with this idem, whatever its state, or ``None``."""
 
-    async def fetch_ready(
-        self, recipient: str, name: str, after_block: int, now_ms: int, limit: int
-    ) -> list[StoredMessage]:
-        """Pending messages of a partition with ``block > after_block`` and
-        ``visible_at_ms <= now_ms``, in block order, at most ``limit``."""
-
-    async def fetch_scheduled(self, after_ms: int, limit: int) -> list[StoredMessage]:
-        """Pending messages with ``visible_at_ms > after_ms`` (deferred ones),
-        ordered by ``visible_at_ms``: how timers are rebuilt after a restart."""
-
-    async def settle(
-        self, idem: str, state: MessageState, at_ms: int, reason: str | None = None
-    ) -> bool:
-        """Move a pending message to ACKED, DEAD or EXPIRED.
-
-        Returns ``False`` (and changes nothing) when the message is unknown or
-        no longer pending; settling is therefore idempotent. ``state`` may not
-        be PENDING (``ValueError``).
-        """
-
-    async def reschedule(self, idem: str, visible_at_ms: int, attempts: int) -> bool:
-        """Set when a pending message becomes visible again and its attempt
-        count. Returns ``False`` when it is unknown or no longer pending."""
-
-    async def record_attempts(self, updates: Sequence[tuple[str, int]]) -> None:
-        """Remember delivery attempt counts ``(idem, attempts)``. Durability
-        is best effort: losing the last few counts in a crash is acceptable."""
-
     async def list_dead(self, recipient: str, limit: int) -> list[StoredMessage]:
-        """Dead letters of an app, newest first."""
+        """Dead letters of an app, most recently settled first."""
 
     async def redrive(self, idem: str, now_ms: int) -> bool:
-        """Return a dead letter to PENDING (attempts reset, visible now)."""
-
-    async def recent_dedupe_keys(
-        self, since_ms: int, limit: int
-    ) -> list[tuple[str, str, str, str]]:
-        """``(sender, recipient, dedupe_key, idem)`` of the newest ``limit`` messages
-        created at or after ``since_ms`` that carry a dedupe key, oldest first:
-        how the engine rebuilds its deduplication window after a restart."""
+        """Return a dead letter to PENDING (attempts reset, claimable now)."""
 
     async def backlog(self) -> dict[str, int]:
         """Pending messages per recipient app id (for metrics)."""
 
     async def prune(self, settled_before_ms: int) -> int:
-        """Delete settled messages settled before the given time; returns how many."""
+        """Delete messages settled before the given time; returns how many."""
+
+
+@runtime_checkable
+class DeliveryState(Protocol):
+    """Leases, deferrals and settlements."""
+
+    def watch(self, listener: ReadyListener) -> Callable[[], None]:
+        """Call ``listener(recipient, name)`` whenever a partition may have
+        become claimable (records appended, a message released or redriven);
+        returns a function that stops it. Listeners must not block."""
+
+    async def claim(
+        self,
+        recipient: str,
+        name: str,
+        *,
+        limit: int,
+        now_ms: int,
+        policy: DeliveryPolicy,
+    ) -> Claim:
+        """Lease up to ``limit`` claimable messages of a partition, payloads
+        included, first deliveries in block order."""
+
+    async def extend(self, idem: str, token: int, deadline_ms: int) -> bool:
+        """Move a lease's deadline; ``False`` if the lease is no longer ``token``'s."""
+
+    async def release(
+        self, releases: Sequence[Release], *, now_ms: int, policy: DeliveryPolicy
+    ) -> list[Released]:
+        """End leases unsettled: claimable again (after the backoff if the
+        delivery failed), or dead-lettered at ``policy.max_deliveries``."""
+
+    async def defer(self, idem: str, visible_at_ms: int, now_ms: int) -> bool:
+        """Make a pending message claimable only at ``visible_at_ms``, ending
+        any lease on it; ``False`` if it is unknown or no longer pending."""
+
+    async def settle(self, settlements: Sequence[Settlement], *, now_ms: int) -> list[bool]:
+        """Settle pending messages, ending any lease on them; ``False`` for each
+        one that is unknown or no longer pending (settling is idempotent).
+        ``state`` may not be PENDING (``ValueError``)."""
+
+
+@runtime_checkable
+class Store(AppStore, MessageLog, DeliveryState, Protocol):
+    """Everything the engine stores. All I/O methods are async.
+
+    Implementations are safe to call from many coroutines at once on the
+    event loop that opened them.
+    """
+
+    async def open(self) -> None:
+        """Prepare the backend (create files, schema). Called once before use."""
+
+    async def close(self) -> None:
+        """Finish pending writes and release resources. Idempotent."""

@@ -33,9 +33,9 @@ from google.protobuf.message import Message as ProtoMessage
 
 from ensync._proto import ensync_pb2 as pb
 from ensync.protocol.errors import UNKNOWN_SESSION
-from ensync.server.core.engine import Engine
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
+from ensync.server.runtime.engine import Engine
 
 __all__ = ["GrpcTransport", "replay_message_data"]
 

@@ -8,6 +8,7 @@ suffix, so an upgrade is accepted on every path (PROTOCOL.md §3.1).
 
 from __future__ import annotations
 
+import dataclasses
 import http
 import json
 import logging
@@ -17,8 +18,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from ensync.server.core.engine import Engine
 from ensync.server.metrics import CONTENT_TYPE, render_metrics
+from ensync.server.runtime.engine import Engine
 from ensync.server.transports.websocket import WebSocketTransport
 
 __all__ = ["HttpListener"]
@@ -101,7 +102,8 @@ class HttpListener:
             return None
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
-            body = json.dumps({"status": "ok", **self._engine.statistics()}) + "\n"
+            gauges = dataclasses.asdict(self._engine.statistics())
+            body = json.dumps({"status": "ok", **gauges}) + "\n"
             return _response(http.HTTPStatus.OK, body.encode(), "application/json")
         if path == "/metrics":
             return _response(http.HTTPStatus.OK, await render_metrics(self._engine), CONTENT_TYPE)

@@ -43,9 +43,9 @@ from ensync.protocol.wscodec import (
     Unsub,
 )
 from ensync.protocol.wssession import Incoming, ServerSession, ServerState
-from ensync.server.core.engine import Engine
 from ensync.server.core.errors import ServiceError
 from ensync.server.core.model import Delivery, ReplayResult
+from ensync.server.runtime.engine import Engine
 
 __all__ = ["WebSocketTransport", "delivery_record"]
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import grpc
 
 from ensync.server.config import ServerConfig
-from ensync.server.core.engine import Engine
-from ensync.server.store import MemoryStore, open_store
+from ensync.server.runtime.engine import Engine
+from ensync.server.store import open_store
 from ensync.server.store.base import Store
 from ensync.server.transports.grpc import GrpcTransport
 from ensync.server.transports.http import HttpListener
@@ -76,10 +76,7 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
     http_host, http_port = parse_address(config.http_address, what="HTTP")
     store = open_store(config.store_url, config.data_dir)
     await store.open()
-    volatile: Store = store if isinstance(store, MemoryStore) else MemoryStore()
-    if volatile is not store:
-        await volatile.open()
-    engine = Engine(store, volatile, config.engine)
+    engine = Engine(store, config.engine)
     credentials, ssl_context = _tls(config)
     grpc_transport = GrpcTransport(engine, f"{grpc_host}:{grpc_port}", credentials=credentials)
     http_listener = HttpListener(engine, http_host, http_port, ssl_context=ssl_context)
@@ -101,6 +98,4 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
         # the queue when the core stops, and the store drains its writes.
         await asyncio.gather(http_listener.stop(), grpc_transport.stop(grace_s=5.0))
         await engine.stop()
-        if volatile is not store:
-            await volatile.close()
         await store.close()

@@ -1,0 +1,358 @@
+"""What the in-process backends share: numbering, deduplication, claims.
+
+:class:`LocalMessages` implements :class:`~ensync.server.store.base.MessageLog`
+and :class:`~ensync.server.store.base.DeliveryState` over two tables: an
+in-memory one (:class:`~ensync.server.store.memlog.MemoryMessages`) for
+``persist: false`` messages, and an optional :class:`DurableTable` (sqlite)
+for the rest. Without a durable table every message lives in memory (the
+memory backend). One block numbering spans both tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from .base import (
+    Appended,
+    Claim,
+    DeliveryPolicy,
+    MessageState,
+    NewMessage,
+    ReadyListener,
+    Release,
+    Released,
+    Settlement,
+    StoredMessage,
+    StoreError,
+)
+from .book import LeaseBook, Ref
+from .memlog import MemoryMessages
+from .numbering import DedupeWindow, Sequencer, dedupe_digest
+
+__all__ = ["DurableTable", "LocalMessages"]
+
+_Key = tuple[str, str]
+
+
+class DurableTable(Protocol):
+    """The durable half of a local backend (the sqlite file)."""
+
+    async def insert(self, rows: Sequence[StoredMessage]) -> list[str | None]:
+        """Store new rows in one transaction; per row ``None`` or why it failed."""
+        ...
+
+    def note_last_blocks(self, blocks: dict[_Key, int]) -> None:
+        """Remember numbering used by memory-only rows (best effort)."""
+        ...
+
+    async def get(self, idem: str) -> StoredMessage | None: ...
+
+    async def page(
+        self, key: _Key, after_block: int, upto_block: int, now_ms: int, limit: int
+    ) -> list[Ref]: ...
+
+    async def due(
+        self, key: _Key, since_ms: int, until_ms: int, max_block: int, limit: int
+    ) -> list[Ref]: ...
+
+    async def next_due(self, key: _Key, after_ms: int) -> int | None: ...
+
+    async def load(self, idems: Sequence[str]) -> dict[str, StoredMessage]: ...
+
+    async def settle_many(
+        self, items: Sequence[tuple[str, MessageState, str | None]], now_ms: int
+    ) -> list[bool]: ...
+
+    async def reschedule_many(self, items: Sequence[tuple[str, int, int | None]]) -> list[bool]: ...
+
+    def record_attempts(self, updates: Sequence[tuple[str, int]]) -> None: ...
+
+    async def list_dead(self, recipient: str, limit: int) -> list[StoredMessage]: ...
+
+    async def redrive(self, idem: str, now_ms: int) -> StoredMessage | None: ...
+
+    async def backlog(self) -> dict[str, int]: ...
+
+    async def prune(self, settled_before_ms: int) -> int: ...
+
+
+def _split(idems: Sequence[str], memory: MemoryMessages) -> tuple[list[int], list[int]]:
+    """Positions of idems held in memory, and of the others."""
+    mem: list[int] = []
+    rest: list[int] = []
+    for index, idem in enumerate(idems):
+        (mem if idem in memory else rest).append(index)
+    return mem, rest
+
+
+class LocalMessages:
+    """Messages and deliveries over a memory table and an optional durable one.
+
+    Call :meth:`check` before each operation (the subclass says whether the
+    store is open) — it is the subclass's ``_check_open``.
+    """
+
+    def __init__(self, durable: DurableTable | None, *, dedupe_max_keys: int = 100_000) -> None:
+        self._durable = durable
+        self._memory = MemoryMessages()
+        self._sequencer: Sequencer[StoredMessage] = Sequencer()
+        self._dedupe = DedupeWindow(dedupe_max_keys)
+        self._book = LeaseBook(self)
+        self._listeners_stop: list[Callable[[], None]] = []
+
+    def _check_open(self) -> None:  # overridden
+        raise NotImplementedError
+
+    # --- MessageLog ---------------------------------------------------------
+
+    async def append(
+        self, batch: Sequence[NewMessage], *, now_ms: int, dedupe_since_ms: int
+    ) -> list[Appended]:
+        self._check_open()
+        results: list[Appended | None] = [None] * len(batch)
+        waiting: list[tuple[int, asyncio.Future[Appended]]] = []
+        reserved: dict[int, bytes] = {}
+        rows: list[tuple[int, StoredMessage]] = []
+        seen_idems: set[str] = set()
+        for index, new in enumerate(batch):
+            if new.idem in seen_idems or new.idem in self._memory:
+                results[index] = Appended(new.idem, 0, error=f"idem {new.idem!r} is already stored")
+                continue
+            seen_idems.add(new.idem)
+            if new.dedupe_key is not None:
+                digest = dedupe_digest(new.sender, new.recipient, new.dedupe_key)
+                earlier = self._dedupe.lookup(digest, dedupe_since_ms)
+                if isinstance(earlier, Appended):
+                    results[index] = Appended(earlier.idem, earlier.block, duplicate=True)
+                    continue
+                if earlier is not None:
+                    waiting.append((index, earlier))
+                    continue
+                self._dedupe.reserve(digest, new.created_at_ms)
+                reserved[index] = digest
+            rows.append((index, self._number(new)))
+        durable = [(i, m) for i, m in rows if m.persist and self._durable is not None]
+        errors: dict[int, str | None] = {}
+        if durable:
+            assert self._durable is not None
+            try:
+                outcome = await self._durable.insert([m for _, m in durable])
+            except StoreError as exc:
+                outcome = [str(exc)] * len(durable)
+            errors = {i: error for (i, _), error in zip(durable, outcome, strict=True)}
+        for index, message in rows:
+            error = errors.get(index)
+            result = Appended(message.idem, message.block, error=error)
+            results[index] = result
+            if index in reserved:
+                self._dedupe.settle_reservation(reserved[index], result)
+            self._let_out(message, stored=error is None)
+        for index, future in waiting:
+            original = await future
+            results[index] = (
+                original
+                if original.error is not None
+                else Appended(original.idem, original.block, duplicate=True)
+            )
+        return [r for r in results if r is not None]
+
+    def _number(self, new: NewMessage) -> StoredMessage:
+        block = self._sequencer.number(new.partition)
+        return StoredMessage(
+            idem=new.idem,
+            recipient=new.recipient,
+            name=new.name,
+            block=block,
+            payload=new.payload,
+            metadata=new.metadata,
+            sender=new.sender,
+            created_at_ms=new.created_at_ms,
+            payload_metadata=new.payload_metadata,
+            expires_at_ms=new.expires_at_ms,
+            dedupe_key=new.dedupe_key,
+            persist=new.persist and self._durable is not None,
+        )
+
+    def _let_out(self, message: StoredMessage, *, stored: bool) -> None:
+        key = message.partition
+        released = self._sequencer.resolve(key, message.block, message, ok=stored)
+        if not released and stored:
+            return  # waits behind an earlier block still committing
+        volatile_blocks: dict[_Key, int] = {}
+        refs: list[Ref] = []
+        for item in released:
+            if not item.persist:
+                self._memory.add(item)
+                volatile_blocks[key] = item.block
+            refs.append(Ref(item.idem, item.block, 0, item.expires_at_ms, 0))
+        if volatile_blocks and self._durable is not None:
+            self._durable.note_last_blocks(volatile_blocks)
+        self._book.released(key, refs)
+
+    async def get(self, idem: str) -> StoredMessage | None:
+        self._check_open()
+        message = self._memory.get(idem)
+        if message is None and self._durable is not None:
+            message = await self._durable.get(idem)
+        return message
+
+    async def list_dead(self, recipient: str, limit: int) -> list[StoredMessage]:
+        self._check_open()
+        dead = self._memory.list_dead(recipient, limit)
+        if self._durable is not None:
+            dead += await self._durable.list_dead(recipient, limit)
+            dead.sort(key=lambda m: m.settled_at_ms or 0, reverse=True)
+        return dead[: max(limit, 0)]
+
+    async def redrive(self, idem: str, now_ms: int) -> bool:
+        self._check_open()
+        message = self._memory.redrive(idem, now_ms)
+        if message is None and self._durable is not None:
+            message = await self._durable.redrive(idem, now_ms)
+        if message is None:
+            return False
+        self._book.returned(message)
+        return True
+
+    async def backlog(self) -> dict[str, int]:
+        self._check_open()
+        counts = self._memory.backlog()
+        if self._durable is not None:
+            for app_id, count in (await self._durable.backlog()).items():
+                counts[app_id] = counts.get(app_id, 0) + count
+        return counts
+
+    async def prune(self, settled_before_ms: int) -> int:
+        self._check_open()
+        removed = self._memory.prune(settled_before_ms)
+        if self._durable is not None:
+            removed += await self._durable.prune(settled_before_ms)
+        return removed
+
+    # --- DeliveryState ------------------------------------------------------
+
+    def watch(self, listener: ReadyListener) -> Callable[[], None]:
+        return self._book.watch(listener)
+
+    async def claim(
+        self, recipient: str, name: str, *, limit: int, now_ms: int, policy: DeliveryPolicy
+    ) -> Claim:
+        self._check_open()
+        if limit <= 0:
+            return Claim()
+        claim, _ = await self._book.claim(
+            (recipient, name), limit=limit, now_ms=now_ms, policy=policy
+        )
+        return claim
+
+    async def extend(self, idem: str, token: int, deadline_ms: int) -> bool:
+        self._check_open()
+        return self._book.extend(idem, token, deadline_ms)
+
+    async def release(
+        self, releases: Sequence[Release], *, now_ms: int, policy: DeliveryPolicy
+    ) -> list[Released]:
+        self._check_open()
+        return await self._book.release(releases, now_ms=now_ms, policy=policy)
+
+    async def defer(self, idem: str, visible_at_ms: int, now_ms: int) -> bool:
+        self._check_open()
+        return await self._book.defer(idem, visible_at_ms, now_ms)
+
+    async def settle(self, settlements: Sequence[Settlement], *, now_ms: int) -> list[bool]:
+        self._check_open()
+        for item in settlements:
+            if item.state is MessageState.PENDING:
+                raise ValueError("settle() moves a message out of PENDING; use redrive()")
+        for item in settlements:
+            self._book.forget(item.idem)
+        return await self.settle_many([(s.idem, s.state, s.reason) for s in settlements], now_ms)
+
+    # --- Backing (what the lease book reads and writes) ----------------------
+
+    def released_upto(self, key: _Key) -> int:
+        return self._sequencer.released_upto(key)
+
+    async def page(
+        self, key: _Key, after_block: int, upto_block: int, now_ms: int, limit: int
+    ) -> list[Ref]:
+        refs = self._memory.page(key, after_block, upto_block, now_ms, limit)
+        if self._durable is None:
+            return refs
+        rows = await self._durable.page(key, after_block, upto_block, now_ms, limit)
+        return list(heapq.merge(refs, rows, key=lambda r: r.block))[:limit] if refs else rows
+
+    async def due(
+        self, key: _Key, since_ms: int, until_ms: int, max_block: int, limit: int
+    ) -> list[Ref]:
+        refs = self._memory.due(key, since_ms, until_ms, max_block)
+        if self._durable is not None:
+            refs += await self._durable.due(key, since_ms, until_ms, max_block, limit)
+            refs.sort(key=lambda r: r.visible_at_ms)
+        return refs
+
+    async def next_due(self, key: _Key, after_ms: int) -> int | None:
+        times = [self._memory.next_due(key, after_ms)]
+        if self._durable is not None:
+            times.append(await self._durable.next_due(key, after_ms))
+        found = [t for t in times if t is not None]
+        return min(found) if found else None
+
+    async def load(self, idems: Sequence[str]) -> dict[str, StoredMessage]:
+        mem, rest = _split(idems, self._memory)
+        loaded: dict[str, StoredMessage] = {}
+        for index in mem:
+            message = self._memory.get(idems[index])
+            if message is not None:
+                loaded[message.idem] = message
+        if rest and self._durable is not None:
+            loaded.update(await self._durable.load([idems[i] for i in rest]))
+        return loaded
+
+    async def settle_many(
+        self, items: Sequence[tuple[str, MessageState, str | None]], now_ms: int
+    ) -> list[bool]:
+        mem, rest = _split([item[0] for item in items], self._memory)
+        out = [False] * len(items)
+        for index in mem:
+            idem, state, reason = items[index]
+            out[index] = self._memory.settle(idem, state, now_ms, reason)
+        if rest and self._durable is not None:
+            done = await self._durable.settle_many([items[i] for i in rest], now_ms)
+            for index, ok in zip(rest, done, strict=True):
+                out[index] = ok
+        return out
+
+    async def reschedule_many(self, items: Sequence[tuple[str, int, int | None]]) -> list[bool]:
+        mem, rest = _split([item[0] for item in items], self._memory)
+        out = [False] * len(items)
+        for index in mem:
+            idem, visible_at, attempts = items[index]
+            out[index] = self._memory.reschedule(idem, visible_at, attempts)
+        if rest and self._durable is not None:
+            done = await self._durable.reschedule_many([items[i] for i in rest])
+            for index, ok in zip(rest, done, strict=True):
+                out[index] = ok
+        return out
+
+    def record_attempts(self, updates: Sequence[tuple[str, int]]) -> None:
+        mem, rest = _split([idem for idem, _ in updates], self._memory)
+        self._memory.set_attempts(updates[i] for i in mem)
+        if rest and self._durable is not None:
+            self._durable.record_attempts([updates[i] for i in rest])
+
+    # --- for the subclasses ---------------------------------------------------
+
+    def _seed_dedupe(self, recent: Sequence[tuple[str, str, str, str, int, int]]) -> None:
+        """``(sender, recipient, key, idem, block, created_at)``, oldest first."""
+        for sender, recipient, key, idem, block, created_at in recent:
+            self._dedupe.remember(
+                dedupe_digest(sender, recipient, key), created_at, Appended(idem, block)
+            )
+
+    def delivery_statistics(self) -> tuple[int, int]:
+        """(messages leased now, message references read ahead into windows)."""
+        return self._book.statistics()

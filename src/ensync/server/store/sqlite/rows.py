@@ -1,0 +1,383 @@
+"""SQL of the sqlite backend: functions that run on a connection.
+
+They run on the writer thread (writes, inside the writer's transaction) or
+on a reader thread; none of them commits. ``fetchall()`` everywhere: it
+steps each statement to the end, so a read connection never keeps an old
+snapshot open between calls.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, Final
+
+from ..base import AppExistsError, AppRecord, MessageState, StoredMessage
+from ..book import Ref
+
+__all__ = [
+    "MESSAGE_COLUMNS",
+    "app_row",
+    "create_app",
+    "due",
+    "fetch",
+    "fetch_rows",
+    "get",
+    "insert_rows",
+    "last_blocks",
+    "list_apps",
+    "load",
+    "message",
+    "next_due",
+    "note_last_blocks",
+    "one_app",
+    "page",
+    "prune_chunk",
+    "recent_dedupe_keys",
+    "record_attempts",
+    "redrive",
+    "reschedule_many",
+    "settle_many",
+    "update_app",
+]
+
+MESSAGE_COLUMNS: Final = (
+    "idem, recipient, name, block, payload, metadata, payload_metadata, sender, created_at_ms,"
+    " state, attempts, visible_at_ms, expires_at_ms, settled_at_ms, dead_reason, dedupe_key"
+)
+_APP_COLUMNS: Final = (
+    "name, app_id, key_hash, created_at_ms, revoked, publish_rules, subscribe_rules"
+)
+_REF_COLUMNS: Final = "idem, block, attempts, expires_at_ms, visible_at_ms"
+_PENDING: Final = int(MessageState.PENDING)
+_DEAD: Final = int(MessageState.DEAD)
+# SQLite allows 32766 host parameters; stay far below.
+_IN_CHUNK: Final = 500
+
+
+def message(row: Sequence[Any]) -> StoredMessage:
+    return StoredMessage(
+        idem=row[0],
+        recipient=row[1],
+        name=row[2],
+        block=row[3],
+        payload=row[4],
+        metadata=row[5],
+        payload_metadata=row[6],
+        sender=row[7],
+        created_at_ms=row[8],
+        state=MessageState(row[9]),
+        attempts=row[10],
+        visible_at_ms=row[11],
+        expires_at_ms=row[12],
+        settled_at_ms=row[13],
+        dead_reason=row[14],
+        dedupe_key=row[15],
+    )
+
+
+def _ref(row: Sequence[Any]) -> Ref:
+    return Ref(row[0], row[1], row[2], row[3], row[4])
+
+
+# --- apps ----------------------------------------------------------------------
+
+
+def app_row(row: Sequence[Any]) -> AppRecord:
+    return AppRecord(
+        name=row[0],
+        app_id=row[1],
+        key_hash=bytes(row[2]),
+        created_at_ms=row[3],
+        revoked=bool(row[4]),
+        publish_rules=tuple(json.loads(row[5])),
+        subscribe_rules=tuple(json.loads(row[6])),
+    )
+
+
+def one_app(column: str, value: object, conn: sqlite3.Connection) -> AppRecord | None:
+    # column is one of our own literals, never caller input.
+    rows = conn.execute(f"SELECT {_APP_COLUMNS} FROM apps WHERE {column} = ?", (value,)).fetchall()
+    return app_row(rows[0]) if rows else None
+
+
+def list_apps(conn: sqlite3.Connection) -> list[AppRecord]:
+    rows = conn.execute(f"SELECT {_APP_COLUMNS} FROM apps ORDER BY name").fetchall()
+    return [app_row(row) for row in rows]
+
+
+def _check_app_conflicts(conn: sqlite3.Connection, app: AppRecord, own_name: str | None) -> None:
+    for column, value, what in (
+        ("app_id", app.app_id, f"app id {app.app_id!r}"),
+        ("key_hash", app.key_hash, "that key hash"),
+    ):
+        rows = conn.execute(f"SELECT name FROM apps WHERE {column} = ?", (value,)).fetchall()
+        if rows and rows[0][0] != own_name:
+            raise AppExistsError(f"{what} is already registered to {rows[0][0]!r}")
+
+
+def create_app(app: AppRecord, conn: sqlite3.Connection) -> None:
+    if conn.execute("SELECT 1 FROM apps WHERE name = ?", (app.name,)).fetchall():
+        raise AppExistsError(f"an app named {app.name!r} already exists")
+    _check_app_conflicts(conn, app, own_name=None)
+    try:
+        conn.execute(
+            f"INSERT INTO apps ({_APP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                app.name,
+                app.app_id,
+                app.key_hash,
+                app.created_at_ms,
+                int(app.revoked),
+                json.dumps(list(app.publish_rules)),
+                json.dumps(list(app.subscribe_rules)),
+            ),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise AppExistsError(f"app {app.name!r} conflicts with a registered app: {exc}") from exc
+
+
+def update_app(app: AppRecord, conn: sqlite3.Connection) -> None:
+    _check_app_conflicts(conn, app, own_name=app.name)
+    try:
+        cursor = conn.execute(
+            "UPDATE apps SET app_id = ?, key_hash = ?, created_at_ms = ?, revoked = ?,"
+            " publish_rules = ?, subscribe_rules = ? WHERE name = ?",
+            (
+                app.app_id,
+                app.key_hash,
+                app.created_at_ms,
+                int(app.revoked),
+                json.dumps(list(app.publish_rules)),
+                json.dumps(list(app.subscribe_rules)),
+                app.name,
+            ),
+        )
+    except sqlite3.IntegrityError as exc:
+        raise AppExistsError(f"app {app.name!r} conflicts with a registered app: {exc}") from exc
+    if cursor.rowcount == 0:
+        raise LookupError(f"no app named {app.name!r}")
+
+
+# --- messages ------------------------------------------------------------------
+
+
+def fetch(sql: str, params: tuple[object, ...], conn: sqlite3.Connection) -> list[StoredMessage]:
+    return [message(row) for row in conn.execute(sql, params).fetchall()]
+
+
+def fetch_rows(
+    sql: str, params: tuple[object, ...], conn: sqlite3.Connection
+) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in conn.execute(sql, params).fetchall()]
+
+
+def get(idem: str, conn: sqlite3.Connection) -> StoredMessage | None:
+    rows = conn.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE idem = ?", (idem,)
+    ).fetchall()
+    return message(rows[0]) if rows else None
+
+
+def load(idems: Sequence[str], conn: sqlite3.Connection) -> dict[str, StoredMessage]:
+    out: dict[str, StoredMessage] = {}
+    for start in range(0, len(idems), _IN_CHUNK):
+        chunk = idems[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        for row in conn.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE idem IN ({marks})", tuple(chunk)
+        ).fetchall():
+            found = message(row)
+            out[found.idem] = found
+    return out
+
+
+def page(
+    recipient: str,
+    name: str,
+    after_block: int,
+    upto_block: int,
+    now_ms: int,
+    limit: int,
+    conn: sqlite3.Connection,
+) -> list[Ref]:
+    rows = conn.execute(
+        f"SELECT {_REF_COLUMNS} FROM messages"
+        " WHERE recipient = ? AND name = ? AND state = ? AND block > ? AND block <= ?"
+        " AND visible_at_ms <= ? ORDER BY block, rowid LIMIT ?",
+        (recipient, name, _PENDING, after_block, upto_block, now_ms, limit),
+    ).fetchall()
+    return [_ref(row) for row in rows]
+
+
+def due(
+    recipient: str,
+    name: str,
+    since_ms: int,
+    until_ms: int,
+    max_block: int,
+    limit: int,
+    conn: sqlite3.Connection,
+) -> list[Ref]:
+    rows = conn.execute(
+        f"SELECT {_REF_COLUMNS} FROM messages"
+        " WHERE recipient = ? AND name = ? AND state = ? AND visible_at_ms > ?"
+        " AND visible_at_ms <= ? AND block <= ? ORDER BY visible_at_ms, rowid LIMIT ?",
+        (recipient, name, _PENDING, since_ms, until_ms, max_block, limit),
+    ).fetchall()
+    return [_ref(row) for row in rows]
+
+
+def next_due(recipient: str, name: str, after_ms: int, conn: sqlite3.Connection) -> int | None:
+    (row,) = conn.execute(
+        "SELECT min(visible_at_ms) FROM messages"
+        " WHERE recipient = ? AND name = ? AND state = ? AND visible_at_ms > ?",
+        (recipient, name, _PENDING, after_ms),
+    ).fetchall()
+    return int(row[0]) if row[0] is not None else None
+
+
+def last_blocks(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+    rows = conn.execute("SELECT recipient, name, last_block FROM partitions").fetchall()
+    return [(str(r), str(n), int(b)) for r, n, b in rows]
+
+
+def recent_dedupe_keys(
+    limit: int, conn: sqlite3.Connection
+) -> list[tuple[str, str, str, str, int, int]]:
+    """``(sender, recipient, key, idem, block, created_at)`` of the newest
+    ``limit`` keyed messages, oldest first (the partial index keeps it cheap)."""
+    rows = conn.execute(
+        "SELECT sender, recipient, dedupe_key, idem, block, created_at_ms FROM messages"
+        " WHERE dedupe_key IS NOT NULL ORDER BY created_at_ms DESC, rowid DESC LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [(str(a), str(b), str(c), str(d), int(e), int(f)) for a, b, c, d, e, f in reversed(rows)]
+
+
+def _insert_one(conn: sqlite3.Connection, m: StoredMessage) -> None:
+    conn.execute(
+        f"INSERT INTO messages ({MESSAGE_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            m.idem,
+            m.recipient,
+            m.name,
+            m.block,
+            m.payload,
+            m.metadata,
+            m.payload_metadata,
+            m.sender,
+            m.created_at_ms,
+            int(m.state),
+            m.attempts,
+            m.visible_at_ms,
+            m.expires_at_ms,
+            m.settled_at_ms,
+            m.dead_reason,
+            m.dedupe_key,
+        ),
+    )
+
+
+def _row_error(m: StoredMessage, exc: Exception) -> str:
+    if isinstance(exc, sqlite3.IntegrityError) and exc.sqlite_errorname == (
+        "SQLITE_CONSTRAINT_PRIMARYKEY"
+    ):
+        return f"message idem {m.idem!r} is already stored"
+    return f"message {m.idem!r} cannot be stored: {exc}"
+
+
+def insert_rows(rows: Sequence[StoredMessage], conn: sqlite3.Connection) -> list[str | None]:
+    """Insert ``rows``; per row ``None`` or why it was not stored.
+
+    The batch goes in at once; if any row fails, each is tried alone in its
+    own savepoint so the others still land.
+    """
+    errors: list[str | None] = [None] * len(rows)
+    conn.execute("SAVEPOINT batch")
+    try:
+        for m in rows:
+            _insert_one(conn, m)
+    except (sqlite3.Error, OverflowError):
+        conn.execute("ROLLBACK TO batch")
+        for index, m in enumerate(rows):
+            conn.execute("SAVEPOINT one")
+            try:
+                _insert_one(conn, m)
+            except (sqlite3.Error, OverflowError) as exc:
+                conn.execute("ROLLBACK TO one")
+                errors[index] = _row_error(m, exc)
+            conn.execute("RELEASE one")
+    conn.execute("RELEASE batch")
+    stored: dict[tuple[str, str], int] = {}
+    for m, error in zip(rows, errors, strict=True):
+        if error is None:
+            stored[m.partition] = max(m.block, stored.get(m.partition, m.block))
+    # Same transaction as the rows: last_block can never lag what is stored.
+    note_last_blocks(stored, conn)
+    return errors
+
+
+def note_last_blocks(blocks: dict[tuple[str, str], int], conn: sqlite3.Connection) -> None:
+    conn.executemany(
+        "INSERT INTO partitions (recipient, name, last_block) VALUES (?, ?, ?)"
+        " ON CONFLICT (recipient, name) DO UPDATE"
+        " SET last_block = max(last_block, excluded.last_block)",
+        [(recipient, name, block) for (recipient, name), block in blocks.items()],
+    )
+
+
+def settle_many(
+    items: Sequence[tuple[str, MessageState, str | None]], now_ms: int, conn: sqlite3.Connection
+) -> list[bool]:
+    return [
+        conn.execute(
+            "UPDATE messages SET state = ?, settled_at_ms = ?, dead_reason = ?"
+            " WHERE idem = ? AND state = ?",
+            (int(state), now_ms, reason, idem, _PENDING),
+        ).rowcount
+        == 1
+        for idem, state, reason in items
+    ]
+
+
+def reschedule_many(
+    items: Sequence[tuple[str, int, int | None]], conn: sqlite3.Connection
+) -> list[bool]:
+    return [
+        conn.execute(
+            "UPDATE messages SET visible_at_ms = ?, attempts = coalesce(?, attempts)"
+            " WHERE idem = ? AND state = ?",
+            (visible_at, attempts, idem, _PENDING),
+        ).rowcount
+        == 1
+        for idem, visible_at, attempts in items
+    ]
+
+
+def record_attempts(updates: Sequence[tuple[str, int]], conn: sqlite3.Connection) -> None:
+    conn.executemany(
+        "UPDATE messages SET attempts = ? WHERE idem = ?",
+        [(attempts, idem) for idem, attempts in updates],
+    )
+
+
+def redrive(idem: str, now_ms: int, conn: sqlite3.Connection) -> StoredMessage | None:
+    changed = conn.execute(
+        "UPDATE messages SET state = ?, attempts = 0, visible_at_ms = ?,"
+        " settled_at_ms = NULL, dead_reason = NULL WHERE idem = ? AND state = ?",
+        (_PENDING, now_ms, idem, _DEAD),
+    ).rowcount
+    return get(idem, conn) if changed == 1 else None
+
+
+def prune_chunk(settled_before_ms: int, limit: int, conn: sqlite3.Connection) -> int:
+    # "state != ?" would not match the partial index's "state != 0".
+    cursor = conn.execute(
+        "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages"
+        " WHERE state != 0 AND settled_at_ms < ? LIMIT ?)",
+        (settled_before_ms, limit),
+    )
+    return cursor.rowcount

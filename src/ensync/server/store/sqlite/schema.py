@@ -1,0 +1,120 @@
+"""The sqlite schema, its version and the migrations between versions.
+
+``PRAGMA user_version`` holds the version. A new file gets the current
+schema; an older one is migrated in one transaction when it is opened; a
+newer one is refused (this ensync would not know what it holds).
+
+History:
+
+1. the first schema.
+2. the schedule index covers the partition: ``messages_due (recipient, name,
+   state, visible_at_ms)`` replaces ``messages_scheduled (state,
+   visible_at_ms)``, so a claim finds the deferred messages of its own
+   partition that came due, without loading every deferral at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sqlite3
+from typing import Final
+
+from ..base import StoreError
+
+__all__ = ["SCHEMA_VERSION", "prepare"]
+
+logger = logging.getLogger("ensync.server.store.sqlite")
+
+SCHEMA_VERSION: Final = 2
+
+_TABLES: Final = (
+    """
+    CREATE TABLE IF NOT EXISTS messages (
+        idem TEXT NOT NULL PRIMARY KEY,
+        recipient TEXT NOT NULL,
+        name TEXT NOT NULL,
+        block INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        payload_metadata TEXT,
+        sender TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        visible_at_ms INTEGER NOT NULL,
+        expires_at_ms INTEGER,
+        settled_at_ms INTEGER,
+        dead_reason TEXT,
+        dedupe_key TEXT
+    )
+    """,
+    # Rowids break ties, so every index below also orders by insertion.
+    "CREATE INDEX IF NOT EXISTS messages_ready ON messages (recipient, name, state, block)",
+    "CREATE INDEX IF NOT EXISTS messages_dead ON messages (recipient, state, settled_at_ms)",
+    "CREATE INDEX IF NOT EXISTS messages_settled ON messages (settled_at_ms) WHERE state != 0",
+    "CREATE INDEX IF NOT EXISTS messages_deduped ON messages (created_at_ms)"
+    " WHERE dedupe_key IS NOT NULL",
+    # Separate from messages so numbering survives pruning.
+    """
+    CREATE TABLE IF NOT EXISTS partitions (
+        recipient TEXT NOT NULL,
+        name TEXT NOT NULL,
+        last_block INTEGER NOT NULL,
+        PRIMARY KEY (recipient, name)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS apps (
+        name TEXT NOT NULL PRIMARY KEY,
+        app_id TEXT NOT NULL UNIQUE,
+        key_hash BLOB NOT NULL UNIQUE,
+        created_at_ms INTEGER NOT NULL,
+        revoked INTEGER NOT NULL,
+        publish_rules TEXT NOT NULL,
+        subscribe_rules TEXT NOT NULL
+    )
+    """,
+)
+
+_DUE_INDEX: Final = (
+    "CREATE INDEX IF NOT EXISTS messages_due ON messages (recipient, name, state, visible_at_ms)"
+)
+
+# Statements taking a file from version n to n + 1.
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: ("DROP INDEX IF EXISTS messages_scheduled", _DUE_INDEX),
+}
+
+
+def _version(conn: sqlite3.Connection) -> int:
+    (value,) = conn.execute("PRAGMA user_version").fetchone()
+    return int(value)
+
+
+def prepare(conn: sqlite3.Connection, path: pathlib.Path) -> None:
+    """Create the schema in a new file, or migrate an older one."""
+    if _version(conn) == SCHEMA_VERSION:
+        return
+    # Another process may be doing the same right now: decide inside the lock.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = _version(conn)
+        if found == 0:
+            for statement in (*_TABLES, _DUE_INDEX):
+                conn.execute(statement)
+        elif found > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema version {found}; this ensync supports up to {SCHEMA_VERSION}"
+            )
+        else:
+            for version in range(found, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
+            logger.info("migrated %s from schema version %d to %d", path, found, SCHEMA_VERSION)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
