@@ -30,6 +30,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
 
 types: $(STAMP)
 	$(BIN)/mypy

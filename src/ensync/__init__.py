@@ -12,27 +12,33 @@ Publish end-to-end encrypted JSON messages to other apps and receive theirs::
     sub.on(lambda message: print(message.payload))
 """
 
-from ensync.client import ConnectionState, EnSyncClient, EnSyncEngine, Subscription
-from ensync.errors import (
-    EnSyncAckError,
-    EnSyncAuthError,
-    EnSyncConnectionError,
-    EnSyncContinueError,
-    EnSyncDeferError,
-    EnSyncDiscardError,
-    EnSyncError,
-    EnSyncGenericError,
-    EnSyncMessageError,
-    EnSyncPauseError,
-    EnSyncPublishError,
-    EnSyncReplayError,
-    EnSyncSubscriptionError,
-    EnSyncTimeoutError,
-    EnSyncValidationError,
-)
-from ensync.models import Message, ReplayInfo
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ensync._version import __version__
+
+if TYPE_CHECKING:
+    from ensync.client import ConnectionState, EnSyncClient, EnSyncEngine, Subscription
+    from ensync.errors import (
+        EnSyncAckError,
+        EnSyncAuthError,
+        EnSyncConnectionError,
+        EnSyncContinueError,
+        EnSyncDeferError,
+        EnSyncDiscardError,
+        EnSyncError,
+        EnSyncGenericError,
+        EnSyncMessageError,
+        EnSyncPauseError,
+        EnSyncPublishError,
+        EnSyncReplayError,
+        EnSyncSubscriptionError,
+        EnSyncTimeoutError,
+        EnSyncValidationError,
+    )
+    from ensync.models import Message, ReplayInfo
 
 __all__ = [
     "ConnectionState",
@@ -58,3 +64,23 @@ __all__ = [
     "Subscription",
     "__version__",
 ]
+
+# Names are imported on first use, so that ``import ensync.server`` (the
+# engine) or ``import ensync.protocol`` loads nothing of the SDK.
+_HOMES = {
+    **dict.fromkeys(("ConnectionState", "EnSyncClient", "EnSyncEngine", "Subscription"), "client"),
+    **dict.fromkeys(("Message", "ReplayInfo"), "models"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'ensync' has no attribute {name!r}")
+    module = importlib.import_module(f"ensync.{_HOMES.get(name, 'errors')}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -23,8 +23,8 @@ from typing import Any
 
 from ensync.server.config import EngineConfig, ServerConfig
 from ensync.server.core.apps import NewApp
-from ensync.server.runtime import RunningServer, running_server
 from ensync.server.runtime.engine import Engine
+from ensync.server.serving import RunningServer, running_server
 
 __all__ = ["TestServer", "run_engine"]
 

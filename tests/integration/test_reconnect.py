@@ -182,7 +182,7 @@ async def test_a_publisher_heals_at_once_when_the_engine_restarts(tmp_path: Path
     forgot the session) makes the client reconnect, and the publish goes
     through on the new session."""
     from ensync.server.config import ServerConfig
-    from ensync.server.runtime import running_server
+    from ensync.server.serving import running_server
 
     port = free_port()
     config = ServerConfig(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ensync.server.config import EngineConfig, ServerConfig
-from ensync.server.runtime import running_server
+from ensync.server.serving import running_server
 from ensync.server.store.base import StoreError
 
 __all__ = ["ENGINE_FLAGS", "engine_config", "parse_backoff", "run"]

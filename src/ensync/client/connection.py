@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from ensync import errors
 from ensync.client.backoff import backoff_delay_s
 from ensync.client.events import EventEmitter
-from ensync.client.transport import ClientTransport, WireMessage
+from ensync.client.transport import ClientTransport, Delivery
+from ensync.protocol.tags import client_tag
 
 __all__ = ["Connection", "ConnectionOptions", "ConnectionState"]
 
@@ -50,7 +51,7 @@ class ConnectionOptions:
 
 @dataclass(slots=True)
 class _Recorded:
-    deliver: Callable[[WireMessage], None]
+    deliver: Callable[[Delivery], None]
     paused: str | None = None
 
 
@@ -115,7 +116,7 @@ class Connection:
         transport.on_lost(self._lost)
         self._state = ConnectionState.CONNECTED
         self._connected.set()
-        log.log(self._log_level, "connected as client %s", transport.client_id[:8])
+        log.log(self._log_level, "connected as client %s", client_tag(transport.client_id))
 
     async def wait_connected(self, timeout_s: float) -> None:
         """Wait until the link is up; raises EnSyncConnectionError on timeout or failure."""
@@ -135,7 +136,7 @@ class Connection:
 
     # ------------------------------------------------------------------ subscriptions
 
-    async def subscribe(self, name: str, deliver: Callable[[WireMessage], None]) -> None:
+    async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
         await self.transport.subscribe(name, deliver)
         self._subscriptions[name] = _Recorded(deliver)
 

@@ -10,7 +10,6 @@ PROTOCOL.md §2.7).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,16 +19,18 @@ import grpc
 
 from ensync import errors
 from ensync._proto import ensync_pb2 as pb
+from ensync._version import __version__
 from ensync.client.limiter import CallLimiter, LimiterStatistics
-from ensync.client.transport import ConnectInfo, LostCallback, WireMessage, WireReplay
+from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay
 from ensync.protocol.errors import UNKNOWN_SESSION
+from ensync.protocol.records import from_replay_json, from_stream_response
 from ensync.protocol.urls import EngineUrl
 
 __all__ = ["USER_AGENT", "GrpcClientTransport"]
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = "ensync-python/0.1.0"
+USER_AGENT = f"ensync-python/{__version__}"
 _SERVICE = "/ensync.EnSyncService/"
 
 # Statuses that mean "the link", not "the request": the call may succeed on
@@ -72,16 +73,6 @@ def max_in_flight(server_config: dict[str, str] | Any) -> int:
         return DEFAULT_MAX_IN_FLIGHT
     reserved = int(subscriptions) if subscriptions.isdigit() else 0
     return max(1, int(streams) - reserved - _RESERVED_STREAMS)
-
-
-def _metadata_dict(text: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class GrpcClientTransport:
@@ -292,7 +283,7 @@ class GrpcClientTransport:
             raise errors.EnSyncPublishError(response.error_message)
         return str(response.message_idem)
 
-    async def subscribe(self, name: str, deliver: Callable[[WireMessage], None]) -> None:
+    async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
         if self._closed:
             raise errors.EnSyncConnectionError("the connection is closed")
         call = self._subscribe(pb.SubscribeRequest(client_id=self._client_id, message_name=name))
@@ -314,20 +305,13 @@ class GrpcClientTransport:
         self,
         name: str,
         call: grpc.aio.UnaryStreamCall[Any, Any],
-        deliver: Callable[[WireMessage], None],
+        deliver: Callable[[Delivery], None],
     ) -> None:
         try:
             async for item in call:
                 deliver(
-                    WireMessage(
-                        name=item.message_name or name,
-                        idem=item.message_idem,
-                        block=item.partition_block,
-                        payload=item.payload,
-                        metadata=_metadata_dict(item.metadata),
-                        sender=item.sender,
-                        timestamp=time.time_ns() // 1_000_000,
-                        attempt=max(1, item.attempt),
+                    from_stream_response(
+                        item, name=name, received_at_ms=time.time_ns() // 1_000_000
                     )
                 )
         except grpc.aio.AioRpcError as exc:
@@ -417,31 +401,10 @@ class GrpcClientTransport:
         if not response.success:
             raise errors.EnSyncReplayError(response.message)
         try:
-            data = json.loads(response.message_data)
-            if not isinstance(data, dict):
-                raise TypeError("message_data is not an object")
-            metadata = _metadata_dict(str(data.get("metadata") or ""))
-            block = int(data.get("partition_block") or 0)
-        except (TypeError, ValueError) as exc:
+            message, info = from_replay_json(response.message_data, name=name, idem=idem)
+        except ValueError as exc:
             raise errors.EnSyncReplayError("the engine's replay data is malformed") from exc
-        internal = metadata.pop("$internal", None)
-        info = internal.get("replay_info") if isinstance(internal, dict) else None
-        info = info if isinstance(info, dict) else {}
-        replay_ts = info.get("replayTimestamp")
-        message = WireMessage(
-            name=str(data.get("message_name") or name),
-            idem=str(data.get("message_idem") or idem),
-            block=block,
-            payload=str(data.get("payload") or ""),
-            metadata=metadata,
-            sender=str(data.get("sender") or ""),
-            timestamp=None,
-        )
-        return WireReplay(
-            message=message,
-            replay_timestamp=replay_ts if isinstance(replay_ts, int) else None,
-            was_acknowledged=bool(info.get("wasAcknowledged", False)),
-        )
+        return WireReplay(message, info)
 
     async def pause(self, name: str, reason: str) -> None:
         request = pb.PauseRequest(client_id=self._client_id, message_name=name, reason=reason)

@@ -26,9 +26,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ensync import errors
-from ensync.client.transport import WireMessage
+from ensync.client.transport import Delivery
 from ensync.crypto import OpeningKey, open_envelope, parse_envelope
 from ensync.models import Message, ReplayInfo
+from ensync.protocol.records import metadata_object, split_replay_info
 
 if TYPE_CHECKING:
     from ensync.client.client import EnSyncClient
@@ -58,7 +59,7 @@ class Subscription:
         self.auto_ack = auto_ack
         self._key = key
         self._handlers: list[Handler] = []
-        self._inbox: deque[WireMessage] = deque()
+        self._inbox: deque[Delivery] = deque()
         # When each buffered message's lease was last taken or extended.
         self._leased_at: dict[str, float] = {}
         self._keeper: asyncio.Task[None] | None = None
@@ -129,7 +130,7 @@ class Subscription:
         else:
             self._consumers.clear()
 
-    def _deliver(self, wire: WireMessage) -> None:
+    def _deliver(self, wire: Delivery) -> None:
         """Called by the transport's reader for every delivery, in order."""
         loop = asyncio.get_running_loop()
         self._inbox.append(wire)
@@ -258,7 +259,7 @@ class Subscription:
         except errors.EnSyncError as exc:
             self._client._report(exc)
 
-    def _open(self, wire: WireMessage) -> Message:
+    def _open(self, wire: Delivery) -> Message:
         try:
             plaintext = open_envelope(parse_envelope(wire.payload), self._key)
             payload = json.loads(plaintext)
@@ -275,8 +276,9 @@ class Subscription:
             idem=wire.idem,
             block=wire.block,
             payload=payload,
-            timestamp=wire.timestamp,
-            metadata=wire.metadata,
+            # gRPC replays carry no time: 0 stands for "not said".
+            timestamp=wire.created_at_ms or None,
+            metadata=split_replay_info(metadata_object(wire.metadata))[0],
             sender=wire.sender,
             attempt=wire.attempt,
         )
@@ -318,8 +320,8 @@ class Subscription:
             sender=message.sender,
             replay_info=ReplayInfo(
                 is_replayed=True,
-                replay_timestamp=replay.replay_timestamp,
-                was_acknowledged=replay.was_acknowledged,
+                replay_timestamp=replay.info.replayed_at_ms if replay.info else None,
+                was_acknowledged=replay.info.was_acknowledged if replay.info else False,
             ),
         )
 

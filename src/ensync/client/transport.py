@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-__all__ = ["ClientTransport", "ConnectInfo", "LostCallback", "WireMessage", "WireReplay"]
+from ensync.protocol.records import Delivery, ReplayInfo
+
+__all__ = ["ClientTransport", "ConnectInfo", "Delivery", "LostCallback", "WireReplay"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,26 +32,11 @@ class ConnectInfo:
 
 
 @dataclass(frozen=True, slots=True)
-class WireMessage:
-    """A delivery as it came off the wire: payload still encrypted."""
-
-    name: str
-    idem: str
-    block: int
-    payload: str
-    metadata: dict[str, Any]
-    sender: str
-    timestamp: int | None
-    attempt: int = 1
-
-
-@dataclass(frozen=True, slots=True)
 class WireReplay:
-    """A replayed message and the engine's replay information."""
+    """A replayed message and the engine's replay information (if it sent any)."""
 
-    message: WireMessage
-    replay_timestamp: int | None
-    was_acknowledged: bool
+    message: Delivery
+    info: ReplayInfo | None
 
 
 LostCallback = Callable[[BaseException], None]
@@ -86,7 +73,7 @@ class ClientTransport(Protocol):
         """Publish one envelope to one recipient; returns the idem."""
         ...
 
-    async def subscribe(self, name: str, deliver: Callable[[WireMessage], None]) -> None:
+    async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
         """Start receiving ``name``; ``deliver`` is called for every message, in order."""
         ...
 

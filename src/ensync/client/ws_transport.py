@@ -21,8 +21,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from ensync import errors
 from ensync.client.limiter import CallLimiter, LimiterStatistics
-from ensync.client.transport import ConnectInfo, LostCallback, WireMessage, WireReplay
+from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay
 from ensync.protocol.errors import UNKNOWN_SESSION
+from ensync.protocol.records import from_ws_record
 from ensync.protocol.urls import EngineUrl
 from ensync.protocol.wscodec import (
     Ack,
@@ -37,7 +38,6 @@ from ensync.protocol.wscodec import (
     Pause,
     Pong,
     Pub,
-    Record,
     Replay,
     Replayed,
     Request,
@@ -55,7 +55,7 @@ from ensync.protocol.wssession import (
     Unexpected,
 )
 
-__all__ = ["DEFAULT_MAX_IN_FLIGHT", "WebSocketClientTransport", "max_in_flight", "wire_message"]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "WebSocketClientTransport", "max_in_flight"]
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +76,6 @@ def max_in_flight(fields: dict[str, str]) -> int:
 def _retrieve(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def wire_message(record: Record) -> WireMessage:
-    """A record as the SDK's transport-neutral delivery."""
-    metadata = dict(record.metadata)
-    metadata.pop("$internal", None)
-    return WireMessage(
-        name=record.name,
-        idem=record.idem,
-        block=record.block,
-        payload=record.payload,
-        metadata=metadata,
-        sender=record.sender,
-        timestamp=record.logged_at_ms,
-        attempt=record.attempt,
-    )
 
 
 class WebSocketClientTransport:
@@ -125,7 +109,7 @@ class WebSocketClientTransport:
         self._ws: ClientConnection | None = None
         self._session = ClientSession()
         self._pending: dict[int, asyncio.Future[Pass | Fail | Replayed]] = {}
-        self._handlers: dict[str, Callable[[WireMessage], None]] = {}
+        self._handlers: dict[str, Callable[[Delivery], None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._lost: LostCallback | None = None
         self._lost_reported = False
@@ -274,7 +258,7 @@ class WebSocketClientTransport:
         elif isinstance(event, RecordArrived):
             handler = self._handlers.get(event.record.name)
             if handler is not None:
-                handler(wire_message(event.record))
+                handler(from_ws_record(event.record)[0])
         elif isinstance(event, PingArrived):
             asyncio.get_running_loop().create_task(self._pong())
         elif isinstance(event, Unexpected):
@@ -314,7 +298,7 @@ class WebSocketClientTransport:
         request = Pub(self._client_id, name, payload, recipient, metadata, payload_metadata)
         return await self._checked(request, errors.EnSyncPublishError)
 
-    async def subscribe(self, name: str, deliver: Callable[[WireMessage], None]) -> None:
+    async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
         # Registered first: records may follow the SUB answer immediately.
         self._handlers[name] = deliver
         try:
@@ -360,15 +344,8 @@ class WebSocketClientTransport:
             raise errors.EnSyncReplayError(reply.reason)
         if not isinstance(reply, Replayed):
             raise errors.EnSyncReplayError("the engine answered a replay without a record")
-        internal = reply.record.metadata.get("$internal")
-        info: Any = internal.get("replay_info") if isinstance(internal, dict) else None
-        info = info if isinstance(info, dict) else {}
-        stamp = info.get("replayTimestamp")
-        return WireReplay(
-            message=wire_message(reply.record),
-            replay_timestamp=stamp if isinstance(stamp, int) else None,
-            was_acknowledged=bool(info.get("wasAcknowledged", False)),
-        )
+        message, info = from_ws_record(reply.record)
+        return WireReplay(message, info)
 
     async def pause(self, name: str, reason: str) -> None:
         await self._checked(Pause(self._client_id, name, reason), errors.EnSyncPauseError)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+from ensync.protocol.tags import client_tag
+
 __all__ = [
     "APP_KEY_PREFIX",
     "client_tag",
@@ -65,9 +67,3 @@ def hash_app_key(app_key: str) -> bytes:
     the lookup index.
     """
     return hashlib.sha256(app_key.encode("utf-8")).digest()
-
-
-def client_tag(client_id: str) -> str:
-    """How logs name a client: a short hash, never part of the id itself
-    (the id is a bearer credential, and a prefix of it narrows a guess)."""
-    return hashlib.blake2b(client_id.encode("utf-8"), digest_size=4).hexdigest()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ensync.protocol.records import Delivery
+
 __all__ = [
     "Clock",
     "Delivery",
@@ -22,20 +24,6 @@ class Clock(Protocol):
     a clock itself; the runtime hands it one (tests hand it a fake)."""
 
     def now_ms(self) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One message on its way to one client. ``metadata`` is JSON text."""
-
-    idem: str
-    name: str
-    block: int
-    payload: str
-    metadata: str
-    sender: str
-    created_at_ms: int
-    attempt: int
 
 
 @dataclass(frozen=True, slots=True)

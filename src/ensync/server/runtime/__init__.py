@@ -1,18 +1,8 @@
-"""The engine's runtime: the driver that runs the core on the event loop,
-and the assembly of store, core and listeners into a serving engine."""
+"""The engine's runtime: the driver that runs the core on the event loop."""
 
 from __future__ import annotations
 
-from .clock import Cancellable, Timer, WallClock
+from .clock import Cancellable, Timer, WallClock, wall_clock_ms
 from .engine import Engine
-from .server import RunningServer, parse_address, running_server
 
-__all__ = [
-    "Cancellable",
-    "Engine",
-    "RunningServer",
-    "Timer",
-    "WallClock",
-    "parse_address",
-    "running_server",
-]
+__all__ = ["Cancellable", "Engine", "Timer", "WallClock", "wall_clock_ms"]

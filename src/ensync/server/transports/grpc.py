@@ -21,7 +21,6 @@ Compatibility rules implemented here (PROTOCOL.md §2.3-2.7, §7):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -32,7 +31,9 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
 from ensync._proto import ensync_pb2 as pb
+from ensync.protocol.agents import reads_oldest_stream_only, wants_bare_replay
 from ensync.protocol.errors import UNKNOWN_SESSION
+from ensync.protocol.records import ReplayInfo, replay_json, to_stream_response
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
 from ensync.server.runtime.engine import Engine
@@ -65,47 +66,15 @@ def _user_agent(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return ""
 
 
-def _is_grpc_js(user_agent: str) -> bool:
-    return user_agent.startswith("grpc-node-js/")
-
-
 def replay_message_data(result: ReplayResult, *, user_agent: str, event_names: bool) -> str:
-    """What Replay's ``message_data`` carries for this client (PROTOCOL.md §2.7).
-
-    ``grpc-python`` clients decrypt the field directly, so they get the bare
-    payload; every other client parses a JSON object shaped like a stream
-    message, with the replay information inside the ``metadata`` string.
-    """
-    delivery = result.delivery
-    if user_agent.startswith("grpc-python"):
-        return delivery.payload
-    try:
-        meta = json.loads(delivery.metadata) if delivery.metadata else {}
-    except (ValueError, RecursionError):
-        meta = {}
-    if not isinstance(meta, dict):
-        meta = {}
-    internal = meta.get("$internal")
-    if not isinstance(internal, dict):
-        internal = {}
-    internal["replay_info"] = {
-        "isReplayed": True,
-        "replayTimestamp": result.replayed_at_ms,
-        "wasAcknowledged": result.was_acknowledged,
-    }
-    meta["$internal"] = internal
-    prefix = "event" if event_names else "message"
-    return json.dumps(
-        {
-            f"{prefix}_idem": delivery.idem,
-            f"{prefix}_name": delivery.name,
-            "payload": delivery.payload,
-            "partition_block": delivery.block,
-            "metadata": json.dumps(meta, separators=(",", ":")),
-            "sender": delivery.sender,
-        },
-        separators=(",", ":"),
-    )
+    """What Replay's ``message_data`` carries for this client (PROTOCOL.md §2.7):
+    the bare payload for the official Python client, which decrypts the field
+    directly; for every other client a JSON object shaped like a stream
+    message, the replay information inside its ``metadata`` string."""
+    if wants_bare_replay(user_agent):
+        return result.delivery.payload
+    info = ReplayInfo(result.replayed_at_ms, result.was_acknowledged)
+    return replay_json(result.delivery, info, event_names=event_names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +127,7 @@ class _Client:
 
     @property
     def oldest_stream_only(self) -> bool:
-        return _is_grpc_js(self.user_agent) and not self.event_generation
+        return reads_oldest_stream_only(self.user_agent) and not self.event_generation
 
     def sink_for(self, name: str) -> DeliverySink | None:
         if self.closed or not self.streams:
@@ -249,32 +218,18 @@ class GrpcTransport:
     # ------------------------------------------------------------------ wiring
 
     def _handlers(self) -> grpc.GenericRpcHandler:
-        unary = self._unary
         handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-            "Connect": unary(pb.ConnectRequest, self._connect),
-            "Heartbeat": unary(pb.HeartbeatRequest, self._heartbeat),
-            "Unsubscribe": unary(pb.UnsubscribeRequest, self._unsubscribe),
+            "Connect": self._unary(pb.ConnectRequest, self._connect),
+            "Heartbeat": self._unary(pb.HeartbeatRequest, self._heartbeat),
             "Subscribe": grpc.unary_stream_rpc_method_handler(
                 self._subscribe,
                 request_deserializer=_decoder(pb.SubscribeRequest),
                 response_serializer=pb.MessageStreamResponse.SerializeToString,
             ),
         }
-        for generation, event in (("Message", False), ("Event", True)):
-            plural = "Messages" if not event else "Events"
-            handlers |= {
-                f"Publish{generation}": unary(pb.PublishMessageRequest, self._publish, event),
-                f"Acknowledge{generation}": unary(pb.AcknowledgeRequest, self._ack, event),
-                f"Defer{generation}": unary(pb.DeferRequest, self._defer, event),
-                f"Discard{generation}": unary(pb.DiscardRequest, self._discard, event),
-                f"Replay{generation}": unary(pb.ReplayRequest, self._replay, event),
-                f"Pause{plural}": unary(pb.PauseRequest, self._pause, event),
-                f"Continue{plural}": unary(pb.ContinueRequest, self._continue, event),
-            }
-        handlers |= {
-            "ExtendMessage": unary(pb.ExtendRequest, self._extend),
-            "ReleaseMessage": unary(pb.ReleaseRequest, self._release),
-        }
+        for verb in _VERBS:
+            for method, event in verb.methods():
+                handlers[method] = self._unary(verb.request, self._verb_handler(verb), event)
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     def _unary(
@@ -296,13 +251,31 @@ class GrpcTransport:
             response_serializer=lambda message: message.SerializeToString(),
         )
 
-    def _mark_generation(self, client_id: str, event: bool) -> None:
-        if event:
-            client = self._clients.get(client_id)
-            if client is not None:
-                client.event_generation = True
+    def _verb_handler(
+        self, verb: _Verb
+    ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any], bool], Awaitable[ProtoMessage]]:
+        async def handle(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any], event: bool
+        ) -> ProtoMessage:
+            if event:
+                # An Event-generation call marks an older grpc-js client
+                # (PROTOCOL.md §2.5): route per name for it from now on.
+                client = self._clients.get(request.client_id)
+                if client is not None:
+                    client.event_generation = True
+            call = _Call(self._engine, request, _user_agent(context), event)
+            try:
+                text, fields = await verb.run(call)
+            except ServiceError as exc:
+                return verb.response(success=False, message=exc.message)
+            except Exception:  # isolation boundary: a bug must not become a retryable status
+                log.exception("%s failed", verb.name)
+                return verb.response(success=False, message="internal error")
+            return verb.response(success=True, message=text, **fields)
 
-    # ------------------------------------------------------------------ unary calls
+        return handle
+
+    # ------------------------------------------------------------------ connect
 
     async def _connect(
         self, request: pb.ConnectRequest, context: grpc.aio.ServicerContext[Any, Any], _: bool
@@ -341,150 +314,6 @@ class GrpcTransport:
             self._clients.pop(request.client_id, None)
         return pb.HeartbeatResponse(success=alive)
 
-    async def _publish(
-        self,
-        request: pb.PublishMessageRequest,
-        context: grpc.aio.ServicerContext[Any, Any],
-        event: bool,
-    ) -> pb.PublishMessageResponse:
-        self._mark_generation(request.client_id, event)
-        try:
-            idem = await self._engine.publish(
-                request.client_id,
-                request.message_name,
-                request.payload,
-                request.delivery_to,
-                request.metadata,
-                request.payload_metadata if request.HasField("payload_metadata") else None,
-            )
-        except ServiceError as exc:
-            return pb.PublishMessageResponse(success=False, error_message=exc.message)
-        except Exception:  # isolation boundary, see _connect
-            log.exception("Publish failed")
-            return pb.PublishMessageResponse(success=False, error_message="internal error")
-        return pb.PublishMessageResponse(success=True, message_idem=idem)
-
-    async def _unsubscribe(
-        self, request: pb.UnsubscribeRequest, context: grpc.aio.ServicerContext[Any, Any], _: bool
-    ) -> pb.UnsubscribeResponse:
-        async def run() -> str:
-            # Streams stay open (PROTOCOL.md §2.5 rule 3): only the name set changes.
-            was = self._engine.unsubscribe(request.client_id, request.message_name)
-            return "unsubscribed" if was else "was not subscribed"
-
-        success, text = await _guard(run())
-        return pb.UnsubscribeResponse(success=success, message=text)
-
-    async def _ack(
-        self, request: pb.AcknowledgeRequest, context: grpc.aio.ServicerContext[Any, Any], ev: bool
-    ) -> pb.AcknowledgeResponse:
-        self._mark_generation(request.client_id, ev)
-
-        async def run() -> str:
-            await self._engine.ack(request.client_id, request.message_idem)
-            return "acknowledged"
-
-        success, text = await _guard(run())
-        return pb.AcknowledgeResponse(success=success, message=text)
-
-    async def _defer(
-        self, request: pb.DeferRequest, context: grpc.aio.ServicerContext[Any, Any], ev: bool
-    ) -> pb.DeferResponse:
-        self._mark_generation(request.client_id, ev)
-        delivery_time = 0
-
-        async def run() -> str:
-            nonlocal delivery_time
-            delivery_time = await self._engine.defer(
-                request.client_id, request.message_idem, request.delay_ms, request.reason
-            )
-            return "deferred"
-
-        success, text = await _guard(run())
-        return pb.DeferResponse(success=success, message=text, delivery_time=delivery_time)
-
-    async def _discard(
-        self, request: pb.DiscardRequest, context: grpc.aio.ServicerContext[Any, Any], ev: bool
-    ) -> pb.DiscardResponse:
-        self._mark_generation(request.client_id, ev)
-
-        async def run() -> str:
-            await self._engine.discard(request.client_id, request.message_idem, request.reason)
-            return "discarded"
-
-        success, text = await _guard(run())
-        return pb.DiscardResponse(success=success, message=text)
-
-    async def _replay(
-        self, request: pb.ReplayRequest, context: grpc.aio.ServicerContext[Any, Any], ev: bool
-    ) -> pb.ReplayResponse:
-        self._mark_generation(request.client_id, ev)
-        data = ""
-
-        async def run() -> str:
-            nonlocal data
-            result = await self._engine.replay(request.client_id, request.message_idem)
-            data = replay_message_data(result, user_agent=_user_agent(context), event_names=ev)
-            return "replayed"
-
-        success, text = await _guard(run())
-        return pb.ReplayResponse(success=success, message=text, message_data=data)
-
-    async def _pause(
-        self, request: pb.PauseRequest, context: grpc.aio.ServicerContext[Any, Any], ev: bool
-    ) -> pb.PauseResponse:
-        self._mark_generation(request.client_id, ev)
-
-        async def run() -> str:
-            self._engine.pause(request.client_id, request.message_name, request.reason)
-            return "paused"
-
-        success, text = await _guard(run())
-        return pb.PauseResponse(success=success, message=text)
-
-    async def _continue(
-        self, request: pb.ContinueRequest, context: grpc.aio.ServicerContext[Any, Any], ev: bool
-    ) -> pb.ContinueResponse:
-        self._mark_generation(request.client_id, ev)
-
-        async def run() -> str:
-            self._engine.resume(request.client_id, request.message_name)
-            return "continued"
-
-        success, text = await _guard(run())
-        return pb.ContinueResponse(success=success, message=text)
-
-    async def _extend(
-        self, request: pb.ExtendRequest, context: grpc.aio.ServicerContext[Any, Any], _: bool
-    ) -> pb.ExtendResponse:
-        deadline = 0
-
-        async def run() -> str:
-            nonlocal deadline
-            deadline = await self._engine.extend(request.client_id, request.message_idem)
-            return "extended"
-
-        success, text = await _guard(run())
-        return pb.ExtendResponse(success=success, message=text, deadline=deadline)
-
-    async def _release(
-        self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext[Any, Any], _: bool
-    ) -> pb.ReleaseResponse:
-        visible = 0
-
-        async def run() -> str:
-            nonlocal visible
-            when = await self._engine.release(
-                request.client_id, request.message_idem, request.reason
-            )
-            if when is None:
-                return "dead-lettered"
-            visible = when
-            return "released"
-
-        success, text = await _guard(run())
-        return pb.ReleaseResponse(success=success, message=text, delivery_time=visible)
-
     # ------------------------------------------------------------------ streams
 
     async def _subscribe(
@@ -494,7 +323,7 @@ class GrpcTransport:
     ) -> AsyncIterator[pb.MessageStreamResponse]:
         user_agent = _user_agent(context)
         if isinstance(request, _Undecodable):
-            if not _is_grpc_js(user_agent):
+            if not reads_oldest_stream_only(user_agent):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             return
         client = self._clients.get(request.client_id)
@@ -505,7 +334,7 @@ class GrpcTransport:
         except ServiceError as exc:
             # A grpc-js client crashes on any error status (PROTOCOL.md §2.5
             # rule 6): end its stream with OK instead.
-            if not _is_grpc_js(user_agent):
+            if not reads_oldest_stream_only(user_agent):
                 await context.abort(_STATUS[exc.code], exc.message)
             return
         if client is None:  # unreachable: the check above raised
@@ -521,15 +350,7 @@ class GrpcTransport:
                 delivery = await stream.queue.get()
                 if delivery is None:
                     return
-                yield pb.MessageStreamResponse(
-                    message_idem=delivery.idem,
-                    message_name=delivery.name,
-                    payload=delivery.payload,
-                    partition_block=delivery.block,
-                    metadata=delivery.metadata,
-                    sender=delivery.sender,
-                    attempt=delivery.attempt,
-                )
+                yield to_stream_response(delivery)
         finally:
             self._stream_closed(client, stream)
 
@@ -550,12 +371,135 @@ class GrpcTransport:
         self._engine.routes_changed(client.client_id)
 
 
-async def _guard(call: Awaitable[str]) -> tuple[bool, str]:
-    """Run one engine call; a refusal becomes ``(False, reason)``."""
-    try:
-        return True, await call
-    except ServiceError as exc:
-        return False, exc.message
-    except Exception:  # isolation boundary: a bug must not become a retryable status
-        log.exception("request failed")
-        return False, "internal error"
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One verb call: the engine, the request and who asked."""
+
+    engine: Engine
+    request: Any
+    user_agent: str
+    event: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Verb:
+    """One unary method (in both generations where it has two): how to run it
+    and which response carries the answer. Failures are ``success=false`` with
+    the reason in ``message`` (never a status clients retry, PROTOCOL.md §2.3)."""
+
+    name: str
+    request: type[ProtoMessage]
+    response: Callable[..., ProtoMessage]
+    run: Callable[[_Call], Awaitable[tuple[str, dict[str, Any]]]]
+    # The method names, Message and Event generation ("{}" is the generation).
+    pattern: str
+    generations: bool = True
+
+    def methods(self) -> list[tuple[str, bool]]:
+        if not self.generations:
+            return [(self.pattern, False)]
+        return [
+            (self.pattern.format("Message"), False),
+            (self.pattern.format("Event"), True),
+        ]
+
+
+async def _publish(call: _Call) -> tuple[str, dict[str, Any]]:
+    r = call.request
+    idem = await call.engine.publish(
+        r.client_id,
+        r.message_name,
+        r.payload,
+        r.delivery_to,
+        r.metadata,
+        r.payload_metadata if r.HasField("payload_metadata") else None,
+    )
+    return "", {"message_idem": idem}
+
+
+async def _unsubscribe(call: _Call) -> tuple[str, dict[str, Any]]:
+    # Streams stay open (PROTOCOL.md §2.5 rule 3): only the name set changes.
+    was = call.engine.unsubscribe(call.request.client_id, call.request.message_name)
+    return ("unsubscribed" if was else "was not subscribed"), {}
+
+
+async def _ack(call: _Call) -> tuple[str, dict[str, Any]]:
+    await call.engine.ack(call.request.client_id, call.request.message_idem)
+    return "acknowledged", {}
+
+
+async def _defer(call: _Call) -> tuple[str, dict[str, Any]]:
+    r = call.request
+    when = await call.engine.defer(r.client_id, r.message_idem, r.delay_ms, r.reason)
+    return "deferred", {"delivery_time": when}
+
+
+async def _discard(call: _Call) -> tuple[str, dict[str, Any]]:
+    r = call.request
+    await call.engine.discard(r.client_id, r.message_idem, r.reason)
+    return "discarded", {}
+
+
+async def _replay(call: _Call) -> tuple[str, dict[str, Any]]:
+    result = await call.engine.replay(call.request.client_id, call.request.message_idem)
+    data = replay_message_data(result, user_agent=call.user_agent, event_names=call.event)
+    return "replayed", {"message_data": data}
+
+
+async def _pause(call: _Call) -> tuple[str, dict[str, Any]]:
+    r = call.request
+    call.engine.pause(r.client_id, r.message_name, r.reason)
+    return "paused", {}
+
+
+async def _continue(call: _Call) -> tuple[str, dict[str, Any]]:
+    call.engine.resume(call.request.client_id, call.request.message_name)
+    return "continued", {}
+
+
+async def _extend(call: _Call) -> tuple[str, dict[str, Any]]:
+    deadline = await call.engine.extend(call.request.client_id, call.request.message_idem)
+    return "extended", {"deadline": deadline}
+
+
+async def _release(call: _Call) -> tuple[str, dict[str, Any]]:
+    r = call.request
+    when = await call.engine.release(r.client_id, r.message_idem, r.reason)
+    if when is None:
+        return "dead-lettered", {}
+    return "released", {"delivery_time": when}
+
+
+def _publish_response(*, success: bool, message: str, **fields: Any) -> ProtoMessage:
+    # Publish answers in error_message, not message (PROTOCOL.md §2.2).
+    return pb.PublishMessageResponse(success=success, error_message=message, **fields)
+
+
+_VERBS = (
+    _Verb("Publish", pb.PublishMessageRequest, _publish_response, _publish, "Publish{}"),
+    _Verb(
+        "Unsubscribe",
+        pb.UnsubscribeRequest,
+        pb.UnsubscribeResponse,
+        _unsubscribe,
+        "Unsubscribe",
+        generations=False,
+    ),
+    _Verb("Acknowledge", pb.AcknowledgeRequest, pb.AcknowledgeResponse, _ack, "Acknowledge{}"),
+    _Verb("Defer", pb.DeferRequest, pb.DeferResponse, _defer, "Defer{}"),
+    _Verb("Discard", pb.DiscardRequest, pb.DiscardResponse, _discard, "Discard{}"),
+    _Verb("Replay", pb.ReplayRequest, pb.ReplayResponse, _replay, "Replay{}"),
+    _Verb("Pause", pb.PauseRequest, pb.PauseResponse, _pause, "Pause{}s"),
+    _Verb("Continue", pb.ContinueRequest, pb.ContinueResponse, _continue, "Continue{}s"),
+    _Verb(
+        "Extend", pb.ExtendRequest, pb.ExtendResponse, _extend, "ExtendMessage", generations=False
+    ),
+    _Verb(
+        "Release",
+        pb.ReleaseRequest,
+        pb.ReleaseResponse,
+        _release,
+        "ReleaseMessage",
+        generations=False,
+    ),
+)

@@ -14,7 +14,6 @@ queued (§3.8 rule 4).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from ensync.protocol.records import ReplayInfo, to_ws_record
 from ensync.protocol.wscodec import (
     Ack,
     Conn,
@@ -44,7 +44,7 @@ from ensync.protocol.wscodec import (
 )
 from ensync.protocol.wssession import Incoming, ServerSession, ServerState
 from ensync.server.core.errors import ServiceError
-from ensync.server.core.model import Delivery, ReplayResult
+from ensync.server.core.model import Delivery
 from ensync.server.runtime.engine import Engine
 
 __all__ = ["WebSocketTransport", "delivery_record"]
@@ -52,47 +52,9 @@ __all__ = ["WebSocketTransport", "delivery_record"]
 log = logging.getLogger(__name__)
 
 
-def _metadata_object(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text) if text else {}
-    except (ValueError, RecursionError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def delivery_record(delivery: Delivery) -> Record:
     """The §3.7 record of a delivery (metadata as an object)."""
-    return Record(
-        idem=delivery.idem,
-        name=delivery.name,
-        block=delivery.block,
-        logged_at_ms=delivery.created_at_ms,
-        payload=delivery.payload,
-        metadata=_metadata_object(delivery.metadata),
-        sender=delivery.sender,
-        attempt=delivery.attempt,
-    )
-
-
-def _replay_record(result: ReplayResult) -> Record:
-    record = delivery_record(result.delivery)
-    internal = record.metadata.get("$internal")
-    internal = dict(internal) if isinstance(internal, dict) else {}
-    internal["replay_info"] = {
-        "isReplayed": True,
-        "replayTimestamp": result.replayed_at_ms,
-        "wasAcknowledged": result.was_acknowledged,
-    }
-    metadata = {**record.metadata, "$internal": internal}
-    return Record(
-        idem=record.idem,
-        name=record.name,
-        block=record.block,
-        logged_at_ms=record.logged_at_ms,
-        payload=record.payload,
-        metadata=metadata,
-        sender=record.sender,
-    )
+    return to_ws_record(delivery)
 
 
 class WebSocketTransport:
@@ -338,7 +300,9 @@ class _Connection:
         return Pass("dead-lettered" if when is None else str(when))
 
     async def _replay(self, client: str, idem: str) -> Replayed:
-        return Replayed(_replay_record(await self._engine.replay(client, idem)))
+        result = await self._engine.replay(client, idem)
+        info = ReplayInfo(result.replayed_at_ms, result.was_acknowledged)
+        return Replayed(to_ws_record(result.delivery, info))
 
     async def _connect(self, seq: int, request: Conn) -> None:
         try:

@@ -1,4 +1,4 @@
-"""Assemble and run an engine: store(s), core, transports."""
+"""Assemble and run an engine: store, core, listeners."""
 
 from __future__ import annotations
 
