@@ -254,7 +254,7 @@ class EnSyncClient:
                 "no secret key to decrypt messages with: pass app_secret_key to "
                 "create_client or subscribe"
             )
-        subscription = Subscription(self, message_name, auto_ack, key)
+        subscription = Subscription(_Link(self), message_name, auto_ack, key)
         self._subscriptions[message_name] = subscription
         try:
             await self._connection.subscribe(message_name, subscription._deliver)
@@ -313,3 +313,35 @@ class EnSyncClient:
     def _forget(self, subscription: Subscription) -> None:
         if self._subscriptions.get(subscription.name) is subscription:
             del self._subscriptions[subscription.name]
+
+
+class _Link:
+    """The narrow view of a client that its subscriptions get
+    (:class:`~ensync.client.subscription.SubscriptionLink`)."""
+
+    __slots__ = ("_client",)
+
+    def __init__(self, client: EnSyncClient) -> None:
+        self._client = client
+
+    @property
+    def ack_deadline_ms(self) -> int | None:
+        return self._client._connection.ack_deadline_ms
+
+    def transport(self) -> ClientTransport:
+        return self._client._transport()
+
+    async def pause(self, name: str, reason: str) -> None:
+        await self._client._connection.pause(name, reason)
+
+    async def resume(self, name: str) -> None:
+        await self._client._connection.resume(name)
+
+    async def unsubscribe(self, name: str) -> None:
+        await self._client._connection.unsubscribe(name)
+
+    def report(self, error: errors.EnSyncError) -> None:
+        self._client._report(error)
+
+    def forget(self, subscription: Subscription) -> None:
+        self._client._forget(subscription)

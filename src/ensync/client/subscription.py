@@ -23,24 +23,67 @@ import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Protocol
 
 from ensync import errors
-from ensync.client.transport import Delivery
+from ensync.client.leases import LeaseKeeper
+from ensync.client.transport import ClientTransport, Delivery
 from ensync.crypto import OpeningKey, open_envelope, parse_envelope
 from ensync.models import Message, ReplayInfo
 from ensync.protocol.records import metadata_object, split_replay_info
 
-if TYPE_CHECKING:
-    from ensync.client.client import EnSyncClient
-
-__all__ = ["Handler", "Subscription"]
+__all__ = ["Handler", "Subscription", "SubscriptionLink", "SubscriptionStatistics"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Message], Awaitable[object] | object]
 
 MAX_DEFER_MS = 86_400_000
+
+
+class SubscriptionLink(Protocol):
+    """What a subscription needs from its client, and nothing more."""
+
+    @property
+    def ack_deadline_ms(self) -> int | None:
+        """The engine's ack deadline, if it said (leases are kept within it)."""
+        ...
+
+    def transport(self) -> ClientTransport:
+        """The live transport; raises EnSyncConnectionError while the link is down."""
+        ...
+
+    async def pause(self, name: str, reason: str) -> None: ...
+
+    async def resume(self, name: str) -> None: ...
+
+    async def unsubscribe(self, name: str) -> None: ...
+
+    def report(self, error: errors.EnSyncError) -> None:
+        """Tell the application (``error`` listeners) about a failure."""
+        ...
+
+    def forget(self, subscription: Subscription) -> None:
+        """The subscription ended: the client no longer lists it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatistics:
+    """A snapshot of a :class:`Subscription`.
+
+    Attributes:
+        buffered: messages received and not yet handled.
+        handlers: registered handlers.
+        iterators: ``async for`` loops running.
+        leases_kept: messages whose lease the subscription keeps extending.
+    """
+
+    buffered: int
+    handlers: int
+    iterators: int
+    leases_kept: int
 
 
 class Subscription:
@@ -53,16 +96,15 @@ class Subscription:
         await sub.ack(message.idem, message.block)
     """
 
-    def __init__(self, client: EnSyncClient, name: str, auto_ack: bool, key: OpeningKey) -> None:
-        self._client = client
+    def __init__(self, link: SubscriptionLink, name: str, auto_ack: bool, key: OpeningKey) -> None:
+        self._link = link
         self.name = name
         self.auto_ack = auto_ack
         self._key = key
         self._handlers: list[Handler] = []
         self._inbox: deque[Delivery] = deque()
-        # When each buffered message's lease was last taken or extended.
-        self._leased_at: dict[str, float] = {}
-        self._keeper: asyncio.Task[None] | None = None
+        # Keeps every message we hold (buffered or in a handler) leased.
+        self._keeper: LeaseKeeper | None = None
         self._arrived = asyncio.Event()
         self._consumers = asyncio.Event()  # set while handlers or iterators exist
         self._iterators = 0
@@ -111,12 +153,10 @@ class Subscription:
                     getter.cancel()
                     return
                 message = getter.result()
-                extender = self._keep_leased(message)
                 try:
                     yield message
                 finally:
-                    if extender is not None:
-                        extender.cancel()
+                    self._let_go(message.idem)
                 # Resumed: the loop body finished for this message.
                 if self.auto_ack:
                     await self._auto_ack(message)
@@ -132,38 +172,20 @@ class Subscription:
 
     def _deliver(self, wire: Delivery) -> None:
         """Called by the transport's reader for every delivery, in order."""
-        loop = asyncio.get_running_loop()
         self._inbox.append(wire)
-        self._leased_at[wire.idem] = loop.time()
         self._arrived.set()
-        if self._keeper is None and self._client._connection.ack_deadline_ms:
-            self._keeper = loop.create_task(
-                self._keep_buffer_leased(self._client._connection.ack_deadline_ms)
-            )
+        deadline_ms = self._link.ack_deadline_ms
+        if deadline_ms and self._keeper is None:
+            self._keeper = LeaseKeeper(deadline_ms, self._extend)
+        if self._keeper is not None:
+            self._keeper.hold(wire.idem)
 
-    async def _keep_buffer_leased(self, deadline_ms: int) -> None:
-        """Extend the leases of messages still waiting their turn, so that a slow
-        handler ahead of them does not let the engine hand them to another client."""
-        interval_s = max(deadline_ms / 3000, 0.05)
-        loop = asyncio.get_running_loop()
-        while not self._closing:
-            await asyncio.sleep(interval_s)
-            now = loop.time()
-            due = [w for w in self._inbox if now - self._leased_at.get(w.idem, now) >= interval_s]
-            if not due:
-                continue
-            try:
-                transport = self._client._transport()
-            except errors.EnSyncError:
-                continue  # the link is down: the engine requeues them anyway
-            outcomes = await asyncio.gather(
-                *(transport.extend(self.name, w.idem) for w in due), return_exceptions=True
-            )
-            for wire, outcome in zip(due, outcomes, strict=True):
-                if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
-                    raise outcome
-                if not isinstance(outcome, Exception) and wire.idem in self._leased_at:
-                    self._leased_at[wire.idem] = now
+    async def _extend(self, idem: str) -> object:
+        return await self._link.transport().extend(self.name, idem)
+
+    def _let_go(self, idem: str) -> None:
+        if self._keeper is not None:
+            self._keeper.drop(idem)
 
     async def _dispatch(self) -> None:
         while not self._closing:
@@ -175,13 +197,13 @@ class Subscription:
             if self._closing:
                 return
             wire = self._inbox.popleft()
-            self._leased_at.pop(wire.idem, None)
             try:
                 message = self._open(wire)
             except errors.EnSyncMessageError as exc:
                 # Left unacked: the engine delivers it again and, if it never
                 # becomes readable, dead-letters it after max_deliveries.
-                self._client._report(exc)
+                self._let_go(wire.idem)
+                self._link.report(exc)
                 continue
             if self._handlers:
                 await self._run_handlers(message)
@@ -190,7 +212,6 @@ class Subscription:
 
     async def _run_handlers(self, message: Message) -> None:
         failure: Exception | None = None
-        extender = self._keep_leased(message)
         try:
             for handler in list(self._handlers):
                 try:
@@ -206,36 +227,17 @@ class Subscription:
                         f"handler for {self.name!r} failed on message {message.idem}: {exc!r}"
                     )
                     error.__cause__ = exc
-                    self._client._report(error)
+                    self._link.report(error)
         finally:
-            if extender is not None:
-                extender.cancel()
+            self._let_go(message.idem)
         if failure is not None:
             self._background(self._release(message, repr(failure)[:200]))
         elif self.auto_ack:
             await self._auto_ack(message)
 
-    def _keep_leased(self, message: Message) -> asyncio.Task[None] | None:
-        """Extend the message's lease while it is being handled."""
-        deadline_ms = self._client._connection.ack_deadline_ms
-        if not deadline_ms:
-            return None
-        return asyncio.get_running_loop().create_task(self._extend_loop(message, deadline_ms))
-
-    async def _extend_loop(self, message: Message, deadline_ms: int) -> None:
-        # A third of the deadline leaves two chances before it passes.
-        interval_s = max(deadline_ms / 3000, 0.05)
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await self._client._transport().extend(self.name, message.idem)
-            except errors.EnSyncError as exc:
-                log.debug("could not extend the lease of %s: %s", message.idem, exc)
-                return
-
     async def _release(self, message: Message, reason: str) -> None:
         try:
-            await self._client._transport().release(self.name, message.idem, reason)
+            await self._link.transport().release(self.name, message.idem, reason)
         except errors.EnSyncError as exc:
             # The lease then simply runs out; the engine redelivers anyway.
             log.debug("could not give back %s: %s", message.idem, exc)
@@ -257,7 +259,7 @@ class Subscription:
         try:
             await self.ack(message.idem, message.block)
         except errors.EnSyncError as exc:
-            self._client._report(exc)
+            self._link.report(exc)
 
     def _open(self, wire: Delivery) -> Message:
         try:
@@ -287,7 +289,7 @@ class Subscription:
 
     async def ack(self, idem: str, block: int) -> None:
         """Acknowledge a message: it is done and will not be delivered again."""
-        await self._client._transport().ack(self.name, idem, block)
+        await self._link.transport().ack(self.name, idem, block)
 
     async def defer(self, idem: str, delay_ms: int = 1000, reason: str = "") -> int:
         """Deliver the message again after ``delay_ms`` (0 … 86 400 000).
@@ -300,15 +302,15 @@ class Subscription:
             raise errors.EnSyncValidationError(
                 f"delay_ms {delay_ms} is outside 0..{MAX_DEFER_MS} (24 hours)"
             )
-        return await self._client._transport().defer(self.name, idem, delay_ms, reason)
+        return await self._link.transport().defer(self.name, idem, delay_ms, reason)
 
     async def discard(self, idem: str, reason: str = "") -> None:
         """Drop the message for good; it goes to the app's dead-letter list."""
-        await self._client._transport().discard(self.name, idem, reason)
+        await self._link.transport().discard(self.name, idem, reason)
 
     async def replay(self, idem: str) -> Message:
         """Fetch a message of this app again by idem, whatever its state."""
-        replay = await self._client._transport().replay(self.name, idem)
+        replay = await self._link.transport().replay(self.name, idem)
         message = self._open(replay.message)
         return Message(
             message_name=message.message_name,
@@ -327,11 +329,11 @@ class Subscription:
 
     async def pause(self, reason: str = "") -> None:
         """Stop deliveries to this client; unsettled ones go to other clients."""
-        await self._client._connection.pause(self.name, reason)
+        await self._link.pause(self.name, reason)
 
     async def resume(self) -> None:
         """Undo :meth:`pause`: deliveries flow to this client again."""
-        await self._client._connection.resume(self.name)
+        await self._link.resume(self.name)
 
     async def unsubscribe(self, drain_timeout_s: float = 10.0) -> None:
         """Stop receiving this name; pending messages stay with the engine.
@@ -339,9 +341,9 @@ class Subscription:
         A handler already running is let finish (up to ``drain_timeout_s``).
         """
         try:
-            await self._client._connection.unsubscribe(self.name)
+            await self._link.unsubscribe(self.name)
         finally:
-            self._client._forget(self)
+            self._link.forget(self)
             await self._close(drain_timeout_s)
 
     async def _close(self, drain_timeout_s: float = 0.0) -> None:
@@ -364,20 +366,20 @@ class Subscription:
                     drain_timeout_s,
                 )
         self._task.cancel()
-        keeper = [self._keeper] if self._keeper is not None else []
-        for task in keeper:
-            task.cancel()
-        await asyncio.gather(self._task, *keeper, return_exceptions=True)
+        await asyncio.gather(self._task, return_exceptions=True)
+        if self._keeper is not None:
+            await self._keeper.close()
         self._closed = True
         self._closed_event.set()
         if self._acks:
             # Acks already on the wire settle messages for good: let them land.
             await asyncio.wait(list(self._acks), timeout=max(drain_timeout_s, 1.0))
 
-    def statistics(self) -> dict[str, Any]:
-        """Buffered (not yet handled) messages and registered handlers."""
-        return {
-            "buffered": len(self._inbox) + self._for_iterators.qsize(),
-            "handlers": len(self._handlers),
-            "iterators": self._iterators,
-        }
+    def statistics(self) -> SubscriptionStatistics:
+        """Buffered (not yet handled) messages, handlers, loops and kept leases."""
+        return SubscriptionStatistics(
+            buffered=len(self._inbox) + self._for_iterators.qsize(),
+            handlers=len(self._handlers),
+            iterators=self._iterators,
+            leases_kept=len(self._keeper) if self._keeper is not None else 0,
+        )
