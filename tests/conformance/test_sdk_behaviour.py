@@ -134,18 +134,29 @@ async def test_sync_and_async_handlers_and_the_remover(setup: Setup) -> None:
         await asyncio.sleep(0)
         async_got.append(message)
 
+    acks: list[str] = []
+    engine = setup.server.engine
+    real_ack = engine.ack
+
+    async def counting_ack(client_id: str, idem: str) -> None:
+        acks.append(idem)
+        await real_ack(client_id, idem)
+
+    engine.ack = counting_ack  # type: ignore[method-assign]
     remove = sub.on(sync_handler)
     sub.on(async_handler)
-    await alice.publish("x", [setup.bob.app_id], {"i": 1})
+    first = await alice.publish("x", [setup.bob.app_id], {"i": 1})
     await eventually(lambda: len(sync_got) == len(async_got) == 1)
     remove()
-    await alice.publish("x", [setup.bob.app_id], {"i": 2})
+    second = await alice.publish("x", [setup.bob.app_id], {"i": 2})
     await eventually(lambda: len(async_got) == 2)
     assert len(sync_got) == 1
+    # Positive control: a third message's ack has arrived, so every ack the
+    # first two would get (handled before it, in order) has arrived too.
+    third = await alice.publish("x", [setup.bob.app_id], {"i": 3})
+    await eventually(lambda: third in acks)
     # Acked once per message, not once per handler.
-    await eventually(lambda: setup.server.engine.stats.acked == 2)
-    await asyncio.sleep(0.1)
-    assert setup.server.engine.stats.acked == 2
+    assert acks == [first, second, third]
 
 
 async def test_async_iteration_acks_after_the_loop_body(setup: Setup) -> None:
@@ -213,8 +224,11 @@ async def test_manual_ack_defer_discard_and_replay(setup: Setup) -> None:
     assert not replay.replay_info.was_acknowledged
     dead = await setup.server.engine.store.list_dead(setup.bob.app_id, 10)
     assert [m.dead_reason for m in dead] == ["discarded: bad job"]
-    await asyncio.sleep(seconds(0.8))
-    assert len(got) == 3  # neither the acked nor the discarded one came back
+    # Positive control: an unsettled message comes back after the ack
+    # deadline; by then the acked and the discarded one would have too.
+    control = await alice.publish("jobs", [setup.bob.app_id], {"job": 3})
+    await eventually(lambda: [m.idem for m in got].count(control) == 2, timeout_s=5)
+    assert [m.idem for m in got] == [first, first, second, control, control]
 
 
 async def test_pause_and_resume(setup: Setup) -> None:
@@ -223,9 +237,13 @@ async def test_pause_and_resume(setup: Setup) -> None:
     sub = await bob.subscribe("x")
     got, handler = collector()
     sub.on(handler)
+    control, control_handler = collector()
+    (await bob.subscribe("control")).on(control_handler)
     await sub.pause("maintenance")
     await alice.publish("x", [setup.bob.app_id], {"i": 1})
-    await asyncio.sleep(0.2)
+    # Positive control: a later message to the same client arrives.
+    await alice.publish("control", [setup.bob.app_id], {"i": 2})
+    await eventually(lambda: len(control) == 1)
     assert got == []
     await sub.resume()
     await eventually(lambda: len(got) == 1)
@@ -237,9 +255,13 @@ async def test_unsubscribe_stops_deliveries(setup: Setup) -> None:
     sub = await bob.subscribe("x")
     got, handler = collector()
     sub.on(handler)
+    control, control_handler = collector()
+    (await bob.subscribe("control")).on(control_handler)
     await sub.unsubscribe()
     await alice.publish("x", [setup.bob.app_id], {"i": 1})
-    await asyncio.sleep(0.2)
+    # Positive control: a later message to the same client arrives.
+    await alice.publish("control", [setup.bob.app_id], {"i": 2})
+    await eventually(lambda: len(control) == 1)
     assert got == []
     again = await bob.subscribe("x")
     again.on(handler)
@@ -420,8 +442,10 @@ async def test_poison_message_backs_off_then_is_dead_lettered(setup: Setup) -> N
     gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(arrivals)]
     assert gaps[0] >= 0.09
     assert gaps[1] >= 0.39  # the delay grows
-    await asyncio.sleep(0.3)
-    assert len(arrivals) == 3
+    # Positive control: a message published after the letter arrives alone.
+    control = await alice.publish("poison", [setup.bob.app_id], {"bad": "control"})
+    await eventually(lambda: arrivals[-1][1].idem == control)
+    assert [m.idem for _, m in arrivals] == [idem, idem, idem, control]
 
 
 async def test_close_lets_running_handlers_finish_and_ack(setup: Setup) -> None:

@@ -52,7 +52,8 @@ async def test_reconnects_resubscribes_and_keeps_handlers(server: TestServer) ->
             assert state_while_down is ConnectionState.RECONNECTING
             # A publish while the link is down waits for it and is then sent.
             pending = asyncio.create_task(client.publish("x", [bob.app_id], {"i": 0}))
-            await asyncio.sleep(0.2)
+            # Positive control: a reconnect attempt was turned away meanwhile.
+            await eventually(lambda: proxy.refused >= 1)
             assert not pending.done()
             proxy.restore()
             await eventually(lambda: "reconnect" in events, timeout_s=10)
@@ -61,11 +62,11 @@ async def test_reconnects_resubscribes_and_keeps_handlers(server: TestServer) ->
             assert client.state is ConnectionState.CONNECTED
             assert client.client_id != first_id  # a new session
 
-            await publisher.publish("x", [bob.app_id], {"i": 2})
             await publisher.publish("held", [bob.app_id], {"i": 3})
+            # Positive control: a message published after it arrives.
+            await publisher.publish("x", [bob.app_id], {"i": 2})
             await eventually(lambda: [m.payload["i"] for m in got][-1:] == [2])
             assert [m.payload["i"] for m in also][-1] == 2
-            await asyncio.sleep(0.2)
             assert held == []  # the pause was restored on the new session
             await paused.resume()
             await eventually(lambda: len(held) == 1)

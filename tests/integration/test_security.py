@@ -215,8 +215,11 @@ async def test_subscribing_to_the_same_name_does_not_read_another_apps_messages(
     (await bob.subscribe("private")).on(owner.append)
     await alice.publish("private", [world.bob.app_id], {"for": "bob"})
     await eventually(lambda: len(owner) == 1)
-    await asyncio.sleep(0.2)
-    assert eavesdropper == []
+    # Positive control: alice's own message on the name, published after,
+    # reaches her; bob's would have reached her before it.
+    mine = await bob.publish("private", [world.alice.app_id], {"for": "alice"})
+    await eventually(lambda: len(eavesdropper) == 1)
+    assert [m.idem for m in eavesdropper] == [mine]
 
 
 async def test_the_sender_is_always_set_by_the_engine(world: World) -> None:
@@ -239,8 +242,7 @@ async def test_the_sender_is_always_set_by_the_engine(world: World) -> None:
 
 async def test_publish_and_subscribe_rules_are_enforced(world: World) -> None:
     await world.cli_registry().allow("alice", publish=("orders/*",), subscribe=("billing/#",))
-    await asyncio.sleep(0.2)  # the engine re-reads apps every 50 ms here
-    alice = await world.connect(world.alice)
+    alice = await world.connect(world.alice)  # a new session reads the app afresh
     assert await alice.publish("orders/created", [world.bob.app_id], {"a": 1})
     with pytest.raises(EnSyncPublishError) as refused:
         await alice.publish("payments/made", [world.bob.app_id], {"a": 1})
@@ -259,10 +261,18 @@ async def test_narrowing_rules_stops_deliveries_of_a_forbidden_name(world: World
     (await bob.subscribe("news")).on(got.append)
     await alice.publish("news", [world.bob.app_id], {"i": 1})
     await eventually(lambda: len(got) == 1)
+    billing: list[Message] = []
+    (await bob.subscribe("billing/due")).on(billing.append)
     await world.cli_registry().allow("bob", subscribe=("billing/#",))
-    await asyncio.sleep(0.3)
+    # The engine re-reads apps (every 50 ms here): wait until it has.
+    sessions = world.server.engine.sessions
+    await eventually(
+        lambda: all("news" not in s.subscriptions for s in sessions.values() if s.app.name == "bob")
+    )
     await alice.publish("news", [world.bob.app_id], {"i": 2})
-    await asyncio.sleep(0.3)
+    # Positive control: a message on an allowed name, published after, arrives.
+    await alice.publish("billing/due", [world.bob.app_id], {"i": 3})
+    await eventually(lambda: len(billing) == 1)
     assert len(got) == 1
 
 

@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -30,8 +31,6 @@ from tests.support.timing import eventually, seconds
 pytestmark = pytest.mark.interop
 
 ACK_DEADLINE_MS = 700
-# Long enough for a redelivery after the ack deadline to have shown up.
-QUIET_S = 1.2
 NAME = "orders/created"
 
 
@@ -89,6 +88,28 @@ async def setup() -> AsyncIterator[Setup]:
         finally:
             for engine in state.engines:
                 await engine.close()
+
+
+async def deadline_control(setup: Setup, official: Any) -> str:
+    """Positive control for "nothing came back after the ack deadline": a
+    message the official client leaves unacked is delivered to it again;
+    once it has been, the deadline has passed for every earlier one too."""
+    alice = await setup.ours(setup.alice)
+    seen = len(official.received)
+    control = await alice.publish(NAME, [setup.bob.app_id], {"control": True})
+    await official.next_message(seen + 2, timeout_s=seconds(5))
+    return control
+
+
+async def later_control(setup: Setup, official: Any) -> str:
+    """Positive control for "nothing arrived twice": a message published
+    afterwards arrives; a duplicate of an earlier one, on the same stream,
+    would have arrived before it."""
+    alice = await setup.ours(setup.alice)
+    seen = len(official.received)
+    control = await alice.publish(NAME, [setup.bob.app_id], {"control": True})
+    await official.next_message(seen + 1, timeout_s=seconds(5))
+    return control
 
 
 def collector() -> tuple[list[Message], Callable[[Message], None]]:
@@ -160,9 +181,10 @@ async def test_official_multi_recipient_publish_is_decrypted_by_our_subscribers(
 async def test_official_subscriber_decrypts_our_publish_exactly_once(setup: Setup) -> None:
     alice = await setup.ours(setup.alice)
     async with official_grpc_client(setup.server, setup.bob, [Subscribe(NAME)]) as bob:
-        # "ready" means both Subscribe calls were started; give the second one
-        # time to reach the engine so that the messages meet two open streams.
-        await asyncio.sleep(seconds(0.3))
+        # "ready" means both Subscribe calls were started: wait until the
+        # engine has both, so that the messages meet two open streams.
+        sessions = setup.server.engine.sessions
+        await eventually(lambda: len(getattr(sessions[bob.client_id].router, "streams", ())) == 2)
         first = await alice.publish(NAME, [setup.bob.app_id], {"i": 1}, {"headers": {"h": "v"}})
         second = await alice.publish(NAME, [setup.bob.app_id], {"i": 2, "s": "é✓"})
         await bob.next_message(2)
@@ -171,11 +193,12 @@ async def test_official_subscriber_decrypts_our_publish_exactly_once(setup: Setu
         await setup.state_becomes(second, MessageState.ACKED)
         # The client has two Subscribe streams for the name (decorator quirk):
         # the engine must use one, so nothing arrives twice.
-        await asyncio.sleep(seconds(QUIET_S))
+        control = await later_control(setup, bob)
         received = list(bob.received)
     assert [(m.idem, m.block, m.payload) for m in received] == [
         (first, 1, {"i": 1}),
         (second, 2, {"i": 2, "s": "é✓"}),
+        (control, 3, {"control": True}),
     ]
     assert {m.sender for m in received} == {setup.alice.app_id}
     assert {m.name for m in received} == {NAME}
@@ -194,8 +217,8 @@ async def test_official_ack_settles_the_message(setup: Setup) -> None:
         await bob.ok("ack", name=NAME, idem=idem, block=message.block)
         assert (await setup.stored(idem)).state is MessageState.ACKED
         await bob.ok("ack", name=NAME, idem=idem, block=message.block)  # idempotent
-        await asyncio.sleep(seconds(QUIET_S))  # past the ack deadline: no redelivery
-        assert len(bob.received) == 1
+        control = await deadline_control(setup, bob)
+        assert [m.idem for m in bob.received] == [idem, control, control]
     assert setup.server.engine.stats.acked == 1
 
 
@@ -238,8 +261,8 @@ async def test_official_discard_dead_letters_the_message(setup: Setup) -> None:
         assert stored.dead_reason == "discarded: bad job"
         dead = await setup.server.engine.store.list_dead(setup.bob.app_id, 10)
         assert [m.idem for m in dead] == [idem]
-        await asyncio.sleep(seconds(QUIET_S))  # past the ack deadline: never again
-        assert len(bob.received) == 1
+        control = await deadline_control(setup, bob)
+        assert [m.idem for m in bob.received] == [idem, control, control]
 
 
 async def test_official_replay_returns_the_decrypted_payload(setup: Setup) -> None:
@@ -271,7 +294,14 @@ async def test_official_pause_holds_messages_until_continue(setup: Setup) -> Non
     async with official_grpc_client(setup.server, setup.bob, [Subscribe(NAME)]) as bob:
         await bob.ok("pause", name=NAME, reason="maintenance")
         idem = await alice.publish(NAME, [setup.bob.app_id], {"held": True})
-        await asyncio.sleep(seconds(QUIET_S))
+        # Positive control: a message published afterwards, to a client of
+        # ours, is delivered; the engine has looked at the held one by then.
+        carol = await setup.ours(setup.carol)
+        to_carol, collect = collector()
+        (await carol.subscribe(NAME)).on(collect)
+        await alice.publish(NAME, [setup.carol.app_id], {"control": True})
+        await eventually(lambda: len(to_carol) == 1)
+        await eventually(lambda: setup.server.engine.quiescent())
         assert bob.received == []
         held = await setup.stored(idem)
         assert held.state is MessageState.PENDING

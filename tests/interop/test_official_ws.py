@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -50,8 +50,6 @@ from tests.support.timing import eventually, seconds
 pytestmark = pytest.mark.interop
 
 ACK_DEADLINE_MS = 700
-# Long enough for a redelivery after the ack deadline to have shown up.
-QUIET_S = 1.2
 NAME = "orders/created"
 
 
@@ -103,6 +101,39 @@ class Setup:
             assert time.monotonic() < deadline, f"{idem} stayed {message.state.name}"
             await asyncio.sleep(0.02)
         return message
+
+
+async def deadline_control(setup: Setup, official: Any) -> str:
+    """Positive control for "nothing came back after the ack deadline": a
+    message the official client leaves unacked is delivered to it again;
+    once it has been, the deadline has passed for every earlier one too."""
+    alice = await setup.ours(setup.alice)
+    seen = len(official.received)
+    control = await alice.publish(NAME, [setup.bob.app_id], {"control": True})
+    await official.next_message(seen + 2, timeout_s=seconds(5))
+    return control
+
+
+async def later_control(setup: Setup, official: Any) -> str:
+    """Positive control for "nothing arrived twice": a message published
+    afterwards arrives; a duplicate of an earlier one, on the same socket,
+    would have arrived before it."""
+    alice = await setup.ours(setup.alice)
+    seen = len(official.received)
+    control = await alice.publish(NAME, [setup.bob.app_id], {"control": True})
+    await official.next_message(seen + 1, timeout_s=seconds(5))
+    return control
+
+
+async def elsewhere_control(setup: Setup) -> None:
+    """Positive control for "held back": a message published afterwards to a
+    client of ours arrives, and the engine has nothing left to do."""
+    alice, carol = await setup.ours(setup.alice), await setup.ours(setup.carol)
+    got: list[Message] = []
+    (await carol.subscribe(NAME)).on(got.append)
+    await alice.publish(NAME, [setup.carol.app_id], {"control": True})
+    await eventually(lambda: len(got) == 1)
+    await eventually(setup.server.engine.quiescent)
 
 
 @contextlib.asynccontextmanager
@@ -214,8 +245,8 @@ async def test_p_ws_decrypts_our_publish_and_gets_it_again_until_acked(
         assert setup.server.engine.stats.redelivered == 1
         await bob.ok("ack", name=NAME, idem=idem, block=again.raw_block)
         await setup.state_becomes(idem, MessageState.ACKED)
-        await asyncio.sleep(seconds(QUIET_S))
-        assert len(bob.received) == 2
+        control = await deadline_control(setup, bob)
+        assert [m.idem for m in bob.received] == [idem, idem, control, control]
 
 
 async def test_p_ws_ack_settles_the_message(setup: Setup) -> None:
@@ -228,8 +259,8 @@ async def test_p_ws_ack_settles_the_message(setup: Setup) -> None:
         await bob.ok("ack", name=NAME, idem=idem, block=message.raw_block)
         assert (await setup.stored(idem)).state is MessageState.ACKED
         await bob.ok("ack", name=NAME, idem=idem, block=message.raw_block)  # idempotent
-        await asyncio.sleep(seconds(QUIET_S))  # past the ack deadline: no redelivery
-        assert len(bob.received) == 1
+        control = await deadline_control(setup, bob)
+        assert [m.idem for m in bob.received] == [idem, control, control]
     assert setup.server.engine.stats.acked == 1
 
 
@@ -269,8 +300,8 @@ async def test_p_ws_discard_dead_letters_the_message(setup: Setup) -> None:
         assert stored.dead_reason == "discarded: bad; job=:x"
         dead = await setup.server.engine.store.list_dead(setup.bob.app_id, 10)
         assert [m.idem for m in dead] == [idem]
-        await asyncio.sleep(seconds(QUIET_S))  # past the ack deadline: never again
-        assert len(bob.received) == 1
+        control = await deadline_control(setup, bob)
+        assert [m.idem for m in bob.received] == [idem, control, control]
     assert setup.server.engine.stats.discarded == 1
 
 
@@ -309,7 +340,7 @@ async def test_p_ws_pause_holds_messages_until_continue(setup: Setup) -> None:
     async with official_ws_client(P_WS, setup.server, setup.bob, [WsSubscribe(NAME)]) as bob:
         await bob.ok("pause", name=NAME, reason="maintenance")
         idem = await alice.publish(NAME, [setup.bob.app_id], {"held": True})
-        await asyncio.sleep(seconds(QUIET_S))
+        await elsewhere_control(setup)
         assert bob.received == []
         held = await setup.stored(idem)
         assert held.state is MessageState.PENDING
@@ -327,10 +358,10 @@ async def test_p_ws_unsubscribe_stops_deliveries(setup: Setup) -> None:
         await bob.ok("unsubscribe", name=NAME)
         delivered = setup.server.engine.stats.delivered
         idem = await alice.publish(NAME, [setup.bob.app_id], {"after": "unsub"})
-        await asyncio.sleep(seconds(QUIET_S))
+        await elsewhere_control(setup)
         # Checked at the engine: the client forgets its handlers on UNSUB, so
-        # a delivery would not show up in ``received``.
-        assert setup.server.engine.stats.delivered == delivered
+        # a delivery would not show up in ``received``. (One delivery: the control's.)
+        assert setup.server.engine.stats.delivered == delivered + 1
         stored = await setup.stored(idem)
         assert (stored.state, stored.attempts) == (MessageState.PENDING, 0)
     assert bob.received == []
@@ -418,8 +449,8 @@ async def test_n_ws_0018_decrypts_our_publish_and_acks_it(setup: Setup, ours: Tr
         await bob.ok("ack", name=NAME, idem=idem, block=message.raw_block)
         assert (await setup.stored(idem)).state is MessageState.ACKED
         await bob.ok("ack", name=NAME, idem=idem, block=message.raw_block)  # idempotent
-        await asyncio.sleep(seconds(QUIET_S))  # past the ack deadline: no redelivery
-        assert len(bob.received) == 1
+        control = await deadline_control(setup, bob)
+        assert [m.idem for m in bob.received] == [idem, control, control]
     assert setup.server.engine.stats.acked == 1
 
 
@@ -480,12 +511,13 @@ async def test_n_ws_0018_auto_ack_with_an_undefined_name_settles_the_message(
         # Its auto-ack sends EVENT_NAME=:undefined: acks go by idem alone (§5).
         for idem in idems:
             await setup.state_becomes(idem, MessageState.ACKED)
-        await asyncio.sleep(seconds(QUIET_S))
+        control = await later_control(setup, bob)
         assert [(m.idem, m.payload) for m in bob.received] == [
             (idems[0], {"i": 1}),
             (idems[1], {"i": 2}),
+            (control, {"control": True}),
         ]
-    assert setup.server.engine.stats.acked == 2
+    await eventually(lambda: setup.server.engine.stats.acked == 3)
 
 
 async def test_n_ws_0018_with_a_wrong_key_is_refused(setup: Setup) -> None:

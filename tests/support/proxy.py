@@ -21,6 +21,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Task[None]] = set()
         self._open = True
+        # Connections turned away while cut: proof that a client tried.
+        self.refused = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
 
@@ -30,6 +32,7 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._open:
+            self.refused += 1
             writer.close()
             return
         task = asyncio.current_task()
