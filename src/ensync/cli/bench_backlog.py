@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from ensync.cli.bench_common import (
     BenchError,
@@ -60,15 +60,16 @@ from ensync.cli.bench_common import (
     register_apps,
     running_engine,
 )
-from ensync.client.client import EnSyncClient
+from ensync.cli.bench_fill import (
+    Prefill,
+    Publisher,
+    partition_names,
+    prefill_engine,
+    prefill_store,
+)
 from ensync.client.engine import BaseEngine
-from ensync.crypto import seal
 from ensync.models import Message
 from ensync.server.core.apps import NewApp
-from ensync.server.core.ids import new_idem
-from ensync.server.runtime.clock import wall_clock_ms
-from ensync.server.store.base import Appended, NewMessage
-from ensync.server.store.sqlite import SqliteStore
 
 __all__ = [
     "DEFAULT_BACKLOG",
@@ -87,21 +88,7 @@ THROUGHPUT_RATIO_TARGET = 0.8
 
 _PUBLISHER = "bench-publisher"
 _RECIPIENT = "bench-backlog"
-_PREFILL_BATCH = 5_000
 _WARMUP = 200
-_METADATA = {"persist": True, "headers": {}}
-
-
-@dataclass(frozen=True, slots=True)
-class Prefill:
-    """How the backlog got into the store."""
-
-    method: str
-    messages: int
-    partitions: int
-    duration_s: float
-    rate: float
-    db_mb: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,14 +195,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _names(partitions: int) -> list[str]:
-    return [f"bench/backlog/{index}" for index in range(partitions)]
-
-
-def _payload(payload_bytes: int) -> dict[str, Any]:
-    return {"seq": 0, "sent": wall_clock_ms(), "data": "x" * max(0, payload_bytes - 60)}
-
-
 async def _backlog(args: argparse.Namespace) -> BacklogResult:
     base = Path(tempfile.mkdtemp(prefix="ensync-bench-backlog-"))
     progress = Progress()
@@ -223,7 +202,7 @@ async def _backlog(args: argparse.Namespace) -> BacklogResult:
         empty_dir, backlog_dir = base / "empty", base / "backlog"
         empty_apps = await register_apps(empty_dir, [_PUBLISHER, _RECIPIENT])
         backlog_apps = await register_apps(backlog_dir, [_PUBLISHER, _RECIPIENT])
-        fill = _prefill_store if args.backlog_fill == "store" else _prefill_engine
+        fill = prefill_store if args.backlog_fill == "store" else prefill_engine
         prefill = await fill(args, backlog_dir, backlog_apps[0], backlog_apps[1], progress)
         progress.note(
             f"prefill ({prefill.method}): {prefill.messages:,} messages in"
@@ -240,148 +219,6 @@ async def _backlog(args: argparse.Namespace) -> BacklogResult:
     finally:
         progress.finish()
         shutil.rmtree(base, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------- prefill
-
-
-async def _prefill_store(
-    args: argparse.Namespace,
-    data_dir: Path,
-    publisher: NewApp,
-    recipient: NewApp,
-    progress: Progress,
-) -> Prefill:
-    """Append the backlog straight into the (not yet served) sqlite store."""
-    total: int = args.backlog
-    names = _names(args.backlog_partitions)
-    payload = _payload(args.payload_bytes)
-    plaintext = json.dumps(payload, separators=(",", ":")).encode()
-    envelope = seal(plaintext, recipient.app_id)  # sealed once, shared by every message
-    metadata = json.dumps(_METADATA, separators=(",", ":"))
-    payload_metadata = json.dumps(
-        {
-            "byte_size": len(plaintext),
-            "skeleton": {"seq": "integer", "sent": "long", "data": "string"},
-        },
-        separators=(",", ":"),
-    )
-    store = SqliteStore(data_dir / "ensync.db", synchronous="NORMAL")
-    await store.open()
-    start = time.perf_counter()
-    try:
-        in_flight: list[asyncio.Task[list[Appended]]] = []
-        written = 0
-        for first in range(0, total, _PREFILL_BATCH):
-            now = wall_clock_ms()
-            batch = [
-                NewMessage(
-                    idem=new_idem(now),
-                    recipient=recipient.app_id,
-                    name=names[seq % len(names)],
-                    payload=envelope,
-                    metadata=metadata,
-                    sender=publisher.app_id,
-                    created_at_ms=now,
-                    payload_metadata=payload_metadata,
-                )
-                for seq in range(first, min(total, first + _PREFILL_BATCH))
-            ]
-            # Two appends in flight: the next batch is built while one commits.
-            in_flight.append(
-                asyncio.get_running_loop().create_task(
-                    store.append(batch, now_ms=now, dedupe_since_ms=now)
-                )
-            )
-            if len(in_flight) >= 2:
-                await in_flight.pop(0)
-            written += len(batch)
-            _show_fill(progress, "prefill", written, total, start)
-        for task in in_flight:
-            await task
-        _show_fill(progress, "prefill", total, total, start, force=True)
-    finally:
-        await store.close()
-    duration = time.perf_counter() - start
-    return Prefill(
-        method="store",
-        messages=total,
-        partitions=len(names),
-        duration_s=round(duration, 2),
-        rate=round(total / duration, 1),
-        db_mb=mb(_db_bytes(data_dir)),
-    )
-
-
-async def _prefill_engine(
-    args: argparse.Namespace,
-    data_dir: Path,
-    publisher: NewApp,
-    recipient: NewApp,
-    progress: Progress,
-) -> Prefill:
-    """Publish the backlog through an engine (that is then stopped)."""
-    total: int = args.backlog
-    names = _names(args.backlog_partitions)
-    start = time.perf_counter()
-    async with running_engine(data_dir, log_name="fill-engine.log") as engine:
-        sdk = client_engine(args.transport, engine.port(args.transport))
-        try:
-            client = await sdk.create_client(publisher.app_key)
-            figures = await publish_load(
-                _Publisher(client, recipient, names, args.payload_bytes),
-                count=total,
-                concurrency=args.concurrency,
-                on_progress=lambda done, _failed: _show_fill(
-                    progress, "prefill through the engine", done, total, start
-                ),
-            )
-        finally:
-            await close_quietly(sdk)
-    if figures.failed:
-        raise BenchError(f"{figures.failed} publishes of the backlog failed")
-    duration = time.perf_counter() - start
-    return Prefill(
-        method="engine",
-        messages=total,
-        partitions=len(names),
-        duration_s=round(duration, 2),
-        rate=round(total / duration, 1),
-        db_mb=mb(_db_bytes(data_dir)),
-    )
-
-
-def _show_fill(
-    progress: Progress, what: str, done: int, total: int, start: float, *, force: bool = False
-) -> None:
-    elapsed = max(1e-9, time.perf_counter() - start)
-    progress.show(
-        f"{what} {bar(done / total)} {done:,}/{total:,} messages  {done / elapsed:,.0f}/s",
-        force=force,
-    )
-
-
-def _db_bytes(data_dir: Path) -> int:
-    return sum(path.stat().st_size for path in data_dir.glob("ensync.db*"))
-
-
-class _Publisher:
-    """``publish(seq)`` for :func:`publish_load`: one client, the partitions in turn."""
-
-    def __init__(
-        self, client: EnSyncClient, recipient: NewApp, names: list[str], payload_bytes: int
-    ) -> None:
-        self._client = client
-        self._recipients = [recipient.app_id]
-        self._names = names
-        self._filler = "x" * max(0, payload_bytes - 60)
-        self.published = 0
-
-    async def __call__(self, seq: int) -> None:
-        payload = {"seq": seq, "sent": wall_clock_ms(), "data": self._filler}
-        name = self._names[seq % len(self._names)]
-        await self._client.publish(name, self._recipients, payload, _METADATA)
-        self.published += 1
 
 
 # ---------------------------------------------------------------------- measurements
@@ -402,10 +239,10 @@ async def _measure(
         f"backlog engine up: {pending_at_start:,} pending messages,"
         f" RSS {mb(rss_after_start):,.1f} MB"
     )
-    names = _names(args.backlog_partitions)
+    names = partition_names(args.backlog_partitions)
     sdks: list[BaseEngine] = []
     try:
-        publishers: list[_Publisher] = []
+        publishers: list[Publisher] = []
         for engine, (pub_app, recipient) in (
             (empty_engine, empty_apps),
             (backlog_engine, backlog_apps),
@@ -413,7 +250,7 @@ async def _measure(
             sdk = client_engine(args.transport, engine.port(args.transport))
             sdks.append(sdk)
             client = await sdk.create_client(pub_app.app_key)
-            publish = _Publisher(client, recipient, names, args.payload_bytes)
+            publish = Publisher(client, recipient, names, args.payload_bytes)
             await publish_load(publish, count=_WARMUP, concurrency=args.concurrency)
             publishers.append(publish)
         rounds: list[tuple[PublishFigures, PublishFigures]] = []
@@ -460,7 +297,7 @@ async def _measure(
 
 
 async def _round(
-    args: argparse.Namespace, index: int, publishers: list[_Publisher], progress: Progress
+    args: argparse.Namespace, index: int, publishers: list[Publisher], progress: Progress
 ) -> tuple[PublishFigures, PublishFigures]:
     """One throughput round: the empty engine, then the backlog engine."""
     pair = []
@@ -513,11 +350,11 @@ async def _slow_consumer(
     args: argparse.Namespace,
     engine: EngineProcess,
     recipient: NewApp,
-    publish: _Publisher,
+    publish: Publisher,
     progress: Progress,
 ) -> SlowConsumer:
     """Publish at full speed into the backlog while a slow subscriber reads it."""
-    names = _names(args.backlog_partitions)
+    names = partition_names(args.backlog_partitions)
     handler_s = args.slow_handler_ms / 1000
     consumed = 0
     health = {"buffered": 0, "in_flight": 0}

@@ -1,8 +1,7 @@
 """What the ``ensync bench`` programs share.
 
-* the engine as its own process (``ensync serve`` on free ports, its log in
-  a file so a chatty engine can never block on a full pipe);
-* readers of that process's memory, open files and CPU time (Linux /proc);
+* the engine as its own process (:mod:`ensync.testing.process`, the same
+  helper the fault tests use), failing with :class:`BenchError`;
 * app registration straight into the sqlite store before the engine starts;
 * the publish loop (bounded concurrency, optional pacing, latencies);
 * a progress display on stderr, an error tally and the result table.
@@ -14,10 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import re
-import socket
-import subprocess
 import sys
 import time
 from array import array
@@ -25,13 +20,24 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, TextIO
+from typing import TextIO
 
 from ensync.client.engine import BaseEngine, EnSyncEngine
 from ensync.errors import EnSyncError
 from ensync.server.core.apps import AppRegistry, NewApp
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store.sqlite import SqliteStore
+from ensync.testing.process import (
+    EngineProcess,
+    EngineProcessError,
+    Transport,
+    cpu_seconds,
+    fd_kinds,
+    free_ports,
+    open_fds,
+    process_memory,
+)
+from ensync.testing.process import running_engine as engine_process
 from ensync.websocket import EnSyncEngine as WsEngine
 
 __all__ = [
@@ -60,136 +66,14 @@ __all__ = [
     "running_engine",
 ]
 
-Transport = Literal["grpc", "ws"]
-
-_ENGINE_STOP_TIMEOUT_S = 30.0
-# A log record of `ensync serve`: "<date> <time>,<ms> LEVEL logger: text".
-_LOG_RECORD = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ")
-
 
 class BenchError(Exception):
     """The benchmark could not run (engine did not start, messages lost)."""
 
 
-# ---------------------------------------------------------------------- /proc
-
-
-@dataclass(frozen=True, slots=True)
-class ProcessMemory:
-    """Resident memory of a process now and at its peak (VmRSS, VmHWM)."""
-
-    rss_bytes: int
-    peak_rss_bytes: int
-
-
-def process_memory(pid: int) -> ProcessMemory:
-    """VmRSS and VmHWM of ``pid`` from /proc (Linux); zeros if it is gone."""
-    values = {"VmRSS": 0, "VmHWM": 0}
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return ProcessMemory(0, 0)
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in values:
-            values[key] = int(rest.split()[0]) * 1024  # the kernel writes kB
-    return ProcessMemory(values["VmRSS"], values["VmHWM"])
-
-
-def open_fds(pid: int) -> int:
-    """How many file descriptors ``pid`` has open (entries of /proc/PID/fd)."""
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return 0
-
-
-def fd_kinds(pid: int) -> dict[str, int]:
-    """Open file descriptors of ``pid`` by kind: ``socket``, ``pipe``, ``anon_inode``
-    or the file's name (``ensync.db-wal``)."""
-    kinds: Counter[str] = Counter()
-    try:
-        entries = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return {}
-    for entry in entries:
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{entry}")
-        except OSError:
-            continue  # closed meanwhile
-        kind = target.split(":", 1)[0] if ":" in target else Path(target).name
-        kinds[kind] += 1
-    return dict(sorted(kinds.items()))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
 def mb(n_bytes: float) -> float:
     """Bytes as MB (10^6 bytes), one decimal."""
     return round(n_bytes / 1e6, 1)
-
-
-# ---------------------------------------------------------------------- the engine
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports (all held until all are chosen)."""
-    with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(int(sock.getsockname()[1]))
-        return ports
-
-
-@dataclass(slots=True)
-class EngineProcess:
-    """An engine serving in its own process (see :func:`running_engine`)."""
-
-    process: asyncio.subprocess.Process
-    grpc_port: int
-    http_port: int
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def port(self, transport: Transport) -> int:
-        """The port that serves ``transport``."""
-        return self.grpc_port if transport == "grpc" else self.http_port
-
-    def memory(self) -> ProcessMemory:
-        return process_memory(self.pid)
-
-    def open_fds(self) -> int:
-        return open_fds(self.pid)
-
-    def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
-
-    def log_problems(self) -> list[str]:
-        """Records the engine logged at WARNING or above (first line of each)."""
-        return [line for line in _read_lines(self.log_path) if _LOG_RECORD.match(line)]
-
-    def log_tail(self, lines: int = 10) -> str:
-        return "\n".join(_read_lines(self.log_path)[-lines:])
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()
-    except OSError:
-        return []
 
 
 @contextlib.asynccontextmanager
@@ -200,79 +84,14 @@ async def running_engine(
     start_timeout_s: float = 120.0,
     log_name: str = "engine.log",
 ) -> AsyncIterator[EngineProcess]:
-    """Serve ``data_dir`` (sqlite) in a child process until the block ends.
-
-    Waits until both listeners accept connections. The engine's stderr goes
-    to ``data_dir/log_name``; it logs at WARNING and above. On exit the
-    engine gets SIGTERM (SIGKILL if it has not stopped within 30 s).
-
-    Raises:
-        BenchError: the engine exited or did not listen in time.
-    """
-    grpc_port, http_port = free_ports(2)
-    log_path = data_dir / log_name
-    command = [
-        "-m",
-        "ensync.cli.main",
-        "serve",
-        "--data",
-        str(data_dir),
-        "--grpc",
-        f"127.0.0.1:{grpc_port}",
-        "--http",
-        f"127.0.0.1:{http_port}",
-        "--log-level",
-        "WARNING",
-        *extra_args,
-    ]
-    with _append_to(log_path) as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-    engine = EngineProcess(process, grpc_port, http_port, log_path)
+    """:func:`ensync.testing.process.running_engine`, failing with :class:`BenchError`."""
     try:
-        deadline = time.monotonic() + start_timeout_s
-        for port in (grpc_port, http_port):
-            await _wait_listening(engine, port, deadline, start_timeout_s)
-        yield engine
-    finally:
-        await _stop(process)
-
-
-def _append_to(path: Path) -> BinaryIO:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.open("ab")
-
-
-async def _wait_listening(
-    engine: EngineProcess, port: int, deadline: float, timeout_s: float
-) -> None:
-    while time.monotonic() < deadline:
-        if engine.process.returncode is not None:
-            raise BenchError(f"the engine exited at start: {engine.log_tail()}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise BenchError(f"the engine did not listen on port {port} within {timeout_s:g} s")
-
-
-async def _stop(process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
-        process.terminate()
-    try:
-        await asyncio.wait_for(process.wait(), _ENGINE_STOP_TIMEOUT_S)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
+        async with engine_process(
+            data_dir, extra_args=extra_args, start_timeout_s=start_timeout_s, log_name=log_name
+        ) as engine:
+            yield engine
+    except EngineProcessError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 async def http_get(port: int, path: str) -> str:

@@ -37,9 +37,8 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
 
 from ensync.cli.bench_common import (
     BenchError,
@@ -53,20 +52,20 @@ from ensync.cli.bench_common import (
     fd_kinds,
     http_get,
     mb,
-    print_rows,
     publish_load,
     register_apps,
     running_engine,
 )
+from ensync.cli.bench_soak_report import SoakResult, SoakSample, describe_stuck, print_table
 from ensync.client.client import EnSyncClient
 from ensync.client.engine import BaseEngine
 from ensync.client.subscription import Subscription
 from ensync.errors import EnSyncError
 from ensync.models import Message
 from ensync.server.core.apps import NewApp
-from ensync.server.runtime.clock import wall_clock_ms
-from ensync.server.store.base import MessageState, StoredMessage
+from ensync.server.store.base import MessageState
 from ensync.server.store.sqlite import SqliteStore
+from ensync.testing.proxy import TcpProxy
 
 __all__ = ["DEFAULT_SOAK_RATE", "SoakResult", "SoakSample", "add_arguments", "run"]
 
@@ -75,58 +74,6 @@ _NAMES = ("soak/a", "soak/b")
 _METADATA = {"persist": True, "headers": {}}
 # Out of 100, by a hash of the message key: what its first delivery gets.
 _VERBS = (("ack", 80), ("defer", 8), ("discard", 5), ("replay", 5), ("ignore", 2))
-
-
-@dataclass(frozen=True, slots=True)
-class SoakSample:
-    """The engine process once a minute."""
-
-    minute: float
-    rss_mb: float
-    fds: int
-    published: int
-    settled: int
-
-
-@dataclass(frozen=True, slots=True)
-class SoakResult:
-    """The figures of one ``--soak`` run."""
-
-    minutes: float
-    rate_target: float
-    churn_seconds: float
-    rss_idle_start_mb: float
-    fds_idle_start: int
-    rss_start_mb: float
-    fds_start: int
-    rss_end_load_mb: float
-    fds_end_load: int
-    rss_max_mb: float
-    fds_max: int
-    rss_idle_end_mb: float
-    fds_idle_end: int
-    peak_rss_mb: float
-    fd_kinds: dict[str, dict[str, int]]
-    samples: list[SoakSample]
-    published: int
-    publish_failed: int
-    publish_rate: float
-    verbs: dict[str, int]
-    engine_counters: dict[str, int]
-    churn: dict[str, int]
-    acked: int
-    discarded: int
-    settled_per_store_only: int
-    stuck: int
-    stuck_examples: list[str]
-    unknown_keys: int
-    store_pending: int
-    dead_letters: dict[str, int]
-    engine_end: dict[str, int]
-    all_accounted: bool
-    errors: dict[str, dict[str, int | str]]
-    engine_problem_count: int
-    engine_problems: list[str] = field(default_factory=list)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        _print_table(result, sys.stdout)
+        print_table(result, sys.stdout)
     return 0 if result.all_accounted else 1
 
 
@@ -224,74 +171,12 @@ async def _soak(args: argparse.Namespace) -> SoakResult:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-class _Proxy:
-    """A TCP forwarder whose links can be cut, to break clients' links for real."""
-
-    def __init__(self, target_port: int) -> None:
-        self._target = target_port
-        self._server: asyncio.Server | None = None
-        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self._open = True
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def cut(self, down_s: float) -> None:
-        """Abort every link and refuse new ones for ``down_s``."""
-        self._open = False
-        for ours, theirs in list(self._links):
-            ours.transport.abort()
-            theirs.transport.abort()
-        await asyncio.sleep(down_s)
-        self._open = True
-
-    async def close(self) -> None:
-        self._open = False
-        for ours, theirs in list(self._links):
-            ours.transport.abort()
-            theirs.transport.abort()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._open:
-            writer.transport.abort()
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
-        except OSError:
-            writer.transport.abort()
-            return
-        link = (writer, up_writer)
-        self._links.add(link)
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            self._links.discard(link)
-            writer.close()
-            up_writer.close()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass  # the link was cut: that is the point
-    finally:
-        writer.close()
-
-
 @dataclass(eq=False, slots=True)
 class _Consumer:
     label: str
     app: NewApp
     transport: Transport
-    proxy: _Proxy | None
+    proxy: TcpProxy | None
     sdk: BaseEngine | None = None
 
 
@@ -333,7 +218,7 @@ class _Soak:
         self.peak_rss = 0
         self.fd_kinds: dict[str, dict[str, int]] = {}
         self._consumers: list[_Consumer] = []
-        self._proxies: list[_Proxy] = []
+        self._proxies: list[TcpProxy] = []
         self._ws_publisher: tuple[BaseEngine, EnSyncClient] | None = None
         self._retired: list[BaseEngine] = []
 
@@ -348,7 +233,7 @@ class _Soak:
         load: asyncio.Future[list[float]] | None = None
         try:
             for port in (self.engine.grpc_port, self.engine.http_port):
-                proxy = _Proxy(port)
+                proxy = TcpProxy(port)
                 await proxy.start()
                 self._proxies.append(proxy)
             # Per recipient: a direct consumer per transport, and one behind a
@@ -389,7 +274,7 @@ class _Soak:
             ]:
                 await close_quietly(sdk, self.errors)
             for proxy in self._proxies:
-                await proxy.close()
+                await proxy.stop()
         await self._wait_sessions_gone()
         self._read("idle_end")
         self.peak_rss = self.engine.memory().peak_rss_bytes
@@ -660,7 +545,7 @@ class _Soak:
                 if stored is not None and stored.state is not MessageState.PENDING:
                     settled_in_store += 1
                 else:
-                    stuck.append(_describe(key, idem, stored))
+                    stuck.append(describe_stuck(key, idem, stored))
             store_pending = sum((await store.backlog()).values())
             dead: Counter[str] = Counter()
             for app in self.recipients:
@@ -709,73 +594,3 @@ class _Soak:
             engine_problem_count=len(problems),
             engine_problems=problems[:20],
         )
-
-
-def _describe(key: str, idem: str, stored: StoredMessage | None) -> str:
-    if stored is None:
-        return f"{key} {idem}: missing from the store"
-    now = wall_clock_ms()
-    return (
-        f"{key} {idem}: {stored.state.name}, {stored.attempts} attempts, visible"
-        f" {(stored.visible_at_ms - now) / 1000:+.1f} s from now, created"
-        f" {(stored.created_at_ms - now) / 1000:+.1f} s"
-    )
-
-
-def _print_table(result: SoakResult, out: TextIO) -> None:
-    verbs = result.verbs
-    rows: list[tuple[str, str]] = [
-        ("duration", f"{result.minutes:g} min at {result.rate_target:g} msg/s target"),
-        ("churn", f"every {result.churn_seconds:g} s: " + _pairs(result.churn)),
-        (
-            "engine RSS",
-            f"idle {result.rss_idle_start_mb:,.1f} MB, after warm-up {result.rss_start_mb:,.1f},"
-            f" end of load {result.rss_end_load_mb:,.1f}, max {result.rss_max_mb:,.1f},"
-            f" idle at end {result.rss_idle_end_mb:,.1f} (peak {result.peak_rss_mb:,.1f})",
-        ),
-        (
-            "engine open fds",
-            f"idle {result.fds_idle_start}, after warm-up {result.fds_start},"
-            f" end of load {result.fds_end_load}, max {result.fds_max},"
-            f" idle at end {result.fds_idle_end}",
-        ),
-    ]
-    rows += [(f"  fds {moment}", _pairs(kinds)) for moment, kinds in result.fd_kinds.items()]
-    rows += [
-        (
-            f"  minute {s.minute:g}",
-            f"RSS {s.rss_mb:,.1f} MB, fds {s.fds}, published {s.published:,}",
-        )
-        for s in result.samples
-    ]
-    rows += [
-        (
-            "published",
-            f"{result.published:,} confirmed ({result.publish_rate:,.0f}/s),"
-            f" {result.publish_failed} failed calls",
-        ),
-        ("client verbs", _pairs(verbs)),
-        ("engine counters", _pairs(result.engine_counters)),
-        (
-            "settled",
-            f"{result.acked:,} acked, {result.discarded:,} discarded,"
-            f" {result.settled_per_store_only} settled per the store only",
-        ),
-        ("dead letters", _pairs(result.dead_letters) or "none"),
-        (
-            "accounted for",
-            f"{'yes' if result.all_accounted else 'NO'}: {result.stuck} stuck,"
-            f" {result.unknown_keys} unknown, {result.store_pending} pending in the store",
-        ),
-        ("engine at end", _pairs(result.engine_end)),
-        ("errors", f"{sum(int(e['count']) for e in result.errors.values())}"),
-    ]
-    rows += [(f"  {kind}", f"{e['count']} ({e['example']})") for kind, e in result.errors.items()]
-    rows.append(("engine warnings", str(result.engine_problem_count)))
-    print_rows(rows, out)
-    for line in [*result.stuck_examples, *result.engine_problems]:
-        out.write(f"  {line}\n")
-
-
-def _pairs(values: dict[str, int]) -> str:
-    return ", ".join(f"{key} {value:,}" for key, value in values.items())

@@ -25,6 +25,13 @@ from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireRep
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import from_ws_record
 from ensync.protocol.urls import EngineUrl
+from ensync.protocol.wsclient import (
+    ClientSession,
+    PingArrived,
+    RecordArrived,
+    ReplyFor,
+    Unexpected,
+)
 from ensync.protocol.wscodec import (
     Ack,
     Conn,
@@ -46,13 +53,6 @@ from ensync.protocol.wscodec import (
     Unsub,
     parse_conn_fields,
     parse_conn_pass,
-)
-from ensync.protocol.wssession import (
-    ClientSession,
-    PingArrived,
-    RecordArrived,
-    ReplyFor,
-    Unexpected,
 )
 
 __all__ = ["DEFAULT_MAX_IN_FLIGHT", "WebSocketClientTransport", "max_in_flight"]

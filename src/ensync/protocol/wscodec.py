@@ -33,11 +33,48 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeAlias
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+from ensync.protocol.wsreplies import (
+    Delivered,
+    Fail,
+    Pass,
+    Ping,
+    Record,
+    Replayed,
+    Reply,
+    format_conn_pass,
+    format_reply,
+    parse_conn_fields,
+    parse_conn_pass,
+    parse_record,
+    parse_reply,
+    record_to_json,
+)
+from ensync.protocol.wsrequests import (
+    MAX_REASON_LENGTH,
+    Ack,
+    Conn,
+    Continue,
+    Defer,
+    Discard,
+    Extend,
+    Malformed,
+    Pause,
+    Pong,
+    Pub,
+    Replay,
+    Request,
+    Rollback,
+    Sub,
+    Unsub,
+)
+from ensync.protocol.wsrequests import int_or_none as _int_or_none
+from ensync.protocol.wsrequests import malformed as _malformed
+from ensync.protocol.wsrequests import show as _show
 
 __all__ = [
     "MAX_REASON_LENGTH",
@@ -73,171 +110,6 @@ __all__ = [
     "parse_request",
     "record_to_json",
 ]
-
-MAX_REASON_LENGTH = 200
-"""Upper bound on ``Malformed.reason``: it is echoed to the peer in ``-FAIL:``."""
-
-# ---------------------------------------------------------------------------
-# Requests (client → server), §3.3
-
-
-@dataclass(frozen=True, slots=True)
-class Conn:
-    """``CONN``: authenticate the socket with an app key."""
-
-    access_key: str
-
-
-@dataclass(frozen=True, slots=True)
-class Pub:
-    """``PUB``: publish one message to one recipient app id."""
-
-    client_id: str
-    name: str
-    payload: str
-    delivery_to: str
-    metadata: str
-    payload_metadata: str | None  # None: the key was absent (N-ws-0018, P-ws)
-
-
-@dataclass(frozen=True, slots=True)
-class Sub:
-    """``SUB``: start deliveries of ``name`` to this client."""
-
-    client_id: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Unsub:
-    """``UNSUB``: stop deliveries of ``name`` to this client."""
-
-    client_id: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """``ACK``: acknowledge a delivery; ``block`` and ``name`` are hints (§7.10).
-
-    ``block`` is None when BLOCK is missing or not a decimal integer; ``name``
-    may be ``"undefined"`` (N-ws-0018 auto-ack) or ``""``.
-    """
-
-    client_id: str
-    idem: str
-    block: int | None
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Rollback:
-    """``ROLLBACK``: give a delivery back (BLOCK, or PARTITION_BLOCK from G-ws)."""
-
-    client_id: str
-    idem: str
-    block: int | None
-    # ensync extension: why the message is given back (official clients send none).
-    reason: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Defer:
-    """``DEFER``: redeliver after ``delay_ms`` (any integer; the engine checks range)."""
-
-    client_id: str
-    idem: str
-    name: str
-    delay_ms: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Discard:
-    """``DISCARD``: never deliver the message again."""
-
-    client_id: str
-    idem: str
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Replay:
-    """``REPLAY``: send the message again as ``+REPLAY:<record>``."""
-
-    client_id: str
-    idem: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Pause:
-    """``PAUSE``: hold deliveries of ``name`` to this client."""
-
-    client_id: str
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Continue:
-    """``CONTINUE``: resume deliveries of ``name`` to this client."""
-
-    client_id: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Extend:
-    """``EXTEND``: our extension, extend a delivery's lease; official clients never send it."""
-
-    client_id: str
-    idem: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class Pong:
-    """Bare ``PONG``: a client's answer to ``PING``; it gets no reply (§3.2, §3.8 rule 2)."""
-
-
-Request: TypeAlias = (
-    Conn
-    | Pub
-    | Sub
-    | Unsub
-    | Ack
-    | Rollback
-    | Defer
-    | Discard
-    | Replay
-    | Pause
-    | Continue
-    | Extend
-    | Pong
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Malformed:
-    """A frame that could not be understood; ``reason`` says what is wrong (≤ 200 chars)."""
-
-    reason: str
-
-
-def _malformed(reason: str) -> Malformed:
-    if len(reason) > MAX_REASON_LENGTH:
-        reason = reason[: MAX_REASON_LENGTH - 3] + "..."
-    return Malformed(reason)
-
-
-def _show(value: str, limit: int = 40) -> str:
-    """``value`` quoted for a reason, cut to ``limit`` characters (reasons stay short)."""
-    if len(value) <= limit:
-        return repr(value)
-    return repr(value[:limit]) + "..."
-
 
 # ---------------------------------------------------------------------------
 # Keys and commands
@@ -278,7 +150,6 @@ _JSON_VALUED = frozenset({_F.METADATA, _F.PAYLOAD_METADATA})  # §3.4 rule 3
 _ANY_KEY = re.compile(r";([A-Z_]{1,40})=:")
 _JSON_WS = re.compile(r"[ \t\n\r]*")  # what json.loads skips around a value
 _DECODER = json.JSONDecoder()
-_DECIMAL = re.compile(r"-?[0-9]+")
 _PM_SEP = ";PAYLOAD_METADATA=:"
 
 _Fields: TypeAlias = Mapping[_Field, str]
@@ -291,6 +162,8 @@ class _Command:
     optional: frozenset[_Field]
     build: Callable[[_Fields], Request | Malformed]
     boundary: re.Pattern[str]  # ";KEY=:" for every spelling of this command's keys
+    # Optional fields format_request leaves out when empty (None is always left out).
+    omit_if_empty: frozenset[_Field] = frozenset()
 
 
 def _command(
@@ -298,19 +171,11 @@ def _command(
     fields: tuple[_Field, ...],
     optional: tuple[_Field, ...],
     build: Callable[[_Fields], Request | Malformed],
+    omit_if_empty: tuple[_Field, ...] = (),
 ) -> _Command:
     spellings = sorted((k for k, f in _WIRE_KEYS.items() if f in fields), key=len, reverse=True)
     boundary = re.compile(";(" + "|".join(spellings) + ")=:")
-    return _Command(word, fields, frozenset(optional), build, boundary)
-
-
-def _int_or_none(text: str | None) -> int | None:
-    if text is None or _DECIMAL.fullmatch(text) is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:  # more digits than sys.get_int_max_str_digits() allows
-        return None
+    return _Command(word, fields, frozenset(optional), build, boundary, frozenset(omit_if_empty))
 
 
 def _defer(f: _Fields) -> Defer | Malformed:
@@ -359,6 +224,8 @@ _COMMANDS: dict[str, _Command] = {
                 _int_or_none(f.get(_F.BLOCK)),
                 f.get(_F.REASON, ""),
             ),
+            # REASON is our extension: official clients' ROLLBACK has none.
+            omit_if_empty=(_F.REASON,),
         ),
         _command(
             "DEFER",
@@ -399,6 +266,37 @@ _COMMANDS: dict[str, _Command] = {
             lambda f: Extend(f[_F.CLIENT_ID], f[_F.IDEM], f.get(_F.NAME, "")),
         ),
     )
+}
+
+
+# The request dataclass each command parses into (and is written from), and
+# the attribute that holds each field's value.
+_WORDS: Final[dict[type, str]] = {
+    Conn: "CONN",
+    Pub: "PUB",
+    Sub: "SUB",
+    Unsub: "UNSUB",
+    Ack: "ACK",
+    Rollback: "ROLLBACK",
+    Defer: "DEFER",
+    Discard: "DISCARD",
+    Replay: "REPLAY",
+    Pause: "PAUSE",
+    Continue: "CONTINUE",
+    Extend: "EXTEND",
+}
+_ATTRIBUTES: Final[dict[_Field, str]] = {
+    _F.ACCESS_KEY: "access_key",
+    _F.CLIENT_ID: "client_id",
+    _F.NAME: "name",
+    _F.IDEM: "idem",
+    _F.PAYLOAD: "payload",
+    _F.DELIVERY_TO: "delivery_to",
+    _F.METADATA: "metadata",
+    _F.PAYLOAD_METADATA: "payload_metadata",
+    _F.BLOCK: "block",
+    _F.DELAY: "delay_ms",
+    _F.REASON: "reason",
 }
 
 
@@ -564,75 +462,18 @@ def format_request(request: Request) -> str:
 
 
 def _request_fields(request: Request) -> tuple[str, list[tuple[_Field, str]]]:
-    """The command word and (field, value) pairs, in §3.3 order."""
-    f = _F
-    match request:
-        case Pong():
-            return "PONG", []
-        case Conn():
-            return "CONN", [(f.ACCESS_KEY, request.access_key)]
-        case Pub():
-            pairs = [
-                (f.CLIENT_ID, request.client_id),
-                (f.NAME, request.name),
-                (f.PAYLOAD, request.payload),
-                (f.DELIVERY_TO, request.delivery_to),
-                (f.METADATA, request.metadata),
-            ]
-            if request.payload_metadata is not None:
-                pairs.append((f.PAYLOAD_METADATA, request.payload_metadata))
-            return "PUB", pairs
-        case Sub():
-            return "SUB", [(f.CLIENT_ID, request.client_id), (f.NAME, request.name)]
-        case Unsub():
-            return "UNSUB", [(f.CLIENT_ID, request.client_id), (f.NAME, request.name)]
-        case Ack():
-            pairs = [(f.CLIENT_ID, request.client_id), (f.IDEM, request.idem)]
-            if request.block is not None:
-                pairs.append((f.BLOCK, str(request.block)))
-            return "ACK", [*pairs, (f.NAME, request.name)]
-        case Rollback():
-            pairs = [(f.CLIENT_ID, request.client_id), (f.IDEM, request.idem)]
-            if request.block is not None:
-                pairs.append((f.BLOCK, str(request.block)))
-            if request.reason:
-                pairs.append((f.REASON, request.reason))
-            return "ROLLBACK", pairs
-        case Defer():
-            return "DEFER", [
-                (f.CLIENT_ID, request.client_id),
-                (f.IDEM, request.idem),
-                (f.NAME, request.name),
-                (f.DELAY, str(request.delay_ms)),
-                (f.REASON, request.reason),
-            ]
-        case Discard():
-            return "DISCARD", [
-                (f.CLIENT_ID, request.client_id),
-                (f.IDEM, request.idem),
-                (f.NAME, request.name),
-                (f.REASON, request.reason),
-            ]
-        case Replay():
-            return "REPLAY", [
-                (f.CLIENT_ID, request.client_id),
-                (f.IDEM, request.idem),
-                (f.NAME, request.name),
-            ]
-        case Pause():
-            return "PAUSE", [
-                (f.CLIENT_ID, request.client_id),
-                (f.NAME, request.name),
-                (f.REASON, request.reason),
-            ]
-        case Continue():
-            return "CONTINUE", [(f.CLIENT_ID, request.client_id), (f.NAME, request.name)]
-        case Extend():
-            return "EXTEND", [
-                (f.CLIENT_ID, request.client_id),
-                (f.IDEM, request.idem),
-                (f.NAME, request.name),
-            ]
+    """The command word and (field, value) pairs, in the order :data:`_COMMANDS`
+    gives (the one place that order is written)."""
+    if isinstance(request, Pong):
+        return "PONG", []
+    command = _COMMANDS[_WORDS[type(request)]]
+    pairs: list[tuple[_Field, str]] = []
+    for which in command.fields:
+        value = getattr(request, _ATTRIBUTES[which])
+        if value is None or (value == "" and which in command.omit_if_empty):
+            continue
+        pairs.append((which, str(value)))
+    return command.word, pairs
 
 
 def _is_json(text: str) -> bool:
@@ -648,246 +489,3 @@ def _check_pub_json(metadata: str, payload_metadata: str | None) -> None:
         raise ValueError(
             "METADATA and PAYLOAD_METADATA holding ';' must both be JSON text (§3.4 rule 3)"
         )
-
-
-# ---------------------------------------------------------------------------
-# Records, §3.7
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A delivery as carried by ``+RECORD:`` and ``+REPLAY:``."""
-
-    idem: str
-    name: str
-    block: int
-    logged_at_ms: int
-    payload: str
-    # Left out of the hash so records stay hashable despite the dict.
-    metadata: dict[str, Any] = field(hash=False)
-    sender: str
-    # ensync extension: which delivery attempt this is (1 = first). Official
-    # clients ignore unknown record keys.
-    attempt: int = 1
-
-
-# P-ws strips every "+RECORD:" / "+REPLAY:" from a frame, not just the prefix
-# (§3.7). Such text can only sit inside a JSON string, where "\u002b" is the
-# same '+' to every JSON parser and no client's replace() matches it.
-_PREFIX_IN_JSON = re.compile(r"\+(?=RECORD:|REPLAY:)")
-
-
-def record_to_json(record: Record) -> str:
-    """The §3.7 JSON object for ``record``: id and idem, block as a decimal string,
-    loggedAt a number, metadata an object; compact, ASCII-only (lone surrogates
-    from a peer's JSON escapes stay escaped, so the frame always encodes)."""
-    text = json.dumps(
-        {
-            "id": record.idem,
-            "idem": record.idem,
-            "name": record.name,
-            "block": str(record.block),
-            "loggedAt": record.logged_at_ms,
-            "payload": record.payload,
-            "metadata": record.metadata,
-            "sender": record.sender,
-            "attempt": record.attempt,
-        },
-        separators=(",", ":"),
-    )
-    return _PREFIX_IN_JSON.sub(r"\\u002b", text)
-
-
-def parse_record(text: str) -> Record | Malformed:
-    """Parse a record as any server may send it (§3.7), tolerantly: block as a
-    string or number, ``id`` when ``idem`` is missing, metadata as an object or
-    JSON text (missing: ``{}``), loggedAt missing: 0, sender missing: ``""``.
-    Never raises."""
-    try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError):
-        return _malformed(f"record is not JSON: {_show(text)}")
-    if not isinstance(obj, dict):
-        return _malformed("record is not a JSON object")
-    idem = obj.get("idem") or obj.get("id")
-    if not isinstance(idem, str) or not idem:
-        return _malformed("record lacks idem and id")
-    name = obj.get("name")
-    if not isinstance(name, str):
-        return _malformed("record lacks name")
-    block = _json_int(obj.get("block"))
-    if block is None:
-        return _malformed(f"record block {_describe(obj.get('block'))} is not an integer")
-    raw_logged = obj.get("loggedAt")
-    logged_at = 0 if raw_logged is None else _json_int(raw_logged)
-    if logged_at is None:
-        return _malformed(f"record loggedAt {_describe(raw_logged)} is not a number")
-    payload = obj.get("payload")
-    if not isinstance(payload, str):
-        return _malformed("record lacks payload")
-    metadata = _json_object(obj.get("metadata"))
-    if metadata is None:
-        return _malformed("record metadata is not a JSON object")
-    sender = obj.get("sender", "")
-    if not isinstance(sender, str):
-        return _malformed("record sender is not a string")
-    attempt = obj.get("attempt", 1)
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
-        attempt = 1
-    return Record(idem, name, block, logged_at, payload, metadata, sender, attempt)
-
-
-def _describe(value: object) -> str:
-    # Never repr() a peer's object: it may be huge or nested past the recursion limit.
-    return _show(value) if isinstance(value, str) else f"of type {type(value).__name__}"
-
-
-def _json_int(value: object) -> int | None:
-    if isinstance(value, bool):  # bool is an int to Python, not to JSON
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if math.isfinite(value) else None
-    if isinstance(value, str):
-        return _int_or_none(value)
-    return None
-
-
-def _json_object(value: object) -> dict[str, Any] | None:
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):  # G-ws accepts metadata as JSON text too
-        try:
-            value = json.loads(value)
-        except (ValueError, RecursionError):
-            return None
-    return value if isinstance(value, dict) else None
-
-
-# ---------------------------------------------------------------------------
-# Replies (server → client), §3.5
-
-
-@dataclass(frozen=True, slots=True)
-class Pass:
-    """``+PASS:<text>``: success of the oldest pending request."""
-
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Fail:
-    """``-FAIL:<reason>``: failure of the oldest pending request."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Replayed:
-    """``+REPLAY:<record>``: success of a REPLAY."""
-
-    record: Record
-
-
-@dataclass(frozen=True, slots=True)
-class Delivered:
-    """``+RECORD:<record>``: a delivery, never a reply."""
-
-    record: Record
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    """``PING``: optional keep-alive; the client answers ``PONG``."""
-
-
-Reply: TypeAlias = Pass | Fail | Replayed | Delivered | Ping
-
-
-def format_reply(reply: Reply) -> str:
-    """The text frame for ``reply`` (§3.5). Servers go through ``ServerSession``."""
-    match reply:
-        case Pass(text=text):
-            return "+PASS:" + text
-        case Fail(reason=reason):
-            return "-FAIL:" + reason
-        case Replayed(record=record):
-            return "+REPLAY:" + record_to_json(record)
-        case Delivered(record=record):
-            return "+RECORD:" + record_to_json(record)
-        case Ping():
-            return "PING"
-
-
-def parse_reply(text: str) -> Reply | Malformed:
-    """Parse one server text frame (client role). Strips only the leading prefix,
-    unlike the official clients (§3.7). Never raises."""
-    for prefix in ("+RECORD:", "+REPLAY:"):
-        if text.startswith(prefix):
-            record = parse_record(text[len(prefix) :])
-            if isinstance(record, Malformed):
-                return record
-            return Delivered(record) if prefix == "+RECORD:" else Replayed(record)
-    if text.startswith("+PASS:"):
-        return Pass(text[len("+PASS:") :])
-    if text.startswith("-FAIL:"):
-        return Fail(text[len("-FAIL:") :])
-    if text == "PING":
-        return Ping()
-    return _malformed(f"unknown reply {_show(text)}")
-
-
-# ---------------------------------------------------------------------------
-# The CONN reply, §3.6
-
-# Node keeps only the piece after the first '=' of each ','-separated item,
-# so none of these may appear in the values (§3.6, §7.2).
-_NOT_IN_CONN_VALUES = re.compile(r"[,={};\s]")
-
-
-def format_conn_pass(
-    client_id: str, client_hash: str, extra: Mapping[str, str] | None = None
-) -> str:
-    """The ``+PASS:`` text of a successful CONN: ``{clientId=<id>, clientHash=<hash>}``,
-    followed by any ``extra`` pairs (clients tolerate them, §3.6; ensync sends
-    ``ackDeadlineMs``).
-
-    Raises:
-        ValueError: ``client_id`` is empty, or a key or value holds ``,`` ``=``
-            ``{`` ``}`` ``;`` or whitespace, which the clients' parsers break on.
-    """
-    if not client_id:
-        raise ValueError("client_id is empty")
-    pairs = [("clientId", client_id), ("clientHash", client_hash), *(extra or {}).items()]
-    for key, value in pairs:
-        for label, text in ((f"key {key!r}", key), (f"value of {key}", value)):
-            if _NOT_IN_CONN_VALUES.search(text):
-                raise ValueError(
-                    f"{label} {text!r} holds one of , = {{ }} ; or whitespace (PROTOCOL.md §3.6)"
-                )
-    return "{" + ", ".join(f"{key}={value}" for key, value in pairs) + "}"
-
-
-def parse_conn_fields(text: str) -> dict[str, str]:
-    """Every ``key=value`` pair of a CONN's ``+PASS:`` text (braces optional)."""
-    body = text.strip()
-    if body.startswith("{") and body.endswith("}"):
-        body = body[1:-1]
-    items: dict[str, str] = {}
-    for item in body.split(","):
-        key, sep, value = item.partition("=")
-        if sep:
-            items[key.strip()] = value.strip()
-    return items
-
-
-def parse_conn_pass(text: str) -> tuple[str, str] | Malformed:
-    """``(client_id, client_hash)`` from a CONN's ``+PASS:`` text, parsed like P-ws:
-    braces optional, items split on ``,`` then on the first ``=``, items without
-    ``=`` and unknown keys ignored, a missing clientHash read as ``""``."""
-    items = parse_conn_fields(text)
-    client_id = items.get("clientId", "")
-    if not client_id:
-        return _malformed(f"CONN reply lacks clientId: {_show(text)}")
-    return client_id, items.get("clientHash", "")

@@ -1,9 +1,10 @@
 """Per-connection state machines for the WebSocket text protocol (PROTOCOL.md §3).
 
-:class:`ServerSession` is the engine's side of one socket, :class:`ClientSession`
-the SDK's. Both are sans-I/O: frames in, events and frames out; no sockets,
-clocks or tasks. A driver feeds every received frame in, executes what comes
-back, and sends ``data_to_send()`` / the returned frame text.
+:class:`ServerSession` is the engine's side of one socket; the SDK's is
+:class:`ensync.protocol.wsclient.ClientSession`. Both are sans-I/O: frames
+in, events and frames out; no sockets, clocks or tasks. A driver feeds
+every received frame in, executes what comes back, and sends
+``data_to_send()`` / the returned frame text.
 
 No request id exists on this protocol: clients match each ``+PASS:`` /
 ``-FAIL:`` / ``+REPLAY:`` to their oldest pending request (§3.8). So the
@@ -35,7 +36,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TypeAlias
 
 from ensync.protocol.wscodec import (
     Conn,
@@ -50,27 +50,20 @@ from ensync.protocol.wscodec import (
     Request,
     format_conn_pass,
     format_reply,
-    format_request,
-    parse_reply,
     parse_request,
 )
 
 __all__ = [
     "SERVER_TRANSITIONS",
-    "ClientEvent",
-    "ClientSession",
     "Incoming",
     "LocalProtocolError",
-    "PingArrived",
-    "RecordArrived",
-    "ReplyFor",
     "ServerAction",
     "ServerEvent",
     "ServerSession",
     "ServerSessionStatistics",
     "ServerState",
     "Transition",
-    "Unexpected",
+    "shorten",
 ]
 
 
@@ -223,7 +216,7 @@ def _word(request: Request) -> str:
     return type(request).__name__.upper()
 
 
-def _shorten(text: str, limit: int = 60) -> str:
+def shorten(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -466,7 +459,7 @@ class ServerSession:
             return "already connected: send CONN once per connection"
         if action is ServerAction.FAIL_FOREIGN_CLIENT and request is not None:
             claimed = getattr(request, "client_id", "")
-            return f"CLIENT_ID {_shorten(claimed)!r} is not this connection's client id"
+            return f"CLIENT_ID {shorten(claimed)!r} is not this connection's client id"
         return detail  # FAIL_MALFORMED, FAIL_BINARY
 
     def _drain(self) -> list[Incoming]:
@@ -500,104 +493,3 @@ class ServerSession:
                 except BaseException:
                     self._release()  # never strand later replies behind a bad callback
                     raise
-
-
-# ---------------------------------------------------------------------------
-# Client side
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyFor:
-    """The reply to the request :meth:`ClientSession.send` numbered ``seq``."""
-
-    seq: int
-    reply: Pass | Fail | Replayed
-
-
-@dataclass(frozen=True, slots=True)
-class RecordArrived:
-    """A ``+RECORD:`` delivery."""
-
-    record: Record
-
-
-@dataclass(frozen=True, slots=True)
-class PingArrived:
-    """A text ``PING``: answer with ``send(Pong())``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Unexpected:
-    """A frame that fits nothing: unparseable, or a reply with no request pending."""
-
-    text_excerpt: str
-    reason: str
-
-
-ClientEvent: TypeAlias = ReplyFor | RecordArrived | PingArrived | Unexpected
-
-
-class ClientSession:
-    """The SDK's side of one connection: numbers requests and matches replies to
-    them oldest first, as the official clients do (§3.8).
-
-    Call :meth:`send` and write the returned text; feed every received text
-    frame to :meth:`receive_text` and act on the events; call :meth:`close`
-    when the socket is gone to learn which requests will never be answered.
-    """
-
-    def __init__(self) -> None:
-        self._next_seq = 1
-        self._pending: deque[int] = deque()
-        self._closed = False
-
-    def send(self, request: Request) -> tuple[int | None, str]:
-        """Number ``request`` and frame it: ``(seq, text)``; seq is None for
-        ``Pong``, which gets no reply.
-
-        Raises:
-            ValueError: a value the frame cannot carry (:func:`format_request`).
-            LocalProtocolError: the session is closed.
-        """
-        if self._closed:
-            raise LocalProtocolError("send() after close()")
-        text = format_request(request)
-        if isinstance(request, Pong):
-            return None, text
-        seq = self._next_seq
-        self._next_seq += 1
-        self._pending.append(seq)
-        return seq, text
-
-    def receive_text(self, text: str) -> list[ClientEvent]:
-        """Take one server text frame; return what it means. Never raises."""
-        if self._closed:
-            return []
-        reply = parse_reply(text)
-        if isinstance(reply, Malformed):
-            return [Unexpected(_shorten(text, 100), reply.reason)]
-        if isinstance(reply, Delivered):
-            return [RecordArrived(reply.record)]
-        if isinstance(reply, Ping):
-            return [PingArrived()]
-        if not self._pending:
-            return [Unexpected(_shorten(text, 100), "a reply with no request outstanding")]
-        return [ReplyFor(self._pending.popleft(), reply)]
-
-    def receive_binary(self, data: bytes) -> list[ClientEvent]:
-        """Take one binary frame, which no server sends: an :class:`Unexpected`."""
-        if self._closed:
-            return []
-        return [Unexpected(f"<{len(data)} bytes>", "binary frame")]
-
-    def outstanding(self) -> int:
-        """Requests sent and not yet answered."""
-        return len(self._pending)
-
-    def close(self) -> list[int]:
-        """The socket is gone: return the seqs that will never be answered, oldest
-        first. Later frames are ignored and :meth:`send` raises."""
-        self._closed = True
-        lost = list(self._pending)
-        self._pending.clear()
-        return lost

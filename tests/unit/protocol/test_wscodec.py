@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ensync.protocol import wscodec
+from ensync.protocol import wscodec, wsrequests
 from ensync.protocol.wscodec import (
     MAX_REASON_LENGTH,
     Ack,
@@ -307,7 +307,7 @@ def test_payload_metadata_before_metadata() -> None:
 
 
 def test_reasons_are_capped_even_if_a_message_grows() -> None:
-    reason = wscodec._malformed("x" * 1000).reason
+    reason = wsrequests.malformed("x" * 1000).reason
     assert len(reason) == MAX_REASON_LENGTH
     assert reason.endswith("...")
 

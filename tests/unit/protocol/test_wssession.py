@@ -11,6 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ensync.protocol import wssession
+from ensync.protocol.wsclient import (
+    ClientSession,
+    PingArrived,
+    RecordArrived,
+    ReplyFor,
+    Unexpected,
+)
 from ensync.protocol.wscodec import (
     Ack,
     Conn,
@@ -31,17 +38,12 @@ from ensync.protocol.wscodec import (
 )
 from ensync.protocol.wssession import (
     SERVER_TRANSITIONS,
-    ClientSession,
     Incoming,
     LocalProtocolError,
-    PingArrived,
-    RecordArrived,
-    ReplyFor,
     ServerAction,
     ServerEvent,
     ServerSession,
     ServerState,
-    Unexpected,
 )
 
 RECORD = Record("idem-1", "a/b", 3, 1_718_000_000_000, "cGF5bG9hZA==", {"persist": True}, "app")

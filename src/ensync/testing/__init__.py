@@ -25,8 +25,10 @@ from ensync.server.config import EngineConfig, ServerConfig
 from ensync.server.core.apps import NewApp
 from ensync.server.runtime.engine import Engine
 from ensync.server.serving import RunningServer, running_server
+from ensync.testing.process import EngineProcess, running_engine
+from ensync.testing.proxy import TcpProxy, tcp_proxy
 
-__all__ = ["TestServer", "run_engine"]
+__all__ = ["EngineProcess", "TcpProxy", "TestServer", "run_engine", "running_engine", "tcp_proxy"]
 
 
 @dataclass(slots=True)

@@ -1,0 +1,336 @@
+"""An engine serving in its own process, for tests and benchmarks.
+
+:class:`EngineProcess` runs ``ensync serve`` over one data directory on two
+fixed loopback ports, so an engine that is killed (SIGKILL) and started
+again is found where it was. Each incarnation's output goes to its own log
+file (never to a pipe nobody reads, which would stall the engine once
+full). It also reads the process's memory, open files and CPU time from
+/proc (Linux), for the benchmarks.
+
+Example::
+
+    async with running_engine(data_dir) as engine:
+        client = await EnSyncEngine(engine.grpc_url).create_client(app_key)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "EngineProcess",
+    "EngineProcessError",
+    "ProcessMemory",
+    "Transport",
+    "cpu_seconds",
+    "fd_kinds",
+    "free_ports",
+    "open_fds",
+    "process_memory",
+    "running_engine",
+]
+
+Transport = Literal["grpc", "ws"]
+
+# A log record of `ensync serve`: "<date> <time>,<ms> LEVEL logger: text".
+_LOG_RECORD = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ")
+
+
+class EngineProcessError(Exception):
+    """The engine process did not start, or did not stop, as asked."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessMemory:
+    """Resident memory of a process now and at its peak (VmRSS, VmHWM)."""
+
+    rss_bytes: int
+    peak_rss_bytes: int
+
+
+def process_memory(pid: int) -> ProcessMemory:
+    """VmRSS and VmHWM of ``pid`` from /proc (Linux); zeros if it is gone."""
+    values = {"VmRSS": 0, "VmHWM": 0}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return ProcessMemory(0, 0)
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in values:
+            values[key] = int(rest.split()[0]) * 1024  # the kernel writes kB
+    return ProcessMemory(values["VmRSS"], values["VmHWM"])
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors ``pid`` has open (entries of /proc/PID/fd)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """Open file descriptors of ``pid`` by kind: ``socket``, ``pipe``, ``anon_inode``
+    or the file's name (``ensync.db-wal``)."""
+    kinds: Counter[str] = Counter()
+    try:
+        entries = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return {}
+    for entry in entries:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{entry}")
+        except OSError:
+            continue  # closed meanwhile
+        kind = target.split(":", 1)[0] if ":" in target else Path(target).name
+        kinds[kind] += 1
+    return dict(sorted(kinds.items()))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+class EngineProcess:
+    """``ensync serve`` on fixed loopback ports over one data directory.
+
+    Call :meth:`start` for each incarnation, :meth:`kill` (SIGKILL) or
+    :meth:`terminate` (SIGTERM) to end it, and :meth:`close` in ``finally``.
+
+    Args:
+        data: the data directory (the sqlite store is ``data/ensync.db``).
+        logs: where each incarnation's output goes (``<log_name>`` for the
+            first, ``<stem>-<n><suffix>`` for later ones).
+        serve_args: extra ``ensync serve`` flags, e.g. ``["--ack-deadline-ms", "1000"]``.
+        log_name: the first incarnation's log file name.
+        start_timeout_s: how long an incarnation may take to listen.
+    """
+
+    def __init__(
+        self,
+        data: Path,
+        logs: Path | None = None,
+        serve_args: Sequence[str] = (),
+        *,
+        log_name: str = "engine.log",
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        self.data = data
+        self.logs = logs if logs is not None else data
+        self.grpc_port, self.http_port = free_ports(2)
+        self._serve_args = list(serve_args)
+        self._log_name = log_name
+        self._start_timeout_s = start_timeout_s
+        self._process: asyncio.subprocess.Process | None = None
+        self.incarnations = 0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc_port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.http_port}"
+
+    @property
+    def db(self) -> Path:
+        return self.data / "ensync.db"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.returncode is None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise EngineProcessError("the engine was never started")
+        return self._process.pid
+
+    def port(self, transport: Transport) -> int:
+        """The port that serves ``transport``."""
+        return self.grpc_port if transport == "grpc" else self.http_port
+
+    def log_path(self, incarnation: int | None = None) -> Path:
+        """The log of an incarnation (the current one by default)."""
+        n = self.incarnations if incarnation is None else incarnation
+        if n <= 1:
+            return self.logs / self._log_name
+        name = Path(self._log_name)
+        return self.logs / f"{name.stem}-{n}{name.suffix}"
+
+    async def start(self) -> None:
+        """Start the next incarnation and wait until both listeners accept.
+
+        Raises:
+            EngineProcessError: it exited or did not listen in time.
+        """
+        if self.running:
+            raise EngineProcessError("the engine is already running")
+        self.incarnations += 1
+        path = self.log_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ensync.cli.main",
+                "serve",
+                "--data",
+                str(self.data),
+                "--grpc",
+                f"127.0.0.1:{self.grpc_port}",
+                "--http",
+                f"127.0.0.1:{self.http_port}",
+                *self._serve_args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._start_timeout_s
+        for port in (self.grpc_port, self.http_port):
+            await self._wait_listening(port, deadline)
+
+    async def _wait_listening(self, port: int, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.running:
+                raise EngineProcessError(
+                    f"engine incarnation {self.incarnations} exited before listening on "
+                    f"{port}:\n{self.log_text()}"
+                )
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if loop.time() > deadline:
+                    raise EngineProcessError(
+                        f"nothing listens on {port} after {self._start_timeout_s:g} s"
+                    ) from None
+                await asyncio.sleep(0.02)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+
+    async def kill(self) -> None:
+        """SIGKILL the running incarnation and reap it."""
+        process = self._running_process()
+        process.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(process.wait(), 30)
+
+    async def terminate(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM the running incarnation; returns its exit code.
+
+        Raises:
+            EngineProcessError: it did not stop within ``timeout_s`` (then it is killed).
+        """
+        process = self._running_process()
+        process.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(process.wait(), timeout_s)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise EngineProcessError(f"the engine ignored SIGTERM for {timeout_s:g} s") from None
+
+    async def close(self) -> None:
+        """Kill the engine if it still runs (for ``finally``)."""
+        process = self._process
+        if process is not None and process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    def _running_process(self) -> asyncio.subprocess.Process:
+        if self._process is None or self._process.returncode is not None:
+            raise EngineProcessError("the engine is not running")
+        return self._process
+
+    # ------------------------------------------------------------------ readings
+
+    def memory(self) -> ProcessMemory:
+        return process_memory(self.pid)
+
+    def open_fds(self) -> int:
+        return open_fds(self.pid)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def log_text(self, incarnation: int | None = None) -> str:
+        path = self.log_path(incarnation)
+        try:
+            return path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def all_logs(self) -> str:
+        return "".join(
+            f"--- engine incarnation {n} ---\n{self.log_text(n)}"
+            for n in range(1, self.incarnations + 1)
+        )
+
+    def log_problems(self) -> list[str]:
+        """Records the engine logged at WARNING or above (first line of each)."""
+        return [line for line in self.log_text().splitlines() if _LOG_RECORD.match(line)]
+
+    def log_tail(self, lines: int = 10) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+@contextlib.asynccontextmanager
+async def running_engine(
+    data_dir: Path,
+    *,
+    extra_args: Sequence[str] = (),
+    start_timeout_s: float = 120.0,
+    log_name: str = "engine.log",
+    log_level: str = "WARNING",
+) -> AsyncIterator[EngineProcess]:
+    """Serve ``data_dir`` (sqlite) in a child process until the block ends.
+
+    Waits until both listeners accept. The engine logs to ``data_dir/log_name``
+    at ``log_level``. On exit it gets SIGTERM (SIGKILL after 30 s).
+    """
+    engine = EngineProcess(
+        data_dir,
+        serve_args=["--log-level", log_level, *extra_args],
+        log_name=log_name,
+        start_timeout_s=start_timeout_s,
+    )
+    try:
+        await engine.start()
+        yield engine
+    finally:
+        if engine.running:
+            with contextlib.suppress(EngineProcessError):
+                await engine.terminate()
+        await engine.close()
