@@ -392,3 +392,20 @@ def test_open_store_takes_absolute_sqlite_paths(tmp_path: pathlib.Path) -> None:
 def test_open_store_names_a_bad_url(url: str, complaint: str, tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError, match=complaint):
         open_store(url, tmp_path)
+
+
+async def test_deferred_messages_stay_on_disk_until_they_come_due(tmp_path: pathlib.Path) -> None:
+    # Opening reads numbering and recent keys only; a claim reads what is
+    # claimable now; the schedule is asked for its next time, not loaded.
+    async with SqliteStore(db(tmp_path)) as store:
+        await append(store, *(new(f"d-{i}") for i in range(3_000)))
+        for i in range(3_000):
+            assert await store.defer(f"d-{i}", T0 + 3_600_000 + i, T0)
+    async with SqliteStore(db(tmp_path)) as reopened:
+        assert reopened.delivery_statistics() == (0, 0)
+        waiting = await claim(reopened, now_ms=T0 + 1)
+        assert waiting.leases == ()
+        assert waiting.next_visible_ms == T0 + 3_600_000
+        assert reopened.delivery_statistics() == (0, 0)  # nothing held in memory
+        due = await claim(reopened, now_ms=T0 + 3_600_000 + 9, limit=100)
+        assert idems(due) == [f"d-{i}" for i in range(10)]
