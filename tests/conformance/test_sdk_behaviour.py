@@ -30,7 +30,9 @@ from ensync.testing import TestServer, run_engine
 from ensync.websocket import EnSyncEngine as WsEngine
 from tests.support.timing import eventually, seconds
 
-TRANSPORTS = ["grpc", "ws"]
+# gRPC twice: over the batched session stream, and against an engine without
+# it (the SDK falls back to unary calls).
+TRANSPORTS = ["grpc", "grpc-unary", "ws"]
 
 
 @dataclass
@@ -49,7 +51,9 @@ class Setup:
 
 @pytest.fixture(params=TRANSPORTS)
 async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
-    async with run_engine(ack_deadline_ms=600) as server:
+    async with run_engine(
+        ack_deadline_ms=600, grpc_session=request.param != "grpc-unary"
+    ) as server:
 
         def make(**options: Any) -> BaseEngine:
             if request.param == "ws":

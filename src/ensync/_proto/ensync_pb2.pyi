@@ -1,10 +1,24 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class SettleKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SETTLE_ACK: _ClassVar[SettleKind]
+    SETTLE_DEFER: _ClassVar[SettleKind]
+    SETTLE_DISCARD: _ClassVar[SettleKind]
+    SETTLE_EXTEND: _ClassVar[SettleKind]
+    SETTLE_RELEASE: _ClassVar[SettleKind]
+SETTLE_ACK: SettleKind
+SETTLE_DEFER: SettleKind
+SETTLE_DISCARD: SettleKind
+SETTLE_EXTEND: SettleKind
+SETTLE_RELEASE: SettleKind
 
 class ConnectRequest(_message.Message):
     __slots__ = ("access_key",)
@@ -396,3 +410,118 @@ class ReleaseResponse(_message.Message):
     message: str
     delivery_time: int
     def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., delivery_time: _Optional[int] = ...) -> None: ...
+
+class SessionHello(_message.Message):
+    __slots__ = ("client_id", "version", "capabilities")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    version: int
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, client_id: _Optional[str] = ..., version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SessionWelcome(_message.Message):
+    __slots__ = ("version", "capabilities", "limits")
+    class LimitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    limits: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., limits: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SessionPublish(_message.Message):
+    __slots__ = ("seq", "message_name", "payload", "delivery_to", "metadata", "payload_metadata")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_TO_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_METADATA_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    message_name: str
+    payload: str
+    delivery_to: str
+    metadata: str
+    payload_metadata: str
+    def __init__(self, seq: _Optional[int] = ..., message_name: _Optional[str] = ..., payload: _Optional[str] = ..., delivery_to: _Optional[str] = ..., metadata: _Optional[str] = ..., payload_metadata: _Optional[str] = ...) -> None: ...
+
+class SessionPublished(_message.Message):
+    __slots__ = ("seq", "success", "message_idem", "error_message")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_IDEM_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    success: bool
+    message_idem: str
+    error_message: str
+    def __init__(self, seq: _Optional[int] = ..., success: _Optional[bool] = ..., message_idem: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class SessionSettle(_message.Message):
+    __slots__ = ("seq", "kind", "message_idem", "message_name", "delay_ms", "reason")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_IDEM_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    kind: SettleKind
+    message_idem: str
+    message_name: str
+    delay_ms: int
+    reason: str
+    def __init__(self, seq: _Optional[int] = ..., kind: _Optional[_Union[SettleKind, str]] = ..., message_idem: _Optional[str] = ..., message_name: _Optional[str] = ..., delay_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SessionSettled(_message.Message):
+    __slots__ = ("seq", "success", "message", "time_ms")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    success: bool
+    message: str
+    time_ms: int
+    def __init__(self, seq: _Optional[int] = ..., success: _Optional[bool] = ..., message: _Optional[str] = ..., time_ms: _Optional[int] = ...) -> None: ...
+
+class SessionCredit(_message.Message):
+    __slots__ = ("message_name", "credit")
+    MESSAGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    message_name: str
+    credit: int
+    def __init__(self, message_name: _Optional[str] = ..., credit: _Optional[int] = ...) -> None: ...
+
+class ClientFrame(_message.Message):
+    __slots__ = ("hello", "publishes", "settles", "credits")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHES_FIELD_NUMBER: _ClassVar[int]
+    SETTLES_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    hello: SessionHello
+    publishes: _containers.RepeatedCompositeFieldContainer[SessionPublish]
+    settles: _containers.RepeatedCompositeFieldContainer[SessionSettle]
+    credits: _containers.RepeatedCompositeFieldContainer[SessionCredit]
+    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., publishes: _Optional[_Iterable[_Union[SessionPublish, _Mapping]]] = ..., settles: _Optional[_Iterable[_Union[SessionSettle, _Mapping]]] = ..., credits: _Optional[_Iterable[_Union[SessionCredit, _Mapping]]] = ...) -> None: ...
+
+class ServerFrame(_message.Message):
+    __slots__ = ("welcome", "published", "settled", "deliveries")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    welcome: SessionWelcome
+    published: _containers.RepeatedCompositeFieldContainer[SessionPublished]
+    settled: _containers.RepeatedCompositeFieldContainer[SessionSettled]
+    deliveries: _containers.RepeatedCompositeFieldContainer[MessageStreamResponse]
+    def __init__(self, welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., published: _Optional[_Iterable[_Union[SessionPublished, _Mapping]]] = ..., settled: _Optional[_Iterable[_Union[SessionSettled, _Mapping]]] = ..., deliveries: _Optional[_Iterable[_Union[MessageStreamResponse, _Mapping]]] = ...) -> None: ...

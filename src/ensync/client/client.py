@@ -343,5 +343,8 @@ class _Link:
     def report(self, error: errors.EnSyncError) -> None:
         self._client._report(error)
 
+    def consumed(self, name: str) -> None:
+        self._client._connection.consumed(name)
+
     def forget(self, subscription: Subscription) -> None:
         self._client._forget(subscription)

@@ -144,6 +144,11 @@ class Connection:
         self._subscriptions.pop(name, None)
         await self.transport.unsubscribe(name)
 
+    def consumed(self, name: str) -> None:
+        """A delivery of ``name`` was taken up (flow control on the current link)."""
+        if self._transport is not None and self._state is ConnectionState.CONNECTED:
+            self._transport.consumed(name)
+
     async def pause(self, name: str, reason: str) -> None:
         await self.transport.pause(name, reason)
         recorded = self._subscriptions.get(name)

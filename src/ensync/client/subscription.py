@@ -64,6 +64,10 @@ class SubscriptionLink(Protocol):
         """Tell the application (``error`` listeners) about a failure."""
         ...
 
+    def consumed(self, name: str) -> None:
+        """A delivery was taken up: the engine may send another (flow control)."""
+        ...
+
     def forget(self, subscription: Subscription) -> None:
         """The subscription ended: the client no longer lists it."""
         ...
@@ -197,6 +201,7 @@ class Subscription:
             if self._closing:
                 return
             wire = self._inbox.popleft()
+            self._link.consumed(self.name)
             try:
                 message = self._open(wire)
             except errors.EnSyncMessageError as exc:

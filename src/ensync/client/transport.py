@@ -79,6 +79,11 @@ class ClientTransport(Protocol):
 
     async def unsubscribe(self, name: str) -> None: ...
 
+    def consumed(self, name: str) -> None:
+        """A delivery of ``name`` was taken up by the application: the engine
+        may send one more (flow control; a no-op where the wire has none)."""
+        ...
+
     async def ack(self, name: str, idem: str, block: int) -> None: ...
 
     async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:

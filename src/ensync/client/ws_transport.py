@@ -307,6 +307,9 @@ class WebSocketClientTransport:
             self._handlers.pop(name, None)
             raise
 
+    def consumed(self, name: str) -> None:
+        pass  # the text protocol has no flow control of its own
+
     async def unsubscribe(self, name: str) -> None:
         await self._checked(Unsub(self._client_id, name), errors.EnSyncSubscriptionError)
         self._handlers.pop(name, None)

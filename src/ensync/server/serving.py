@@ -78,7 +78,12 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
     await store.open()
     engine = Engine(store, config.engine)
     credentials, ssl_context = _tls(config)
-    grpc_transport = GrpcTransport(engine, f"{grpc_host}:{grpc_port}", credentials=credentials)
+    grpc_transport = GrpcTransport(
+        engine,
+        f"{grpc_host}:{grpc_port}",
+        credentials=credentials,
+        session=config.grpc_session,
+    )
     http_listener = HttpListener(engine, http_host, http_port, ssl_context=ssl_context)
     try:
         await engine.start()

@@ -22,6 +22,9 @@ class FakeSink:
     def push(self, delivery: Delivery) -> None:
         self.received.append(delivery)
 
+    def has_room(self, name: str) -> bool:
+        return True
+
 
 @dataclass
 class FakeRouter:

@@ -49,10 +49,15 @@ class DeliverySink(Protocol):
     """Where the core pushes deliveries for one client: a transport's outbox.
 
     ``push`` must not block; the core bounds what it pushes by the
-    subscription's in-flight window.
+    subscription's in-flight window, and by ``has_room`` (a client's own
+    flow control: credits on ensync's session stream).
     """
 
     def push(self, delivery: Delivery) -> None: ...
+
+    def has_room(self, name: str) -> bool:
+        """Whether the client takes another delivery of ``name`` now."""
+        ...
 
 
 class SessionRouter(Protocol):

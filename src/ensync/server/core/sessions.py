@@ -47,9 +47,7 @@ class Subscription:
         """May take another delivery: not paused, window not full, and its
         transport has an outbox for the name (a gRPC client may subscribe
         before it opens the stream that carries the name)."""
-        return (
-            not self.paused
-            and len(self.in_flight) < window
-            and not self.session.closed
-            and self.session.router.sink_for(self.name) is not None
-        )
+        if self.paused or len(self.in_flight) >= window or self.session.closed:
+            return False
+        sink = self.session.router.sink_for(self.name)
+        return sink is not None and sink.has_room(self.name)

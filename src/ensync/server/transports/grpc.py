@@ -37,6 +37,7 @@ from ensync.protocol.records import ReplayInfo, replay_json, to_stream_response
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
 from ensync.server.runtime.engine import Engine
+from ensync.server.transports.grpc_session import SESSION_SERVICE, SessionOutbox, serve_session
 
 __all__ = ["GrpcTransport", "replay_message_data"]
 
@@ -109,6 +110,9 @@ class _Stream:
     def push(self, delivery: Delivery) -> None:
         self.queue.put_nowait(delivery)
 
+    def has_room(self, name: str) -> bool:
+        return True
+
     def end(self) -> None:
         self.queue.put_nowait(None)
 
@@ -124,13 +128,20 @@ class _Client:
     # every stream it opens: route per name for it (PROTOCOL.md §2.5).
     event_generation: bool = False
     closed: bool = False
+    # ensync's session stream, when the client opened one (grpc_session.py).
+    session: SessionOutbox | None = None
 
     @property
     def oldest_stream_only(self) -> bool:
         return reads_oldest_stream_only(self.user_agent) and not self.event_generation
 
     def sink_for(self, name: str) -> DeliverySink | None:
-        if self.closed or not self.streams:
+        if self.closed:
+            return None
+        session = self.session
+        if session is not None and session.deliveries_on:
+            return session
+        if not self.streams:
             return None
         if self.oldest_stream_only:
             return self.streams[0]
@@ -140,12 +151,14 @@ class _Client:
         return None
 
     def is_attached(self) -> bool:
-        return bool(self.streams)
+        return bool(self.streams) or self.session is not None
 
     def close(self) -> None:
         self.closed = True
         for stream in self.streams:
             stream.end()
+        if self.session is not None:
+            self.session.close()
 
 
 class GrpcTransport:
@@ -166,11 +179,13 @@ class GrpcTransport:
         *,
         credentials: grpc.ServerCredentials | None = None,
         max_message_bytes: int | None = None,
+        session: bool = True,
     ) -> None:
         self._engine = engine
         self._address = address
         self._credentials = credentials
         limit = max_message_bytes or engine.config.max_payload_bytes + 256 * 1024
+        self._message_limit = limit
         self.max_streams = max(200, engine.config.max_subscriptions_per_client + 100)
         self._server = grpc.aio.server(
             options=[
@@ -192,7 +207,10 @@ class GrpcTransport:
             ]
         )
         self._clients: dict[str, _Client] = {}
-        self._server.add_generic_rpc_handlers((self._handlers(),))
+        handlers = [self._handlers()]
+        if session:  # ensync's own batched stream; official clients never call it
+            handlers.append(self._session_handlers())
+        self._server.add_generic_rpc_handlers(tuple(handlers))
         self.port = 0
 
     async def start(self) -> int:
@@ -231,6 +249,51 @@ class GrpcTransport:
             for method, event in verb.methods():
                 handlers[method] = self._unary(verb.request, self._verb_handler(verb), event)
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def _session_handlers(self) -> grpc.GenericRpcHandler:
+        session = grpc.stream_stream_rpc_method_handler(
+            self._session,
+            request_deserializer=_decoder(pb.ClientFrame),
+            response_serializer=pb.ServerFrame.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(SESSION_SERVICE, {"Session": session})
+
+    async def _session(
+        self,
+        frames: AsyncIterator[pb.ClientFrame | _Undecodable],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> None:
+        async def checked() -> AsyncIterator[pb.ClientFrame]:
+            async for frame in frames:
+                if isinstance(frame, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, frame.reason)
+                    return
+                yield frame
+
+        await serve_session(
+            self._engine,
+            checked(),
+            context,
+            self._attach_session,
+            self._detach_session,
+            max_frame_bytes=self._message_limit - 64 * 1024,
+        )
+
+    def _attach_session(self, client_id: str, outbox: SessionOutbox) -> bool:
+        client = self._clients.get(client_id)
+        if client is None or client.closed or self._engine.sessions.get(client_id) is None:
+            return False
+        if client.session is not None:
+            client.session.close()  # a newer session stream replaces the older
+        client.session = outbox
+        self._engine.routes_changed(client_id)
+        return True
+
+    def _detach_session(self, client_id: str, outbox: SessionOutbox) -> None:
+        client = self._clients.get(client_id)
+        if client is not None and client.session is outbox:
+            client.session = None
+            self._engine.routes_changed(client_id)
 
     def _unary(
         self,

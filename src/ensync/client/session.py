@@ -1,0 +1,275 @@
+"""The SDK's side of ensync's batched session stream (``EnSyncSession/Session``).
+
+Concurrent calls are coalesced: every publish and settlement started in one
+turn of the event loop goes out in one frame, and the engine answers in
+frames too, carrying deliveries as well when it agreed to. Callers see one
+awaitable per call, exactly as with unary calls; only an engine without the
+stream (it answers UNIMPLEMENTED) makes the transport fall back to those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from ensync import errors
+from ensync._proto import ensync_pb2 as pb
+from ensync.client.limiter import CallLimiter
+
+__all__ = ["SESSION_METHOD", "SessionStream", "Settled"]
+
+log = logging.getLogger(__name__)
+
+SESSION_METHOD = "/ensync.EnSyncSession/Session"
+VERSION = 1
+DELIVERIES = "deliveries"
+# Items the SDK keeps outstanding on one session when the engine does not say.
+_DEFAULT_OUTSTANDING = 4096
+
+Settled = pb.SessionSettled
+
+
+class SessionStream:
+    """One open session stream; create it with :meth:`open`.
+
+    Args:
+        call: the open stream-stream call.
+        timeout_s: how long a call may wait for its answer once sent.
+        deliver: called with every delivery the engine sends on the stream.
+        lost: called once if the stream breaks (not on :meth:`close`).
+    """
+
+    def __init__(
+        self,
+        call: grpc.aio.StreamStreamCall[pb.ClientFrame, pb.ServerFrame],
+        welcome: pb.SessionWelcome,
+        *,
+        timeout_s: float,
+        deliver: Callable[[pb.MessageStreamResponse], None],
+        lost: Callable[[BaseException], None],
+    ) -> None:
+        self._call = call
+        self.deliveries = DELIVERIES in welcome.capabilities
+        frame_bytes = welcome.limits.get("max_frame_bytes", "")
+        # Frames go out below the engine's message size limit.
+        self._max_frame_bytes = int(frame_bytes) if frame_bytes.isdigit() else 1024 * 1024
+        outstanding = welcome.limits.get("max_outstanding", "")
+        limit = int(outstanding) // 2 if outstanding.isdigit() else _DEFAULT_OUTSTANDING
+        self._limiter = CallLimiter(max(1, limit))
+        self._timeout = timeout_s
+        self._deliver = deliver
+        self._lost = lost
+        self._seqs = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._publishes: list[pb.SessionPublish] = []
+        self._settles: list[pb.SessionSettle] = []
+        self._credits: dict[str, int] = {}
+        self._flush_scheduled = False
+        self._outbox: asyncio.Queue[pb.ClientFrame | None] = asyncio.Queue()
+        self._closed = False
+        self._broken: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read(), name="ensync-session-reader")
+        self._writer = loop.create_task(self._write(), name="ensync-session-writer")
+
+    @classmethod
+    async def open(
+        cls,
+        channel: grpc.aio.Channel,
+        client_id: str,
+        *,
+        timeout_s: float,
+        deliver: Callable[[pb.MessageStreamResponse], None],
+        lost: Callable[[BaseException], None],
+    ) -> SessionStream | None:
+        """Open a session for ``client_id``; ``None`` if the engine has none.
+
+        Raises:
+            EnSyncConnectionError: the engine refused the session or did not answer.
+        """
+        method: grpc.aio.StreamStreamMultiCallable[pb.ClientFrame, pb.ServerFrame] = (
+            channel.stream_stream(
+                SESSION_METHOD,
+                request_serializer=pb.ClientFrame.SerializeToString,
+                response_deserializer=pb.ServerFrame.FromString,
+            )
+        )
+        call = method()
+        hello = pb.SessionHello(client_id=client_id, version=VERSION, capabilities=[DELIVERIES])
+        try:
+            await asyncio.wait_for(call.write(pb.ClientFrame(hello=hello)), timeout_s)
+            first = await asyncio.wait_for(call.read(), timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None  # an engine without the session: unary calls it is
+            raise errors.EnSyncConnectionError(
+                f"the engine refused the session: {exc.details() or exc.code().name}"
+            ) from exc
+        except TimeoutError:
+            call.cancel()
+            raise errors.EnSyncTimeoutError("the engine did not answer the session hello") from None
+        if not isinstance(first, pb.ServerFrame) or not first.HasField("welcome"):
+            call.cancel()
+            raise errors.EnSyncConnectionError("the engine ended the session before its welcome")
+        return cls(call, first.welcome, timeout_s=timeout_s, deliver=deliver, lost=lost)
+
+    # ------------------------------------------------------------------ calls
+
+    async def publish(
+        self, name: str, recipient: str, payload: str, metadata: str, payload_metadata: str | None
+    ) -> pb.SessionPublished:
+        """Send one publish in the next frame; its result."""
+        async with self._limiter.slot():
+            seq = next(self._seqs)
+            item = pb.SessionPublish(
+                seq=seq,
+                message_name=name,
+                payload=payload,
+                delivery_to=recipient,
+                metadata=metadata,
+            )
+            if payload_metadata is not None:
+                item.payload_metadata = payload_metadata
+            self._publishes.append(item)
+            result: pb.SessionPublished = await self._answer(seq)
+            return result
+
+    async def settle(
+        self, kind: int, idem: str, name: str, *, delay_ms: int = 0, reason: str = ""
+    ) -> pb.SessionSettled:
+        """Send one settlement (ack, defer, discard, extend, release); its result."""
+        async with self._limiter.slot():
+            seq = next(self._seqs)
+            self._settles.append(
+                pb.SessionSettle(
+                    seq=seq,
+                    kind=kind,  # type: ignore[arg-type]
+                    message_idem=idem,
+                    message_name=name,
+                    delay_ms=delay_ms,
+                    reason=reason,
+                )
+            )
+            result: pb.SessionSettled = await self._answer(seq)
+            return result
+
+    def credit(self, name: str, count: int) -> None:
+        """Let the engine send ``count`` more deliveries of ``name``."""
+        if self._closed or count <= 0:
+            return
+        self._credits[name] = self._credits.get(name, 0) + count
+        self._flush_soon()
+
+    async def close(self) -> None:
+        """End the session (idempotent); calls still waiting fail."""
+        if self._closed:
+            return
+        self._closed = True
+        self._fail_all(errors.EnSyncConnectionError("the connection was closed"))
+        self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
+        self._outbox.put_nowait(None)
+        self._call.cancel()
+        for task in (self._reader, self._writer):
+            task.cancel()
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _answer(self, seq: int) -> Any:
+        if self._broken is not None:
+            raise errors.EnSyncConnectionError(f"the session is broken: {self._broken}")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[seq] = future
+        self._flush_soon()
+        try:
+            return await asyncio.wait_for(future, self._timeout)
+        except TimeoutError:
+            # The frame may sit behind a stalled link: the link is rebuilt.
+            failure = errors.EnSyncTimeoutError(f"the engine did not answer in {self._timeout:g} s")
+            self._break(failure)
+            raise failure from None
+        finally:
+            self._waiting.pop(seq, None)
+
+    def _flush_soon(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._closed:
+            return
+        if not (self._publishes or self._settles or self._credits):
+            return
+        frame = pb.ClientFrame(
+            settles=self._settles,
+            credits=[pb.SessionCredit(message_name=n, credit=c) for n, c in self._credits.items()],
+        )
+        self._settles, self._credits = [], {}
+        budget = self._max_frame_bytes - frame.ByteSize()
+        for item in self._publishes:
+            size = item.ByteSize() + 8
+            if size > budget and (frame.publishes or frame.settles or frame.credits):
+                self._outbox.put_nowait(frame)
+                frame = pb.ClientFrame()
+                budget = self._max_frame_bytes
+            frame.publishes.append(item)
+            budget -= size
+        self._publishes = []
+        self._outbox.put_nowait(frame)
+
+    async def _write(self) -> None:
+        try:
+            while (frame := await self._outbox.get()) is not None:
+                await self._call.write(frame)
+        except grpc.aio.AioRpcError as exc:
+            self._break(errors.EnSyncConnectionError(f"the session broke: {exc.code().name}"))
+        except asyncio.InvalidStateError:
+            self._break(errors.EnSyncConnectionError("the session ended"))
+
+    async def _read(self) -> None:
+        cause: BaseException = errors.EnSyncConnectionError("the engine ended the session")
+        try:
+            while (frame := await self._call.read()) is not grpc.aio.EOF:
+                assert isinstance(frame, pb.ServerFrame)  # EOF is the only other value
+                self._take(frame)
+        except grpc.aio.AioRpcError as exc:
+            cause = errors.EnSyncConnectionError(
+                f"the session broke: {exc.details() or exc.code().name}"
+            )
+        self._break(cause)
+
+    def _take(self, frame: pb.ServerFrame) -> None:
+        for published in frame.published:
+            self._resolve(published.seq, published)
+        for settled in frame.settled:
+            self._resolve(settled.seq, settled)
+        for delivery in frame.deliveries:
+            try:
+                self._deliver(delivery)
+            except Exception:  # isolation boundary: one bad delivery must not end the session
+                log.exception("a session delivery could not be handed over")
+
+    def _resolve(self, seq: int, result: Any) -> None:
+        future = self._waiting.get(seq)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    def _break(self, cause: BaseException) -> None:
+        if self._closed or self._broken is not None:
+            return
+        self._broken = cause
+        self._fail_all(cause)
+        self._lost(cause)
+
+    def _fail_all(self, cause: BaseException) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(cause)
+                future.exception()  # retrieved: its caller may be gone

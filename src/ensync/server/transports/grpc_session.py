@@ -1,0 +1,287 @@
+"""The engine's side of ensync's batched session stream (``EnSyncSession/Session``).
+
+One bidirectional stream per client, opened after Connect, carries frames
+each way (proto/ensync.proto, docs/protocol.md):
+
+* client → engine: the hello (first frame), publishes, settlements (ack,
+  defer, discard, extend, release) and delivery credits;
+* engine → client: the welcome, publish and settlement results, and — when
+  the client asked for the ``deliveries`` capability — its deliveries.
+
+A reader takes frames as they come and starts each item; a writer sends
+whatever results and deliveries are ready in one frame, so a busy client
+costs the engine per frame, not per message. Publishes of one session are
+accepted in the order they arrive, so they are numbered in that order.
+Official clients never open this stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from ensync._proto import ensync_pb2 as pb
+from ensync.protocol.errors import UNKNOWN_SESSION
+from ensync.protocol.records import to_stream_response
+from ensync.server.core.errors import ServiceError
+from ensync.server.core.model import Delivery
+from ensync.server.runtime.engine import Engine
+
+__all__ = ["DELIVERIES", "SESSION_SERVICE", "SESSION_VERSION", "SessionOutbox", "serve_session"]
+
+log = logging.getLogger(__name__)
+
+SESSION_SERVICE = "ensync.EnSyncSession"
+SESSION_VERSION = 1
+DELIVERIES = "deliveries"
+# Most items the engine puts in one frame (the rest go in the next).
+MAX_ITEMS_PER_FRAME = 1024
+# Most items a client may have started and not yet answered on one session;
+# past that the engine stops reading the stream until answers went out.
+MAX_OUTSTANDING = 8192
+
+_Find = Callable[[str], Any]
+
+
+@dataclass(eq=False, slots=True)
+class SessionOutbox:
+    """What the engine owes one session: results and deliveries, by kind.
+
+    It is also the client's delivery sink when the session carries
+    deliveries: ``push`` spends a credit of the message's name.
+    """
+
+    deliveries_on: bool = False
+    # Bytes one frame may hold (the peers' message size limit, less room).
+    max_frame_bytes: int = 1024 * 1024
+    published: deque[pb.SessionPublished] = field(default_factory=deque)
+    settled: deque[pb.SessionSettled] = field(default_factory=deque)
+    deliveries: deque[Delivery] = field(default_factory=deque)
+    credits: dict[str, int] = field(default_factory=dict)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    outstanding: int = 0
+    closed: bool = False
+
+    def close(self) -> None:
+        """The engine ends the session (the client was dropped or replaced)."""
+        self.closed = True
+        self.ready.set()
+        self.ended.set()
+
+    def has_room(self, name: str) -> bool:
+        return self.credits.get(name, 0) > 0
+
+    def push(self, delivery: Delivery) -> None:
+        self.credits[delivery.name] = self.credits.get(delivery.name, 0) - 1
+        self.deliveries.append(delivery)
+        self.ready.set()
+
+    def answer_publish(self, result: pb.SessionPublished) -> None:
+        self.published.append(result)
+        self.outstanding -= 1
+        self.ready.set()
+
+    def answer_settle(self, result: pb.SessionSettled) -> None:
+        self.settled.append(result)
+        self.outstanding -= 1
+        self.ready.set()
+
+    def frame(self) -> pb.ServerFrame | None:
+        """The next frame to send, at most MAX_ITEMS_PER_FRAME items; None if nothing."""
+        if not (self.published or self.settled or self.deliveries):
+            self.ready.clear()
+            return None
+        frame = pb.ServerFrame()
+        room = MAX_ITEMS_PER_FRAME
+        while self.published and room:
+            frame.published.append(self.published.popleft())
+            room -= 1
+        while self.settled and room:
+            frame.settled.append(self.settled.popleft())
+            room -= 1
+        budget = self.max_frame_bytes
+        while self.deliveries and room:
+            delivery = self.deliveries[0]
+            size = len(delivery.payload) + len(delivery.metadata) + len(delivery.name) + 128
+            if size > budget and len(frame.deliveries):
+                break  # the next frame takes it
+            frame.deliveries.append(to_stream_response(self.deliveries.popleft()))
+            budget -= size
+            room -= 1
+        return frame
+
+
+async def serve_session(
+    engine: Engine,
+    frames: AsyncIterator[pb.ClientFrame],
+    context: grpc.aio.ServicerContext[Any, Any],
+    attach: Callable[[str, SessionOutbox], bool],
+    detach: Callable[[str, SessionOutbox], None],
+    *,
+    max_frame_bytes: int,
+) -> None:
+    """Run one session stream until either side ends it.
+
+    ``attach(client_id, outbox)`` binds the session to a connected client
+    (``False``: no such client); ``detach`` undoes it when the stream ends.
+    """
+    try:
+        first = await anext(frames)
+    except StopAsyncIteration:
+        return
+    hello = first.hello
+    if not first.HasField("hello") or not hello.client_id:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a hello")
+    outbox = SessionOutbox(
+        deliveries_on=DELIVERIES in hello.capabilities, max_frame_bytes=max_frame_bytes
+    )
+    if not attach(hello.client_id, outbox):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{UNKNOWN_SESSION}: connect first")
+    client_id = hello.client_id
+    welcome = pb.SessionWelcome(
+        version=min(SESSION_VERSION, hello.version or SESSION_VERSION),
+        capabilities=[DELIVERIES] if outbox.deliveries_on else [],
+        limits={
+            "max_items_per_frame": str(MAX_ITEMS_PER_FRAME),
+            "max_outstanding": str(MAX_OUTSTANDING),
+            "max_frame_bytes": str(max_frame_bytes),
+        },
+    )
+    await context.write(pb.ServerFrame(welcome=welcome))
+    session = _Session(engine, client_id, outbox)
+    loop = asyncio.get_running_loop()
+    writer = loop.create_task(session.write_loop(context))
+    reader = loop.create_task(session.read_loop(frames))
+    ended = loop.create_task(outbox.ended.wait())
+    try:
+        await asyncio.wait({reader, ended}, return_when=asyncio.FIRST_COMPLETED)
+        if reader.done():
+            reader.result()  # a client that half-closed: answer what it started
+            await session.drain()
+            while (frame := outbox.frame()) is not None:
+                await context.write(frame)
+    finally:
+        for task in (reader, ended):
+            task.cancel()
+        await asyncio.gather(reader, ended, return_exceptions=True)
+        outbox.closed = True
+        outbox.ready.set()
+        detach(client_id, outbox)
+        writer.cancel()
+        await session.close()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+class _Session:
+    def __init__(self, engine: Engine, client_id: str, outbox: SessionOutbox) -> None:
+        self._engine = engine
+        self._client_id = client_id
+        self._outbox = outbox
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def read_loop(self, frames: AsyncIterator[pb.ClientFrame]) -> None:
+        async for frame in frames:
+            for publish in frame.publishes:
+                self._outbox.outstanding += 1
+                await self._publish(publish)
+            for settle in frame.settles:
+                self._outbox.outstanding += 1
+                self._spawn(self._settle(settle))
+            if frame.credits:
+                for credit in frame.credits:
+                    name = credit.message_name
+                    self._outbox.credits[name] = self._outbox.credits.get(name, 0) + credit.credit
+                self._engine.routes_changed(self._client_id)
+            while self._outbox.outstanding >= MAX_OUTSTANDING:
+                self._room.clear()
+                await self._room.wait()
+
+    async def drain(self) -> None:
+        """The client half-closed: let what it started finish and be answered."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def write_loop(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        outbox = self._outbox
+        while not outbox.closed:
+            await outbox.ready.wait()
+            while (frame := outbox.frame()) is not None:
+                await context.write(frame)
+            if outbox.outstanding < MAX_OUTSTANDING:
+                self._room.set()
+
+    async def _publish(self, item: pb.SessionPublish) -> None:
+        seq = item.seq
+        try:
+            answer = await self._engine.accept_publish(
+                self._client_id,
+                item.message_name,
+                item.payload,
+                item.delivery_to,
+                item.metadata,
+                item.payload_metadata if item.HasField("payload_metadata") else None,
+            )
+        except ServiceError as exc:
+            self._outbox.answer_publish(
+                pb.SessionPublished(seq=seq, success=False, error_message=exc.message)
+            )
+            return
+        answer.add_done_callback(lambda done: self._published(seq, done))
+
+    def _published(self, seq: int, answer: asyncio.Future[str]) -> None:
+        if answer.cancelled():
+            result = pb.SessionPublished(seq=seq, success=False, error_message="cancelled")
+        elif (error := answer.exception()) is not None:
+            text = error.message if isinstance(error, ServiceError) else "internal error"
+            result = pb.SessionPublished(seq=seq, success=False, error_message=text)
+        else:
+            result = pb.SessionPublished(seq=seq, success=True, message_idem=answer.result())
+        self._outbox.answer_publish(result)
+
+    async def _settle(self, item: pb.SessionSettle) -> None:
+        engine, client, idem = self._engine, self._client_id, item.message_idem
+        kind = item.kind
+        time_ms = 0
+        try:
+            if kind == pb.SETTLE_ACK:
+                await engine.ack(client, idem)
+            elif kind == pb.SETTLE_DEFER:
+                time_ms = await engine.defer(client, idem, item.delay_ms, item.reason)
+            elif kind == pb.SETTLE_DISCARD:
+                await engine.discard(client, idem, item.reason)
+            elif kind == pb.SETTLE_EXTEND:
+                time_ms = await engine.extend(client, idem)
+            elif kind == pb.SETTLE_RELEASE:
+                time_ms = await engine.release(client, idem, item.reason) or 0
+            else:
+                raise ServiceError.invalid(f"unknown settle kind {kind}")
+        except ServiceError as exc:
+            result = pb.SessionSettled(seq=item.seq, success=False, message=exc.message)
+        except Exception:  # isolation boundary: a bug must not end the session
+            log.exception("a session settlement failed")
+            result = pb.SessionSettled(seq=item.seq, success=False, message="internal error")
+        else:
+            result = pb.SessionSettled(seq=item.seq, success=True, time_ms=time_ms)
+        self._outbox.answer_settle(result)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
