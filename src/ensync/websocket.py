@@ -30,6 +30,7 @@ class EnSyncEngine(BaseEngine):
         enable_logging: log connection life at INFO instead of DEBUG.
         call_timeout: how long a request waits for its answer, ms.
         ca_file: PEM file of a CA to trust for ``wss://``.
+        sender_key_reuse_ms: as for :class:`ensync.EnSyncEngine`.
     """
 
     _transport_kind = "ws"
@@ -44,6 +45,7 @@ class EnSyncEngine(BaseEngine):
         enable_logging: bool = False,
         call_timeout: int = 30_000,
         ca_file: str | None = None,
+        sender_key_reuse_ms: int = 0,
     ) -> None:
         super().__init__(
             url,
@@ -53,6 +55,7 @@ class EnSyncEngine(BaseEngine):
             keepalive_interval=ping_interval,
             call_timeout=call_timeout,
             ca_file=ca_file,
+            sender_key_reuse_ms=sender_key_reuse_ms,
         )
 
     def _make_transport(self) -> ClientTransport:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -521,3 +523,19 @@ async def test_messages_waiting_behind_a_slow_handler_are_not_delivered_twice(
     await eventually(lambda: setup.server.engine.stats.acked == 6)
     assert seen == list(range(6))
     assert setup.server.engine.stats.redelivered == 0
+
+
+async def test_a_reused_sender_key_pair_is_opened_like_any_other(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice, sender_key_reuse_ms=60_000)
+    bob = await setup.connect(setup.bob)
+    got, handler = collector()
+    (await bob.subscribe("reuse")).on(handler)
+    for i in range(3):
+        await alice.publish("reuse", [setup.bob.app_id], {"i": i})
+    await eventually(lambda: len(got) == 3)
+    assert [m.payload for m in got] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    stored = [await setup.server.engine.store.get(m.idem) for m in got]
+    keys = {json.loads(base64.b64decode(s.payload))["ephemeralPublicKey"] for s in stored if s}
+    assert len(keys) == 1  # one key pair for the window
+    with pytest.raises(EnSyncValidationError, match="sender_key_reuse_ms"):
+        setup.make_engine(sender_key_reuse_ms=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,7 @@ from ensync import errors
 from ensync.client.connection import Connection, ConnectionState
 from ensync.client.subscription import Subscription
 from ensync.client.transport import ClientTransport
-from ensync.crypto import OpeningKey, is_app_id, opening_key, seal, seal_hybrid
+from ensync.crypto import OpeningKey, is_app_id, opening_key, seal_hybrid
 from ensync.protocol.headers import IDEMPOTENCY_HEADER
 from ensync.protocol.names import validate_name
 
@@ -152,8 +153,14 @@ class EnSyncClient:
             envelope = seal_hybrid(plaintext, list(recipients))
             envelopes = [envelope] * len(recipients)
         else:
-            envelopes = [seal(plaintext, recipient) for recipient in recipients]
+            sealer = self._engine._sealer
+            now_ms = time.monotonic_ns() // 1_000_000
+            envelopes = [sealer.seal(plaintext, recipient, now_ms) for recipient in recipients]
         deadline = asyncio.get_running_loop().time() + self._engine._call_timeout_s
+        if len(recipients) == 1:  # the common case: no task per recipient
+            return await self._publish_one(
+                deadline, message_name, recipients[0], envelopes[0], metadata_text, payload_metadata
+            )
         idems = await asyncio.gather(
             *(
                 self._publish_one(

@@ -14,7 +14,7 @@ from ensync.client.connection import Connection, ConnectionOptions
 from ensync.client.events import EventEmitter, EventName
 from ensync.client.grpc_transport import GrpcClientTransport
 from ensync.client.transport import ClientTransport
-from ensync.crypto import opening_key
+from ensync.crypto import Sealer, opening_key
 from ensync.protocol.urls import EngineUrl, parse_engine_url
 
 __all__ = ["BaseEngine", "EnSyncEngine"]
@@ -44,6 +44,7 @@ class BaseEngine(ABC):
         keepalive_interval: int = 30_000,
         call_timeout: int = 30_000,
         ca_file: str | None = None,
+        sender_key_reuse_ms: int = 0,
     ) -> None:
         try:
             self.url: EngineUrl = parse_engine_url(url, transport=self._transport_kind)  # type: ignore[arg-type]
@@ -57,6 +58,11 @@ class BaseEngine(ABC):
             ),
         )
         self._call_timeout_s = _positive_ms("call_timeout", call_timeout) / 1000
+        # 0: a fresh ephemeral key pair per message (as the official clients);
+        # above 0: one per recipient for that long (docs/security.md).
+        self._sealer = Sealer(
+            _positive_ms("sender_key_reuse_ms", sender_key_reuse_ms, zero_ok=True)
+        )
         self._root_certificates: bytes | None = None
         if ca_file is not None:
             try:
@@ -139,6 +145,11 @@ class EnSyncEngine(BaseEngine):
         enable_logging: log connection life at INFO instead of DEBUG.
         call_timeout: deadline of every call, ms.
         ca_file: PEM file of a CA to trust for ``grpcs://``.
+        sender_key_reuse_ms: 0 (the default) seals each message with a fresh
+            ephemeral key pair, as the official clients do; above 0 one key
+            pair per recipient is reused for that long, which makes sealing
+            several times cheaper (forward secrecy per window instead of per
+            message; see docs/security.md). The envelope is the same.
 
     Example::
 
@@ -156,6 +167,7 @@ class EnSyncEngine(BaseEngine):
         enable_logging: bool = False,
         call_timeout: int = 30_000,
         ca_file: str | None = None,
+        sender_key_reuse_ms: int = 0,
     ) -> None:
         super().__init__(
             url,
@@ -165,6 +177,7 @@ class EnSyncEngine(BaseEngine):
             keepalive_interval=heartbeat_interval,
             call_timeout=call_timeout,
             ca_file=ca_file,
+            sender_key_reuse_ms=sender_key_reuse_ms,
         )
 
     def _make_transport(self) -> ClientTransport:

@@ -64,6 +64,24 @@ class CallLimiter:
     def statistics(self) -> LimiterStatistics:
         return LimiterStatistics(self._limit, self._in_flight, len(self._waiters))
 
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free right now (nobody waiting); the caller
+        must :meth:`release` it. The fast path of :meth:`slot`."""
+        if self._closed is None and self._in_flight < self._limit and not self._waiters:
+            self._in_flight += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        """Wait for a slot (see :meth:`slot` for what may be raised); the
+        caller must :meth:`release` it."""
+        await self._acquire()
+
+    def release(self) -> None:
+        """Give back a slot taken with :meth:`try_acquire` or :meth:`acquire`."""
+        self._in_flight -= 1
+        self._wake()
+
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold one slot for the duration of the block.

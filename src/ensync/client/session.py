@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 SESSION_METHOD = "/ensync.EnSyncSession/Session"
 VERSION = 1
 DELIVERIES = "deliveries"
+# A frame goes out as soon as it holds this many publishes.
+_EAGER_FLUSH = 32
 # Items the SDK keeps outstanding on one session when the engine does not say.
 _DEFAULT_OUTSTANDING = 4096
 
@@ -66,6 +69,8 @@ class SessionStream:
         self._lost = lost
         self._seqs = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._deadlines: deque[tuple[float, int]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
         self._publishes: list[pb.SessionPublish] = []
         self._settles: list[pb.SessionSettle] = []
         self._credits: dict[str, int] = {}
@@ -124,7 +129,10 @@ class SessionStream:
         self, name: str, recipient: str, payload: str, metadata: str, payload_metadata: str | None
     ) -> pb.SessionPublished:
         """Send one publish in the next frame; its result."""
-        async with self._limiter.slot():
+        limiter = self._limiter
+        if not limiter.try_acquire():
+            await limiter.acquire()
+        try:
             seq = next(self._seqs)
             item = pb.SessionPublish(
                 seq=seq,
@@ -136,14 +144,23 @@ class SessionStream:
             if payload_metadata is not None:
                 item.payload_metadata = payload_metadata
             self._publishes.append(item)
+            if len(self._publishes) >= _EAGER_FLUSH:
+                # Send a full frame now rather than at the end of the loop turn:
+                # the engine works on it while the rest are still being sealed.
+                self._flush()
             result: pb.SessionPublished = await self._answer(seq)
             return result
+        finally:
+            limiter.release()
 
     async def settle(
         self, kind: int, idem: str, name: str, *, delay_ms: int = 0, reason: str = ""
     ) -> pb.SessionSettled:
         """Send one settlement (ack, defer, discard, extend, release); its result."""
-        async with self._limiter.slot():
+        limiter = self._limiter
+        if not limiter.try_acquire():
+            await limiter.acquire()
+        try:
             seq = next(self._seqs)
             self._settles.append(
                 pb.SessionSettle(
@@ -157,6 +174,8 @@ class SessionStream:
             )
             result: pb.SessionSettled = await self._answer(seq)
             return result
+        finally:
+            limiter.release()
 
     def credit(self, name: str, count: int) -> None:
         """Let the engine send ``count`` more deliveries of ``name``."""
@@ -170,6 +189,8 @@ class SessionStream:
         if self._closed:
             return
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         self._fail_all(errors.EnSyncConnectionError("the connection was closed"))
         self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
         self._outbox.put_nowait(None)
@@ -183,18 +204,41 @@ class SessionStream:
     async def _answer(self, seq: int) -> Any:
         if self._broken is not None:
             raise errors.EnSyncConnectionError(f"the session is broken: {self._broken}")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._waiting[seq] = future
+        # One timer for all calls: deadlines come in the order calls were made.
+        self._deadlines.append((loop.time() + self._timeout, seq))
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadlines[0][0], self._expire)
         self._flush_soon()
         try:
-            return await asyncio.wait_for(future, self._timeout)
-        except TimeoutError:
-            # The frame may sit behind a stalled link: the link is rebuilt.
-            failure = errors.EnSyncTimeoutError(f"the engine did not answer in {self._timeout:g} s")
-            self._break(failure)
-            raise failure from None
+            return await future
         finally:
             self._waiting.pop(seq, None)
+
+    def _expire(self) -> None:
+        """Calls past their deadline fail; one of them means a stalled link,
+        which is rebuilt."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        late: BaseException | None = None
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, seq = self._deadlines.popleft()
+            future = self._waiting.get(seq)
+            if future is not None and not future.done():
+                late = errors.EnSyncTimeoutError(
+                    f"the engine did not answer in {self._timeout:g} s"
+                )
+                future.set_exception(late)
+        # Answered calls leave their deadline behind: skip them.
+        while self._deadlines and self._deadlines[0][1] not in self._waiting:
+            self._deadlines.popleft()
+        if self._deadlines and not self._closed:
+            self._timer = loop.call_at(self._deadlines[0][0], self._expire)
+        if late is not None:
+            self._break(late)
 
     def _flush_soon(self) -> None:
         if not self._flush_scheduled:

@@ -17,6 +17,7 @@ arithmetic each time. :func:`clear_key_caches` forgets the cached secrets.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nacl import bindings
@@ -268,6 +269,13 @@ def clear_key_caches() -> None:
     """
     _x25519_public_cached.cache_clear()
     _opening_key_cached.cache_clear()
+    for clear in _MORE_CACHES:
+        clear()
+
+
+# Caches elsewhere in the crypto package that hold secrets (envelope's
+# shared keys) register their clearing here.
+_MORE_CACHES: list[Callable[[], None]] = []
 
 
 def _check_secret_length(raw: bytes) -> None:

@@ -105,3 +105,19 @@ def test_a_limit_below_one_is_refused() -> None:
         CallLimiter(0)
     with pytest.raises(ValueError, match="at least 1"):
         CallLimiter(1).resize(0)
+
+
+async def test_the_fast_path_takes_free_slots_and_respects_waiters() -> None:
+    limiter = CallLimiter(1)
+    assert limiter.try_acquire()
+    assert not limiter.try_acquire()  # full
+    waiter = asyncio.create_task(limiter.acquire())
+    await _settle()
+    assert not waiter.done()
+    limiter.release()
+    await waiter  # handed over in order
+    assert not limiter.try_acquire()  # still held, by the waiter
+    limiter.release()
+    assert limiter.try_acquire()
+    limiter.release()
+    assert limiter.statistics().in_flight == 0

@@ -11,7 +11,7 @@ import base64
 import json
 from typing import TypedDict
 
-from ensync.crypto import KeyPair, keypair_from_seed, seal, seal_hybrid
+from ensync.crypto import KeyPair, Sealer, keypair_from_seed, seal, seal_hybrid
 
 from ._support import VECTORS_PATH, run_node
 
@@ -102,3 +102,13 @@ def test_committed_vectors_are_what_make_vectors_js_makes() -> None:
         "tests/vectors/crypto.json is stale; regenerate it with "
         "`node tests/node/make_vectors.js > tests/vectors/crypto.json`"
     )
+
+
+def test_node_opens_envelopes_sealed_with_a_reused_key_pair() -> None:
+    sealer = Sealer(reuse_ms=60_000)
+    recipient = RECIPIENTS[0]
+    payloads = [sealer.seal(plaintext, recipient.app_id, 1_000) for plaintext in PLAINTEXTS]
+    results = node_decrypt(
+        [{"wire_payload": p, "secret_key": recipient.secret_key} for p in payloads]
+    )
+    assert [plaintext_of(r) for r in results] == PLAINTEXTS

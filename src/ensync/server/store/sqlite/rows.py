@@ -256,29 +256,35 @@ def recent_dedupe_keys(
     return [(str(a), str(b), str(c), str(d), int(e), int(f)) for a, b, c, d, e, f in reversed(rows)]
 
 
-def _insert_one(conn: sqlite3.Connection, m: StoredMessage) -> None:
-    conn.execute(
-        f"INSERT INTO messages ({MESSAGE_COLUMNS})"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            m.idem,
-            m.recipient,
-            m.name,
-            m.block,
-            m.payload,
-            m.metadata,
-            m.payload_metadata,
-            m.sender,
-            m.created_at_ms,
-            int(m.state),
-            m.attempts,
-            m.visible_at_ms,
-            m.expires_at_ms,
-            m.settled_at_ms,
-            m.dead_reason,
-            m.dedupe_key,
-        ),
+_INSERT: Final = (
+    f"INSERT INTO messages ({MESSAGE_COLUMNS})"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _row(m: StoredMessage) -> tuple[object, ...]:
+    return (
+        m.idem,
+        m.recipient,
+        m.name,
+        m.block,
+        m.payload,
+        m.metadata,
+        m.payload_metadata,
+        m.sender,
+        m.created_at_ms,
+        int(m.state),
+        m.attempts,
+        m.visible_at_ms,
+        m.expires_at_ms,
+        m.settled_at_ms,
+        m.dead_reason,
+        m.dedupe_key,
     )
+
+
+def _insert_one(conn: sqlite3.Connection, m: StoredMessage) -> None:
+    conn.execute(_INSERT, _row(m))
 
 
 def _row_error(m: StoredMessage, exc: Exception) -> str:
@@ -298,8 +304,9 @@ def insert_rows(rows: Sequence[StoredMessage], conn: sqlite3.Connection) -> list
     errors: list[str | None] = [None] * len(rows)
     conn.execute("SAVEPOINT batch")
     try:
-        for m in rows:
-            _insert_one(conn, m)
+        # One call for the whole batch: the writer thread gives up and takes
+        # back the GIL once, not once per row.
+        conn.executemany(_INSERT, [_row(m) for m in rows])
     except (sqlite3.Error, OverflowError):
         conn.execute("ROLLBACK TO batch")
         for index, m in enumerate(rows):
