@@ -273,6 +273,24 @@ async def test_the_delivery_limit_dead_letters_on_release(store: Store) -> None:
     assert idems(await claim(store, now_ms=now + 100_000)) == []
 
 
+async def test_a_claim_that_never_reached_a_client_does_not_count(store: Store) -> None:
+    # A subscriber that leaves while the store answers (or a client whose
+    # credits ran out) gives claimed messages back undelivered, maybe many
+    # times: that must never use up the message's delivery limit.
+    await append(store, new("m-1"))
+    now = T0
+    for _ in range(3 * POLICY.max_deliveries):
+        (lease,) = (await claim(store, now_ms=now)).leases
+        assert lease.message.attempts == 1
+        (outcome,) = await store.release(
+            [Release("m-1", lease.token, delivered=False)], now_ms=now, policy=POLICY
+        )
+        assert outcome == Released(visible_at_ms=now)
+    (lease,) = (await claim(store, now_ms=now)).leases
+    assert lease.message.attempts == 1
+    assert await store.list_dead(RECIPIENT, 10) == []
+
+
 async def test_the_delivery_limit_dead_letters_a_lease_that_ran_out(store: Store) -> None:
     await append(store, new("m-1"), new("m-2"))
     now = T0

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from ensync.cli import bench_backlog, bench_common, bench_soak
+from ensync.server.config import EngineConfig
 from tests.support.timing import seconds
 
 pytestmark = pytest.mark.slow
@@ -73,12 +74,14 @@ def test_backlog_reports_memory_throughput_and_a_slow_consumer() -> None:
     assert 0 < slow["rss_start_mb"] <= slow["rss_max_mb"]
     assert slow["rss_end_mb"] <= slow["rss_max_mb"]
     assert len(slow["samples"]) >= 2
-    # One client, one subscription per partition, each with the default window of 128.
-    assert 0 < slow["in_flight_max"] <= 2 * 128
+    # One client (the SDK, over its session stream), one subscription per
+    # partition, each with the session window.
+    window = EngineConfig().session_window
+    assert 0 < slow["in_flight_max"] <= 2 * window
     # The backlog, the warm-up and the rounds on the backlog engine, the slow phase.
     published = 2000 + 200 + 2 * 300 + slow["publish"]["published"]
-    assert figures["pending_at_end"] <= published - slow["consumed"] + 2 * 128
-    assert figures["pending_at_end"] >= published - slow["consumed"] - 2 * 128
+    assert figures["pending_at_end"] <= published - slow["consumed"] + 2 * window
+    assert figures["pending_at_end"] >= published - slow["consumed"] - 2 * window
     assert figures["engine_problems"] == []
     assert "prefill" in progress
     assert "round 2/2" in progress

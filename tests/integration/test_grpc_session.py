@@ -223,3 +223,40 @@ async def test_the_sdk_uses_the_session_when_the_engine_has_one(session: bool) -
         finally:
             with contextlib.suppress(Exception):
                 await engine.close()
+
+
+async def test_a_slow_subscriber_on_a_backlog_loses_nothing() -> None:
+    # The session window is wider than the credits the SDK grants at once:
+    # the engine must claim only what it can push. Claiming more and giving
+    # the rest back, over and over, once used up delivery attempts and
+    # dead-lettered messages that no client had ever seen.
+    async with run_engine(rate_limit_per_app=0) as server:
+        alice = await server.create_app("alice")
+        bob = await server.create_app("bob")
+        sender = EnSyncEngine(server.grpc_url)
+        receiver = EnSyncEngine(server.grpc_url)
+        handled = 0
+
+        async def slow(_message: Any) -> None:
+            nonlocal handled
+            await asyncio.sleep(0.002)
+            handled += 1
+
+        try:
+            client = await sender.create_client(alice.app_key)
+            await asyncio.gather(
+                *(client.publish(NAME, [bob.app_id], {"i": i}) for i in range(2000))
+            )
+            reader = await receiver.create_client(bob.app_key, app_secret_key=bob.secret_key)
+            (await reader.subscribe(NAME)).on(slow)
+            await eventually(lambda: handled >= 100, timeout_s=30)
+            await receiver.close()
+            await eventually(server.engine.quiescent)
+            stats = server.engine.stats
+            assert stats.dead_lettered == 0
+            assert stats.redelivered == 0
+            assert stats.acked == handled
+            assert await server.engine.store.backlog() == {bob.app_id: 2000 - handled}
+        finally:
+            await sender.close()
+            await receiver.close()

@@ -36,6 +36,12 @@ ENGINE_FLAGS: list[tuple[str, int, int, str]] = [
     ("ack-deadline-ms", _DEFAULTS.ack_deadline_ms, 1, "redeliver if not settled in this time"),
     ("max-deliveries", _DEFAULTS.max_deliveries, 1, "dead-letter after this many deliveries"),
     ("window", _DEFAULTS.window, 1, "most unsettled deliveries per client subscription"),
+    (
+        "session-window",
+        _DEFAULTS.session_window,
+        1,
+        "the same on ensync's session stream (the SDK keeps those leases)",
+    ),
     ("max-payload-bytes", _DEFAULTS.max_payload_bytes, 1, "largest accepted payload"),
     ("max-metadata-bytes", _DEFAULTS.max_metadata_bytes, 2, "largest accepted metadata JSON"),
     ("max-name-length", _DEFAULTS.max_name_length, 1, "longest message name (at most 255)"),

@@ -18,6 +18,9 @@ class EngineConfig:
         max_deliveries: after this many deliveries without a settlement the
             message is dead-lettered.
         window: most unsettled deliveries per client subscription.
+        session_window: the same for subscriptions delivered on ensync's
+            session stream, whose SDK keeps the leases of messages it holds
+            (so a bigger window cannot make them expire unhandled).
         max_payload_bytes: largest accepted ``payload`` (the base64 text).
         max_metadata_bytes: largest accepted ``metadata`` JSON text.
         session_timeout_ms: a client with no open stream and no call for this
@@ -49,6 +52,7 @@ class EngineConfig:
     ack_deadline_ms: int = 30_000
     max_deliveries: int = 10
     window: int = 128
+    session_window: int = 1024
     max_payload_bytes: int = 1024 * 1024
     max_metadata_bytes: int = 64 * 1024
     session_timeout_ms: int = 90_000

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from ensync.crypto import keypair_from_seed, open_payload, seal, seal_hybrid
@@ -66,6 +66,9 @@ def test_only_recipients_open(plaintext: bytes) -> None:
 def test_tampering_a_single_envelope_fails(
     plaintext: bytes, field: str, index: int, mask: int
 ) -> None:
+    # X25519 ignores the top bit of a public key (RFC 7748 §5): flipping only
+    # that bit of the ephemeral key changes nothing, so it is no tampering.
+    assume(not (field == "ephemeralPublicKey" and index % 32 == 31 and mask == 0x80))
     envelope = unwrap(seal(plaintext, APPS[0].app_id))
     envelope[field] = flip(envelope[field], index, mask)
     wire = rewrap(envelope)

@@ -17,13 +17,22 @@ def envelope(recipient_app_id: str, text: bytes = b'{"n":1}') -> str:
 
 @dataclass
 class FakeSink:
+    """Takes what the window allows; with ``credits`` set, also spends them
+    (as ensync's session stream does)."""
+
     received: list[Delivery] = field(default_factory=list)
+    credits: int | None = None
 
     def push(self, delivery: Delivery) -> None:
+        if self.credits is not None:
+            assert self.credits > 0, "pushed past the client's credits"
+            self.credits -= 1
         self.received.append(delivery)
 
-    def has_room(self, name: str) -> bool:
-        return True
+    def room(self, name: str, held: int, window: int) -> int:
+        if self.credits is None:
+            return window - held
+        return min(self.credits, window - held)
 
 
 @dataclass

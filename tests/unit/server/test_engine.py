@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.store import SqliteStore
-from ensync.server.store.base import MessageState
+from ensync.server.store.base import Claim, MessageState
 from tests.support.clock import FakeClock
 from tests.support.timing import eventually
 from tests.unit.server.engine_support import Factory, World, make_engine, quiet, world
-from tests.unit.server.fakes import FakeRouter, envelope
+from tests.unit.server.fakes import FakeRouter, FakeSink, envelope
 
 __all__ = ["make_engine", "world"]  # fixtures, re-exported for pytest
 
@@ -81,6 +82,45 @@ async def test_ack_is_idempotent_and_stops_redelivery(world: World) -> None:
     assert stored is not None
     assert stored.state is MessageState.ACKED
     assert world.engine.stats.acked == 1
+
+
+async def test_acks_of_one_loop_turn_settle_together_each_with_its_own_answer(
+    world: World,
+) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, router = await world.client(world.bob)
+    carol, _ = await world.client(world.carol)
+    world.engine.subscribe(bob, "orders/created")
+    first = await world.publish(alice, world.bob)
+    second = await world.publish(alice, world.bob)
+    await quiet(world.engine)
+    settle = world.engine.store.settle
+    writes = 0
+
+    async def counting_settle(*args: Any, **kwargs: Any) -> Any:
+        nonlocal writes
+        writes += 1
+        return await settle(*args, **kwargs)
+
+    world.engine.store.settle = counting_settle  # type: ignore[method-assign]
+    outcomes = await asyncio.gather(
+        world.engine.ack(bob, first),
+        world.engine.ack(carol, second),  # not carol's: refused alone
+        world.engine.ack(bob, second),
+        world.engine.ack(bob, first),  # twice in one batch is still fine
+        return_exceptions=True,
+    )
+    assert [outcomes[0], outcomes[2], outcomes[3]] == [None, None, None]
+    assert isinstance(outcomes[1], ServiceError)
+    assert outcomes[1].code is ErrorCode.NOT_FOUND
+    assert writes == 1
+    assert world.engine.stats.acked == 2
+    for idem in (first, second):
+        stored = await world.engine.store.get(idem)
+        assert stored is not None
+        assert stored.state is MessageState.ACKED
+    await world.advance(DEADLINE)
+    assert len(router.received) == 2  # neither came back
 
 
 async def test_settling_unknown_or_foreign_messages_is_not_found(world: World) -> None:
@@ -275,6 +315,47 @@ async def test_in_flight_window_bounds_unsettled_deliveries(make_engine: Factory
     await quiet(engine)
     assert [d.block for d in router.received] == [1, 2, 3]
     assert engine.statistics().in_flight == 2
+
+
+async def test_client_credits_bound_claims_and_cost_no_delivery_attempt(
+    make_engine: Factory,
+) -> None:
+    # A client granting fewer credits than the window: the engine claims no
+    # more than it may push, so nothing is claimed and given back over and
+    # over (which used up delivery attempts and dead-lettered messages that
+    # never reached anyone).
+    engine = await make_engine(max_deliveries=2)
+    store = engine.store
+    claim = store.claim
+    claimed = 0
+
+    async def counting_claim(*args: Any, **kwargs: Any) -> Claim:
+        nonlocal claimed
+        result = await claim(*args, **kwargs)
+        claimed += len(result.leases)
+        return result
+
+    store.claim = counting_claim  # type: ignore[method-assign]
+    alice_app = await engine.apps.create("alice")
+    bob_app = await engine.apps.create("bob")
+    alice = (await engine.connect(alice_app.app_key, FakeRouter())).client_id
+    router = FakeRouter(FakeSink(credits=3))
+    bob = (await engine.connect(bob_app.app_key, router)).client_id
+    engine.subscribe(bob, "jobs")
+    for _ in range(20):
+        await engine.publish(alice, "jobs", envelope(bob_app.app_id), bob_app.app_id, "{}")
+    await quiet(engine)
+    assert len(router.received) == 3
+    for _ in range(6):
+        for delivery in router.received[-3:]:
+            await engine.ack(bob, delivery.idem)
+        router.sink.credits = 3
+        engine.routes_changed(bob)
+        await quiet(engine)
+    assert [d.block for d in router.received] == list(range(1, 21))
+    assert claimed == 20
+    assert engine.stats.dead_lettered == 0
+    assert engine.stats.redelivered == 0
 
 
 async def test_expired_message_is_dropped_not_delivered_late(world: World) -> None:

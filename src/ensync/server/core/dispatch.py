@@ -16,7 +16,9 @@ Invariants between calls:
   ``in_flight`` and has one live entry in the heap (its deadline);
 * a partition is in ``_partitions`` iff it has a subscriber;
 * a partition is claimed by at most one claim at a time (``_claiming``);
-* ``in_flight`` of a subscription never exceeds ``window``.
+* ``in_flight`` of a subscription never exceeds its window (``window``, or
+  what its sink allows: ensync's session stream, whose client keeps the
+  leases of buffered messages, takes ``session_window``).
 
 The heap holds lease deadlines, partition wake-ups (a deferral or backoff
 ends) and the periodic session sweep; stale entries are skipped lazily.
@@ -101,7 +103,7 @@ class _Partition:
         return None
 
     def capacity(self, window: int) -> int:
-        return sum(window - len(s.in_flight) for s in self.subscribers if s.eligible(window))
+        return sum(s.room(window) for s in self.subscribers)
 
 
 class Dispatcher:
@@ -215,7 +217,8 @@ class Dispatcher:
             sub = partition.pick(self._config.window) if partition is not None else None
             if sub is None:
                 # The subscriber left while the store answered: give it back.
-                self._releases.append((key, Release(lease.message.idem, lease.token)))
+                release = Release(lease.message.idem, lease.token, delivered=False)
+                self._releases.append((key, release))
                 continue
             self._deliver(sub, lease)
         if partition is None:

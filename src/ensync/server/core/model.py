@@ -48,15 +48,18 @@ class SessionInfo:
 class DeliverySink(Protocol):
     """Where the core pushes deliveries for one client: a transport's outbox.
 
-    ``push`` must not block; the core bounds what it pushes by the
-    subscription's in-flight window, and by ``has_room`` (a client's own
-    flow control: credits on ensync's session stream).
+    ``push`` must not block; the core pushes no more than :meth:`room` allows.
     """
 
     def push(self, delivery: Delivery) -> None: ...
 
-    def has_room(self, name: str) -> bool:
-        """Whether the client takes another delivery of ``name`` now."""
+    def room(self, name: str, held: int, window: int) -> int:
+        """How many more deliveries of ``name`` the client takes now, holding
+        ``held`` unsettled ones; ``window`` is the engine's bound per
+        subscription. An official client's outbox allows ``window - held``;
+        ensync's session stream also spends the client's credits, and allows
+        its own, wider window (its SDK keeps the leases of what it buffers).
+        """
         ...
 
 

@@ -307,12 +307,41 @@ class Service:
 
     async def ack(self, client_id: str, idem: str) -> None:
         """The message is done. Acking twice is fine (clients do, PROTOCOL.md §5)."""
-        session = self.session(client_id)
-        message = await self._find(session, idem)
-        if message.state is not MessageState.PENDING:
-            return
-        if await self._settle(idem, MessageState.ACKED, None):
-            self.stats.acked += 1
+        (outcome,) = await self.ack_many([(client_id, idem)])
+        if outcome is not None:
+            raise outcome
+
+    async def ack_many(self, acks: Sequence[tuple[str, str]]) -> list[ServiceError | None]:
+        """Ack several messages (of any clients) with one store write; per ack
+        ``None`` or the refusal. What :meth:`ack` does, batched."""
+        outcomes: list[ServiceError | None] = [None] * len(acks)
+        settle: dict[str, int] = {}  # idem -> position of its first ack
+        for index, (client_id, idem) in enumerate(acks):
+            try:
+                session = self.session(client_id)
+                message = await self._find(session, idem)
+            except ServiceError as exc:
+                outcomes[index] = exc
+                continue
+            if message.state is MessageState.PENDING:
+                settle.setdefault(idem, index)
+        if not settle:
+            return outcomes
+        try:
+            changed = await self.store.settle(
+                [Settlement(idem, MessageState.ACKED) for idem in settle],
+                now_ms=self.clock.now_ms(),
+            )
+        except StoreError as exc:
+            failure = storage_failed(exc)
+            for index in settle.values():
+                outcomes[index] = failure
+            return outcomes
+        for idem, done in zip(settle, changed, strict=True):
+            self.dispatcher.settled(idem)
+            if done:
+                self.stats.acked += 1
+        return outcomes
 
     async def discard(self, client_id: str, idem: str, reason: str) -> None:
         """Never deliver this message again; it goes to the app's dead letters."""

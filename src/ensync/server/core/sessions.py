@@ -43,11 +43,17 @@ class Subscription:
     def paused(self) -> bool:
         return self.name in self.session.paused
 
-    def eligible(self, window: int) -> bool:
-        """May take another delivery: not paused, window not full, and its
-        transport has an outbox for the name (a gRPC client may subscribe
-        before it opens the stream that carries the name)."""
-        if self.paused or len(self.in_flight) >= window or self.session.closed:
-            return False
+    def room(self, window: int) -> int:
+        """How many more deliveries it may take now: none while paused or
+        without an outbox for the name (a gRPC client may subscribe before it
+        opens the stream that carries the name), else what its sink allows."""
+        if self.paused or self.session.closed:
+            return 0
         sink = self.session.router.sink_for(self.name)
-        return sink is not None and sink.has_room(self.name)
+        if sink is None:
+            return 0
+        return max(0, sink.room(self.name, len(self.in_flight), window))
+
+    def eligible(self, window: int) -> bool:
+        """May take another delivery now (see :meth:`room`)."""
+        return self.room(window) > 0

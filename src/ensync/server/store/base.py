@@ -241,12 +241,15 @@ class Release:
 
     ``failure`` says the delivery failed (deadline passed, handler gave it
     back): it then waits out the backoff. Without it (client gone, paused)
-    it is claimable at once.
+    it is claimable at once. ``delivered=False`` says it never reached a
+    client (its subscriber left while the store answered the claim): that
+    claim is not counted against ``max_deliveries``.
     """
 
     idem: str
     token: int
     failure: str | None = None
+    delivered: bool = True
 
 
 @dataclass(frozen=True, slots=True)

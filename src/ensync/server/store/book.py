@@ -64,6 +64,9 @@ class Ref:
     attempts: int
     expires_at_ms: int | None
     visible_at_ms: int
+    # ``attempts`` was set from a lease this book held, so it is exact; a
+    # count read from disk may trail a best-effort record_attempts.
+    exact: bool = False
 
 
 class Backing(Protocol):
@@ -298,19 +301,20 @@ class LeaseBook:
             del self._leases[release.idem]
             window = self._windows[lease.key]
             window.leased -= 1
-            if lease.attempts >= policy.max_deliveries:
+            attempts = lease.attempts if release.delivered else max(0, lease.attempts - 1)
+            if release.delivered and attempts >= policy.max_deliveries:
                 dead.append(
-                    (release.idem, MessageState.DEAD, limit_reason(lease.attempts, release.failure))
+                    (release.idem, MessageState.DEAD, limit_reason(attempts, release.failure))
                 )
                 out.append(Released(dead=True))
                 continue
-            delay = policy.backoff_after(lease.attempts) if release.failure is not None else 0
+            delay = policy.backoff_after(attempts) if release.failure is not None else 0
             visible_at = now_ms + delay
             if delay > 0:
-                later.setdefault(lease.key, []).append((release.idem, visible_at, lease.attempts))
+                later.setdefault(lease.key, []).append((release.idem, visible_at, attempts))
             else:
-                self._enqueue(lease.key, window, replace(lease.ref, attempts=lease.attempts))
-                at_once.append((release.idem, lease.attempts))
+                self._enqueue(lease.key, window, replace(lease.ref, attempts=attempts, exact=True))
+                at_once.append((release.idem, attempts))
                 self.notify(lease.key)
             out.append(Released(visible_at_ms=visible_at))
         if at_once:
@@ -380,7 +384,7 @@ class LeaseBook:
                 reason = limit_reason(lease.attempts, "ack deadline passed")
                 settlements.append((idem, MessageState.DEAD, reason))
             else:
-                self._enqueue(key, window, replace(lease.ref, attempts=lease.attempts))
+                self._enqueue(key, window, replace(lease.ref, attempts=lease.attempts, exact=True))
 
     async def _read_due(self, key: _Key, window: _Window, now_ms: int, limit: int) -> None:
         if not window.next_due_known:
@@ -451,7 +455,7 @@ class LeaseBook:
         now_ms: int,
         policy: DeliveryPolicy,
     ) -> Lease:
-        attempts = max(ref.attempts, message.attempts) + 1
+        attempts = (ref.attempts if ref.exact else max(ref.attempts, message.attempts)) + 1
         lease = _Lease(
             key=key,
             ref=ref,

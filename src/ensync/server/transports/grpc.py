@@ -110,8 +110,8 @@ class _Stream:
     def push(self, delivery: Delivery) -> None:
         self.queue.put_nowait(delivery)
 
-    def has_room(self, name: str) -> bool:
-        return True
+    def room(self, name: str, held: int, window: int) -> int:
+        return window - held
 
     def end(self) -> None:
         self.queue.put_nowait(None)

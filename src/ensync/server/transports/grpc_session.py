@@ -60,6 +60,9 @@ class SessionOutbox:
     deliveries_on: bool = False
     # Bytes one frame may hold (the peers' message size limit, less room).
     max_frame_bytes: int = 1024 * 1024
+    # Unsettled deliveries per subscription: our SDK keeps buffered
+    # messages leased, so it can hold more than an official client.
+    session_window: int = 1024
     published: deque[pb.SessionPublished] = field(default_factory=deque)
     settled: deque[pb.SessionSettled] = field(default_factory=deque)
     deliveries: deque[Delivery] = field(default_factory=deque)
@@ -75,8 +78,8 @@ class SessionOutbox:
         self.ready.set()
         self.ended.set()
 
-    def has_room(self, name: str) -> bool:
-        return self.credits.get(name, 0) > 0
+    def room(self, name: str, held: int, window: int) -> int:
+        return min(self.credits.get(name, 0), max(window, self.session_window) - held)
 
     def push(self, delivery: Delivery) -> None:
         self.credits[delivery.name] = self.credits.get(delivery.name, 0) - 1
@@ -140,7 +143,9 @@ async def serve_session(
     if not first.HasField("hello") or not hello.client_id:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a hello")
     outbox = SessionOutbox(
-        deliveries_on=DELIVERIES in hello.capabilities, max_frame_bytes=max_frame_bytes
+        deliveries_on=DELIVERIES in hello.capabilities,
+        max_frame_bytes=max_frame_bytes,
+        session_window=engine.config.session_window,
     )
     if not attach(hello.client_id, outbox):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{UNKNOWN_SESSION}: connect first")

@@ -118,8 +118,8 @@ class _Connection:
         self._session.push(delivery_record(delivery))
         self._wake.set()
 
-    def has_room(self, name: str) -> bool:
-        return True
+    def room(self, name: str, held: int, window: int) -> int:
+        return window - held
 
     def is_attached(self) -> bool:
         return not self._closed
