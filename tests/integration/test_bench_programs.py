@@ -1,4 +1,4 @@
-"""``ensync bench --backlog`` and ``--soak``, run tiny as real processes.
+"""``ensync bench --backlog``, ``--soak`` and ``--compare``, run tiny as real processes.
 
 Functional checks only: the programs run, print one JSON object with every
 figure, and the figures are consistent. No timing is asserted.
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ensync.cli import bench_backlog, bench_common, bench_soak
+from ensync.cli import bench_backlog, bench_common, bench_compare, bench_peers, bench_soak
 from ensync.server.config import EngineConfig
 from tests.support.timing import seconds
 
@@ -147,8 +147,59 @@ def test_soak_accounts_for_every_message() -> None:
     assert "published" in progress
 
 
+@pytest.mark.timeout(seconds(240))
+def test_compare_runs_every_setup_and_relates_their_figures() -> None:
+    figures, progress = bench(
+        "--compare", "jetstream", "--messages", "400", "--rounds", "1",
+        "--latency-messages", "150",
+        timeout_s=200,
+    )  # fmt: skip
+    assert figures["nats_server"].startswith("nats-server")
+    assert figures["in_flight"] == 256
+    throughput = {row["key"]: row for row in figures["throughput"]}
+    assert set(throughput) == {setup.key for setup in bench_compare.THROUGHPUT_SETUPS}
+    latency = {row["key"]: row for row in figures["latency"]}
+    assert set(latency) == {setup.key for setup in bench_compare.LATENCY_SETUPS}
+    for row in [*throughput.values(), *latency.values()]:
+        assert row["complete"] is True, row["key"]
+        assert row["runs"] == 1
+        assert row["rate"] > 0
+        assert row["server_cpu_us_per_message"] >= 0
+        assert row["subscriber_cpu_us_per_message"] > 0
+    for row in latency.values():
+        assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"], row["key"]
+        assert row["call_p50_ms"] > 0, row["key"]
+    # The engine's own CPU is measured (the NATS server's may round to 0).
+    assert throughput["ensync-reuse"]["server_cpu_us_per_message"] > 0
+    for key, ratio in figures["ratios"].items():
+        mine, theirs = key.split("/")
+        expected = throughput[mine]["rate"] / throughput[theirs]["rate"]
+        assert ratio == pytest.approx(expected, rel=0.01), key
+    assert set(figures["targets"]) >= {"reuse_at_least_jetstream", "latency_p50_at_most_0.8ms"}
+    assert "JetStream sync always" in progress
+
+
+def test_compare_peer_reports_round_trip() -> None:
+    spec = bench_peers.PeerSpec(
+        system="nats", role="publish", mode="latency", messages=1, payload_bytes=1024,
+        url="nats://127.0.0.1:1", recipient_app_id="a", recipient_secret="s",
+    )  # fmt: skip
+    assert bench_peers.PeerSpec.from_json(spec.to_json()) == spec
+    report = {"received": 3, "duplicates": 0, "last_ns": 5, "latency_p50_ms": 1.0,
+              "latency_p90_ms": 1.0, "latency_p99_ms": 2.0, "latency_max_ms": 2.0,
+              "cpu_s": 0.1, "extra": "ignored"}  # fmt: skip
+    assert bench_peers.SubscriberFigures.from_report(report).received == 3
+
+
 def test_bench_programs_refuse_bad_arguments() -> None:
-    for args in (["--backlog", "0"], ["--soak", "0"], ["--backlog", "10", "--soak", "1"]):
+    for args in (
+        ["--backlog", "0"],
+        ["--soak", "0"],
+        ["--backlog", "10", "--soak", "1"],
+        ["--compare", "jetstream", "--latency-messages", "0"],
+        ["--compare", "jetstream", "--messages", "0"],
+        ["--compare", "kafka"],
+    ):
         result = subprocess.run(
             [sys.executable, "-m", "ensync.cli.main", "bench", *args],
             capture_output=True,
@@ -160,6 +211,6 @@ def test_bench_programs_refuse_bad_arguments() -> None:
 
 
 def test_bench_modules_declare_their_public_names() -> None:
-    for module in (bench_backlog, bench_common, bench_soak):
+    for module in (bench_backlog, bench_common, bench_compare, bench_peers, bench_soak):
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"

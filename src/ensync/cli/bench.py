@@ -17,7 +17,9 @@ Two longer programs share the command:
   (see :mod:`ensync.cli.bench_backlog`);
 * ``--soak MINUTES``: a mixed load with every verb and reconnecting
   clients, watching the engine's memory and open files
-  (see :mod:`ensync.cli.bench_soak`).
+  (see :mod:`ensync.cli.bench_soak`);
+* ``--compare jetstream``: ensync beside NATS JetStream, publisher and
+  subscriber in processes of their own (see :mod:`ensync.cli.bench_compare`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ensync.cli import bench_backlog, bench_soak
+from ensync.cli import bench_backlog, bench_compare, bench_soak
 from ensync.cli.bench_common import (
     BenchError,
     EngineProcess,
@@ -85,8 +87,15 @@ def add_parser(commands: Any) -> None:
     bench.add_argument(
         "--messages",
         type=int,
-        default=10_000,
-        help="messages to send (10000); with --backlog: per throughput round",
+        default=None,
+        help="messages to send (10000); with --backlog: per throughput round;"
+        f" with --compare: per throughput run ({bench_compare.DEFAULT_MESSAGES})",
+    )
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds to take medians of, with --backlog and --compare (3)",
     )
     bench.add_argument("--rate", type=float, default=0, help="messages/s; 0 = as fast as possible")
     bench.add_argument("--payload-bytes", type=int, default=1024, help="JSON payload size (1024)")
@@ -109,14 +118,27 @@ def add_parser(commands: Any) -> None:
     program.add_argument(
         "--soak", type=float, metavar="MINUTES", help="mixed-load soak for MINUTES (may be 0.5)"
     )
+    program.add_argument(
+        "--compare",
+        choices=["jetstream"],
+        help="ensync beside NATS JetStream, same machine, same run (needs ensync[bench])",
+    )
     bench_backlog.add_arguments(bench)
     bench_soak.add_arguments(bench)
+    bench_compare.add_arguments(bench)
     bench.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the flags chose and print its figures; returns the exit code."""
-    for name in ("messages", "payload_bytes", "concurrency"):
+    if args.compare is not None:
+        if (args.messages is not None and args.messages <= 0) or args.payload_bytes <= 0:
+            print("ensync bench: --messages and --payload-bytes must be positive", file=sys.stderr)
+            return 2
+        return bench_compare.run(args)
+    if args.messages is None:
+        args.messages = 10_000
+    for name in ("messages", "payload_bytes", "concurrency", "rounds"):
         if getattr(args, name) <= 0:
             print(f"ensync bench: --{name.replace('_', '-')} must be positive", file=sys.stderr)
             return 2

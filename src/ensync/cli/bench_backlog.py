@@ -154,9 +154,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backlog-partitions", type=int, default=2, help="partitions of the backlog (2)"
     )
     group.add_argument(
-        "--rounds", type=int, default=3, help="throughput rounds, engines alternating (3)"
-    )
-    group.add_argument(
         "--slow-seconds",
         type=float,
         default=60.0,

@@ -129,6 +129,7 @@ def client_engine(
     *,
     reconnect_interval_ms: int = 5_000,
     heartbeat_interval_ms: int = 30_000,
+    sender_key_reuse_ms: int = 0,
 ) -> BaseEngine:
     """An SDK engine for our client side; it never gives up reconnecting."""
     if transport == "ws":
@@ -137,12 +138,14 @@ def client_engine(
             max_reconnect_attempts=0,
             reconnect_interval=reconnect_interval_ms,
             ping_interval=heartbeat_interval_ms,
+            sender_key_reuse_ms=sender_key_reuse_ms,
         )
     return EnSyncEngine(
         f"grpc://127.0.0.1:{port}",
         max_reconnect_attempts=0,
         reconnect_interval=reconnect_interval_ms,
         heartbeat_interval=heartbeat_interval_ms,
+        sender_key_reuse_ms=sender_key_reuse_ms,
     )
 
 
