@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -24,7 +25,7 @@ from ensync.server.store import (
     StoreError,
     open_store,
 )
-from ensync.server.store.sqlite import SCHEMA_VERSION
+from ensync.server.store.sqlite import SCHEMA_VERSION, rows
 from tests.conformance.stores import (
     POLICY,
     RECIPIENT,
@@ -38,7 +39,9 @@ from tests.conformance.stores import (
 
 __all__: list[str] = []
 
-V1_DATA = pathlib.Path(__file__).parent / "data" / "v1.db"
+DATA = pathlib.Path(__file__).parent / "data"
+# The same content, written by the engines of schema versions 1 and 2.
+OLD_FILES = [DATA / "v1.db", DATA / "v2.db"]
 
 
 def db(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -187,14 +190,15 @@ async def test_the_file_uses_wal_and_records_its_schema_version(tmp_path: pathli
     assert {"messages", "partitions", "apps", "messages_due"} <= names
 
 
-async def test_a_version_1_data_directory_is_migrated_and_keeps_working(
-    tmp_path: pathlib.Path,
+@pytest.mark.parametrize("old_file", OLD_FILES, ids=lambda path: path.stem)
+async def test_an_older_data_directory_is_migrated_and_keeps_working(
+    tmp_path: pathlib.Path, old_file: pathlib.Path
 ) -> None:
-    # Written by the engine of schema version 1: ten pending messages (three
-    # with idempotency keys, one delivered once), one deferred far into the
-    # future, one dead, one acked, and one for another app.
+    # Ten pending messages (three with idempotency keys, one delivered once),
+    # one deferred far into the future, one dead, one acked, and one for
+    # another app.
     path = db(tmp_path)
-    shutil.copy(V1_DATA, path)
+    shutil.copy(old_file, path)
     bob, alice = "B" * 43 + "=", "A" * 43 + "="
     async with SqliteStore(path) as store:
         claimed = await store.claim(bob, "orders/created", limit=100, now_ms=T0, policy=POLICY)
@@ -233,6 +237,50 @@ async def test_a_version_1_data_directory_is_migrated_and_keeps_working(
     conn.close()
     assert "messages_due" in names
     assert "messages_scheduled" not in names
+    assert_partial_indexes(path)
+
+
+def assert_partial_indexes(path: pathlib.Path) -> None:
+    with sqlite3.connect(path) as conn:
+        indexes = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'index'"))
+    conn.close()
+    assert indexes["messages_ready"].endswith("(recipient, name, block) WHERE state = 0")
+    assert indexes["messages_due"].endswith("(recipient, name, visible_at_ms) WHERE state = 0")
+    assert indexes["messages_dead"].endswith("(recipient, settled_at_ms) WHERE state = 2")
+
+
+async def test_the_hot_queries_use_the_partial_indexes(tmp_path: pathlib.Path) -> None:
+    # A partial index serves a query only if the query names the state as
+    # a literal; a bound parameter would send SQLite to a table scan.
+    path = db(tmp_path)
+    async with SqliteStore(path):
+        pass
+    assert_partial_indexes(path)
+    conn = sqlite3.connect(path)
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        rows.page(RECIPIENT, "n", 0, 100, T0, 10, conn)
+        rows.due(RECIPIENT, "n", T0, T0 + 1, 100, 10, conn)
+        rows.next_due(RECIPIENT, "n", T0, conn)
+        rows.list_dead(RECIPIENT, 10, conn)
+        rows.backlog(conn)
+        conn.set_trace_callback(None)
+        plans = [
+            " ".join(str(step[-1]) for step in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+            for sql in statements
+        ]
+    finally:
+        conn.close()
+    assert len(plans) == 5
+    pending = ("messages_ready", "messages_due")
+    for plan, indexes in zip(
+        plans,
+        [("messages_ready",), ("messages_due",), ("messages_due",), ("messages_dead",), pending],
+        strict=True,
+    ):
+        assert any(f"USING INDEX {index}" in plan for index in indexes), plan
+        assert re.search(r"SCAN messages(?! USING)", plan) is None, plan
 
 
 async def test_a_newer_schema_is_refused(tmp_path: pathlib.Path) -> None:

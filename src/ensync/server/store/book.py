@@ -231,6 +231,12 @@ class LeaseBook:
         lease = self._leases.get(idem)
         return (lease.token, lease.attempts) if lease is not None else None
 
+    def held_attempts(self) -> list[tuple[str, int]]:
+        """``(idem, attempts)`` of every lease: what a clean shutdown records
+        (a claim itself does not write the count, to keep it off the commit
+        path; a release or an expiry does)."""
+        return [(idem, lease.attempts) for idem, lease in self._leases.items()]
+
     # --- operations ---------------------------------------------------------
 
     async def claim(
@@ -261,10 +267,6 @@ class LeaseBook:
                 if message is None or message.state is not MessageState.PENDING:
                     continue
                 leases.append(self._lease(key, window, ref, message, now_ms, policy))
-            if leases:
-                self._backing.record_attempts(
-                    [(lease.message.idem, lease.message.attempts) for lease in leases]
-                )
             claim = Claim(
                 leases=tuple(leases),
                 dead=tuple(idem for idem, state, _ in settlements if state is MessageState.DEAD),
@@ -314,7 +316,8 @@ class LeaseBook:
                 later.setdefault(lease.key, []).append((release.idem, visible_at, attempts))
             else:
                 self._enqueue(lease.key, window, replace(lease.ref, attempts=attempts, exact=True))
-                at_once.append((release.idem, attempts))
+                if release.delivered:  # else the count on disk is already right
+                    at_once.append((release.idem, attempts))
                 self.notify(lease.key)
             out.append(Released(visible_at_ms=visible_at))
         if at_once:
@@ -373,6 +376,7 @@ class LeaseBook:
     ) -> None:
         """Leases whose deadline and backoff passed without news: their
         holder is gone. The message is claimable again, or dead."""
+        counted: list[tuple[str, int]] = []
         while window.expiry and window.expiry[0][0] <= now_ms:
             at_ms, token, idem = heapq.heappop(window.expiry)
             lease = self._leases.get(idem)
@@ -385,6 +389,9 @@ class LeaseBook:
                 settlements.append((idem, MessageState.DEAD, reason))
             else:
                 self._enqueue(key, window, replace(lease.ref, attempts=lease.attempts, exact=True))
+                counted.append((idem, lease.attempts))
+        if counted:
+            self._backing.record_attempts(counted)
 
     async def _read_due(self, key: _Key, window: _Window, now_ms: int, limit: int) -> None:
         if not window.next_due_known:

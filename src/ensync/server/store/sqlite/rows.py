@@ -19,14 +19,15 @@ from ..book import Ref
 __all__ = [
     "MESSAGE_COLUMNS",
     "app_row",
+    "backlog",
     "create_app",
     "due",
     "fetch",
-    "fetch_rows",
     "get",
     "insert_rows",
     "last_blocks",
     "list_apps",
+    "list_dead",
     "load",
     "message",
     "next_due",
@@ -167,12 +168,6 @@ def fetch(sql: str, params: tuple[object, ...], conn: sqlite3.Connection) -> lis
     return [message(row) for row in conn.execute(sql, params).fetchall()]
 
 
-def fetch_rows(
-    sql: str, params: tuple[object, ...], conn: sqlite3.Connection
-) -> list[tuple[Any, ...]]:
-    return [tuple(row) for row in conn.execute(sql, params).fetchall()]
-
-
 def get(idem: str, conn: sqlite3.Connection) -> StoredMessage | None:
     rows = conn.execute(
         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE idem = ?", (idem,)
@@ -204,9 +199,9 @@ def page(
 ) -> list[Ref]:
     rows = conn.execute(
         f"SELECT {_REF_COLUMNS} FROM messages"
-        " WHERE recipient = ? AND name = ? AND state = ? AND block > ? AND block <= ?"
+        " WHERE recipient = ? AND name = ? AND state = 0 AND block > ? AND block <= ?"
         " AND visible_at_ms <= ? ORDER BY block, rowid LIMIT ?",
-        (recipient, name, _PENDING, after_block, upto_block, now_ms, limit),
+        (recipient, name, after_block, upto_block, now_ms, limit),
     ).fetchall()
     return [_ref(row) for row in rows]
 
@@ -222,9 +217,9 @@ def due(
 ) -> list[Ref]:
     rows = conn.execute(
         f"SELECT {_REF_COLUMNS} FROM messages"
-        " WHERE recipient = ? AND name = ? AND state = ? AND visible_at_ms > ?"
+        " WHERE recipient = ? AND name = ? AND state = 0 AND visible_at_ms > ?"
         " AND visible_at_ms <= ? AND block <= ? ORDER BY visible_at_ms, rowid LIMIT ?",
-        (recipient, name, _PENDING, since_ms, until_ms, max_block, limit),
+        (recipient, name, since_ms, until_ms, max_block, limit),
     ).fetchall()
     return [_ref(row) for row in rows]
 
@@ -232,10 +227,28 @@ def due(
 def next_due(recipient: str, name: str, after_ms: int, conn: sqlite3.Connection) -> int | None:
     (row,) = conn.execute(
         "SELECT min(visible_at_ms) FROM messages"
-        " WHERE recipient = ? AND name = ? AND state = ? AND visible_at_ms > ?",
-        (recipient, name, _PENDING, after_ms),
+        " WHERE recipient = ? AND name = ? AND state = 0 AND visible_at_ms > ?",
+        (recipient, name, after_ms),
     ).fetchall()
     return int(row[0]) if row[0] is not None else None
+
+
+def list_dead(recipient: str, limit: int, conn: sqlite3.Connection) -> list[StoredMessage]:
+    """The app's dead letters, newest first."""
+    return fetch(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND state = 2"
+        " ORDER BY settled_at_ms DESC, rowid DESC LIMIT ?",
+        (recipient, limit),
+        conn,
+    )
+
+
+def backlog(conn: sqlite3.Connection) -> dict[str, int]:
+    """Pending messages per recipient (a scan of the ready index)."""
+    counted = conn.execute(
+        "SELECT recipient, count(*) FROM messages WHERE state = 0 GROUP BY recipient"
+    ).fetchall()
+    return {str(recipient): int(count) for recipient, count in counted}
 
 
 def last_blocks(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
@@ -339,15 +352,30 @@ def note_last_blocks(blocks: dict[tuple[str, str], int], conn: sqlite3.Connectio
 def settle_many(
     items: Sequence[tuple[str, MessageState, str | None]], now_ms: int, conn: sqlite3.Connection
 ) -> list[bool]:
-    return [
-        conn.execute(
-            "UPDATE messages SET state = ?, settled_at_ms = ?, dead_reason = ?"
-            " WHERE idem = ? AND state = ?",
-            (int(state), now_ms, reason, idem, _PENDING),
-        ).rowcount
-        == 1
-        for idem, state, reason in items
-    ]
+    """Settle pending messages; per item whether it was pending (an idem
+    listed twice counts once). Items sharing a state and reason (a batch of
+    acks) go in one statement per chunk, which names what it changed."""
+    groups: dict[tuple[int, str | None], list[str]] = {}
+    for idem, state, reason in items:
+        groups.setdefault((int(state), reason), []).append(idem)
+    changed: set[str] = set()
+    for (code, reason), idems in groups.items():
+        for start in range(0, len(idems), _IN_CHUNK):
+            chunk = idems[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            changed.update(
+                row[0]
+                for row in conn.execute(
+                    "UPDATE messages SET state = ?, settled_at_ms = ?, dead_reason = ?"
+                    f" WHERE state = 0 AND idem IN ({marks}) RETURNING idem",
+                    (code, now_ms, reason, *chunk),
+                )
+            )
+    outcomes: list[bool] = []
+    for idem, _, _ in items:
+        outcomes.append(idem in changed)
+        changed.discard(idem)
+    return outcomes
 
 
 def reschedule_many(

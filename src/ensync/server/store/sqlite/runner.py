@@ -32,9 +32,11 @@ from typing import Any, Literal, TypeVar, cast
 
 from ..base import StoreError
 
-__all__ = ["SqliteRunner", "SqliteStoreStatistics"]
+__all__ = ["MIN_SQLITE", "SqliteRunner", "SqliteStoreStatistics"]
 
 logger = logging.getLogger("ensync.server.store.sqlite")
+
+MIN_SQLITE = (3, 35, 0)
 
 _T = TypeVar("_T")
 
@@ -144,6 +146,12 @@ class SqliteRunner:
         """
         if self._state is not _State.NEW or self._thread is not None:
             raise StoreError(f"sqlite store {self._path} cannot be opened twice")
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            # UPDATE ... RETURNING (settlements) arrived in 3.35.
+            raise StoreError(
+                f"ensync needs SQLite {'.'.join(map(str, MIN_SQLITE))} or later;"
+                f" this Python has {sqlite3.sqlite_version}"
+            )
         loop = asyncio.get_running_loop()
         self._loop = loop
         ready: asyncio.Future[object] = loop.create_future()

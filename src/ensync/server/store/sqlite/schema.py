@@ -11,6 +11,12 @@ History:
    state, visible_at_ms)`` replaces ``messages_scheduled (state,
    visible_at_ms)``, so a claim finds the deferred messages of its own
    partition that came due, without loading every deferral at start.
+3. the indexes a message moves through are partial: ``messages_ready``
+   and ``messages_due`` hold pending messages only, ``messages_dead`` dead
+   ones only. An ack then removes two index entries and adds one (it moved
+   four entries, each a delete and an insert), and an insert skips the
+   dead-letter index. Queries name the state as a literal so that SQLite
+   can use them.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ __all__ = ["SCHEMA_VERSION", "prepare"]
 
 logger = logging.getLogger("ensync.server.store.sqlite")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 
 _TABLES: Final = (
     """
@@ -50,8 +56,6 @@ _TABLES: Final = (
     )
     """,
     # Rowids break ties, so every index below also orders by insertion.
-    "CREATE INDEX IF NOT EXISTS messages_ready ON messages (recipient, name, state, block)",
-    "CREATE INDEX IF NOT EXISTS messages_dead ON messages (recipient, state, settled_at_ms)",
     "CREATE INDEX IF NOT EXISTS messages_settled ON messages (settled_at_ms) WHERE state != 0",
     "CREATE INDEX IF NOT EXISTS messages_deduped ON messages (created_at_ms)"
     " WHERE dedupe_key IS NOT NULL",
@@ -77,13 +81,26 @@ _TABLES: Final = (
     """,
 )
 
-_DUE_INDEX: Final = (
-    "CREATE INDEX IF NOT EXISTS messages_due ON messages (recipient, name, state, visible_at_ms)"
+# The partial indexes of version 3 (the literals 0 and 2 are PENDING and DEAD).
+_PARTIAL_INDEXES: Final = (
+    "CREATE INDEX messages_ready ON messages (recipient, name, block) WHERE state = 0",
+    "CREATE INDEX messages_due ON messages (recipient, name, visible_at_ms) WHERE state = 0",
+    "CREATE INDEX messages_dead ON messages (recipient, settled_at_ms) WHERE state = 2",
 )
 
-# Statements taking a file from version n to n + 1.
+# Statements taking a file from version N to N + 1.
 _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
-    1: ("DROP INDEX IF EXISTS messages_scheduled", _DUE_INDEX),
+    1: (
+        "DROP INDEX IF EXISTS messages_scheduled",
+        "CREATE INDEX IF NOT EXISTS messages_due"
+        " ON messages (recipient, name, state, visible_at_ms)",
+    ),
+    2: (
+        "DROP INDEX IF EXISTS messages_ready",
+        "DROP INDEX IF EXISTS messages_due",
+        "DROP INDEX IF EXISTS messages_dead",
+        *_PARTIAL_INDEXES,
+    ),
 }
 
 
@@ -101,7 +118,7 @@ def prepare(conn: sqlite3.Connection, path: pathlib.Path) -> None:
     try:
         found = _version(conn)
         if found == 0:
-            for statement in (*_TABLES, _DUE_INDEX):
+            for statement in (*_TABLES, *_PARTIAL_INDEXES):
                 conn.execute(statement)
         elif found > SCHEMA_VERSION:
             raise StoreError(

@@ -17,6 +17,7 @@ module promises beyond the contract:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import pathlib
 from collections import OrderedDict
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Final, Literal, Self
 
-from ..base import AppRecord, MessageState, StoredMessage
+from ..base import AppRecord, MessageState, StoredMessage, StoreError
 from ..book import Ref
 from ..local import LocalMessages
 from . import rows
@@ -36,8 +37,6 @@ __all__ = ["SqliteStore"]
 # Deleting millions of settled rows in one transaction would stall publishes;
 # prune deletes in chunks so appends can commit in between.
 _PRUNE_CHUNK: Final = 5_000
-_PENDING: Final = int(MessageState.PENDING)
-_DEAD: Final = int(MessageState.DEAD)
 _Key = tuple[str, str]
 
 
@@ -136,28 +135,14 @@ class _Table:
     async def list_dead(self, recipient: str, limit: int) -> list[StoredMessage]:
         if limit <= 0:
             return []
-        return await self._runner.read(
-            functools.partial(
-                rows.fetch,
-                f"SELECT {rows.MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND state = ?"
-                " ORDER BY settled_at_ms DESC, rowid DESC LIMIT ?",
-                (recipient, _DEAD, limit),
-            )
-        )
+        return await self._runner.read(functools.partial(rows.list_dead, recipient, limit))
 
     async def redrive(self, idem: str, now_ms: int) -> StoredMessage | None:
         return await self._runner.write(functools.partial(rows.redrive, idem, now_ms))
 
     async def backlog(self) -> dict[str, int]:
         # Counts every pending row (an index scan): for metrics scrapes only.
-        counted = await self._runner.read(
-            functools.partial(
-                rows.fetch_rows,
-                "SELECT recipient, count(*) FROM messages WHERE state = ? GROUP BY recipient",
-                (_PENDING,),
-            )
-        )
-        return {str(recipient): int(count) for recipient, count in counted}
+        return await self._runner.read(rows.backlog)
 
     async def prune(self, settled_before_ms: int) -> int:
         removed = 0
@@ -238,7 +223,13 @@ class SqliteStore(LocalMessages):
         self._seed_dedupe(recent)
 
     async def close(self) -> None:
-        """Commit what is queued, stop the writer and close every connection. Idempotent."""
+        """Record the attempt counts of leased messages, commit what is
+        queued, stop the writer and close every connection. Idempotent."""
+        with contextlib.suppress(StoreError):  # not open (or broken): nothing to keep
+            self._check_open()
+            held = self._book.held_attempts()
+            if held:
+                self.record_attempts(held)
         await self._runner.close()
 
     async def __aenter__(self) -> Self:
