@@ -161,6 +161,50 @@ async def test_publishes_and_settlements_travel_in_frames(raw: Raw) -> None:
         await session.done_writing()
 
 
+async def test_a_half_closed_session_answers_everything_it_was_sent() -> None:
+    # Publishes and acks in flight when the client half-closes are answered
+    # before the stream ends: a client closing cleanly learns every outcome.
+    # (SQLite: its writes take real time, so answers are still due then.)
+    async with (
+        run_engine("sqlite:") as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.server.grpc_port}") as channel,
+    ):
+        await half_close_after_publishing(Raw(server, channel))
+
+
+async def half_close_after_publishing(raw: Raw) -> None:
+    alice = await raw.server.create_app("alice")
+    client = await raw.connect(alice)
+    call = raw.session()
+    await hello(call, client)
+    payload = seal(b"{}", alice.app_id)
+    await call.write(
+        pb.ClientFrame(
+            publishes=[
+                pb.SessionPublish(
+                    seq=seq, message_name=NAME, payload=payload, delivery_to=alice.app_id
+                )
+                for seq in range(1, 201)
+            ]
+        )
+    )
+    await call.write(
+        pb.ClientFrame(
+            settles=[pb.SessionSettle(seq=500, kind=pb.SETTLE_ACK, message_idem="01NOSUCH")]
+        )
+    )
+    await call.done_writing()
+    published: set[int] = set()
+    settled: set[int] = set()
+    while (frame := await asyncio.wait_for(call.read(), seconds(5))) is not grpc.aio.EOF:
+        assert isinstance(frame, pb.ServerFrame)
+        published.update(item.seq for item in frame.published if item.success)
+        settled.update(item.seq for item in frame.settled)
+    assert published == set(range(1, 201))
+    assert settled == {500}
+    assert await raw.server.engine.store.backlog() == {alice.app_id: 200}
+
+
 async def test_deliveries_on_the_session_spend_credits(raw: Raw) -> None:
     alice = await raw.server.create_app("alice")
     bob = await raw.server.create_app("bob")

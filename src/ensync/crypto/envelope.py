@@ -32,9 +32,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
+import orjson
 from nacl import bindings
 from nacl.exceptions import CryptoError
 
+from ensync._json import dumps_compact
 from ensync.crypto._base64 import b64decode, b64encode
 from ensync.crypto.keys import _MORE_CACHES as _KEY_CACHES
 from ensync.crypto.keys import OpeningKey, opening_key, x25519_public
@@ -361,9 +363,8 @@ def _box_json(box: Box, key_field: str) -> dict[str, str]:
 
 
 def _to_wire(envelope: dict[str, Any]) -> str:
-    # Compact separators give exactly JSON.stringify's output.
-    text = json.dumps(envelope, separators=(",", ":"))
-    return b64encode(text.encode("utf-8"))
+    # Compact, as JSON.stringify writes it (the envelope holds ASCII text only).
+    return b64encode(dumps_compact(envelope))
 
 
 # -- opening helpers -------------------------------------------------------
@@ -426,9 +427,13 @@ def _load(wire_payload: str) -> dict[str, Any]:
             f"payload is not standard padded base64 ({len(wire_payload)} characters)"
         ) from None
     try:
-        document = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EnSyncMessageError(f"payload is not UTF-8 JSON: {_brief(exc)}") from None
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        # The standard library has the last word (and the clearer message).
+        try:
+            document = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EnSyncMessageError(f"payload is not UTF-8 JSON: {_brief(exc)}") from None
     if not isinstance(document, dict):
         raise EnSyncMessageError(f"envelope is {_json_type(document)}, not a JSON object")
     return document

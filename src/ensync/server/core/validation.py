@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from ensync._json import loads_strict
 from ensync.protocol.headers import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
 from ensync.protocol.names import validate_name
 from ensync.server.core.errors import ServiceError
@@ -30,17 +29,6 @@ _SINGLE_KEYS = ("nonce", "ciphertext", "ephemeralPublicKey")
 MAX_TTL_MS = 365 * 86_400_000
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"{text[:20]} is out of range")
-    return value
-
-
 def strict_json(text: str | bytes) -> Any:
     """Parse JSON as every client can: no NaN or Infinity (Node and Go refuse
     them, PROTOCOL.md §2.8), no numbers that overflow to infinity, and a
@@ -48,10 +36,7 @@ def strict_json(text: str | bytes) -> Any:
 
     Raises ``ValueError`` for anything else than such JSON.
     """
-    try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+    return loads_strict(text)
 
 
 @dataclass(frozen=True, slots=True)

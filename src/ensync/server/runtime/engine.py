@@ -316,6 +316,11 @@ class Engine:
         Acks of one loop turn, from every client, are settled together with
         one store write (one UPDATE transaction instead of one per ack).
         """
+        await self.ack_soon(client_id, idem)
+
+    def ack_soon(self, client_id: str, idem: str) -> asyncio.Future[None]:
+        """:meth:`ack` without a coroutine: the future of its outcome, for a
+        transport that answers from a callback (no task per ack)."""
         if not self._running or self._loop is None:
             raise ServiceError(ErrorCode.UNAVAILABLE, "the engine is shutting down")
         answer: asyncio.Future[None] = self._loop.create_future()
@@ -323,7 +328,7 @@ class Engine:
         if not self._acks:
             self._loop.call_soon(self._flush_acks)
         self._acks.append((client_id, idem, answer))
-        await answer
+        return answer
 
     def _flush_acks(self) -> None:
         acks, self._acks = self._acks, []

@@ -190,6 +190,8 @@ class _Session:
         self._client_id = client_id
         self._outbox = outbox
         self._tasks: set[asyncio.Task[None]] = set()
+        # Publishes and acks answered from callbacks: a half-close waits for them.
+        self._pending: set[asyncio.Future[Any]] = set()
         self._room = asyncio.Event()
         self._room.set()
 
@@ -200,7 +202,10 @@ class _Session:
                 await self._publish(publish)
             for settle in frame.settles:
                 self._outbox.outstanding += 1
-                self._spawn(self._settle(settle))
+                if settle.kind == pb.SETTLE_ACK:
+                    self._ack(settle.seq, settle.message_idem)
+                else:
+                    self._spawn(self._settle(settle))
             if frame.credits:
                 for credit in frame.credits:
                     name = credit.message_name
@@ -212,8 +217,8 @@ class _Session:
 
     async def drain(self) -> None:
         """The client half-closed: let what it started finish and be answered."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks or self._pending:
+            await asyncio.gather(*self._tasks, *self._pending, return_exceptions=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -245,9 +250,11 @@ class _Session:
                 pb.SessionPublished(seq=seq, success=False, error_message=exc.message)
             )
             return
+        self._pending.add(answer)
         answer.add_done_callback(lambda done: self._published(seq, done))
 
     def _published(self, seq: int, answer: asyncio.Future[str]) -> None:
+        self._pending.discard(answer)
         if answer.cancelled():
             result = pb.SessionPublished(seq=seq, success=False, error_message="cancelled")
         elif (error := answer.exception()) is not None:
@@ -257,14 +264,37 @@ class _Session:
             result = pb.SessionPublished(seq=seq, success=True, message_idem=answer.result())
         self._outbox.answer_publish(result)
 
+    def _ack(self, seq: int, idem: str) -> None:
+        # The common settlement, answered from a callback: no task per ack.
+        try:
+            answer = self._engine.ack_soon(self._client_id, idem)
+        except ServiceError as exc:
+            self._outbox.answer_settle(
+                pb.SessionSettled(seq=seq, success=False, message=exc.message)
+            )
+            return
+        self._pending.add(answer)
+        answer.add_done_callback(lambda done: self._acked(seq, done))
+
+    def _acked(self, seq: int, answer: asyncio.Future[None]) -> None:
+        self._pending.discard(answer)
+        if answer.cancelled():
+            result = pb.SessionSettled(seq=seq, success=False, message="cancelled")
+        elif (error := answer.exception()) is not None:
+            if not isinstance(error, ServiceError):
+                log.error("an ack failed", exc_info=error)
+            text = error.message if isinstance(error, ServiceError) else "internal error"
+            result = pb.SessionSettled(seq=seq, success=False, message=text)
+        else:
+            result = pb.SessionSettled(seq=seq, success=True)
+        self._outbox.answer_settle(result)
+
     async def _settle(self, item: pb.SessionSettle) -> None:
         engine, client, idem = self._engine, self._client_id, item.message_idem
         kind = item.kind
         time_ms = 0
         try:
-            if kind == pb.SETTLE_ACK:
-                await engine.ack(client, idem)
-            elif kind == pb.SETTLE_DEFER:
+            if kind == pb.SETTLE_DEFER:
                 time_ms = await engine.defer(client, idem, item.delay_ms, item.reason)
             elif kind == pb.SETTLE_DISCARD:
                 await engine.discard(client, idem, item.reason)

@@ -1,0 +1,66 @@
+"""Message ids: the ULID layout, in Crockford base32, never repeated."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ensync.server.core import ids
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def reference_encoding(value: int) -> str:
+    """The ULID text of a 128-bit value, digit by digit."""
+    return "".join(CROCKFORD[(value >> (5 * (25 - i))) & 31] for i in range(26))
+
+
+@given(
+    now_ms=st.integers(min_value=0, max_value=(1 << 48) - 1),
+    random=st.binary(min_size=10, max_size=10),
+)
+def test_an_idem_is_the_ulid_of_its_time_and_random_bits(now_ms: int, random: bytes) -> None:
+    taken: list[int] = []
+
+    def fixed(count: int) -> bytes:
+        taken.append(count)
+        return random
+
+    original = ids._entropy.take
+    ids._entropy.take = fixed  # type: ignore[method-assign]
+    try:
+        idem = ids.new_idem(now_ms)
+    finally:
+        ids._entropy.take = original  # type: ignore[method-assign]
+    assert taken == [10]
+    assert idem == reference_encoding((now_ms << 80) | int.from_bytes(random))
+
+
+def test_idems_sort_by_time_and_do_not_repeat() -> None:
+    made = [ids.new_idem(1_700_000_000_000 + i // 100) for i in range(20_000)]
+    assert len(set(made)) == len(made)
+    assert all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", idem) for idem in made)
+    assert [idem[:10] for idem in made] == sorted(idem[:10] for idem in made)
+
+
+def test_a_forked_child_does_not_reuse_the_parents_random_bytes() -> None:
+    ids.new_idem(0)  # the parent now holds a buffer of random bytes
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        # Python 3.12 frowns on fork() in a process with threads; this child
+        # only writes to a pipe and exits.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: one idem, back to the parent, and out
+        os.close(read)
+        os.write(write, ids.new_idem(0).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child != ids.new_idem(0)
