@@ -34,7 +34,7 @@ from tests.support.timing import eventually, seconds
 
 # gRPC twice: over the batched session stream, and against an engine without
 # it (the SDK falls back to unary calls).
-TRANSPORTS = ["grpc", "grpc-unary", "ws"]
+TRANSPORTS = ["grpc", "grpc-unary", "ws", "ws-text"]
 
 
 @dataclass
@@ -54,11 +54,11 @@ class Setup:
 @pytest.fixture(params=TRANSPORTS)
 async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
     async with run_engine(
-        ack_deadline_ms=600, grpc_session=request.param != "grpc-unary"
+        ack_deadline_ms=600, sessions=request.param not in ("grpc-unary", "ws-text")
     ) as server:
 
         def make(**options: Any) -> BaseEngine:
-            if request.param == "ws":
+            if request.param.startswith("ws"):
                 if "heartbeat_interval" in options:
                     options["ping_interval"] = options.pop("heartbeat_interval")
                 return WsEngine(server.ws_url, **options)

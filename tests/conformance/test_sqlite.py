@@ -5,6 +5,7 @@ migrations, and :func:`open_store`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import re
@@ -36,12 +37,13 @@ from tests.conformance.stores import (
     idems,
     new,
 )
+from tests.support.timing import eventually
 
 __all__: list[str] = []
 
 DATA = pathlib.Path(__file__).parent / "data"
-# The same content, written by the engines of schema versions 1 and 2.
-OLD_FILES = [DATA / "v1.db", DATA / "v2.db"]
+# The same content, written by the engines of schema versions 1, 2 and 3.
+OLD_FILES = [DATA / "v1.db", DATA / "v2.db", DATA / "v3.db"]
 
 
 def db(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -175,6 +177,27 @@ async def test_max_batch_one_commits_every_write(tmp_path: pathlib.Path) -> None
     assert stats.largest_batch == 1
 
 
+async def test_checkpoints_run_beside_the_writer_and_only_after_commits(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = db(tmp_path)
+    async with SqliteStore(path) as store:
+        empty = path.stat().st_size
+        for round_ in range(4):
+            await asyncio.gather(
+                *(append(store, new(f"m{round_}-{i}", payload="x" * 4000)) for i in range(50))
+            )
+        # The writer leaves pages in the WAL; the checkpointer thread copies
+        # them into the database file while the store stays open.
+        await eventually(
+            lambda: store.statistics().checkpoints >= 1 and path.stat().st_size > empty + 400_000
+        )
+        await asyncio.sleep(0.3)  # a checkpoint of the last commits may still come
+        idle = store.statistics().checkpoints
+        await asyncio.sleep(0.3)  # three checkpoint periods without a commit
+        assert store.statistics().checkpoints == idle
+
+
 # --- schema and migrations -----------------------------------------------------------
 
 
@@ -199,8 +222,20 @@ async def test_an_older_data_directory_is_migrated_and_keeps_working(
     # another app.
     path = db(tmp_path)
     shutil.copy(old_file, path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        bodies = {
+            row[0]: row[1:]
+            for row in conn.execute(
+                "SELECT idem, payload, metadata, payload_metadata FROM messages"
+            )
+        }
+    assert len(bodies) == 14
     bob, alice = "B" * 43 + "=", "A" * 43 + "="
     async with SqliteStore(path) as store:
+        for idem, body in bodies.items():
+            kept = await store.get(idem)
+            assert kept is not None
+            assert (kept.payload, kept.metadata, kept.payload_metadata) == body
         claimed = await store.claim(bob, "orders/created", limit=100, now_ms=T0, policy=POLICY)
         assert idems(claimed) == [f"01backlog{i:02d}" for i in range(1, 11)]
         assert claimed.leases[1].message.attempts == 2  # delivered once before
@@ -281,6 +316,7 @@ async def test_the_hot_queries_use_the_partial_indexes(tmp_path: pathlib.Path) -
     ):
         assert any(f"USING INDEX {index}" in plan for index in indexes), plan
         assert re.search(r"SCAN messages(?! USING)", plan) is None, plan
+        assert "SCAN bodies" not in plan, plan
 
 
 async def test_a_newer_schema_is_refused(tmp_path: pathlib.Path) -> None:

@@ -9,6 +9,7 @@ stream is sent again rather than read as a lost link.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,11 +39,20 @@ async def roomy_server() -> AsyncIterator[TestServer]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(seconds(120))
-@pytest.mark.parametrize("transport", ["grpc", "ws"])
+@pytest.mark.parametrize("transport", ["grpc", "ws", "ws-text"])
 async def test_ten_thousand_concurrent_publishes_from_one_client_all_land_once(
     roomy_server: TestServer, transport: str
 ) -> None:
-    server = roomy_server
+    async with contextlib.AsyncExitStack() as stack:
+        server = roomy_server
+        if transport == "ws-text":  # the official text protocol, no batched session
+            server = await stack.enter_async_context(
+                run_engine(rate_limit_per_app=0, sessions=False)
+            )
+        await publish_ten_thousand(server, transport)
+
+
+async def publish_ten_thousand(server: TestServer, transport: str) -> None:
     alice = await server.create_app("alice")
     bob = await server.create_app("bob")
     engine: Any = EnSyncEngine(server.grpc_url) if transport == "grpc" else WsEngine(server.ws_url)

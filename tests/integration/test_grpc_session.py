@@ -17,6 +17,7 @@ from ensync._proto import ensync_pb2 as pb
 from ensync.crypto import generate_keypair, seal
 from ensync.server.core.apps import NewApp
 from ensync.testing import TestServer, run_engine
+from ensync.websocket import EnSyncEngine as WsEngine
 from tests.support.timing import eventually, seconds
 
 NAME = "orders/created"
@@ -252,14 +253,15 @@ async def test_deliveries_on_the_session_spend_credits(raw: Raw) -> None:
 
 
 @pytest.mark.parametrize("session", [True, False], ids=["session", "no-session"])
-async def test_the_sdk_uses_the_session_when_the_engine_has_one(session: bool) -> None:
-    async with run_engine(grpc_session=session) as server:
+@pytest.mark.parametrize("over", ["grpc", "ws"])
+async def test_the_sdk_uses_the_session_when_the_engine_has_one(session: bool, over: str) -> None:
+    async with run_engine(sessions=session) as server:
         alice = await server.create_app("alice")
-        engine = EnSyncEngine(server.grpc_url)
+        engine: Any = EnSyncEngine(server.grpc_url) if over == "grpc" else WsEngine(server.ws_url)
         try:
             client = await engine.create_client(alice.app_key, app_secret_key=alice.secret_key)
             transport: Any = client._connection.transport
-            assert (transport._session is not None) is session
+            assert (transport._batched is not None) is session
             got: list[Any] = []
             (await client.subscribe(NAME)).on(got.append)
             await client.publish(NAME, [alice.app_id], {"i": 1})

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
@@ -21,7 +21,7 @@ from ensync import errors
 from ensync._proto import ensync_pb2 as pb
 from ensync._version import __version__
 from ensync.client.limiter import CallLimiter, LimiterStatistics
-from ensync.client.session import SessionStream
+from ensync.client.session import SUBSCRIPTION_CREDIT, SessionStream, open_grpc_session
 from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import from_replay_json, from_stream_response
@@ -50,9 +50,6 @@ DEFAULT_MAX_IN_FLIGHT = 64
 # subscriptions opened while calls are in flight.
 _RESERVED_STREAMS = 8
 _REFUSED_RETRY_S = (0.005, 0.02, 0.05, 0.1, 0.25)
-# Deliveries a subscription lets the engine send ahead on the session stream;
-# each one handed to the subscription's handlers gives one credit back.
-SESSION_CREDIT = 512
 
 
 class _StillRefusedError(Exception):
@@ -115,7 +112,7 @@ class GrpcClientTransport:
         self._lost_reported = False
         self._limiter = CallLimiter(DEFAULT_MAX_IN_FLIGHT)
         # ensync's batched session stream, when the engine has one (session.py).
-        self._session: SessionStream | None = None
+        self._batched: SessionStream | None = None
         self._delivers: dict[str, Callable[[Delivery], None]] = {}
         self.use_session = True
         ch = self._channel
@@ -252,7 +249,7 @@ class GrpcClientTransport:
         self._client_id = response.client_id
         self._limiter.resize(max_in_flight(response.server_config))
         if self.use_session:
-            self._session = await SessionStream.open(
+            self._batched = await open_grpc_session(
                 self._channel,
                 self._client_id,
                 timeout_s=self._timeout,
@@ -292,13 +289,10 @@ class GrpcClientTransport:
             delivery_to=recipient,
             metadata=metadata,
         )
-        if self._session is not None:
-            result = await self._session.publish(
+        if self._batched is not None:
+            return await self._batched.publish_checked(
                 name, recipient, payload, metadata, payload_metadata
             )
-            if not result.success:
-                self._refused(result.error_message, errors.EnSyncPublishError)
-            return str(result.message_idem)
         if payload_metadata is not None:
             request.payload_metadata = payload_metadata
         response = await self._call(self._publish, request, errors.EnSyncPublishError)
@@ -322,8 +316,8 @@ class GrpcClientTransport:
         old = self._streams.pop(name, None)
         self._streams[name] = (call, task)
         self._delivers[name] = deliver
-        if self._session is not None and self._session.deliveries:
-            self._session.credit(name, SESSION_CREDIT)
+        if self._batched is not None and self._batched.deliveries:
+            self._batched.credit(name, SUBSCRIPTION_CREDIT)
         if old is not None:
             old[0].cancel()
 
@@ -378,31 +372,8 @@ class GrpcClientTransport:
             entry[0].cancel()
 
     def consumed(self, name: str) -> None:
-        if self._session is not None and self._session.deliveries and name in self._delivers:
-            self._session.credit(name, 1)
-
-    async def _settle(
-        self,
-        kind: int,
-        name: str,
-        idem: str,
-        error: type[errors.EnSyncError],
-        *,
-        delay_ms: int = 0,
-        reason: str = "",
-    ) -> pb.SessionSettled:
-        assert self._session is not None
-        result = await self._session.settle(kind, idem, name, delay_ms=delay_ms, reason=reason)
-        if not result.success:
-            self._refused(result.message, error)
-        return result
-
-    def _refused(self, text: str, error: type[errors.EnSyncError]) -> NoReturn:
-        if text.startswith(UNKNOWN_SESSION):
-            lost = errors.EnSyncConnectionError(f"the engine dropped this session: {text}")
-            self._report_lost(lost)
-            raise lost
-        raise error(text)
+        if self._batched is not None and self._batched.deliveries and name in self._delivers:
+            self._batched.credit(name, 1)
 
     def _session_delivery(self, item: pb.MessageStreamResponse) -> None:
         deliver = self._delivers.get(item.message_name)
@@ -411,8 +382,8 @@ class GrpcClientTransport:
             deliver(from_stream_response(item, name=item.message_name, received_at_ms=now_ms))
 
     async def ack(self, name: str, idem: str, block: int) -> None:
-        if self._session is not None:
-            await self._settle(pb.SETTLE_ACK, name, idem, errors.EnSyncAckError)
+        if self._batched is not None:
+            await self._batched.ack(name, idem)
             return
         request = pb.AcknowledgeRequest(
             client_id=self._client_id, message_idem=idem, message_name=name, partition_block=block
@@ -422,16 +393,8 @@ class GrpcClientTransport:
             raise errors.EnSyncAckError(response.message)
 
     async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
-        if self._session is not None:
-            result = await self._settle(
-                pb.SETTLE_DEFER,
-                name,
-                idem,
-                errors.EnSyncDeferError,
-                delay_ms=delay_ms,
-                reason=reason,
-            )
-            return int(result.time_ms)
+        if self._batched is not None:
+            return await self._batched.defer(name, idem, delay_ms, reason)
         request = pb.DeferRequest(
             client_id=self._client_id,
             message_idem=idem,
@@ -445,10 +408,8 @@ class GrpcClientTransport:
         return int(response.delivery_time)
 
     async def discard(self, name: str, idem: str, reason: str) -> None:
-        if self._session is not None:
-            await self._settle(
-                pb.SETTLE_DISCARD, name, idem, errors.EnSyncDiscardError, reason=reason
-            )
+        if self._batched is not None:
+            await self._batched.discard(name, idem, reason)
             return
         request = pb.DiscardRequest(
             client_id=self._client_id, message_idem=idem, message_name=name, reason=reason
@@ -458,9 +419,8 @@ class GrpcClientTransport:
             raise errors.EnSyncDiscardError(response.message)
 
     async def extend(self, name: str, idem: str) -> int:
-        if self._session is not None:
-            result = await self._settle(pb.SETTLE_EXTEND, name, idem, errors.EnSyncAckError)
-            return int(result.time_ms)
+        if self._batched is not None:
+            return await self._batched.extend(name, idem)
         request = pb.ExtendRequest(client_id=self._client_id, message_idem=idem, message_name=name)
         response = await self._call(self._extend, request, errors.EnSyncAckError)
         if not response.success:
@@ -468,11 +428,8 @@ class GrpcClientTransport:
         return int(response.deadline)
 
     async def release(self, name: str, idem: str, reason: str) -> int | None:
-        if self._session is not None:
-            result = await self._settle(
-                pb.SETTLE_RELEASE, name, idem, errors.EnSyncAckError, reason=reason
-            )
-            return int(result.time_ms) or None
+        if self._batched is not None:
+            return await self._batched.release(name, idem, reason)
         request = pb.ReleaseRequest(
             client_id=self._client_id, message_idem=idem, message_name=name, reason=reason
         )
@@ -509,8 +466,8 @@ class GrpcClientTransport:
             return
         self._closed = True
         self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
-        if self._session is not None:
-            await self._session.close()
+        if self._batched is not None:
+            await self._batched.close()
         streams = list(self._streams.values())
         self._streams.clear()
         for call, _ in streams:

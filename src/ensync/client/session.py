@@ -1,10 +1,13 @@
-"""The SDK's side of ensync's batched session stream (``EnSyncSession/Session``).
+"""The SDK's side of ensync's batched session (``EnSyncSession/Session``).
 
 Concurrent calls are coalesced: every publish and settlement started in one
 turn of the event loop goes out in one frame, and the engine answers in
 frames too, carrying deliveries as well when it agreed to. Callers see one
-awaitable per call, exactly as with unary calls; only an engine without the
-stream (it answers UNIMPLEMENTED) makes the transport fall back to those.
+awaitable per call, exactly as with the official calls; only an engine
+without the session makes the transport fall back to those.
+
+The frames travel over a :class:`FrameLink`: the ``Session`` method on gRPC
+(:func:`open_grpc_session`), binary messages on WebSocket.
 """
 
 from __future__ import annotations
@@ -14,15 +17,23 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 import grpc
 
 from ensync import errors
 from ensync._proto import ensync_pb2 as pb
 from ensync.client.limiter import CallLimiter
+from ensync.protocol.errors import UNKNOWN_SESSION
 
-__all__ = ["SESSION_METHOD", "SessionStream", "Settled"]
+__all__ = [
+    "SESSION_METHOD",
+    "SUBSCRIPTION_CREDIT",
+    "FrameLink",
+    "SessionStream",
+    "Settled",
+    "open_grpc_session",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +44,99 @@ DELIVERIES = "deliveries"
 _EAGER_FLUSH = 32
 # Items the SDK keeps outstanding on one session when the engine does not say.
 _DEFAULT_OUTSTANDING = 4096
+# Deliveries a subscription lets the engine send ahead on the session; each
+# one handed to the subscription's handlers gives one credit back.
+SUBSCRIPTION_CREDIT = 512
 
 Settled = pb.SessionSettled
 
 
+class FrameLink(Protocol):
+    """What carries a session's frames."""
+
+    async def write(self, frame: pb.ClientFrame) -> None:
+        """Send one frame; raises :class:`EnSyncConnectionError` if the link broke."""
+        ...
+
+    async def read(self) -> pb.ServerFrame | None:
+        """The next frame; ``None`` once the engine ended the session; raises
+        :class:`EnSyncConnectionError` if the link broke."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the link (the session is over)."""
+        ...
+
+
+class _GrpcLink:
+    def __init__(self, call: grpc.aio.StreamStreamCall[pb.ClientFrame, pb.ServerFrame]) -> None:
+        self._call = call
+
+    async def write(self, frame: pb.ClientFrame) -> None:
+        try:
+            await self._call.write(frame)
+        except grpc.aio.AioRpcError as exc:
+            raise errors.EnSyncConnectionError(f"the session broke: {exc.code().name}") from exc
+        except asyncio.InvalidStateError:
+            raise errors.EnSyncConnectionError("the session ended") from None
+
+    async def read(self) -> pb.ServerFrame | None:
+        try:
+            frame = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise errors.EnSyncConnectionError(
+                f"the session broke: {exc.details() or exc.code().name}"
+            ) from exc
+        if frame is grpc.aio.EOF:
+            return None
+        assert isinstance(frame, pb.ServerFrame)  # EOF is the only other value
+        return frame
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+async def open_grpc_session(
+    channel: grpc.aio.Channel,
+    client_id: str,
+    *,
+    timeout_s: float,
+    deliver: Callable[[pb.MessageStreamResponse], None],
+    lost: Callable[[BaseException], None],
+) -> SessionStream | None:
+    """Open a session on the gRPC ``Session`` method; ``None`` if the engine has none.
+
+    Raises:
+        EnSyncConnectionError: the engine refused the session or did not answer.
+    """
+    method: grpc.aio.StreamStreamMultiCallable[pb.ClientFrame, pb.ServerFrame] = (
+        channel.stream_stream(
+            SESSION_METHOD,
+            request_serializer=pb.ClientFrame.SerializeToString,
+            response_deserializer=pb.ServerFrame.FromString,
+        )
+    )
+    call = method()
+    try:
+        return await SessionStream.start(
+            _GrpcLink(call), client_id, timeout_s=timeout_s, deliver=deliver, lost=lost
+        )
+    except errors.EnSyncConnectionError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, grpc.aio.AioRpcError):
+            if cause.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return None  # an engine without the session: unary calls it is
+            raise errors.EnSyncConnectionError(
+                f"the engine refused the session: {cause.details() or cause.code().name}"
+            ) from cause
+        raise
+
+
 class SessionStream:
-    """One open session stream; create it with :meth:`open`.
+    """One open session; create it with :meth:`start` (or :func:`open_grpc_session`).
 
     Args:
-        call: the open stream-stream call.
+        link: what carries the frames.
         timeout_s: how long a call may wait for its answer once sent.
         deliver: called with every delivery the engine sends on the stream.
         lost: called once if the stream breaks (not on :meth:`close`).
@@ -49,14 +144,14 @@ class SessionStream:
 
     def __init__(
         self,
-        call: grpc.aio.StreamStreamCall[pb.ClientFrame, pb.ServerFrame],
+        link: FrameLink,
         welcome: pb.SessionWelcome,
         *,
         timeout_s: float,
         deliver: Callable[[pb.MessageStreamResponse], None],
         lost: Callable[[BaseException], None],
     ) -> None:
-        self._call = call
+        self._link = link
         self.deliveries = DELIVERIES in welcome.capabilities
         frame_bytes = welcome.limits.get("max_frame_bytes", "")
         # Frames go out below the engine's message size limit.
@@ -83,45 +178,32 @@ class SessionStream:
         self._writer = loop.create_task(self._write(), name="ensync-session-writer")
 
     @classmethod
-    async def open(
+    async def start(
         cls,
-        channel: grpc.aio.Channel,
+        link: FrameLink,
         client_id: str,
         *,
         timeout_s: float,
         deliver: Callable[[pb.MessageStreamResponse], None],
         lost: Callable[[BaseException], None],
-    ) -> SessionStream | None:
-        """Open a session for ``client_id``; ``None`` if the engine has none.
+    ) -> SessionStream:
+        """Say hello on ``link`` for ``client_id`` and wait for the welcome.
 
         Raises:
-            EnSyncConnectionError: the engine refused the session or did not answer.
+            EnSyncConnectionError: the engine refused the session.
+            EnSyncTimeoutError: the engine did not answer in ``timeout_s``.
         """
-        method: grpc.aio.StreamStreamMultiCallable[pb.ClientFrame, pb.ServerFrame] = (
-            channel.stream_stream(
-                SESSION_METHOD,
-                request_serializer=pb.ClientFrame.SerializeToString,
-                response_deserializer=pb.ServerFrame.FromString,
-            )
-        )
-        call = method()
         hello = pb.SessionHello(client_id=client_id, version=VERSION, capabilities=[DELIVERIES])
         try:
-            await asyncio.wait_for(call.write(pb.ClientFrame(hello=hello)), timeout_s)
-            first = await asyncio.wait_for(call.read(), timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                return None  # an engine without the session: unary calls it is
-            raise errors.EnSyncConnectionError(
-                f"the engine refused the session: {exc.details() or exc.code().name}"
-            ) from exc
+            await asyncio.wait_for(link.write(pb.ClientFrame(hello=hello)), timeout_s)
+            first = await asyncio.wait_for(link.read(), timeout_s)
         except TimeoutError:
-            call.cancel()
+            link.cancel()
             raise errors.EnSyncTimeoutError("the engine did not answer the session hello") from None
-        if not isinstance(first, pb.ServerFrame) or not first.HasField("welcome"):
-            call.cancel()
+        if first is None or not first.HasField("welcome"):
+            link.cancel()
             raise errors.EnSyncConnectionError("the engine ended the session before its welcome")
-        return cls(call, first.welcome, timeout_s=timeout_s, deliver=deliver, lost=lost)
+        return cls(link, first.welcome, timeout_s=timeout_s, deliver=deliver, lost=lost)
 
     # ------------------------------------------------------------------ calls
 
@@ -177,6 +259,66 @@ class SessionStream:
         finally:
             limiter.release()
 
+    async def publish_checked(
+        self, name: str, recipient: str, payload: str, metadata: str, payload_metadata: str | None
+    ) -> str:
+        """:meth:`publish`, raising :class:`EnSyncPublishError` for a refusal; the idem."""
+        result = await self.publish(name, recipient, payload, metadata, payload_metadata)
+        if not result.success:
+            self._refused(result.error_message, errors.EnSyncPublishError)
+        return str(result.message_idem)
+
+    async def ack(self, name: str, idem: str) -> None:
+        await self._settle_checked(pb.SETTLE_ACK, name, idem, errors.EnSyncAckError)
+
+    async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
+        """The time the message comes back (epoch ms)."""
+        result = await self._settle_checked(
+            pb.SETTLE_DEFER, name, idem, errors.EnSyncDeferError, delay_ms=delay_ms, reason=reason
+        )
+        return int(result.time_ms)
+
+    async def discard(self, name: str, idem: str, reason: str) -> None:
+        await self._settle_checked(
+            pb.SETTLE_DISCARD, name, idem, errors.EnSyncDiscardError, reason=reason
+        )
+
+    async def extend(self, name: str, idem: str) -> int:
+        """The new ack deadline (epoch ms)."""
+        result = await self._settle_checked(pb.SETTLE_EXTEND, name, idem, errors.EnSyncAckError)
+        return int(result.time_ms)
+
+    async def release(self, name: str, idem: str, reason: str) -> int | None:
+        """When the message is visible again (epoch ms); ``None``: dead-lettered."""
+        result = await self._settle_checked(
+            pb.SETTLE_RELEASE, name, idem, errors.EnSyncAckError, reason=reason
+        )
+        return int(result.time_ms) or None
+
+    async def _settle_checked(
+        self,
+        kind: int,
+        name: str,
+        idem: str,
+        error: type[errors.EnSyncError],
+        *,
+        delay_ms: int = 0,
+        reason: str = "",
+    ) -> pb.SessionSettled:
+        result = await self.settle(kind, idem, name, delay_ms=delay_ms, reason=reason)
+        if not result.success:
+            self._refused(result.message, error)
+        return result
+
+    def _refused(self, text: str, error: type[errors.EnSyncError]) -> NoReturn:
+        if text.startswith(UNKNOWN_SESSION):
+            # The engine no longer knows this client (it restarted, or the
+            # session expired): the link is rebuilt.
+            lost = errors.EnSyncConnectionError(f"the engine dropped this session: {text}")
+            self._lost(lost)
+            raise lost
+        raise error(text)
+
     def credit(self, name: str, count: int) -> None:
         """Let the engine send ``count`` more deliveries of ``name``."""
         if self._closed or count <= 0:
@@ -194,7 +336,7 @@ class SessionStream:
         self._fail_all(errors.EnSyncConnectionError("the connection was closed"))
         self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
         self._outbox.put_nowait(None)
-        self._call.cancel()
+        self._link.cancel()
         for task in (self._reader, self._writer):
             task.cancel()
         await asyncio.gather(self._reader, self._writer, return_exceptions=True)
@@ -271,22 +413,17 @@ class SessionStream:
     async def _write(self) -> None:
         try:
             while (frame := await self._outbox.get()) is not None:
-                await self._call.write(frame)
-        except grpc.aio.AioRpcError as exc:
-            self._break(errors.EnSyncConnectionError(f"the session broke: {exc.code().name}"))
-        except asyncio.InvalidStateError:
-            self._break(errors.EnSyncConnectionError("the session ended"))
+                await self._link.write(frame)
+        except errors.EnSyncConnectionError as exc:
+            self._break(exc)
 
     async def _read(self) -> None:
         cause: BaseException = errors.EnSyncConnectionError("the engine ended the session")
         try:
-            while (frame := await self._call.read()) is not grpc.aio.EOF:
-                assert isinstance(frame, pb.ServerFrame)  # EOF is the only other value
+            while (frame := await self._link.read()) is not None:
                 self._take(frame)
-        except grpc.aio.AioRpcError as exc:
-            cause = errors.EnSyncConnectionError(
-                f"the session broke: {exc.details() or exc.code().name}"
-            )
+        except errors.EnSyncConnectionError as exc:
+            cause = exc
         self._break(cause)
 
     def _take(self, frame: pb.ServerFrame) -> None:

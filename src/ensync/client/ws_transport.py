@@ -5,6 +5,11 @@ answered in order (PROTOCOL.md §3.8), so many publishes can be on the wire
 together. A request that gets no answer in time breaks the connection on
 purpose: with FIFO correlation a late answer would be taken for the next
 request's, so the link is rebuilt instead (the reconnection logic takes over).
+
+When the engine's ``CONN`` answer offers ensync's batched session
+(``session=1``), publishes, settlements and deliveries move to it: binary
+messages carrying the frames of session.py, many calls per message.
+Subscribing, pausing and replaying stay text commands.
 """
 
 from __future__ import annotations
@@ -13,17 +18,21 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from ensync import errors
+from ensync._proto import ensync_pb2 as pb
 from ensync.client.limiter import CallLimiter, LimiterStatistics
+from ensync.client.session import SUBSCRIPTION_CREDIT, SessionStream
 from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay
 from ensync.protocol.errors import UNKNOWN_SESSION
-from ensync.protocol.records import from_ws_record
+from ensync.protocol.records import from_stream_response, from_ws_record
 from ensync.protocol.urls import EngineUrl
 from ensync.protocol.wsclient import (
     ClientSession,
@@ -78,6 +87,30 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+class _BinaryLink:
+    """The batched session's frames as binary messages on the socket."""
+
+    def __init__(self, ws: ClientConnection, timeout_s: float) -> None:
+        self._ws = ws
+        self._timeout = timeout_s
+        self.frames: asyncio.Queue[pb.ServerFrame | BaseException | None] = asyncio.Queue()
+
+    async def write(self, frame: pb.ClientFrame) -> None:
+        try:
+            await asyncio.wait_for(self._ws.send(frame.SerializeToString()), self._timeout)
+        except (ConnectionClosed, TimeoutError) as exc:
+            raise errors.EnSyncConnectionError(f"connection to the engine lost: {exc!r}") from exc
+
+    async def read(self) -> pb.ServerFrame | None:
+        item = await self.frames.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.frames.put_nowait(None)
+
+
 class WebSocketClientTransport:
     """A :class:`~ensync.client.transport.ClientTransport` over WebSocket.
 
@@ -117,6 +150,10 @@ class WebSocketClientTransport:
         self._client_id = ""
         self._send_lock = asyncio.Lock()
         self._limiter = CallLimiter(DEFAULT_MAX_IN_FLIGHT)
+        # ensync's batched session, when the engine offers one.
+        self.use_session = True
+        self._link: _BinaryLink | None = None
+        self._batched: SessionStream | None = None
 
     @property
     def client_id(self) -> str:
@@ -164,6 +201,15 @@ class WebSocketClientTransport:
         self._client_id, client_hash = parsed
         fields = parse_conn_fields(text)
         self._limiter.resize(max_in_flight(fields))
+        if self.use_session and fields.get("session", "").isdigit():
+            self._link = _BinaryLink(self._ws, self._timeout)
+            self._batched = await SessionStream.start(
+                self._link,
+                self._client_id,
+                timeout_s=self._timeout,
+                deliver=self._session_delivery,
+                lost=self._report_lost,
+            )
         deadline = fields.get("ackDeadlineMs", "")
         return ConnectInfo(
             self._client_id, client_hash, int(deadline) if deadline.isdigit() else None
@@ -237,7 +283,7 @@ class WebSocketClientTransport:
         try:
             async for frame in ws:
                 if isinstance(frame, bytes):
-                    log.warning("ignoring a binary frame from the engine")
+                    self._binary(frame)
                     continue
                 for event in self._session.receive_text(frame):
                     self._handle(event)
@@ -248,7 +294,28 @@ class WebSocketClientTransport:
                 if not future.done():
                     future.set_exception(errors.EnSyncConnectionError("connection lost"))
             self._pending.clear()
+            if self._link is not None:
+                self._link.frames.put_nowait(cause)
             self._report_lost(cause)
+
+    def _binary(self, data: bytes) -> None:
+        if self._link is None:
+            log.warning("ignoring a binary frame from the engine")
+            return
+        try:
+            frame = pb.ServerFrame.FromString(data)
+        except DecodeError:
+            self._link.frames.put_nowait(
+                errors.EnSyncConnectionError("the engine sent an undecodable session frame")
+            )
+            return
+        self._link.frames.put_nowait(frame)
+
+    def _session_delivery(self, item: pb.MessageStreamResponse) -> None:
+        deliver = self._handlers.get(item.message_name)
+        if deliver is not None:
+            now_ms = time.time_ns() // 1_000_000
+            deliver(from_stream_response(item, name=item.message_name, received_at_ms=now_ms))
 
     def _handle(self, event: object) -> None:
         if isinstance(event, ReplyFor):
@@ -295,6 +362,10 @@ class WebSocketClientTransport:
         metadata: str,
         payload_metadata: str | None,
     ) -> str:
+        if self._batched is not None:
+            return await self._batched.publish_checked(
+                name, recipient, payload, metadata, payload_metadata
+            )
         request = Pub(self._client_id, name, payload, recipient, metadata, payload_metadata)
         return await self._checked(request, errors.EnSyncPublishError)
 
@@ -306,18 +377,27 @@ class WebSocketClientTransport:
         except BaseException:
             self._handlers.pop(name, None)
             raise
+        if self._batched is not None and self._batched.deliveries:
+            self._batched.credit(name, SUBSCRIPTION_CREDIT)
 
     def consumed(self, name: str) -> None:
-        pass  # the text protocol has no flow control of its own
+        # The text protocol has no flow control of its own; the session has.
+        if self._batched is not None and self._batched.deliveries and name in self._handlers:
+            self._batched.credit(name, 1)
 
     async def unsubscribe(self, name: str) -> None:
         await self._checked(Unsub(self._client_id, name), errors.EnSyncSubscriptionError)
         self._handlers.pop(name, None)
 
     async def ack(self, name: str, idem: str, block: int) -> None:
+        if self._batched is not None:
+            await self._batched.ack(name, idem)
+            return
         await self._checked(Ack(self._client_id, idem, block, name), errors.EnSyncAckError)
 
     async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
+        if self._batched is not None:
+            return await self._batched.defer(name, idem, delay_ms, reason)
         text = await self._checked(
             Defer(self._client_id, idem, name, delay_ms, reason), errors.EnSyncDeferError
         )
@@ -327,14 +407,21 @@ class WebSocketClientTransport:
             raise errors.EnSyncDeferError(f"unreadable defer answer {text[:40]!r}") from None
 
     async def discard(self, name: str, idem: str, reason: str) -> None:
+        if self._batched is not None:
+            await self._batched.discard(name, idem, reason)
+            return
         await self._checked(Discard(self._client_id, idem, name, reason), errors.EnSyncDiscardError)
 
     async def extend(self, name: str, idem: str) -> int:
         """Push back the ack deadline of an in-flight message (ensync extension)."""
+        if self._batched is not None:
+            return await self._batched.extend(name, idem)
         text = await self._checked(Extend(self._client_id, idem, name), errors.EnSyncAckError)
         return int(text) if text.isdigit() else 0
 
     async def release(self, name: str, idem: str, reason: str) -> int | None:
+        if self._batched is not None:
+            return await self._batched.release(name, idem, reason)
         # ROLLBACK is the text protocol's "give it back" (REASON is our extension).
         text = await self._checked(
             Rollback(self._client_id, idem, None, reason), errors.EnSyncAckError
@@ -361,6 +448,8 @@ class WebSocketClientTransport:
             return
         self._closed = True
         self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
+        if self._batched is not None:
+            await self._batched.close()
         if self._ws is not None:
             await self._ws.close()
         if self._reader is not None:

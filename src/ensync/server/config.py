@@ -84,6 +84,7 @@ class ServerConfig:
     # PEM files; when both are set, gRPC and WebSocket are served over TLS.
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    # Serve ensync's batched session stream (EnSyncSession) beside the
-    # official service; off, the ensync SDK uses the unary calls.
-    grpc_session: bool = True
+    # Serve ensync's batched session (the EnSyncSession method on gRPC,
+    # binary frames on WebSocket) beside the official protocol; off, the
+    # ensync SDK uses the official calls and commands.
+    sessions: bool = True

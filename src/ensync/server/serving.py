@@ -82,9 +82,11 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
         engine,
         f"{grpc_host}:{grpc_port}",
         credentials=credentials,
-        session=config.grpc_session,
+        session=config.sessions,
     )
-    http_listener = HttpListener(engine, http_host, http_port, ssl_context=ssl_context)
+    http_listener = HttpListener(
+        engine, http_host, http_port, ssl_context=ssl_context, session=config.sessions
+    )
     try:
         await engine.start()
         bound_grpc = await grpc_transport.start()

@@ -78,7 +78,7 @@ async def run_engine(
     data_dir: Path | None = None,
     *,
     tls: tuple[Path, Path] | None = None,
-    grpc_session: bool = True,
+    sessions: bool = True,
     **engine_options: Any,
 ) -> AsyncIterator[TestServer]:
     """Serve an engine on 127.0.0.1 with free ports until the block ends.
@@ -87,8 +87,9 @@ async def run_engine(
         store: ``"memory:"`` (default) or ``"sqlite:"`` (in ``data_dir``).
         data_dir: where a sqlite store lives; a temporary directory if None.
         tls: ``(certificate, key)`` PEM files to serve TLS with.
-        grpc_session: serve ensync's batched session stream (off: the SDK
-            falls back to unary calls, as against an engine without it).
+        sessions: serve ensync's batched session on both transports (off:
+            the SDK falls back to the official calls, as against an engine
+            without it).
         engine_options: :class:`~ensync.server.config.EngineConfig` fields,
             e.g. ``ack_deadline_ms=500``.
     """
@@ -104,7 +105,7 @@ async def run_engine(
             engine=config,
             tls_cert=tls[0] if tls else None,
             tls_key=tls[1] if tls else None,
-            grpc_session=grpc_session,
+            sessions=sessions,
         )
         async with running_server(server_config) as server:
             yield TestServer(server, data_dir)

@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -37,7 +37,12 @@ from ensync.protocol.records import ReplayInfo, replay_json, to_stream_response
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
 from ensync.server.runtime.engine import Engine
-from ensync.server.transports.grpc_session import SESSION_SERVICE, SessionOutbox, serve_session
+from ensync.server.transports.session import (
+    SESSION_SERVICE,
+    Refusal,
+    SessionOutbox,
+    serve_session,
+)
 
 __all__ = ["GrpcTransport", "replay_message_data"]
 
@@ -128,7 +133,7 @@ class _Client:
     # every stream it opens: route per name for it (PROTOCOL.md §2.5).
     event_generation: bool = False
     closed: bool = False
-    # ensync's session stream, when the client opened one (grpc_session.py).
+    # ensync's session stream, when the client opened one (session.py).
     session: SessionOutbox | None = None
 
     @property
@@ -159,6 +164,25 @@ class _Client:
             stream.end()
         if self.session is not None:
             self.session.close()
+
+
+class _SessionPeer:
+    """The session's client over the ``EnSyncSession/Session`` method."""
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+
+    async def send(self, frame: pb.ServerFrame) -> None:
+        await self._context.write(frame)
+
+    async def refuse(self, why: Refusal, text: str) -> NoReturn:
+        code = (
+            grpc.StatusCode.INVALID_ARGUMENT
+            if why is Refusal.NO_HELLO
+            else grpc.StatusCode.UNAUTHENTICATED
+        )
+        await self._context.abort(code, text)
+        raise AssertionError("abort() returned")  # pragma: no cover
 
 
 class GrpcTransport:
@@ -273,7 +297,7 @@ class GrpcTransport:
         await serve_session(
             self._engine,
             checked(),
-            context,
+            _SessionPeer(context),
             self._attach_session,
             self._detach_session,
             max_frame_bytes=self._message_limit - 64 * 1024,

@@ -37,6 +37,8 @@ class HttpListener:
             code 1009 ("message too big").
         ping_interval_s: keep-alive pings; a peer that does not answer within
             ``ping_interval_s`` is dropped and its in-flight messages requeued.
+        ssl_context: serve TLS (``wss://``, ``https://``).
+        session: serve ensync's batched session in binary frames.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class HttpListener:
         max_frame_bytes: int | None = None,
         ping_interval_s: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        session: bool = True,
     ) -> None:
         self._engine = engine
         self._host = host
@@ -60,7 +63,9 @@ class HttpListener:
         )
         self._server: Server | None = None
         self._ssl = ssl_context
-        self.websocket = WebSocketTransport(engine)
+        self.websocket = WebSocketTransport(
+            engine, max_frame_bytes=self._max_frame, session=session
+        )
         self.port = 0
 
     async def start(self) -> int:

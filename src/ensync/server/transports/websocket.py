@@ -9,18 +9,27 @@ committed concurrently, so pipelined publishes keep their order.
 
 Records of a name are pushed only after the SUB reply for that name has been
 queued (§3.8 rule 4).
+
+ensync's batched session (session.py) runs on the same connection when our
+SDK asks for it: after ``CONN``, a binary message holding a session hello
+starts it, and from then on binary messages carry session frames each way.
+Official clients send text only, and a binary message that is not a session
+frame is still answered ``-FAIL:``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
+from google.protobuf.message import DecodeError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from ensync._proto import ensync_pb2 as pb
 from ensync.protocol.records import ReplayInfo, to_ws_record
 from ensync.protocol.wscodec import (
     Ack,
@@ -46,6 +55,12 @@ from ensync.protocol.wssession import Incoming, ServerSession, ServerState
 from ensync.server.core.errors import ServiceError
 from ensync.server.core.model import Delivery
 from ensync.server.runtime.engine import Engine
+from ensync.server.transports.session import (
+    SESSION_VERSION,
+    Refusal,
+    SessionOutbox,
+    serve_session,
+)
 
 __all__ = ["WebSocketTransport", "delivery_record"]
 
@@ -64,16 +79,29 @@ class WebSocketTransport:
         engine: the core.
         max_outstanding: most commands of one connection in progress at once;
             beyond it the connection is not read until replies go out.
+        max_frame_bytes: the largest message the connections accept; session
+            frames stay 64 KiB below it.
+        session: serve ensync's batched session on the connections.
     """
 
-    def __init__(self, engine: Engine, *, max_outstanding: int = 512) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_outstanding: int = 512,
+        max_frame_bytes: int = 2 * 1024 * 1024,
+        session: bool = True,
+    ) -> None:
         self._engine = engine
         self._max_outstanding = max_outstanding
+        self._session_frame_bytes = max(64 * 1024, max_frame_bytes - 64 * 1024) if session else 0
         self._connections: set[_Connection] = set()
 
     async def handle(self, websocket: ServerConnection) -> None:
         """Run one connection until it closes."""
-        connection = _Connection(self._engine, websocket, self._max_outstanding)
+        connection = _Connection(
+            self._engine, websocket, self._max_outstanding, self._session_frame_bytes
+        )
         self._connections.add(connection)
         try:
             await connection.run()
@@ -94,10 +122,23 @@ class WebSocketTransport:
 class _Connection:
     """One WebSocket connection: the engine's :class:`SessionRouter` for it too."""
 
-    def __init__(self, engine: Engine, websocket: ServerConnection, max_outstanding: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        websocket: ServerConnection,
+        max_outstanding: int,
+        session_frame_bytes: int,
+    ) -> None:
         self._engine = engine
         self._ws = websocket
         self._max_outstanding = max_outstanding
+        # 0: no batched session on this connection.
+        self._session_frame_bytes = session_frame_bytes
+        # The batched session, once a hello started it: its frames, its
+        # outbox (also the delivery sink when it carries deliveries), its task.
+        self._frames: asyncio.Queue[pb.ClientFrame | None] | None = None
+        self._outbox: SessionOutbox | None = None
+        self._session_task: asyncio.Task[None] | None = None
         self._session = ServerSession()
         self._ready_names: set[str] = set()
         self._client_id: str | None = None
@@ -111,8 +152,11 @@ class _Connection:
 
     # ------------------------------------------------------------------ SessionRouter
 
-    def sink_for(self, name: str) -> _Connection | None:
-        return self if not self._closed and name in self._ready_names else None
+    def sink_for(self, name: str) -> _Connection | SessionOutbox | None:
+        if self._closed or name not in self._ready_names:
+            return None
+        outbox = self._outbox
+        return outbox if outbox is not None and outbox.deliveries_on else self
 
     def push(self, delivery: Delivery) -> None:
         self._session.push(delivery_record(delivery))
@@ -127,6 +171,8 @@ class _Connection:
     def close(self) -> None:
         """The engine ended this client's session: close the socket."""
         self._closed = True
+        if self._outbox is not None:
+            self._outbox.close()
         self._spawn(self._ws.close(1008, "session ended by the engine"))
 
     # ------------------------------------------------------------------ driving
@@ -136,7 +182,7 @@ class _Connection:
         try:
             async for frame in self._ws:
                 if isinstance(frame, bytes):
-                    self._session.receive_binary(frame)
+                    await self._binary(frame)
                 elif self._draining:
                     for item in self._session.receive_text(frame):
                         self._reply(item.seq, Fail("the engine is shutting down"))
@@ -152,6 +198,7 @@ class _Connection:
             self._closed = True
             self._idle.set()  # nothing more will be answered: wake a shutdown
             self._session.close()
+            await self._end_batched_session()
             if self._client_id is not None:
                 self._engine.disconnect(self._client_id)
             writer.cancel()
@@ -190,6 +237,93 @@ class _Connection:
             log.warning("closing a WebSocket with commands still in progress")
         if not self._closed:
             await self._ws.close(1001, "the engine is shutting down")
+
+    # ------------------------------------------------------------------ batched session
+
+    async def _binary(self, data: bytes) -> None:
+        """A binary message: a session frame, or (for anyone else) a refused command."""
+        if self._frames is not None:
+            try:
+                frame = pb.ClientFrame.FromString(data)
+            except DecodeError:
+                await self._ws.close(1007, "undecodable session frame")
+                return
+            await self._frames.put(frame)  # bounded: a busy session stops the reading
+            return
+        hello = self._hello(data)
+        if hello is None:
+            self._session.receive_binary(data)  # -FAIL:, as the text protocol says
+            return
+        self._frames = asyncio.Queue(maxsize=4)
+        self._frames.put_nowait(hello)
+        self._session_task = asyncio.get_running_loop().create_task(self._serve_session())
+
+    def _hello(self, data: bytes) -> pb.ClientFrame | None:
+        if not self._session_frame_bytes or self._client_id is None or self._draining:
+            return None
+        try:
+            frame = pb.ClientFrame.FromString(data)
+        except DecodeError:
+            return None
+        return frame if frame.HasField("hello") else None
+
+    async def _serve_session(self) -> None:
+        frames = self._frames
+        assert frames is not None
+
+        async def incoming() -> Any:
+            while (frame := await frames.get()) is not None:
+                yield frame
+
+        try:
+            await serve_session(
+                self._engine,
+                incoming(),
+                self,
+                self._attach,
+                self._detach,
+                max_frame_bytes=self._session_frame_bytes,
+            )
+        except ConnectionClosed:
+            pass
+        except Exception:  # isolation boundary: the session's bug, not the socket's
+            log.exception("the batched session of a WebSocket failed")
+            await self._ws.close(1011, "session failed")
+
+    async def _end_batched_session(self) -> None:
+        if self._outbox is not None:
+            self._outbox.close()
+        if self._frames is not None:
+            with contextlib.suppress(asyncio.QueueFull):
+                self._frames.put_nowait(None)
+        if self._session_task is not None:
+            await asyncio.gather(self._session_task, return_exceptions=True)
+
+    # SessionPeer: the session's frames are binary messages on this socket.
+
+    async def send(self, frame: pb.ServerFrame) -> None:
+        await self._ws.send(frame.SerializeToString())
+
+    async def refuse(self, why: Refusal, text: str) -> NoReturn:
+        await self._ws.close(1008, text[:120])
+        raise ConnectionClosed(None, None)
+
+    def _attach(self, client_id: str, outbox: SessionOutbox) -> bool:
+        if (
+            self._closed
+            or client_id != self._client_id
+            or self._engine.sessions.get(client_id) is None
+        ):
+            return False
+        self._outbox = outbox
+        self._engine.routes_changed(client_id)
+        return True
+
+    def _detach(self, client_id: str, outbox: SessionOutbox) -> None:
+        if self._outbox is outbox:
+            self._outbox = None
+            if not self._closed:
+                self._engine.routes_changed(client_id)
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         async def run() -> None:
@@ -326,6 +460,7 @@ class _Connection:
                     "ackDeadlineMs": str(self._engine.config.ack_deadline_ms),
                     # Our SDK keeps fewer requests than this on the wire.
                     "maxOutstanding": str(self._max_outstanding),
+                    **({"session": str(SESSION_VERSION)} if self._session_frame_bytes else {}),
                 },
             )
         self._wake.set()

@@ -17,7 +17,6 @@ from ..base import AppExistsError, AppRecord, MessageState, StoredMessage
 from ..book import Ref
 
 __all__ = [
-    "MESSAGE_COLUMNS",
     "app_row",
     "backlog",
     "create_app",
@@ -43,9 +42,11 @@ __all__ = [
     "update_app",
 ]
 
-MESSAGE_COLUMNS: Final = (
-    "idem, recipient, name, block, payload, metadata, payload_metadata, sender, created_at_ms,"
-    " state, attempts, visible_at_ms, expires_at_ms, settled_at_ms, dead_reason, dedupe_key"
+# Whole messages, in the order message() reads them: the row and its body.
+_SELECT_MESSAGES: Final = (
+    "SELECT idem, recipient, name, block, payload, metadata, payload_metadata, sender,"
+    " created_at_ms, state, attempts, visible_at_ms, expires_at_ms, settled_at_ms, dead_reason,"
+    " dedupe_key FROM messages JOIN bodies ON bodies.id = messages.seq"
 )
 _APP_COLUMNS: Final = (
     "name, app_id, key_hash, created_at_ms, revoked, publish_rules, subscribe_rules"
@@ -169,9 +170,7 @@ def fetch(sql: str, params: tuple[object, ...], conn: sqlite3.Connection) -> lis
 
 
 def get(idem: str, conn: sqlite3.Connection) -> StoredMessage | None:
-    rows = conn.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE idem = ?", (idem,)
-    ).fetchall()
+    rows = conn.execute(f"{_SELECT_MESSAGES} WHERE idem = ?", (idem,)).fetchall()
     return message(rows[0]) if rows else None
 
 
@@ -181,7 +180,7 @@ def load(idems: Sequence[str], conn: sqlite3.Connection) -> dict[str, StoredMess
         chunk = idems[start : start + _IN_CHUNK]
         marks = ", ".join("?" * len(chunk))
         for row in conn.execute(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE idem IN ({marks})", tuple(chunk)
+            f"{_SELECT_MESSAGES} WHERE idem IN ({marks})", tuple(chunk)
         ).fetchall():
             found = message(row)
             out[found.idem] = found
@@ -200,7 +199,7 @@ def page(
     rows = conn.execute(
         f"SELECT {_REF_COLUMNS} FROM messages"
         " WHERE recipient = ? AND name = ? AND state = 0 AND block > ? AND block <= ?"
-        " AND visible_at_ms <= ? ORDER BY block, rowid LIMIT ?",
+        " AND visible_at_ms <= ? ORDER BY block, seq LIMIT ?",
         (recipient, name, after_block, upto_block, now_ms, limit),
     ).fetchall()
     return [_ref(row) for row in rows]
@@ -218,7 +217,7 @@ def due(
     rows = conn.execute(
         f"SELECT {_REF_COLUMNS} FROM messages"
         " WHERE recipient = ? AND name = ? AND state = 0 AND visible_at_ms > ?"
-        " AND visible_at_ms <= ? AND block <= ? ORDER BY visible_at_ms, rowid LIMIT ?",
+        " AND visible_at_ms <= ? AND block <= ? ORDER BY visible_at_ms, seq LIMIT ?",
         (recipient, name, since_ms, until_ms, max_block, limit),
     ).fetchall()
     return [_ref(row) for row in rows]
@@ -236,8 +235,8 @@ def next_due(recipient: str, name: str, after_ms: int, conn: sqlite3.Connection)
 def list_dead(recipient: str, limit: int, conn: sqlite3.Connection) -> list[StoredMessage]:
     """The app's dead letters, newest first."""
     return fetch(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE recipient = ? AND state = 2"
-        " ORDER BY settled_at_ms DESC, rowid DESC LIMIT ?",
+        f"{_SELECT_MESSAGES} WHERE recipient = ? AND state = 2"
+        " ORDER BY settled_at_ms DESC, seq DESC LIMIT ?",
         (recipient, limit),
         conn,
     )
@@ -263,27 +262,29 @@ def recent_dedupe_keys(
     ``limit`` keyed messages, oldest first (the partial index keeps it cheap)."""
     rows = conn.execute(
         "SELECT sender, recipient, dedupe_key, idem, block, created_at_ms FROM messages"
-        " WHERE dedupe_key IS NOT NULL ORDER BY created_at_ms DESC, rowid DESC LIMIT ?",
+        " WHERE dedupe_key IS NOT NULL ORDER BY created_at_ms DESC, seq DESC LIMIT ?",
         (limit,),
     ).fetchall()
     return [(str(a), str(b), str(c), str(d), int(e), int(f)) for a, b, c, d, e, f in reversed(rows)]
 
 
-_INSERT: Final = (
-    f"INSERT INTO messages ({MESSAGE_COLUMNS})"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_MESSAGE: Final = (
+    "INSERT INTO messages (seq, idem, recipient, name, block, sender, created_at_ms, state,"
+    " attempts, visible_at_ms, expires_at_ms, settled_at_ms, dead_reason, dedupe_key)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_BODY: Final = (
+    "INSERT INTO bodies (id, payload, metadata, payload_metadata) VALUES (?, ?, ?, ?)"
 )
 
 
-def _row(m: StoredMessage) -> tuple[object, ...]:
+def _row(seq: int, m: StoredMessage) -> tuple[object, ...]:
     return (
+        seq,
         m.idem,
         m.recipient,
         m.name,
         m.block,
-        m.payload,
-        m.metadata,
-        m.payload_metadata,
         m.sender,
         m.created_at_ms,
         int(m.state),
@@ -296,13 +297,18 @@ def _row(m: StoredMessage) -> tuple[object, ...]:
     )
 
 
-def _insert_one(conn: sqlite3.Connection, m: StoredMessage) -> None:
-    conn.execute(_INSERT, _row(m))
+def _body(seq: int, m: StoredMessage) -> tuple[object, ...]:
+    return (seq, m.payload, m.metadata, m.payload_metadata)
+
+
+def _insert_one(conn: sqlite3.Connection, seq: int, m: StoredMessage) -> None:
+    conn.execute(_INSERT_MESSAGE, _row(seq, m))
+    conn.execute(_INSERT_BODY, _body(seq, m))
 
 
 def _row_error(m: StoredMessage, exc: Exception) -> str:
     if isinstance(exc, sqlite3.IntegrityError) and exc.sqlite_errorname == (
-        "SQLITE_CONSTRAINT_PRIMARYKEY"
+        "SQLITE_CONSTRAINT_UNIQUE"
     ):
         return f"message idem {m.idem!r} is already stored"
     return f"message {m.idem!r} cannot be stored: {exc}"
@@ -315,17 +321,21 @@ def insert_rows(rows: Sequence[StoredMessage], conn: sqlite3.Connection) -> list
     own savepoint so the others still land.
     """
     errors: list[str | None] = [None] * len(rows)
+    # The writer's transaction holds the write lock: nobody else takes a seq.
+    (top,) = conn.execute("SELECT max(seq) FROM messages").fetchone()
+    first = (top or 0) + 1
     conn.execute("SAVEPOINT batch")
     try:
-        # One call for the whole batch: the writer thread gives up and takes
-        # back the GIL once, not once per row.
-        conn.executemany(_INSERT, [_row(m) for m in rows])
+        # One call per table for the whole batch: the writer thread gives up
+        # and takes back the GIL once, not once per row.
+        conn.executemany(_INSERT_MESSAGE, [_row(first + i, m) for i, m in enumerate(rows)])
+        conn.executemany(_INSERT_BODY, [_body(first + i, m) for i, m in enumerate(rows)])
     except (sqlite3.Error, OverflowError):
         conn.execute("ROLLBACK TO batch")
         for index, m in enumerate(rows):
             conn.execute("SAVEPOINT one")
             try:
-                _insert_one(conn, m)
+                _insert_one(conn, first + index, m)
             except (sqlite3.Error, OverflowError) as exc:
                 conn.execute("ROLLBACK TO one")
                 errors[index] = _row_error(m, exc)
@@ -410,9 +420,10 @@ def redrive(idem: str, now_ms: int, conn: sqlite3.Connection) -> StoredMessage |
 
 def prune_chunk(settled_before_ms: int, limit: int, conn: sqlite3.Connection) -> int:
     # "state != ?" would not match the partial index's "state != 0".
-    cursor = conn.execute(
-        "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages"
-        " WHERE state != 0 AND settled_at_ms < ? LIMIT ?)",
+    removed = conn.execute(
+        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
+        " WHERE state != 0 AND settled_at_ms < ? LIMIT ?) RETURNING seq",
         (settled_before_ms, limit),
-    )
-    return cursor.rowcount
+    ).fetchall()
+    conn.executemany("DELETE FROM bodies WHERE id = ?", removed)
+    return len(removed)

@@ -8,6 +8,12 @@
   commit, and under concurrency one fsync covers many writes (group commit).
 * **Reads** run on a small thread pool, each on its own read connection. In
   WAL mode readers never wait for the writer.
+* **Checkpoints run on a thread of their own**, not after a commit on the
+  writer: every ``checkpoint_every_s`` with new commits, a passive
+  checkpoint copies the WAL into the database file while the writer goes
+  on committing. SQLite's own checkpoint after a commit stays as a fallback,
+  at a much larger WAL, so the file stays bounded if this thread falls
+  behind.
 * ``busy_timeout`` lets another process (``ensync app create`` while the
   engine serves) write to the same file.
 * sqlite3 exceptions stop here: they surface as :class:`StoreError`, chained
@@ -38,6 +44,12 @@ logger = logging.getLogger("ensync.server.store.sqlite")
 
 MIN_SQLITE = (3, 35, 0)
 
+# The writer checkpoints by itself only past this many WAL pages (SQLite's
+# default is 1000); the checkpointer thread normally keeps the WAL far smaller.
+_FALLBACK_CHECKPOINT_PAGES = 16_384
+# A WAL that grew past this is truncated back to it once checkpointed.
+_WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+
 _T = TypeVar("_T")
 
 
@@ -52,6 +64,7 @@ class SqliteStoreStatistics:
         largest_batch: most operations ever committed together.
         queued: operations waiting for the writer right now.
         read_connections: read connections opened so far.
+        checkpoints: passive checkpoints run by the checkpointer thread.
     """
 
     writes: int
@@ -59,6 +72,7 @@ class SqliteStoreStatistics:
     largest_batch: int
     queued: int
     read_connections: int
+    checkpoints: int
 
 
 @dataclass(slots=True)
@@ -90,6 +104,8 @@ class SqliteRunner:
         max_batch: most write operations committed in one transaction.
         busy_timeout_ms: how long to wait for another process's lock.
         readers: threads (and read connections) serving reads.
+        checkpoint_every_s: how often the checkpointer thread copies newly
+            committed pages from the WAL into the database file.
     """
 
     def __init__(
@@ -101,6 +117,7 @@ class SqliteRunner:
         max_batch: int = 1024,
         busy_timeout_ms: int = 5_000,
         readers: int = 4,
+        checkpoint_every_s: float = 0.1,
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
@@ -110,6 +127,8 @@ class SqliteRunner:
             raise ValueError(f"busy_timeout_ms must not be negative, not {busy_timeout_ms}")
         if readers < 1:
             raise ValueError(f"readers must be at least 1, not {readers}")
+        if checkpoint_every_s <= 0:
+            raise ValueError(f"checkpoint_every_s must be positive, not {checkpoint_every_s}")
         self._path = pathlib.Path(path)
         self._prepare = prepare
         self._synchronous = synchronous
@@ -132,6 +151,10 @@ class SqliteRunner:
         self._writes = 0
         self._commits = 0
         self._largest_batch = 0
+        self._checkpoint_every_s = checkpoint_every_s
+        self._checkpoints = 0
+        self._checkpoints_stop = threading.Event()
+        self._checkpointer: threading.Thread | None = None
 
     @property
     def path(self) -> pathlib.Path:
@@ -197,6 +220,7 @@ class SqliteRunner:
             largest_batch=self._largest_batch,
             queued=self._queue.qsize(),
             read_connections=len(self._read_connections),
+            checkpoints=self._checkpoints,
         )
 
     def check_usable(self) -> None:
@@ -291,6 +315,8 @@ class SqliteRunner:
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self._path} cannot use WAL journal mode (it is in {mode!r})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {_FALLBACK_CHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit = {_WAL_SIZE_LIMIT_BYTES}")
             self._prepare(conn)
         except BaseException:
             conn.close()
@@ -312,6 +338,10 @@ class SqliteRunner:
             except StoreError as exc:
                 open_error = exc
                 return
+            self._checkpointer = threading.Thread(
+                target=self._checkpointer_main, name="ensync-sqlite-checkpoint", daemon=True
+            )
+            self._checkpointer.start()
             self._dispatch([(ready, None, None)])
             while self._run_next_batch(conn, batch):
                 batch = []
@@ -327,6 +357,28 @@ class SqliteRunner:
                     open_error.__cause__ = failure
                 self._dispatch([(ready, None, open_error)])
             self._finish_writer(conn, batch, failure)
+
+    def _checkpointer_main(self) -> None:
+        seen = self._commits
+        try:
+            conn = self._connect()
+        except sqlite3.Error:
+            logger.warning("no checkpointer for %s; the writer checkpoints", self._path)
+            return
+        try:
+            while not self._checkpoints_stop.wait(self._checkpoint_every_s):
+                if self._commits == seen:
+                    continue
+                seen = self._commits
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    # Harmless: the next round or the writer's fallback retries.
+                    logger.debug("checkpoint of %s failed: %s", self._path, exc)
+                else:
+                    self._checkpoints += 1
+        finally:
+            conn.close()
 
     def _run_next_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> bool:
         """Wait for work, run one batch into ``batch``; ``False`` once told to stop."""
@@ -390,6 +442,9 @@ class SqliteRunner:
             error.__cause__ = failure
             outcomes.append((op.future, None, error))
         self._dispatch(outcomes)
+        self._checkpoints_stop.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         # Waits for reads still running, so no connection closes under one.
         self._readers.shutdown(wait=True)
         with self._lock:

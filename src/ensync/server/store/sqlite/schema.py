@@ -17,6 +17,11 @@ History:
    four entries, each a delete and an insert), and an insert skips the
    dead-letter index. Queries name the state as a literal so that SQLite
    can use them.
+4. message bodies (payload, metadata, payload metadata) move to their own
+   table, ``bodies``, keyed by the message's ``seq`` (an explicit integer
+   key, which ``VACUUM`` keeps). An ack or a deferral then rewrites a short
+   row instead of one holding the whole envelope: measured, a settlement
+   costs under half the CPU and writes a fraction of the WAL pages.
 """
 
 from __future__ import annotations
@@ -32,18 +37,17 @@ __all__ = ["SCHEMA_VERSION", "prepare"]
 
 logger = logging.getLogger("ensync.server.store.sqlite")
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 
-_TABLES: Final = (
-    """
-    CREATE TABLE IF NOT EXISTS messages (
-        idem TEXT NOT NULL PRIMARY KEY,
+
+def _messages_table(name: str) -> str:
+    return f"""
+    CREATE TABLE IF NOT EXISTS {name} (
+        seq INTEGER PRIMARY KEY,
+        idem TEXT NOT NULL UNIQUE,
         recipient TEXT NOT NULL,
         name TEXT NOT NULL,
         block INTEGER NOT NULL,
-        payload TEXT NOT NULL,
-        metadata TEXT NOT NULL,
-        payload_metadata TEXT,
         sender TEXT NOT NULL,
         created_at_ms INTEGER NOT NULL,
         state INTEGER NOT NULL,
@@ -54,11 +58,30 @@ _TABLES: Final = (
         dead_reason TEXT,
         dedupe_key TEXT
     )
-    """,
-    # Rowids break ties, so every index below also orders by insertion.
+    """
+
+
+# What a delivery reads and nothing else does; bodies.id is messages.seq.
+_BODIES: Final = """
+    CREATE TABLE IF NOT EXISTS bodies (
+        id INTEGER PRIMARY KEY,
+        payload TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        payload_metadata TEXT
+    )
+    """
+
+# seq breaks ties, so every index below also orders by insertion.
+_INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS messages_settled ON messages (settled_at_ms) WHERE state != 0",
     "CREATE INDEX IF NOT EXISTS messages_deduped ON messages (created_at_ms)"
     " WHERE dedupe_key IS NOT NULL",
+)
+
+_TABLES: Final = (
+    _messages_table("messages"),
+    _BODIES,
+    *_INDEXES,
     # Separate from messages so numbering survives pruning.
     """
     CREATE TABLE IF NOT EXISTS partitions (
@@ -101,6 +124,22 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         "DROP INDEX IF EXISTS messages_dead",
         *_PARTIAL_INDEXES,
     ),
+    # The table is rebuilt (SQLite's way to change one): the old rowid
+    # becomes seq, and the bodies keep it.
+    3: (
+        _BODIES,
+        "INSERT INTO bodies (id, payload, metadata, payload_metadata)"
+        " SELECT rowid, payload, metadata, payload_metadata FROM messages",
+        _messages_table("messages_v4"),
+        "INSERT INTO messages_v4 (seq, idem, recipient, name, block, sender, created_at_ms,"
+        " state, attempts, visible_at_ms, expires_at_ms, settled_at_ms, dead_reason, dedupe_key)"
+        " SELECT rowid, idem, recipient, name, block, sender, created_at_ms, state, attempts,"
+        " visible_at_ms, expires_at_ms, settled_at_ms, dead_reason, dedupe_key FROM messages",
+        "DROP TABLE messages",
+        "ALTER TABLE messages_v4 RENAME TO messages",
+        *_INDEXES,
+        *_PARTIAL_INDEXES,
+    ),
 }
 
 
@@ -125,6 +164,12 @@ def prepare(conn: sqlite3.Connection, path: pathlib.Path) -> None:
                 f"{path} has schema version {found}; this ensync supports up to {SCHEMA_VERSION}"
             )
         else:
+            logger.info(
+                "migrating %s from schema version %d to %d (this may take a while on a big file)",
+                path,
+                found,
+                SCHEMA_VERSION,
+            )
             for version in range(found, SCHEMA_VERSION):
                 for statement in _MIGRATIONS[version]:
                     conn.execute(statement)

@@ -1,7 +1,9 @@
-"""The engine's side of ensync's batched session stream (``EnSyncSession/Session``).
+"""The engine's side of ensync's batched session (``EnSyncSession/Session``).
 
 One bidirectional stream per client, opened after Connect, carries frames
-each way (proto/ensync.proto, docs/protocol.md):
+each way (proto/ensync.proto, docs/protocol.md). Over gRPC it is its own
+method; over WebSocket the same frames travel as binary messages on the
+connection that sent ``CONN`` (a :class:`SessionPeer` hides the difference):
 
 * client → engine: the hello (first frame), publishes, settlements (ack,
   defer, discard, extend, release) and delivery credits;
@@ -18,13 +20,12 @@ Official clients never open this stream.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import grpc
+from typing import Any, NoReturn, Protocol
 
 from ensync._proto import ensync_pb2 as pb
 from ensync.protocol.errors import UNKNOWN_SESSION
@@ -33,7 +34,15 @@ from ensync.server.core.errors import ServiceError
 from ensync.server.core.model import Delivery
 from ensync.server.runtime.engine import Engine
 
-__all__ = ["DELIVERIES", "SESSION_SERVICE", "SESSION_VERSION", "SessionOutbox", "serve_session"]
+__all__ = [
+    "DELIVERIES",
+    "SESSION_SERVICE",
+    "SESSION_VERSION",
+    "Refusal",
+    "SessionOutbox",
+    "SessionPeer",
+    "serve_session",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,24 @@ MAX_ITEMS_PER_FRAME = 1024
 # past that the engine stops reading the stream until answers went out.
 MAX_OUTSTANDING = 8192
 
-_Find = Callable[[str], Any]
+
+class Refusal(enum.Enum):
+    """Why a session was refused before it began."""
+
+    NO_HELLO = "no hello"
+    UNKNOWN_CLIENT = "unknown client"
+
+
+class SessionPeer(Protocol):
+    """How a session reaches its client: the transport's half of it."""
+
+    async def send(self, frame: pb.ServerFrame) -> None:
+        """Send one frame (raises if the link is gone)."""
+        ...
+
+    async def refuse(self, why: Refusal, text: str) -> NoReturn:
+        """End the session before its welcome, telling the client why."""
+        ...
 
 
 @dataclass(eq=False, slots=True)
@@ -124,7 +150,7 @@ class SessionOutbox:
 async def serve_session(
     engine: Engine,
     frames: AsyncIterator[pb.ClientFrame],
-    context: grpc.aio.ServicerContext[Any, Any],
+    peer: SessionPeer,
     attach: Callable[[str, SessionOutbox], bool],
     detach: Callable[[str, SessionOutbox], None],
     *,
@@ -141,14 +167,14 @@ async def serve_session(
         return
     hello = first.hello
     if not first.HasField("hello") or not hello.client_id:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be a hello")
+        await peer.refuse(Refusal.NO_HELLO, "the first frame must be a hello")
     outbox = SessionOutbox(
         deliveries_on=DELIVERIES in hello.capabilities,
         max_frame_bytes=max_frame_bytes,
         session_window=engine.config.session_window,
     )
     if not attach(hello.client_id, outbox):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{UNKNOWN_SESSION}: connect first")
+        await peer.refuse(Refusal.UNKNOWN_CLIENT, f"{UNKNOWN_SESSION}: connect first")
     client_id = hello.client_id
     welcome = pb.SessionWelcome(
         version=min(SESSION_VERSION, hello.version or SESSION_VERSION),
@@ -159,10 +185,10 @@ async def serve_session(
             "max_frame_bytes": str(max_frame_bytes),
         },
     )
-    await context.write(pb.ServerFrame(welcome=welcome))
+    await peer.send(pb.ServerFrame(welcome=welcome))
     session = _Session(engine, client_id, outbox)
     loop = asyncio.get_running_loop()
-    writer = loop.create_task(session.write_loop(context))
+    writer = loop.create_task(session.write_loop(peer))
     reader = loop.create_task(session.read_loop(frames))
     ended = loop.create_task(outbox.ended.wait())
     try:
@@ -171,7 +197,7 @@ async def serve_session(
             reader.result()  # a client that half-closed: answer what it started
             await session.drain()
             while (frame := outbox.frame()) is not None:
-                await context.write(frame)
+                await peer.send(frame)
     finally:
         for task in (reader, ended):
             task.cancel()
@@ -225,12 +251,12 @@ class _Session:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def write_loop(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def write_loop(self, peer: SessionPeer) -> None:
         outbox = self._outbox
         while not outbox.closed:
             await outbox.ready.wait()
             while (frame := outbox.frame()) is not None:
-                await context.write(frame)
+                await peer.send(frame)
             if outbox.outstanding < MAX_OUTSTANDING:
                 self._room.set()
 
