@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ensync import errors
+from ensync._entropy import random_token
 from ensync.client.connection import Connection, ConnectionState
 from ensync.client.subscription import Subscription
 from ensync.client.transport import ClientTransport
@@ -28,6 +28,7 @@ _METADATA_KEYS = {"persist", "headers", "ttl_ms"}
 # Each recipient is one request on the wire (PROTOCOL.md §2.2): a bound keeps a
 # mistaken list from turning one call into a flood.
 MAX_RECIPIENTS = 1000
+_VALID_RECIPIENTS_KEPT = 4096
 
 
 def _skeleton_type(value: Any) -> str:
@@ -64,6 +65,8 @@ class EnSyncClient:
         self._secret = secret
         self._subscriptions: dict[str, Subscription] = {}
         self._closed = False
+        # Recipient ids already checked (bounded: cleared when full).
+        self._valid_recipients: set[str] = set()
 
     @property
     def client_id(self) -> str:
@@ -129,10 +132,15 @@ class EnSyncClient:
                 f"{len(recipients)} recipients, more than the limit of {MAX_RECIPIENTS} per publish"
             )
         for recipient in recipients:
+            if isinstance(recipient, str) and recipient in self._valid_recipients:
+                continue  # checked before: decoding it again is the cost of a publish
             if not isinstance(recipient, str) or not is_app_id(recipient):
                 raise errors.EnSyncValidationError(
                     f"recipient {str(recipient)[:64]!r} is not an app id (base64 of 32 bytes)"
                 )
+            if len(self._valid_recipients) >= _VALID_RECIPIENTS_KEPT:
+                self._valid_recipients.clear()
+            self._valid_recipients.add(recipient)
         if not isinstance(payload, Mapping):
             raise errors.EnSyncValidationError(
                 f"payload must be a JSON object (a mapping), not {type(payload).__name__}"
@@ -141,7 +149,7 @@ class EnSyncClient:
             plaintext = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise errors.EnSyncValidationError(f"payload is not JSON-serialisable: {exc}") from None
-        metadata_text = self._metadata_text(metadata, secrets.token_urlsafe(16))
+        metadata_text = self._metadata_text(metadata, random_token(16))
         payload_metadata = json.dumps(
             {
                 "byte_size": len(plaintext),

@@ -41,7 +41,7 @@ SESSION_METHOD = "/ensync.EnSyncSession/Session"
 VERSION = 1
 DELIVERIES = "deliveries"
 # A frame goes out as soon as it holds this many publishes.
-_EAGER_FLUSH = 32
+_EAGER_FLUSH = 128
 # Items the SDK keeps outstanding on one session when the engine does not say.
 _DEFAULT_OUTSTANDING = 4096
 # Deliveries a subscription lets the engine send ahead on the session; each

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from unittest import mock
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -30,12 +31,8 @@ def test_an_idem_is_the_ulid_of_its_time_and_random_bits(now_ms: int, random: by
         taken.append(count)
         return random
 
-    original = ids._entropy.take
-    ids._entropy.take = fixed  # type: ignore[method-assign]
-    try:
+    with mock.patch.object(ids, "random_bytes", fixed):
         idem = ids.new_idem(now_ms)
-    finally:
-        ids._entropy.take = original  # type: ignore[method-assign]
     assert taken == [10]
     assert idem == reference_encoding((now_ms << 80) | int.from_bytes(random))
 

@@ -9,9 +9,9 @@ spaces (PROTOCOL.md §2.8, §3.6, §7.2).
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 
+from ensync._entropy import random_bytes
 from ensync.protocol.tags import client_tag
 
 __all__ = [
@@ -35,33 +35,6 @@ _PAIRS = [high + low for high in _B32 for low in _B32]
 _PAIR_SHIFTS = tuple(range(120, -1, -10))
 
 
-class _Entropy:
-    """Random bytes from the OS, fetched a few kilobytes at a time: one
-    system call per ~400 idems instead of one per idem."""
-
-    def __init__(self, chunk: int = 4096) -> None:
-        self._chunk = chunk
-        self._buffer = b""
-        self._at = 0
-
-    def take(self, count: int) -> bytes:
-        if self._at + count > len(self._buffer):
-            self._buffer = os.urandom(self._chunk)
-            self._at = 0
-        start = self._at
-        self._at = start + count
-        return self._buffer[start : self._at]
-
-    def forget(self) -> None:
-        self._buffer = b""
-        self._at = 0
-
-
-_entropy = _Entropy()
-# A forked child must not hand out the bytes its parent also holds.
-os.register_at_fork(after_in_child=_entropy.forget)
-
-
 def new_idem(now_ms: int) -> str:
     """A 26-character, time-sortable, unguessable message id.
 
@@ -69,7 +42,7 @@ def new_idem(now_ms: int) -> str:
     ULID layout): sorting idems as text sorts them by creation time, and the
     random part cannot be guessed.
     """
-    value = ((now_ms & ((1 << 48) - 1)) << 80) | int.from_bytes(_entropy.take(10))
+    value = ((now_ms & ((1 << 48) - 1)) << 80) | int.from_bytes(random_bytes(10))
     pairs = _PAIRS
     return "".join([pairs[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
 
