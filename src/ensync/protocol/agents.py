@@ -8,7 +8,7 @@ directly instead of parsing it.
 
 from __future__ import annotations
 
-__all__ = ["reads_oldest_stream_only", "wants_bare_replay"]
+__all__ = ["is_go_client", "reads_oldest_stream_only", "wants_bare_replay"]
 
 
 def reads_oldest_stream_only(user_agent: str) -> bool:
@@ -29,3 +29,13 @@ def wants_bare_replay(user_agent: str) -> bool:
     (True, False)
     """
     return user_agent.startswith("grpc-python")
+
+
+def is_go_client(user_agent: str) -> bool:
+    """The official Go SDK's gRPC engine: it subscribes again at once after a
+    refused Subscribe, and closes by dropping its streams without a word.
+
+    >>> is_go_client("grpc-go/1.64.0"), is_go_client("grpc-python/1.66.0")
+    (True, False)
+    """
+    return user_agent.startswith("grpc-go/")

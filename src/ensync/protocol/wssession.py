@@ -456,10 +456,10 @@ class ServerSession:
         if action is ServerAction.FAIL_CONN_FIRST and request is not None:
             return f"not connected: send CONN first (got {_word(request)})"
         if action is ServerAction.FAIL_ALREADY_CONNECTED:
-            return "already connected: send CONN once per connection"
+            return "already connected: send CONN once per socket"
         if action is ServerAction.FAIL_FOREIGN_CLIENT and request is not None:
             claimed = getattr(request, "client_id", "")
-            return f"CLIENT_ID {shorten(claimed)!r} is not this connection's client id"
+            return f"CLIENT_ID {shorten(claimed)!r} is not the client id of this socket"
         return detail  # FAIL_MALFORMED, FAIL_BINARY
 
     def _drain(self) -> list[Incoming]:

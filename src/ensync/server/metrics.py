@@ -31,6 +31,7 @@ _COUNTERS = {
     "rejected": "Refused connects (bad or revoked app key)",
     "deduplicated": "Publishes answered with an earlier idem (idempotency key seen)",
     "denied": "Requests refused by an app's publish/subscribe rules",
+    "subscribe_refusals": "Subscribe requests refused (bad name, denial, limit, unknown client)",
 }
 
 _LIMITS = (

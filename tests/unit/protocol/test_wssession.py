@@ -146,7 +146,9 @@ FAIL_TEXT = {
     ServerAction.FAIL_BINARY: "-FAIL:binary frames are not supported",
     ServerAction.FAIL_CONN_FIRST: "-FAIL:not connected: send CONN first (got SUB)",
     ServerAction.FAIL_ALREADY_CONNECTED: "-FAIL:already connected",
-    ServerAction.FAIL_FOREIGN_CLIENT: "-FAIL:CLIENT_ID 'someone-else' is not this connection's",
+    ServerAction.FAIL_FOREIGN_CLIENT: (
+        "-FAIL:CLIENT_ID 'someone-else' is not the client id of this socket"
+    ),
 }
 
 
@@ -344,7 +346,7 @@ def test_commands_before_conn_fail_and_are_never_executed() -> None:
 def test_a_foreign_client_id_is_refused_and_never_executed() -> None:
     session = open_session()
     assert session.receive_text(sub("c2")) == []
-    assert session.data_to_send() == ["-FAIL:CLIENT_ID 'c2' is not this connection's client id"]
+    assert session.data_to_send() == ["-FAIL:CLIENT_ID 'c2' is not the client id of this socket"]
     long_id = "x" * 10_000
     session.receive_text(sub(long_id))
     [frame] = session.data_to_send()
@@ -379,9 +381,9 @@ def test_commands_wait_while_conn_is_decided_then_run_in_order() -> None:
     session.reply(2, Pass("first"))
     assert session.data_to_send() == [
         "+PASS:first",
-        "-FAIL:CLIENT_ID 'c9' is not this connection's client id",
+        "-FAIL:CLIENT_ID 'c9' is not the client id of this socket",
         "-FAIL:unknown command 'FOO'",
-        "-FAIL:already connected: send CONN once per connection",
+        "-FAIL:already connected: send CONN once per socket",
         "+PASS:second",
     ]
 

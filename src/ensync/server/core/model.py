@@ -95,6 +95,7 @@ class EngineStats:
     rejected: int = 0
     deduplicated: int = 0
     denied: int = 0
+    subscribe_refusals: int = 0
     limit_rejections: dict[str, int] = field(default_factory=dict)
 
 

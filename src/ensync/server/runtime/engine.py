@@ -43,6 +43,8 @@ log = logging.getLogger("ensync.server.core")
 
 # Settled messages are pruned this often (and soon after start).
 _PRUNE_EVERY_S = 3600.0
+# Refused subscribes logged already, by (client, name); forgotten when full.
+_REFUSALS_LOGGED = 10_000
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -87,6 +89,7 @@ class Engine:
         self._timer: Cancellable | None = None
         self._timer_at: int | None = None
         self._batch: list[tuple[NewMessage, asyncio.Future[str]]] = []
+        self._refusals_logged: set[tuple[str, str]] = set()
         self._acks: list[tuple[str, str, asyncio.Future[None]]] = []
         self._unwatch: Any = None
         # Claims, releases and appends running now (housekeeping excluded).
@@ -289,8 +292,29 @@ class Engine:
 
     def subscribe(self, client_id: str, name: str) -> None:
         """Start delivering messages of ``name`` to this client."""
-        self._service.subscribe(client_id, name)
+        try:
+            self._service.subscribe(client_id, name)
+        except ServiceError as exc:
+            self.refused_subscribe(client_id, name, exc.message)
+            raise
         self._kick()
+
+    def refused_subscribe(self, client_id: str, name: str, reason: str) -> None:
+        """Count a refused Subscribe; log it once per client and name (a
+        client that retries at once must not flood the log)."""
+        self.stats.subscribe_refusals += 1
+        key = (client_id, name)
+        if key in self._refusals_logged:
+            return
+        if len(self._refusals_logged) >= _REFUSALS_LOGGED:
+            self._refusals_logged.clear()
+        self._refusals_logged.add(key)
+        log.info(
+            "subscribe of client %s to %r refused: %s",
+            client_tag(client_id) if client_id else "-",
+            name[:100],
+            reason,
+        )
 
     def unsubscribe(self, client_id: str, name: str) -> bool:
         """Stop deliveries of ``name`` to this client; ``False`` if it was not subscribed."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
@@ -31,12 +32,13 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
 from ensync._proto import ensync_pb2 as pb
-from ensync.protocol.agents import reads_oldest_stream_only, wants_bare_replay
+from ensync.protocol.agents import is_go_client, reads_oldest_stream_only, wants_bare_replay
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import ReplayInfo, replay_json, to_stream_response
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
 from ensync.server.runtime.engine import Engine
+from ensync.server.transports.go_clients import GoClientWatch
 from ensync.server.transports.session import (
     SESSION_SERVICE,
     Refusal,
@@ -137,6 +139,10 @@ class _Client:
     session: SessionOutbox | None = None
 
     @property
+    def go(self) -> bool:
+        return is_go_client(self.user_agent)
+
+    @property
     def oldest_stream_only(self) -> bool:
         return reads_oldest_stream_only(self.user_agent) and not self.event_generation
 
@@ -231,6 +237,7 @@ class GrpcTransport:
             ]
         )
         self._clients: dict[str, _Client] = {}
+        self._go = GoClientWatch(self._go_client_gone)
         handlers = [self._handlers()]
         if session:  # ensync's own batched stream; official clients never call it
             handlers.append(self._session_handlers())
@@ -253,6 +260,7 @@ class GrpcTransport:
         unary calls in progress finish (up to ``grace_s``), then close."""
         stopping = asyncio.get_running_loop().create_task(self._server.stop(grace_s))
         await asyncio.sleep(0)  # let stop() refuse new calls before streams end
+        self._go.close()
         for client in list(self._clients.values()):
             client.close()
         await stopping
@@ -330,6 +338,9 @@ class GrpcTransport:
         ) -> _Resp:
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            client = self._clients.get(getattr(request, "client_id", ""))
+            if client is not None and client.go:
+                self._go.saw_call(client.client_id)
             return await behaviour(request, context, event)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -399,6 +410,7 @@ class GrpcTransport:
         alive = self._engine.heartbeat(request.client_id)
         if not alive:
             self._clients.pop(request.client_id, None)
+            self._go.forget(request.client_id)
         return pb.HeartbeatResponse(success=alive)
 
     # ------------------------------------------------------------------ streams
@@ -408,17 +420,26 @@ class GrpcTransport:
         request: pb.SubscribeRequest | _Undecodable,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.MessageStreamResponse]:
+        arrived_s = time.monotonic()
         user_agent = _user_agent(context)
         if isinstance(request, _Undecodable):
+            self._engine.refused_subscribe("", "", request.reason)
+            if is_go_client(user_agent):
+                await self._go.pace_refusal(arrived_s)
             if not reads_oldest_stream_only(user_agent):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             return
         client = self._clients.get(request.client_id)
         try:
             if client is None or client.closed:
-                raise ServiceError.unauthenticated(f"{UNKNOWN_SESSION}: connect first")
+                unknown = f"{UNKNOWN_SESSION}: connect first"
+                self._engine.refused_subscribe(request.client_id, request.message_name, unknown)
+                raise ServiceError.unauthenticated(unknown)
             self._engine.subscribe(request.client_id, request.message_name)
         except ServiceError as exc:
+            if is_go_client(user_agent):
+                # It would subscribe again at once, forever (go_clients.py).
+                await self._go.pace_refusal(arrived_s)
             # A grpc-js client crashes on any error status (PROTOCOL.md §2.5
             # rule 6): end its stream with OK instead.
             if not reads_oldest_stream_only(user_agent):
@@ -426,8 +447,11 @@ class GrpcTransport:
             return
         if client is None:  # unreachable: the check above raised
             return
+        if client.go:
+            self._go.saw_call(client.client_id)
         stream = _Stream(request.message_name)
         client.streams.append(stream)
+        cancelled = False
         try:
             # Headers go out at once so that clients waiting for the stream
             # to be accepted need not wait for the first message.
@@ -438,10 +462,13 @@ class GrpcTransport:
                 if delivery is None:
                     return
                 yield to_stream_response(delivery)
+        except asyncio.CancelledError:
+            cancelled = True  # by the client, or by a stopping server
+            raise
         finally:
-            self._stream_closed(client, stream)
+            self._stream_closed(client, stream, cancelled=cancelled)
 
-    def _stream_closed(self, client: _Client, stream: _Stream) -> None:
+    def _stream_closed(self, client: _Client, stream: _Stream, *, cancelled: bool) -> None:
         was_oldest = bool(client.streams) and client.streams[0] is stream
         if stream in client.streams:
             client.streams.remove(stream)
@@ -455,7 +482,20 @@ class GrpcTransport:
             self._clients.pop(client.client_id, None)
             self._engine.disconnect(client.client_id)
             return
+        if client.go:
+            session = self._engine.sessions.get(client.client_id)
+            held = session is not None and stream.name in session.subscriptions
+            self._go.stream_ended(
+                client.client_id, streams_left=len(client.streams), unexpected=cancelled and held
+            )
         self._engine.routes_changed(client.client_id)
+
+    def _go_client_gone(self, client_id: str) -> None:
+        client = self._clients.pop(client_id, None)
+        if client is None or client.closed:
+            return
+        client.close()
+        self._engine.disconnect(client_id)
 
 
 @dataclass(frozen=True, slots=True)
