@@ -61,9 +61,6 @@ class EnSyncError(Exception):
         super().__init__(message)
         self.message = message
 
-    def __str__(self) -> str:
-        return f"{self.name}: {self.message}"
-
 
 class EnSyncConnectionError(EnSyncError):
     """The engine cannot be reached, or the link broke during a call."""

@@ -119,6 +119,7 @@ async def test_app_created_while_serving_connects_at_once(serving: Serving) -> N
         assert got[0].sender == orders["app_id"]
 
         listed = ensync("app", "list", "--json", env={"ENSYNC_DATA": str(serving.data)})
+        assert "no engine is serving" not in listed.stderr  # this one is
         rows = json.loads(listed.stdout)
         assert [(r["name"], r["revoked"]) for r in rows] == [
             ("orders", False),
@@ -150,6 +151,48 @@ def test_app_commands_report_mistakes(tmp_path: Path) -> None:
     store = ensync("app", "list", "--data", data, "--store", "mongodb://x")
     assert store.returncode == 2
     assert "mongodb://x" in store.stderr
+
+
+def test_app_commands_say_when_no_engine_serves_the_directory(tmp_path: Path) -> None:
+    created = ensync("app", "create", "orders", "--data", str(tmp_path / "elsewhere"))
+    assert created.returncode == 0  # preparing data offline still works
+    assert f"no engine is serving {tmp_path / 'elsewhere' / 'ensync.db'}" in created.stderr
+    assert "another --data directory" in created.stderr
+
+
+async def test_a_second_engine_on_the_same_directory_is_refused(serving: Serving) -> None:
+    second = ensync(
+        "serve",
+        "--data",
+        str(serving.data),
+        "--grpc",
+        f"127.0.0.1:{free_port()}",
+        "--http",
+        f"127.0.0.1:{free_port()}",
+    )
+    assert second.returncode == 1
+    assert f"another engine (pid {serving.process.pid}) is already serving" in second.stderr
+    assert str(serving.data) in second.stderr
+
+
+def test_version_and_python_dash_m_and_serve_help_shows_defaults() -> None:
+    from ensync import __version__
+
+    for command in (
+        [sys.executable, "-m", "ensync", "--version"],
+        [sys.executable, "-m", "ensync.cli.main", "--version"],
+    ):
+        shown = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert (shown.returncode, shown.stdout) == (0, f"ensync {__version__}\n")
+    help_text = " ".join(ensync("serve", "--help").stdout.split())
+    for default in (
+        "gRPC HOST:PORT (default: 127.0.0.1:50051)",
+        "HTTP HOST:PORT (default: 127.0.0.1:8080)",
+        "(default: INFO)",
+        "(default: .ensync)",
+    ):
+        assert default in help_text
+    assert "None" not in help_text
 
 
 def test_serve_refuses_bad_addresses(tmp_path: Path) -> None:

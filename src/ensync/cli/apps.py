@@ -10,8 +10,9 @@ from pathlib import Path
 
 from ensync.crypto import generate_keypair
 from ensync.server.core.apps import AppRegistry
+from ensync.server.datadir import engine_holding
 from ensync.server.runtime.clock import wall_clock_ms
-from ensync.server.store import open_store
+from ensync.server.store import open_store, sqlite_file
 from ensync.server.store.base import AppExistsError, StoreError
 
 __all__ = ["allow", "create", "keygen", "list_apps", "revoke", "rotate_key"]
@@ -21,9 +22,17 @@ def _registry_call(args: argparse.Namespace, action: str) -> int:
     async def go() -> int:
         try:
             store = open_store(args.store, Path(args.data))
+            database = sqlite_file(args.store, Path(args.data))
         except ValueError as exc:
             print(f"ensync: {exc}", file=sys.stderr)
             return 2
+        if database is not None and engine_holding(database) is None:
+            # Works offline too; but an engine on another --data would not see it.
+            print(
+                f"ensync: note: no engine is serving {database} right now"
+                " (is the engine using another --data directory?)",
+                file=sys.stderr,
+            )
         await store.open()
         try:
             registry = AppRegistry(store, wall_clock_ms, cache_ms=0)

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ensync._version import __version__
 from ensync.cli import apps, serve
 
 __all__ = ["build_parser", "main"]
@@ -32,22 +33,37 @@ def env_int(name: str, default: int) -> int:
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--data", default=env("data", ".ensync"), help="data directory (default: ./.ensync)"
+        "--data", default=env("data", ".ensync"), help="data directory (default: %(default)s)"
     )
     parser.add_argument(
         "--store",
         default=env("store", "sqlite:"),
-        help="store URL: sqlite: (default, DATA/ensync.db), sqlite:PATH, memory:",
+        help="store URL: sqlite: (DATA/ensync.db), sqlite:PATH or memory: (default: %(default)s)",
     )
+
+
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in the help, except "None" for options that are off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ensync", description="The ensync engine and tools. Options also read ENSYNC_* env."
     )
+    parser.add_argument("--version", action="version", version=f"ensync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve_cmd = commands.add_parser("serve", help="run the engine")
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="run the engine",
+        description="Run the engine until Ctrl-C or SIGTERM.",
+        formatter_class=_ShowDefaults,
+    )
     add_data_options(serve_cmd)
     serve.add_arguments(serve_cmd, env, env_int)
     serve_cmd.set_defaults(run=serve.run)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import grpc
 
 from ensync.server.config import ServerConfig
+from ensync.server.datadir import EngineLock, loose_permissions
 from ensync.server.runtime.engine import Engine
-from ensync.server.store import open_store
+from ensync.server.store import open_store, sqlite_file
 from ensync.server.store.base import Store
 from ensync.server.transports.grpc import GrpcTransport
 from ensync.server.transports.http import HttpListener
@@ -74,8 +75,29 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
     """
     grpc_host, grpc_port = parse_address(config.grpc_address, what="gRPC")
     http_host, http_port = parse_address(config.http_address, what="HTTP")
-    store = open_store(config.store_url, config.data_dir)
-    await store.open()
+    async with contextlib.AsyncExitStack() as stack:
+        database = sqlite_file(config.store_url, config.data_dir)
+        if database is not None:
+            stack.enter_context(EngineLock(database))
+        store = open_store(config.store_url, config.data_dir)
+        await store.open()
+        stack.push_async_callback(store.close)
+        if database is not None:
+            for loose in loose_permissions(database):
+                log.warning("%s: other users can read it (chmod go= to fix)", loose)
+        async with _serving(config, store, grpc_host, grpc_port, http_host, http_port) as running:
+            yield running
+
+
+@contextlib.asynccontextmanager
+async def _serving(
+    config: ServerConfig,
+    store: Store,
+    grpc_host: str,
+    grpc_port: int,
+    http_host: str,
+    http_port: int,
+) -> AsyncIterator[RunningServer]:
     engine = Engine(store, config.engine)
     credentials, ssl_context = _tls(config)
     grpc_transport = GrpcTransport(
@@ -105,4 +127,3 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
         # the queue when the core stops, and the store drains its writes.
         await asyncio.gather(http_listener.stop(), grpc_transport.stop(grace_s=5.0))
         await engine.stop()
-        await store.close()

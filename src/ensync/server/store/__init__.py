@@ -64,6 +64,7 @@ __all__ = [
     "StoreError",
     "StoredMessage",
     "open_store",
+    "sqlite_file",
 ]
 
 _LAZY = {
@@ -108,6 +109,18 @@ def open_store(url: str, data_dir: pathlib.Path) -> Store:
         f"unsupported store URL {url!r}: use 'memory:', 'sqlite:', 'sqlite:relative.db'"
         " or 'sqlite:///absolute/path.db'"
     )
+
+
+def sqlite_file(url: str, data_dir: pathlib.Path) -> pathlib.Path | None:
+    """The database file a ``sqlite:`` URL names, or ``None`` for another store.
+
+    Raises:
+        ValueError: as :func:`open_store`.
+    """
+    scheme, colon, rest = url.partition(":")
+    if scheme.lower() != "sqlite" or not colon:
+        return None
+    return _sqlite_path(url, rest, data_dir)
 
 
 def _sqlite_path(url: str, rest: str, data_dir: pathlib.Path) -> pathlib.Path:

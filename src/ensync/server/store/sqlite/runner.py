@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import enum
 import logging
+import os
 import pathlib
 import queue
 import sqlite3
@@ -308,7 +309,11 @@ class SqliteRunner:
         )
 
     def _connect_writer(self) -> sqlite3.Connection:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        # Private from the start: the file holds message headers in clear.
+        self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self._path.exists():
+            # SQLite gives the WAL and shared-memory files the database's mode.
+            os.close(os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = self._connect()
         try:
             (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
