@@ -15,9 +15,15 @@ Publish end-to-end encrypted JSON messages to other apps and receive theirs::
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ensync._version import __version__
+
+# A library stays quiet unless asked: no "last resort" printing of the SDK's
+# warnings when the application configured no logging (enable_logging=True
+# is how it asks, see client/engine.py).
+logging.getLogger("ensync").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from ensync.client import ConnectionState, EnSyncClient, EnSyncEngine, Subscription

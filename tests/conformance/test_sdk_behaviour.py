@@ -166,6 +166,30 @@ async def test_sync_and_async_handlers_and_the_remover(setup: Setup) -> None:
     assert acks == [first, second, third]
 
 
+async def test_handlers_and_iteration_on_one_subscription_are_refused(setup: Setup) -> None:
+    bob = await setup.connect(setup.bob)
+    handled = await bob.subscribe("handled")
+    handled.on(lambda message: None)
+    with pytest.raises(EnSyncSubscriptionError, match="not both"):
+        async for _ in handled:
+            pass
+    iterated = await bob.subscribe("iterated")
+    started = asyncio.Event()
+
+    async def iterate() -> None:
+        started.set()
+        async for _ in iterated:
+            pass
+
+    task = asyncio.get_running_loop().create_task(iterate())
+    await started.wait()
+    await asyncio.sleep(0)
+    with pytest.raises(EnSyncSubscriptionError, match="not both"):
+        iterated.on(lambda message: None)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_async_iteration_acks_after_the_loop_body(setup: Setup) -> None:
     alice = await setup.connect(setup.alice)
     bob = await setup.connect(setup.bob)

@@ -75,25 +75,53 @@ async def test_reconnects_resubscribes_and_keeps_handlers(server: TestServer) ->
             await publisher_engine.close()
 
 
-async def test_gives_up_after_max_attempts_and_says_so(server: TestServer) -> None:
+@pytest.mark.parametrize("transport", ["grpc", "ws"])
+async def test_gives_up_after_max_attempts_and_says_so(server: TestServer, transport: str) -> None:
     bob = await server.create_app("bob")
-    async with tcp_proxy(server.server.grpc_port) as proxy:
-        engine = EnSyncEngine(
-            f"grpc://127.0.0.1:{proxy.port}",
-            reconnect_interval=20,
-            max_reconnect_attempts=2,
-            call_timeout=500,
+    port = server.server.grpc_port if transport == "grpc" else server.http_port
+    async with tcp_proxy(port) as proxy:
+        options: dict[str, Any] = {
+            "reconnect_interval": 20,
+            "max_reconnect_attempts": 2,
+            "call_timeout": 500,
+        }
+        engine: Any = (
+            EnSyncEngine(f"grpc://127.0.0.1:{proxy.port}", **options)
+            if transport == "grpc"
+            else WsEngine(f"ws://127.0.0.1:{proxy.port}", **options)
         )
         errors: list[EnSyncError] = []
         engine.on("error", errors.append)
         try:
             client = await engine.create_client(bob.app_key, app_secret_key=bob.secret_key)
-            await client.subscribe("x")
+            iterated = await client.subscribe("x")
+            handled = await client.subscribe("y")
+            handled.on(lambda message: None)
+
+            async def iterate() -> None:
+                async for _ in iterated:
+                    pass
+
+            loop = asyncio.get_running_loop().create_task(iterate())
+            await asyncio.sleep(0.05)
             await proxy.cut()
             await eventually(lambda: client.state is ConnectionState.FAILED, timeout_s=10)
-            assert len(errors) == 1
+            assert len(errors) == 1  # handlers hear of it through "error" listeners
             assert "2 attempts" in errors[0].message
             assert errors[0].name == "EnSyncConnectionError"
+            # The async for loop ends with the error instead of waiting forever.
+            with pytest.raises(EnSyncConnectionError, match="2 attempts"):
+                await asyncio.wait_for(loop, 5)
+            with pytest.raises(EnSyncConnectionError, match="2 attempts"):
+                async for _ in iterated:
+                    pass
+            # Further calls fail at once, saying why.
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(EnSyncConnectionError, match=r"failed for good.*2 attempts"):
+                await client.publish("x", [bob.app_id], {"late": True})
+            with pytest.raises(EnSyncConnectionError, match="failed for good"):
+                await iterated.ack("01ABC", 1)
+            assert asyncio.get_running_loop().time() - started < 0.4
         finally:
             await engine.close()
 

@@ -67,6 +67,11 @@ class EnSyncClient:
         self._closed = False
         # Recipient ids already checked (bounded: cleared when full).
         self._valid_recipients: set[str] = set()
+        connection.on_failed(self._connection_failed)
+
+    def _connection_failed(self, error: errors.EnSyncError) -> None:
+        for subscription in list(self._subscriptions.values()):
+            subscription.fail(error)
 
     @property
     def client_id(self) -> str:

@@ -80,6 +80,9 @@ class Connection:
         self._connected = asyncio.Event()
         self.client_hash = ""
         self.ack_deadline_ms: int | None = None
+        # Why the connection failed for good, once it has.
+        self.failure: errors.EnSyncError | None = None
+        self._failed_listeners: list[Callable[[errors.EnSyncError], None]] = []
 
     @property
     def state(self) -> ConnectionState:
@@ -93,8 +96,21 @@ class Connection:
     def transport(self) -> ClientTransport:
         """The live transport; raises EnSyncConnectionError while the link is down."""
         if self._state is not ConnectionState.CONNECTED or self._transport is None:
-            raise errors.EnSyncConnectionError(f"not connected to the engine ({self._state.value})")
+            raise self._down()
         return self._transport
+
+    def _down(self) -> errors.EnSyncConnectionError:
+        if self.failure is not None:
+            error = errors.EnSyncConnectionError(
+                f"the connection to the engine failed for good: {self.failure.message}"
+            )
+            error.__cause__ = self.failure
+            return error
+        return errors.EnSyncConnectionError(f"not connected to the engine ({self._state.value})")
+
+    def on_failed(self, listener: Callable[[errors.EnSyncError], None]) -> None:
+        """Call ``listener(error)`` once if the connection fails for good."""
+        self._failed_listeners.append(listener)
 
     async def open(self) -> None:
         """Connect for the first time; errors propagate to the caller."""
@@ -123,16 +139,15 @@ class Connection:
         if self._state is ConnectionState.CONNECTED:
             return
         if self._state in (ConnectionState.FAILED, ConnectionState.CLOSED):
-            raise errors.EnSyncConnectionError(f"connection is {self._state.value}")
+            raise self._down()
         try:
             # _connected is also set when the connection fails or closes, to
             # wake waiters at once; the state says which it was.
             await asyncio.wait_for(self._connected.wait(), timeout_s)
         except TimeoutError:
             raise errors.EnSyncConnectionError("not reconnected in time") from None
-        state = self.state  # changed while we waited
-        if state is not ConnectionState.CONNECTED:
-            raise errors.EnSyncConnectionError(f"connection is {state.value}")
+        if self.state is not ConnectionState.CONNECTED:  # changed while we waited
+            raise self._down()
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -246,9 +261,15 @@ class Connection:
 
     def _fail(self, exc: errors.EnSyncError) -> None:
         self._state = ConnectionState.FAILED
+        self.failure = exc
         self._connected.set()  # wake waiters: they see FAILED
         log.error("connection failed for good: %s", exc)
         self._events.emit("error", exc)
+        for listener in self._failed_listeners:
+            try:
+                listener(exc)
+            except Exception:  # isolation boundary: one listener must not stop the others
+                log.exception("a failure listener raised")
 
     # ------------------------------------------------------------------ close
 

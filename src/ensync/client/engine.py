@@ -17,7 +17,7 @@ from ensync.client.transport import ClientTransport
 from ensync.crypto import Sealer, opening_key
 from ensync.protocol.urls import EngineUrl, parse_engine_url
 
-__all__ = ["BaseEngine", "EnSyncEngine"]
+__all__ = ["BaseEngine", "EnSyncEngine", "show_sdk_logs"]
 
 log = logging.getLogger("ensync.client")
 
@@ -27,6 +27,21 @@ def _positive_ms(name: str, value: object, *, zero_ok: bool = False) -> int:
         bound = "zero or more" if zero_ok else "a positive integer"
         raise errors.EnSyncValidationError(f"{name} must be {bound} (milliseconds), not {value!r}")
     return value
+
+
+def show_sdk_logs() -> None:
+    """Print the SDK's records (INFO and up) on stderr, if the application
+    configured no logging of its own; otherwise leave its setup alone."""
+    sdk = logging.getLogger("ensync")
+    if logging.getLogger().handlers or any(
+        not isinstance(handler, logging.NullHandler) for handler in sdk.handlers
+    ):
+        return
+    handler = logging.StreamHandler()  # stderr
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    sdk.addHandler(handler)
+    if sdk.level == logging.NOTSET or sdk.level > logging.INFO:
+        sdk.setLevel(logging.INFO)
 
 
 class BaseEngine(ABC):
@@ -73,8 +88,11 @@ class BaseEngine(ABC):
                     f"cannot read CA file {ca_file!r}: {exc}"
                 ) from None
         # enable_logging raises the SDK's routine records (connects, reconnect
-        # attempts) from DEBUG to INFO; handlers and levels stay the app's.
+        # attempts) from DEBUG to INFO, and shows them on stderr unless the
+        # application configured logging of its own.
         self._log_level = logging.INFO if enable_logging else logging.DEBUG
+        if enable_logging:
+            show_sdk_logs()
         self._events = EventEmitter()
         self._clients: list[EnSyncClient] = []
         self._closed = False

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], Awaitable[object] | object]
 
 MAX_DEFER_MS = 86_400_000
+_BOTH_WAYS = (
+    "subscription {name!r} has handlers and an async for loop: use one way to consume it"
+    " (handlers with on(), or async for), not both"
+)
 
 
 class SubscriptionLink(Protocol):
@@ -117,6 +121,8 @@ class Subscription:
         # Set by close: no new message is taken up; the one in hand finishes.
         self._closing = False
         self._closed_event = asyncio.Event()
+        # Set when the client's connection failed for good: iterators raise it.
+        self._failure: errors.EnSyncError | None = None
         self._acks: set[asyncio.Task[None]] = set()
         self._task = asyncio.get_running_loop().create_task(
             self._dispatch(), name=f"ensync-subscription-{name}"
@@ -131,6 +137,8 @@ class Subscription:
         """
         if not callable(handler):
             raise errors.EnSyncValidationError("handler must be callable")
+        if self._iterators:
+            raise errors.EnSyncSubscriptionError(_BOTH_WAYS.format(name=self.name))
         self._handlers.append(handler)
         self._consumers.set()
 
@@ -145,6 +153,11 @@ class Subscription:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Message]:
+        if self._handlers:
+            # Messages go to handlers first: an iterator would wait forever.
+            raise errors.EnSyncSubscriptionError(_BOTH_WAYS.format(name=self.name))
+        if self._failure is not None:
+            raise self._failure
         self._iterators += 1
         self._consumers.set()
         try:
@@ -155,6 +168,8 @@ class Subscription:
                 closed.cancel()
                 if getter not in done:
                     getter.cancel()
+                    if self._failure is not None:
+                        raise self._failure
                     return
                 message = getter.result()
                 try:
@@ -173,6 +188,18 @@ class Subscription:
             self._consumers.set()
         else:
             self._consumers.clear()
+
+    def fail(self, error: errors.EnSyncError) -> None:
+        """The client's connection failed for good: nothing more arrives, and
+        ``async for`` loops raise ``error`` (handlers hear of it through the
+        engine's ``"error"`` listeners)."""
+        if self._closed:
+            return
+        self._failure = error
+        self._closing = True
+        self._arrived.set()
+        self._consumers.set()
+        self._closed_event.set()
 
     def _deliver(self, wire: Delivery) -> None:
         """Called by the transport's reader for every delivery, in order."""
