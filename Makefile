@@ -28,8 +28,8 @@ run: $(STAMP)
 	$(BIN)/ensync serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
 	$(BIN)/lint-imports
 
 types: $(STAMP)

@@ -1,0 +1,108 @@
+"""The README's scripts and examples/ run as a new user would run them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ensync.testing import TestServer, run_engine
+from tests.support.timing import seconds
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[TestServer]:
+    async with run_engine() as running:
+        yield running
+
+
+def environment(server: TestServer, **values: str) -> dict[str, str]:
+    return {**os.environ, "ENSYNC_URL": server.grpc_url, **values}
+
+
+async def line_of(process: asyncio.subprocess.Process) -> str:
+    assert process.stdout is not None
+    raw = await asyncio.wait_for(process.stdout.readline(), seconds(30))
+    return raw.decode().rstrip("\n")
+
+
+async def test_the_quickstart_subscriber_prints_what_the_publisher_sends(
+    server: TestServer,
+) -> None:
+    warehouse = await server.create_app("warehouse")
+    shop = await server.create_app("shop")
+    subscriber = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / "subscriber.py"),
+        env=environment(
+            server, ENSYNC_APP_KEY=warehouse.app_key, ENSYNC_SECRET_KEY=warehouse.secret_key
+        ),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert await line_of(subscriber) == "waiting for messages; Ctrl-C stops"
+        sent = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, str(EXAMPLES / "publisher.py")],
+            env=environment(server, ENSYNC_APP_KEY=shop.app_key, ENSYNC_TO=warehouse.app_id),
+            capture_output=True,
+            text=True,
+            timeout=seconds(60),
+            check=False,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert re.fullmatch(r"sent [0-9A-Z]{26}\n", sent.stdout), sent.stdout
+        assert await line_of(subscriber) == (
+            f"orders/status/updated from {shop.app_id}: {{'orderId': 'o-1', 'status': 'shipped'}}"
+        )
+        subscriber.send_signal(signal.SIGINT)  # Ctrl-C
+        assert await asyncio.wait_for(subscriber.wait(), seconds(30)) == 0
+    finally:
+        if subscriber.returncode is None:
+            subscriber.kill()
+            await subscriber.wait()
+
+
+async def test_the_tour_runs_every_verb(server: TestServer) -> None:
+    app = await server.create_app("shop")
+    toured = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(EXAMPLES / "tour.py")],
+        env=environment(
+            server,
+            ENSYNC_APP_KEY=app.app_key,
+            ENSYNC_SECRET_KEY=app.secret_key,
+            ENSYNC_APP_ID=app.app_id,
+        ),
+        capture_output=True,
+        text=True,
+        timeout=seconds(60),
+        check=False,
+    )
+    assert toured.returncode == 0, toured.stderr
+    assert toured.stdout.splitlines() == [
+        "handled {'orderId': 'o-1', 'status': 'shipped'} from shop",
+        "replayed {'task': 'pack o-1'} acknowledged: False",
+    ]
+    (dead,) = await server.engine.store.list_dead(app.app_id, 10)
+    assert dead.dead_reason == "discarded: cannot pack"
+
+
+def test_every_python_block_of_the_readme_is_an_example_that_runs() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.DOTALL)
+    examples = {path.read_text(): path.name for path in EXAMPLES.glob("*.py")}
+    assert blocks, "the README shows no Python"
+    for block in blocks:
+        assert block in examples, f"a README block is not an example file:\n{block[:200]}"
+    # The tests above run these.
+    assert set(examples.values()) == {"publisher.py", "subscriber.py", "tour.py"}
