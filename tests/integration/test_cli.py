@@ -211,6 +211,42 @@ async def test_sigterm_shuts_down_cleanly(serving: Serving) -> None:
     assert "Traceback" not in err
 
 
+async def test_json_logs_and_one_start_up_line(tmp_path: Path) -> None:
+    grpc_port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ensync",
+        "serve",
+        "--data",
+        str(tmp_path),
+        "--grpc",
+        f"127.0.0.1:{grpc_port}",
+        "--http",
+        f"127.0.0.1:{free_port()}",
+        "--log-format",
+        "json",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_listening(grpc_port, process)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), seconds(15))
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.stderr is not None
+    lines = (await process.stderr.read()).decode().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+    started = [r for r in records if "serving gRPC on" in r["message"]]
+    assert len(started) == 1
+    assert f"127.0.0.1:{grpc_port}" in started[0]["message"]
+    assert started[0]["level"] == "INFO"
+    assert any(r["message"] == "shutting down" for r in records)
+
+
 def test_bench_prints_its_figures_as_json() -> None:
     result = ensync("bench", "--messages", "200", "--json")
     assert result.returncode == 0, result.stderr

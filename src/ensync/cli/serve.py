@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ensync._version import __version__
 from ensync.server.config import EngineConfig, ServerConfig
 from ensync.server.serving import running_server
 from ensync.server.store.base import StoreError
 
 __all__ = ["ENGINE_FLAGS", "engine_config", "parse_backoff", "run"]
+
+log = logging.getLogger("ensync.serve")
 
 _DEFAULTS = EngineConfig()
 
@@ -85,6 +89,12 @@ def add_arguments(
     parser.add_argument("--http", default=env("http", "127.0.0.1:8080"), help="HTTP HOST:PORT")
     parser.add_argument("--log-level", default=env("log_level", "INFO"), help="DEBUG, INFO, ...")
     parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=env("log_format", "text"),
+        help="text lines, or one JSON object per line (time, level, logger, message)",
+    )
+    parser.add_argument(
         "--tls-cert", default=env("tls_cert", "") or None, help="PEM certificate chain: serve TLS"
     )
     parser.add_argument(
@@ -103,10 +113,13 @@ def add_arguments(
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; returns the exit code."""
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    handler = logging.StreamHandler()  # stderr
+    handler.setFormatter(
+        _JsonFormatter()
+        if args.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     # websockets logs every HTTP request at INFO and whole frames at DEBUG
     # (app keys included): keep the engine's log readable and secret-free.
     logging.getLogger("websockets").setLevel(max(logging.WARNING, logging.root.level))
@@ -139,13 +152,31 @@ async def _serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with running_server(config) as server:
         scheme = "TLS" if config.tls_cert else "plaintext"
-        print(
-            f"ensync engine serving gRPC on {config.grpc_address.rsplit(':', 1)[0]}:"
-            f"{server.grpc_port}, HTTP on {config.http_address.rsplit(':', 1)[0]}:"
-            f"{server.http_port} ({scheme}; data: {config.data_dir})",
-            file=sys.stderr,
-            flush=True,
+        log.info(
+            "ensync %s serving gRPC on %s:%d, HTTP on %s:%d (%s; data: %s)",
+            __version__,
+            config.grpc_address.rsplit(":", 1)[0],
+            server.grpc_port,
+            config.http_address.rsplit(":", 1)[0],
+            server.http_port,
+            scheme,
+            config.data_dir,
         )
         await stop.wait()
-        print("ensync: shutting down", file=sys.stderr, flush=True)
+        log.info("shutting down")
     return 0
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per record, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)

@@ -113,7 +113,8 @@ async def _serving(
         await engine.start()
         bound_grpc = await grpc_transport.start()
         bound_http = await http_listener.start()
-        log.info(
+        # `ensync serve` says it at INFO with more detail; say it once.
+        log.debug(
             "engine serving gRPC on %s:%d, HTTP on %s:%d",
             grpc_host,
             bound_grpc,

@@ -40,6 +40,7 @@ from ensync.server.core.model import (
     SessionInfo,
     SessionRouter,
 )
+from ensync.server.core.refusals import RefusalLog
 from ensync.server.core.sessions import Session
 from ensync.server.store.base import (
     Appended,
@@ -100,6 +101,7 @@ class Service:
         )
         self.policy = DeliveryPolicy()
         self._limiter = RateLimiter(config.rate_limit_per_app)
+        self._refusals = RefusalLog(log, clock.now_ms)
         self.configure(config)
 
     def configure(self, config: EngineConfig) -> None:
@@ -118,8 +120,9 @@ class Service:
         """Authenticate an app key and open a session routed through ``router``."""
         try:
             app = await self.apps.authenticate(app_key)
-        except ServiceError:
+        except ServiceError as exc:
             self.stats.rejected += 1
+            self._refusals.note("app key", f"connect: {exc.message}")
             raise
         sessions = self.dispatcher.sessions.values()
         clients = sum(1 for s in sessions if s.app.name == app.name)
@@ -492,10 +495,12 @@ class Service:
     def _over(self, limit: str, message: str) -> ServiceError:
         counts = self.stats.limit_rejections
         counts[limit] = counts.get(limit, 0) + 1
+        self._refusals.note(limit, message)
         return ServiceError.over_limit(limit, message)
 
     def _deny(self, message: str) -> ServiceError:
         self.stats.denied += 1
+        self._refusals.note("denied", message)
         return ServiceError.denied(message)
 
 
