@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ensync._version import __version__
 from ensync.server.config import EngineConfig, ServerConfig
-from ensync.server.serving import running_server
+from ensync.server.serving import metrics_address, running_server
 from ensync.server.store.base import StoreError
 
 __all__ = ["ENGINE_FLAGS", "engine_config", "parse_backoff", "run"]
@@ -87,6 +87,13 @@ def add_arguments(
     """The ``serve`` flags (defaults from ``ENSYNC_*``)."""
     parser.add_argument("--grpc", default=env("grpc", "127.0.0.1:50051"), help="gRPC HOST:PORT")
     parser.add_argument("--http", default=env("http", "127.0.0.1:8080"), help="HTTP HOST:PORT")
+    parser.add_argument(
+        "--metrics",
+        default=env("metrics", "") or None,
+        metavar="HOST:PORT",
+        help="serve /metrics and /healthz here (default: with --http when that is loopback,"
+        " else 127.0.0.1:9090)",
+    )
     parser.add_argument("--log-level", default=env("log_level", "INFO"), help="DEBUG, INFO, ...")
     parser.add_argument(
         "--log-format",
@@ -130,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
             data_dir=Path(args.data),
             grpc_address=args.grpc,
             http_address=args.http,
+            metrics_address=args.metrics,
             store_url=args.store,
             engine=engine_config(args),
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
@@ -152,13 +160,19 @@ async def _serve(config: ServerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with running_server(config) as server:
         scheme = "TLS" if config.tls_cert else "plaintext"
+        http_host = config.http_address.rsplit(":", 1)[0]
+        separate = metrics_address(http_host.strip("[]"), config.metrics_address)
+        metrics = (
+            f", metrics on {separate.rsplit(':', 1)[0]}:{server.metrics_port}" if separate else ""
+        )
         log.info(
-            "ensync %s serving gRPC on %s:%d, HTTP on %s:%d (%s; data: %s)",
+            "ensync %s serving gRPC on %s:%d, HTTP on %s:%d%s (%s; data: %s)",
             __version__,
             config.grpc_address.rsplit(":", 1)[0],
             server.grpc_port,
-            config.http_address.rsplit(":", 1)[0],
+            http_host,
             server.http_port,
+            metrics,
             scheme,
             config.data_dir,
         )

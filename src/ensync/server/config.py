@@ -79,6 +79,10 @@ class ServerConfig:
     data_dir: Path = Path(".ensync")
     grpc_address: str = "127.0.0.1:50051"
     http_address: str = "127.0.0.1:8080"
+    # Where /metrics (and /healthz) are served: None picks the HTTP listener
+    # when it is on loopback, else a listener of their own on 127.0.0.1:9090
+    # (the metrics name every app; keep them off the port clients reach).
+    metrics_address: str | None = None
     store_url: str = "sqlite:"
     engine: EngineConfig = EngineConfig()
     # PEM files; when both are set, gRPC and WebSocket are served over TLS.

@@ -19,7 +19,28 @@ from ensync.server.store.base import Store
 from ensync.server.transports.grpc import GrpcTransport
 from ensync.server.transports.http import HttpListener
 
-__all__ = ["RunningServer", "parse_address", "running_server"]
+__all__ = [
+    "DEFAULT_METRICS_ADDRESS",
+    "RunningServer",
+    "metrics_address",
+    "parse_address",
+    "running_server",
+]
+
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9090"
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def metrics_address(http_host: str, configured: str | None) -> str | None:
+    """Where a listener of its own serves ``/metrics``; ``None``: the HTTP listener does.
+
+    >>> metrics_address("127.0.0.1", None) is None, metrics_address("0.0.0.0", None)
+    (True, '127.0.0.1:9090')
+    """
+    if configured is not None:
+        return configured
+    return None if http_host in _LOOPBACK else DEFAULT_METRICS_ADDRESS
+
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +83,8 @@ class RunningServer:
     store: Store
     grpc_port: int
     http_port: int
+    # The port serving /metrics: http_port unless a listener of its own does.
+    metrics_port: int
 
 
 @contextlib.asynccontextmanager
@@ -106,13 +129,26 @@ async def _serving(
         credentials=credentials,
         session=config.sessions,
     )
+    separate = metrics_address(http_host, config.metrics_address)
     http_listener = HttpListener(
-        engine, http_host, http_port, ssl_context=ssl_context, session=config.sessions
+        engine,
+        http_host,
+        http_port,
+        ssl_context=ssl_context,
+        session=config.sessions,
+        metrics=separate is None,
     )
+    metrics_listener: HttpListener | None = None
+    if separate is not None:
+        metrics_host, metrics_port = parse_address(separate, what="metrics")
+        metrics_listener = HttpListener(engine, metrics_host, metrics_port, websocket=False)
     try:
         await engine.start()
         bound_grpc = await grpc_transport.start()
         bound_http = await http_listener.start()
+        bound_metrics = bound_http
+        if metrics_listener is not None:
+            bound_metrics = await metrics_listener.start()
         # `ensync serve` says it at INFO with more detail; say it once.
         log.debug(
             "engine serving gRPC on %s:%d, HTTP on %s:%d",
@@ -121,10 +157,14 @@ async def _serving(
             http_host,
             bound_http,
         )
-        yield RunningServer(engine, store, bound_grpc, bound_http)
+        yield RunningServer(engine, store, bound_grpc, bound_http, bound_metrics)
     finally:
         # Stop taking work, let calls in progress finish (their commits
         # included), end streams cleanly; then in-flight messages go back to
         # the queue when the core stops, and the store drains its writes.
-        await asyncio.gather(http_listener.stop(), grpc_transport.stop(grace_s=5.0))
+        await asyncio.gather(
+            http_listener.stop(),
+            grpc_transport.stop(grace_s=5.0),
+            *([metrics_listener.stop()] if metrics_listener is not None else []),
+        )
         await engine.stop()

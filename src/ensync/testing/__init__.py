@@ -59,6 +59,11 @@ class TestServer:
         return f"wss://localhost:{self.server.http_port}"
 
     @property
+    def metrics_port(self) -> int:
+        """The port serving ``/metrics`` (the HTTP port unless ``metrics=`` was given)."""
+        return self.server.metrics_port
+
+    @property
     def ws_url(self) -> str:
         """``ws://127.0.0.1:<http port>`` (the SDK adds ``/message``)."""
         return f"ws://127.0.0.1:{self.server.http_port}"
@@ -79,6 +84,7 @@ async def run_engine(
     *,
     tls: tuple[Path, Path] | None = None,
     sessions: bool = True,
+    metrics: str | None = None,
     **engine_options: Any,
 ) -> AsyncIterator[TestServer]:
     """Serve an engine on 127.0.0.1 with free ports until the block ends.
@@ -90,6 +96,8 @@ async def run_engine(
         sessions: serve ensync's batched session on both transports (off:
             the SDK falls back to the official calls, as against an engine
             without it).
+        metrics: ``HOST:PORT`` of a listener of its own for ``/metrics``
+            (default: the HTTP listener).
         engine_options: :class:`~ensync.server.config.EngineConfig` fields,
             e.g. ``ack_deadline_ms=500``.
     """
@@ -106,6 +114,7 @@ async def run_engine(
             tls_cert=tls[0] if tls else None,
             tls_key=tls[1] if tls else None,
             sessions=sessions,
+            metrics_address=metrics,
         )
         async with running_server(server_config) as server:
             yield TestServer(server, data_dir)

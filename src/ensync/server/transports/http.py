@@ -1,5 +1,9 @@
 """The HTTP listener: WebSocket on ``/message`` (and any path), ``/healthz``, ``/metrics``.
 
+The same class serves the metrics listener (``--metrics``): ``/metrics`` and
+``/healthz`` only, no WebSocket, when the metrics are kept off the port that
+faces clients.
+
 Served by the ``websockets`` library, whose ``process_request`` hook answers
 plain HTTP requests on the same port that accepts WebSocket upgrades. The
 official Go client connects to the URL it is given, with no ``/message``
@@ -39,6 +43,8 @@ class HttpListener:
             ``ping_interval_s`` is dropped and its in-flight messages requeued.
         ssl_context: serve TLS (``wss://``, ``https://``).
         session: serve ensync's batched session in binary frames.
+        websocket: accept WebSocket upgrades (off: a metrics listener).
+        metrics: serve ``/metrics`` (its labels name every app).
     """
 
     def __init__(
@@ -51,6 +57,8 @@ class HttpListener:
         ping_interval_s: float | None = None,
         ssl_context: ssl.SSLContext | None = None,
         session: bool = True,
+        websocket: bool = True,
+        metrics: bool = True,
     ) -> None:
         self._engine = engine
         self._host = host
@@ -62,6 +70,8 @@ class HttpListener:
             else engine.config.ws_ping_interval_ms / 1000
         )
         self._server: Server | None = None
+        self._websocket = websocket
+        self._metrics = metrics
         self._ssl = ssl_context
         self.websocket = WebSocketTransport(
             engine, max_frame_bytes=self._max_frame, session=session
@@ -104,13 +114,15 @@ class HttpListener:
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         if "websocket" in request.headers.get("Upgrade", "").lower():
-            return None
+            if self._websocket:
+                return None
+            return _response(http.HTTPStatus.NOT_FOUND, b"no WebSocket here\n", "text/plain")
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
             gauges = dataclasses.asdict(self._engine.statistics())
             body = json.dumps({"status": "ok", **gauges}) + "\n"
             return _response(http.HTTPStatus.OK, body.encode(), "application/json")
-        if path == "/metrics":
+        if path == "/metrics" and self._metrics:
             return _response(http.HTTPStatus.OK, await render_metrics(self._engine), CONTENT_TYPE)
         return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
