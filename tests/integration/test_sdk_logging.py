@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from ensync.testing import run_engine
 from tests.support.timing import seconds
 
 # An engine and a client in one fresh interpreter that configured no logging;
@@ -56,3 +58,41 @@ def test_enable_logging_shows_the_sdk_records_and_off_means_quiet(mode: str) -> 
     else:
         for shown in ("connected as client", "connection to the engine lost", "ensync"):
             assert shown not in stderr, stderr
+
+
+FORGETFUL = textwrap.dedent(
+    """
+    import asyncio, sys
+    from ensync import EnSyncEngine
+    from ensync.websocket import EnSyncEngine as WsEngine
+
+    async def main(url: str, key: str, secret: str, app_id: str) -> None:
+        engine = (WsEngine if url.startswith("ws") else EnSyncEngine)(url)
+        client = await engine.create_client(key, app_secret_key=secret)
+        sub = await client.subscribe("x")
+        sub.on(lambda message: None)
+        await client.publish("x", [app_id], {"a": 1})
+        await asyncio.sleep(0.3)
+        # ... and the program ends without close()
+
+    asyncio.run(main(*sys.argv[1:]))
+    print("exited")
+    """
+)
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ws"])
+async def test_a_program_that_forgets_close_exits_quietly(transport: str) -> None:
+    async with run_engine() as server:
+        app = await server.create_app("alice")
+        url = server.grpc_url if transport == "grpc" else server.ws_url
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", FORGETFUL, url, app.app_key, app.secret_key, app.app_id],
+            capture_output=True,
+            text=True,
+            timeout=seconds(60),
+            check=False,
+        )
+    assert (done.returncode, done.stdout) == (0, "exited\n"), done.stderr
+    assert done.stderr == ""  # no "aclose(): ... already running", no destroyed tasks

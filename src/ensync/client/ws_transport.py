@@ -280,6 +280,7 @@ class WebSocketClientTransport:
 
     async def _read(self, ws: ClientConnection) -> None:
         cause: BaseException = errors.EnSyncConnectionError("the engine closed the connection")
+        cancelled = False
         try:
             async for frame in ws:
                 if isinstance(frame, bytes):
@@ -289,6 +290,11 @@ class WebSocketClientTransport:
                     self._handle(event)
         except ConnectionClosed as exc:
             cause = errors.EnSyncConnectionError(f"connection to the engine lost: {exc}")
+        except asyncio.CancelledError:
+            # Closed by us, or the program is ending (asyncio.run cancels every
+            # task): not a lost link, so no reconnection starts.
+            cancelled = True
+            raise
         finally:
             for future in self._pending.values():
                 if not future.done():
@@ -296,7 +302,8 @@ class WebSocketClientTransport:
             self._pending.clear()
             if self._link is not None:
                 self._link.frames.put_nowait(cause)
-            self._report_lost(cause)
+            if not cancelled:
+                self._report_lost(cause)
 
     def _binary(self, data: bytes) -> None:
         if self._link is None:
