@@ -33,6 +33,8 @@ from typing import Any
 from ensync import EnSyncClient, EnSyncError, Message
 from ensync import EnSyncEngine as GrpcEngine
 from ensync.client.engine import BaseEngine
+from ensync.server.config import EngineConfig
+from ensync.server.core.validation import largest_request
 from ensync.websocket import EnSyncEngine as WsEngine
 from tests.faults.engine_process import AppKeys, EngineProcess, create_app
 from tests.support.timing import eventually, seconds
@@ -54,10 +56,10 @@ __all__ = [
 
 SESSION_TIMEOUT_MS = 2000
 MAX_PAYLOAD_BYTES = 64 * 1024
-# The engine derives its transport limits from the payload limit:
-# gRPC messages up to payload + 256 KiB, WebSocket frames up to 2 x payload + 64 KiB.
-GRPC_MESSAGE_LIMIT = MAX_PAYLOAD_BYTES + 256 * 1024
-WS_FRAME_LIMIT = 2 * MAX_PAYLOAD_BYTES + 64 * 1024
+# The engine derives its transport limits from the payload limit (the
+# largest request an allowed publish makes), the same for gRPC and WebSocket.
+GRPC_MESSAGE_LIMIT = largest_request(MAX_PAYLOAD_BYTES, EngineConfig().max_metadata_bytes)
+WS_FRAME_LIMIT = GRPC_MESSAGE_LIMIT
 SERVE_ARGS = [
     "--session-timeout-ms",
     str(SESSION_TIMEOUT_MS),

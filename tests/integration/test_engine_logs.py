@@ -23,7 +23,7 @@ async def test_refusals_are_logged_once_a_second_per_kind(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="ensync.server.core")
-    async with run_engine(max_payload_bytes=1024) as server:
+    async with run_engine(max_metadata_bytes=100) as server:
         alice = await server.create_app("alice")
         engine = EnSyncEngine(server.grpc_url, max_reconnect_attempts=1)
         try:
@@ -35,8 +35,8 @@ async def test_refusals_are_logged_once_a_second_per_kind(
             ]
             client = await engine.create_client(alice.app_key)
             with pytest.raises(EnSyncPublishError, match="limit"):
-                await client.publish("big", [alice.app_id], {"data": "x" * 2000})
-            assert refusals(caplog)[1].startswith("refused (payload_size): payload is")
+                await client.publish("big", [alice.app_id], {"a": 1}, {"headers": {"h": "x" * 200}})
+            assert refusals(caplog)[1].startswith("refused (metadata_size): metadata is")
             await asyncio.sleep(1.05)
             with pytest.raises(EnSyncAuthError):
                 await engine.create_client("ensk_not-a-key")

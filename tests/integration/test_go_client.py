@@ -218,7 +218,10 @@ GRPC_REFUSALS = {
     "publish bad recipient": "recipient 'xyz' is not base64 (expected an app id)",
     "publish unknown recipient": f"recipient {'A' * 43}= is not a registered app",
     "publish bad payload": "payload is not a base64-encoded JSON envelope",
-    "publish too big": "payload is 16216 bytes, more than the limit of 4096 bytes",
+    "publish too big": (
+        "payload holds about 9008 bytes of JSON (a 16216-byte envelope), more than the limit"
+        " of 4096 bytes"
+    ),
     "publish bad metadata": "metadata is not valid JSON",
     "ack unknown": "message 'nope' not found",
     "defer bad delay": "delay_ms -5 is outside 0..86400000 (24 h)",

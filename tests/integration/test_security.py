@@ -32,6 +32,7 @@ from ensync import (
 )
 from ensync._proto import ensync_pb2 as pb
 from ensync.client.engine import BaseEngine
+from ensync.crypto import seal
 from ensync.server.core.apps import AppRegistry, NewApp
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.testing import TestServer, run_engine
@@ -282,8 +283,17 @@ async def test_narrowing_rules_stops_deliveries_of_a_forbidden_name(world: World
 async def test_limits_refuse_clearly_and_are_counted(world: World) -> None:
     alice = await world.connect(world.alice)
     to_bob = [world.bob.app_id]
+    # The SDK knows the payload limit (the engine says it at connect) and
+    # refuses before sending, naming the size and the limit.
+    with pytest.raises(EnSyncPublishError) as too_big:
+        await alice.publish("x", to_bob, {"p": "x" * 5000})
+    assert too_big.value.message == (
+        "payload is 5008 bytes of JSON, more than the engine's limit of 4096 bytes"
+    )
+    assert world.server.engine.stats.limit_rejections.get("payload_size", 0) == 0
+    # Exactly at the limit still goes through, envelope and all.
+    await alice.publish("x", to_bob, {"p": "x" * (4096 - 8)})
     cases: list[tuple[str, Callable[[], Any], str]] = [
-        ("payload_size", lambda: alice.publish("x", to_bob, {"p": "x" * 5000}), "payload"),
         (
             "metadata_size",
             lambda: alice.publish("x", to_bob, {"a": 1}, {"headers": {"h": "y" * 300}}),
@@ -351,7 +361,7 @@ async def test_grpc_limits_never_use_a_status_clients_retry() -> None:
                     pb.PublishMessageRequest(
                         client_id=client_id,
                         message_name="x",
-                        payload="A" * 200,
+                        payload=seal(b'{"x":"' + b"a" * 300 + b'"}', alice.app_id),
                         delivery_to=alice.app_id,
                         metadata="{}",
                     )
@@ -361,7 +371,7 @@ async def test_grpc_limits_never_use_a_status_clients_retry() -> None:
     # Every refusal (size, then rate) came back as success=false, never a status.
     assert not any(answer.success for answer in answers)
     assert any("exceeded its rate" in answer.error_message for answer in answers)
-    assert any("payload is 200 bytes" in answer.error_message for answer in answers)
+    assert any("more than the limit of 100 bytes" in answer.error_message for answer in answers)
 
 
 async def test_metrics_count_refusals(world: World) -> None:
@@ -475,3 +485,33 @@ def test_cli_allow_and_rotate(tmp_path: Path) -> None:
     assert rotated["name"] == "shop"
     assert rotated["app_key"] != created["app_key"]
     assert rotated["app_key"].startswith("ensk_")
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ws"])
+async def test_the_payload_limit_is_the_json_before_encryption(transport: str) -> None:
+    # The default limit, 1 MiB of JSON: its envelope (~1.8 MiB) fits the
+    # transports, and one byte more is refused by the SDK before sending.
+    async with run_engine() as server:
+        alice = await server.create_app("alice")
+        limit = server.engine.config.max_payload_bytes
+        engine: Any = (
+            EnSyncEngine(server.grpc_url, max_reconnect_attempts=0)
+            if transport == "grpc"
+            else WsEngine(server.ws_url, max_reconnect_attempts=0)
+        )
+        events: list[str] = []
+        engine.on("disconnect", lambda cause: events.append(f"disconnect: {cause}"))
+        try:
+            client = await engine.create_client(alice.app_key, app_secret_key=alice.secret_key)
+            at_limit = {"p": "x" * (limit - 8)}
+            await client.publish("big", [alice.app_id], at_limit)
+            together = await client.publish(
+                "big", [alice.app_id, (await server.create_app("bob")).app_id], at_limit
+            )
+            assert together.count(",") == 1
+            with pytest.raises(EnSyncPublishError, match=f"limit of {limit} bytes"):
+                await client.publish("big", [alice.app_id], {"p": "x" * (limit - 7)})
+            assert events == []  # never taken for a connection problem
+            assert (await server.engine.store.backlog())[alice.app_id] == 2
+        finally:
+            await engine.close()

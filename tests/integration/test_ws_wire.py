@@ -170,7 +170,7 @@ async def test_binary_and_oversized_frames(wire: Wire) -> None:
     ws, _ = await wire.conn(wire.alice)
     await ws.send(b"\x00\x01binary")
     assert (await recv(ws)).startswith("-FAIL:")
-    await ws.send("x" * (200 * 1024))
+    await ws.send("x" * (2 * 1024 * 1024))  # over the largest request a 64 KiB payload makes
     with pytest.raises(ConnectionClosed) as closed:
         await recv(ws)
     assert closed.value.rcvd is not None

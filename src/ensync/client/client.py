@@ -154,6 +154,14 @@ class EnSyncClient:
             plaintext = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
             raise errors.EnSyncValidationError(f"payload is not JSON-serialisable: {exc}") from None
+        limit = self._connection.max_payload_bytes
+        if limit is not None and len(plaintext) > limit:
+            # Checked here: an oversized request would otherwise fail as a
+            # transport error (or a closed socket) rather than say why.
+            raise errors.EnSyncPublishError(
+                f"payload is {len(plaintext)} bytes of JSON, more than the engine's limit"
+                f" of {limit} bytes"
+            )
         metadata_text = self._metadata_text(metadata, random_token(16))
         payload_metadata = json.dumps(
             {

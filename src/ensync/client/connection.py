@@ -80,6 +80,7 @@ class Connection:
         self._connected = asyncio.Event()
         self.client_hash = ""
         self.ack_deadline_ms: int | None = None
+        self.max_payload_bytes: int | None = None
         # Why the connection failed for good, once it has.
         self.failure: errors.EnSyncError | None = None
         self._failed_listeners: list[Callable[[errors.EnSyncError], None]] = []
@@ -122,6 +123,7 @@ class Connection:
             raise
         self.client_hash = info.client_hash
         self.ack_deadline_ms = info.ack_deadline_ms
+        self.max_payload_bytes = info.max_payload_bytes
         self._install(transport)
         self._heartbeat_task = asyncio.get_running_loop().create_task(
             self._heartbeat(), name="ensync-heartbeat"
@@ -242,6 +244,7 @@ class Connection:
                 return
             self.client_hash = info.client_hash
             self.ack_deadline_ms = info.ack_deadline_ms
+            self.max_payload_bytes = info.max_payload_bytes
             self._install(transport)
             self._events.emit("reconnect", attempt)
             return

@@ -22,7 +22,7 @@ from ensync._proto import ensync_pb2 as pb
 from ensync._version import __version__
 from ensync.client.limiter import CallLimiter, LimiterStatistics
 from ensync.client.session import SUBSCRIPTION_CREDIT, SessionStream, open_grpc_session
-from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay
+from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay, digits
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import from_replay_json, from_stream_response
 from ensync.protocol.urls import EngineUrl
@@ -256,11 +256,12 @@ class GrpcClientTransport:
                 deliver=self._session_delivery,
                 lost=self._report_lost,
             )
-        deadline = response.server_config.get("ack_deadline_ms", "")
+        config = response.server_config
         return ConnectInfo(
             response.client_id,
             response.client_hash,
-            int(deadline) if deadline.isdigit() else None,
+            digits(config.get("ack_deadline_ms", "")),
+            digits(config.get("max_payload_bytes", "")),
         )
 
     async def heartbeat(self) -> None:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from ensync.protocol.records import Delivery, ReplayInfo
 
-__all__ = ["ClientTransport", "ConnectInfo", "Delivery", "LostCallback", "WireReplay"]
+__all__ = ["ClientTransport", "ConnectInfo", "Delivery", "LostCallback", "WireReplay", "digits"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,13 @@ class ConnectInfo:
     # The engine's ack deadline when it says (ensync does): the SDK extends
     # leases of long-running handlers before it passes.
     ack_deadline_ms: int | None = None
+    # The engine's limit on a payload's JSON (before encryption) when it says.
+    max_payload_bytes: int | None = None
+
+
+def digits(value: str) -> int | None:
+    """A whole number the engine advertised, or None when it did not say."""
+    return int(value) if value.isdigit() else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from ensync import errors
 from ensync._proto import ensync_pb2 as pb
 from ensync.client.limiter import CallLimiter, LimiterStatistics
 from ensync.client.session import SUBSCRIPTION_CREDIT, SessionStream
-from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay
+from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay, digits
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import from_stream_response, from_ws_record
 from ensync.protocol.urls import EngineUrl
@@ -210,9 +210,11 @@ class WebSocketClientTransport:
                 deliver=self._session_delivery,
                 lost=self._report_lost,
             )
-        deadline = fields.get("ackDeadlineMs", "")
         return ConnectInfo(
-            self._client_id, client_hash, int(deadline) if deadline.isdigit() else None
+            self._client_id,
+            client_hash,
+            digits(fields.get("ackDeadlineMs", "")),
+            digits(fields.get("maxPayloadBytes", "")),
         )
 
     async def _request(

@@ -21,7 +21,8 @@ class EngineConfig:
         session_window: the same for subscriptions delivered on ensync's
             session stream, whose SDK keeps the leases of messages it holds
             (so a bigger window cannot make them expire unhandled).
-        max_payload_bytes: largest accepted ``payload`` (the base64 text).
+        max_payload_bytes: largest accepted payload: its JSON before
+            encryption, in bytes (the envelope on the wire is ~1.8 times that).
         max_metadata_bytes: largest accepted ``metadata`` JSON text.
         session_timeout_ms: a client with no open stream and no call for this
             long is dropped (three missed 30 s heartbeats).

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from ensync.crypto import generate_keypair, seal, seal_hybrid
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.validation import (
     MAX_TTL_MS,
     check_payload,
+    envelope_limit,
+    json_bytes_of,
     parse_metadata,
     parse_payload_metadata,
     strict_json,
@@ -58,3 +61,28 @@ def test_deeply_nested_payload_is_refused_not_crashed() -> None:
     with pytest.raises(ServiceError) as caught:
         check_payload(payload, 1 << 20)
     assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 100, 4096, 65_536, 1 << 20])
+def test_the_envelope_bound_holds_every_envelope_an_allowed_payload_makes(size: int) -> None:
+    keys = [generate_keypair() for _ in range(40)]
+    plaintext = b"x" * size
+    single = seal(plaintext, keys[0].app_id)
+    assert len(single) <= envelope_limit(size)
+    assert len(single) > envelope_limit(size) - 600  # a bound, not a loophole
+    check_payload(single, size)  # exactly at the limit: accepted
+    for count in (1, 2, 40):
+        hybrid = seal_hybrid(plaintext, [k.app_id for k in keys[:count]])
+        assert len(hybrid) <= envelope_limit(size, count)
+        check_payload(hybrid, size)
+    if size >= 100:
+        # The engine cannot see the JSON: its bound is exact to within the
+        # room other clients' envelope layouts need (~200 bytes of JSON).
+        over = size + max(size // 10, 300)
+        bigger = seal(b"x" * over, keys[0].app_id)
+        with pytest.raises(ServiceError) as caught:
+            check_payload(bigger, size)
+        assert caught.value.code is ErrorCode.LIMIT_EXCEEDED
+        assert f"more than the limit of {size} bytes" in caught.value.message
+        estimate = json_bytes_of(len(bigger))
+        assert abs(estimate - over) <= 4  # "about" is close

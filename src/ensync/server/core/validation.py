@@ -13,17 +13,39 @@ from ensync.protocol.names import validate_name
 from ensync.server.core.errors import ServiceError
 
 __all__ = [
+    "MAX_HYBRID_KEYS",
     "MAX_TTL_MS",
     "PublishMetadata",
     "check_name",
     "check_payload",
     "check_recipient",
+    "envelope_limit",
+    "json_bytes_of",
+    "largest_request",
     "parse_metadata",
     "parse_payload_metadata",
     "strict_json",
 ]
 
 _SINGLE_KEYS = ("nonce", "ciphertext", "ephemeralPublicKey")
+# Most recipient keys in one hybrid envelope (the SDK's MAX_RECIPIENTS).
+MAX_HYBRID_KEYS = 1000
+_MAC_BYTES = 16
+# Room in an envelope's JSON besides the ciphertext: its field names, nonce
+# and ephemeral key (~130 bytes as ensync writes it), and per hybrid key
+# (~240 bytes), with a margin for other clients' spacing and names.
+_ENVELOPE_ROOM = 384
+_TYPICAL_ROOM = 130
+_KEY_ROOM = 320
+
+
+def _too_big(payload: str, max_json_bytes: int) -> ServiceError:
+    return ServiceError.over_limit(
+        "payload_size",
+        f"payload holds about {json_bytes_of(len(payload))} bytes of JSON (a"
+        f" {len(payload)}-byte envelope), more than the limit of {max_json_bytes} bytes",
+    )
+
 
 # A TTL beyond a year is a mistake (and 2**63 would overflow the store).
 MAX_TTL_MS = 365 * 86_400_000
@@ -77,19 +99,43 @@ def check_recipient(recipient: str) -> str:
     return recipient
 
 
-def check_payload(payload: str, max_bytes: int) -> None:
-    """The payload must be base64 of a JSON envelope (single or hybrid).
+def envelope_limit(max_json_bytes: int, keys: int = 0) -> int:
+    """The longest envelope (the base64 text on the wire) that a JSON payload of
+    ``max_json_bytes`` may make: sealed for one recipient (``keys=0``), or in a
+    hybrid envelope with ``keys`` recipient keys. Generous by a few hundred
+    bytes, so that every official client's way of writing the envelope fits.
+
+    >>> envelope_limit(1000) >= 1980  # what ensync's own sealing makes of 1,000 bytes
+    True
+    """
+    ciphertext = 4 * -(-(max_json_bytes + _MAC_BYTES) // 3)  # base64 of the sealed bytes
+    inner = ciphertext + _ENVELOPE_ROOM + _KEY_ROOM * keys
+    return 4 * -(-inner // 3)
+
+
+def largest_request(max_json_bytes: int, max_metadata_bytes: int) -> int:
+    """The largest request (gRPC message, WebSocket frame) an allowed publish
+    makes: the largest envelope, the metadata, and room for the rest."""
+    return envelope_limit(max_json_bytes, MAX_HYBRID_KEYS) + max_metadata_bytes + 256 * 1024
+
+
+def json_bytes_of(envelope_bytes: int) -> int:
+    """About how many bytes of JSON a single envelope of this length holds."""
+    return max(0, (envelope_bytes * 3 // 4 - _TYPICAL_ROOM) * 3 // 4 - _MAC_BYTES)
+
+
+def check_payload(payload: str, max_json_bytes: int) -> None:
+    """The payload must be base64 of a JSON envelope (single or hybrid), holding
+    at most ``max_json_bytes`` of JSON.
 
     The engine never decrypts; it checks the shape only so that garbage is
-    refused at the door instead of reaching every recipient.
+    refused at the door instead of reaching every recipient, and bounds the
+    envelope by what the largest allowed JSON payload makes.
     """
     if not payload:
         raise ServiceError.invalid("payload is empty")
-    if len(payload) > max_bytes:
-        raise ServiceError.over_limit(
-            "payload_size",
-            f"payload is {len(payload)} bytes, more than the limit of {max_bytes} bytes",
-        )
+    if len(payload) > envelope_limit(max_json_bytes, MAX_HYBRID_KEYS):
+        raise _too_big(payload, max_json_bytes)
     try:
         envelope = strict_json(base64.b64decode(payload, validate=True))
     except (binascii.Error, ValueError):
@@ -97,11 +143,18 @@ def check_payload(payload: str, max_bytes: int) -> None:
     if not isinstance(envelope, dict):
         raise ServiceError.invalid("payload is not a JSON envelope object")
     if envelope.get("type") == "hybrid":
-        if not isinstance(envelope.get("payload"), dict) or not isinstance(
-            envelope.get("keys"), dict
-        ):
+        keys = envelope.get("keys")
+        if not isinstance(envelope.get("payload"), dict) or not isinstance(keys, dict):
             raise ServiceError.invalid("hybrid envelope lacks its 'payload' or 'keys' object")
+        if len(keys) > MAX_HYBRID_KEYS:
+            raise ServiceError.invalid(
+                f"hybrid envelope has {len(keys)} recipient keys, more than {MAX_HYBRID_KEYS}"
+            )
+        if len(payload) > envelope_limit(max_json_bytes, len(keys)):
+            raise _too_big(payload, max_json_bytes)
         return
+    if len(payload) > envelope_limit(max_json_bytes):
+        raise _too_big(payload, max_json_bytes)
     missing = [key for key in _SINGLE_KEYS if not isinstance(envelope.get(key), str)]
     if missing:
         raise ServiceError.invalid(f"payload envelope lacks {', '.join(missing)}")

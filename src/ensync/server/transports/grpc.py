@@ -37,6 +37,7 @@ from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import ReplayInfo, replay_json, to_stream_response
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
+from ensync.server.core.validation import largest_request
 from ensync.server.runtime.engine import Engine
 from ensync.server.transports.go_clients import GoClientWatch
 from ensync.server.transports.session import (
@@ -214,7 +215,11 @@ class GrpcTransport:
         self._engine = engine
         self._address = address
         self._credentials = credentials
-        limit = max_message_bytes or engine.config.max_payload_bytes + 256 * 1024
+        # Sized for the largest envelope an allowed payload makes, so that
+        # grpcio never answers RESOURCE_EXHAUSTED for an allowed publish.
+        limit = max_message_bytes or largest_request(
+            engine.config.max_payload_bytes, engine.config.max_metadata_bytes
+        )
         self._message_limit = limit
         self.max_streams = max(200, engine.config.max_subscriptions_per_client + 100)
         self._server = grpc.aio.server(
@@ -396,6 +401,9 @@ class GrpcTransport:
                 "server": "ensync",
                 "app_id": info.app_id,
                 "ack_deadline_ms": str(self._engine.config.ack_deadline_ms),
+                # The limit on a payload's JSON before encryption; our SDK
+                # checks it before sending.
+                "max_payload_bytes": str(self._engine.config.max_payload_bytes),
                 # No official client reads these; ours sizes its calls in flight by them.
                 "max_concurrent_streams": str(self.max_streams),
                 "max_subscriptions_per_client": str(

@@ -22,6 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
+from ensync.server.core.validation import largest_request
 from ensync.server.metrics import CONTENT_TYPE, render_metrics
 from ensync.server.runtime.engine import Engine
 from ensync.server.transports.websocket import WebSocketTransport
@@ -63,7 +64,9 @@ class HttpListener:
         self._engine = engine
         self._host = host
         self._port = port
-        self._max_frame = max_frame_bytes or engine.config.max_payload_bytes * 2 + 64 * 1024
+        self._max_frame = max_frame_bytes or largest_request(
+            engine.config.max_payload_bytes, engine.config.max_metadata_bytes
+        )
         self._ping_interval_s = (
             ping_interval_s
             if ping_interval_s is not None

@@ -458,6 +458,7 @@ class _Connection:
                 info.client_hash,
                 extra={
                     "ackDeadlineMs": str(self._engine.config.ack_deadline_ms),
+                    "maxPayloadBytes": str(self._engine.config.max_payload_bytes),
                     # Our SDK keeps fewer requests than this on the wire.
                     "maxOutstanding": str(self._max_outstanding),
                     **({"session": str(SESSION_VERSION)} if self._session_frame_bytes else {}),
