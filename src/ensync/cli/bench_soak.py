@@ -411,8 +411,10 @@ class _Soak:
             self.churn["publisher_restarts"] += 1
             self._retired.append(old[0])
             await asyncio.sleep(1.0)  # publishes already on the old client finish
-            self._retired.remove(old[0])
+            # Listed until closed: if the soak ends meanwhile, the final
+            # close-all still closes it (closing twice is harmless).
             await close_quietly(old[0], self.errors)
+            self._retired.remove(old[0])
 
     # ------------------------------------------------------------------ consuming
 
