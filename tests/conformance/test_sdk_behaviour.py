@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import pydantic
 import pytest
 
 from ensync import (
@@ -564,3 +565,60 @@ async def test_a_reused_sender_key_pair_is_opened_like_any_other(setup: Setup) -
     assert len(keys) == 1  # one key pair for the window
     with pytest.raises(EnSyncValidationError, match="sender_key_reuse_ms"):
         setup.make_engine(sender_key_reuse_ms=-1)
+
+
+@dataclasses.dataclass
+class Order:
+    order_id: str
+    quantity: int
+
+
+class Shipment(pydantic.BaseModel):
+    order_id: str
+    quantity: int
+
+
+async def test_typed_payloads_in_and_out(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    errors_seen: list[EnSyncError] = []
+    setup.engines[-1].on("error", errors_seen.append)
+    orders = await bob.subscribe("orders", model=Order)
+    shipments = await bob.subscribe("shipments", model=Shipment)
+    await alice.publish("orders", [setup.bob.app_id], Order("o-1", 2))
+    await alice.publish("shipments", [setup.bob.app_id], Shipment(order_id="o-2", quantity=3))
+    async for message in orders:
+        assert message.payload == Order("o-1", 2)
+        break
+    async for message in shipments:
+        assert message.payload == Shipment(order_id="o-2", quantity=3)
+        break
+    # A payload that does not fit goes to the dead letters at once, with why
+    # (handlers keep the subscriptions consuming).
+    handled: list[Message] = []
+    orders.on(handled.append)
+    shipments.on(handled.append)
+    wrong = await alice.publish("shipments", [setup.bob.app_id], {"order_id": "o-3"})
+    odd = await alice.publish("orders", [setup.bob.app_id], {"order_id": "o-4", "colour": "red"})
+    store = setup.server.engine.store
+    await eventually(lambda: len(errors_seen) == 2)
+
+    async def dead() -> dict[str, str]:
+        return {m.idem: m.dead_reason or "" for m in await store.list_dead(setup.bob.app_id, 10)}
+
+    for _ in range(100):
+        reasons = await dead()
+        if len(reasons) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert reasons[wrong].startswith("discarded: payload does not fit Shipment")
+    assert "quantity" in reasons[wrong]
+    assert reasons[odd].startswith("discarded: payload does not fit Order")
+    stored = await store.get(odd)
+    assert stored is not None
+    assert stored.attempts <= 1  # never delivered again
+    assert handled == []  # no handler saw a payload that did not fit
+    with pytest.raises(EnSyncValidationError, match="dataclass or a pydantic model"):
+        await bob.subscribe("untyped", model=dict)
+    with pytest.raises(EnSyncValidationError, match="dataclass or a pydantic model"):
+        await alice.publish("orders", [setup.bob.app_id], Order)  # the class, not an order

@@ -496,10 +496,11 @@ class LeakWatch:
             *,
             auto_ack: bool = True,
             app_secret_key: str | None = None,
+            model: type[Any] | None = None,
         ) -> Subscription:
             book.add_secret_key(app_secret_key, "a subscribe caller")
             return await original_subscribe(
-                self, message_name, auto_ack=auto_ack, app_secret_key=app_secret_key
+                self, message_name, auto_ack=auto_ack, app_secret_key=app_secret_key, model=model
             )
 
         patches.setattr(AppRegistry, "create", create)

@@ -14,6 +14,7 @@ from ensync._entropy import random_token
 from ensync.client.connection import Connection, ConnectionState
 from ensync.client.subscription import Subscription
 from ensync.client.transport import ClientTransport
+from ensync.client.typed import as_payload, check_model
 from ensync.crypto import OpeningKey, is_app_id, opening_key, seal_hybrid
 from ensync.protocol.headers import IDEMPOTENCY_HEADER
 from ensync.protocol.names import validate_name
@@ -93,7 +94,7 @@ class EnSyncClient:
         self,
         message_name: str,
         recipients: Sequence[str],
-        payload: Mapping[str, Any],
+        payload: Mapping[str, Any] | object,
         metadata: Mapping[str, Any] | None = None,
         *,
         hybrid: bool = False,
@@ -103,7 +104,8 @@ class EnSyncClient:
         Args:
             message_name: e.g. ``"orders/status/updated"``.
             recipients: app ids (base64 Ed25519 public keys), at least one.
-            payload: a JSON object.
+            payload: a JSON object: a mapping, a dataclass instance or a
+                pydantic model (sent as its JSON dump).
             metadata: ``{"persist": bool, "headers": {str: str}, "ttl_ms": int}``;
                 persist defaults to true.
             hybrid: seal the payload once for all recipients (the hybrid
@@ -146,10 +148,7 @@ class EnSyncClient:
             if len(self._valid_recipients) >= _VALID_RECIPIENTS_KEPT:
                 self._valid_recipients.clear()
             self._valid_recipients.add(recipient)
-        if not isinstance(payload, Mapping):
-            raise errors.EnSyncValidationError(
-                f"payload must be a JSON object (a mapping), not {type(payload).__name__}"
-            )
+        payload = as_payload(payload)
         try:
             plaintext = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
         except (TypeError, ValueError) as exc:
@@ -258,12 +257,17 @@ class EnSyncClient:
         *,
         auto_ack: bool = True,
         app_secret_key: str | None = None,
+        model: type[Any] | None = None,
     ) -> Subscription:
         """Start receiving ``message_name``; returns the :class:`Subscription`.
 
         Args:
             auto_ack: ack each message once its handlers (or loop body) succeed.
             app_secret_key: decrypt with this key instead of the client's.
+            model: a dataclass or pydantic model class: ``message.payload`` is
+                an instance of it. A message that does not fit is discarded to
+                the dead letters at once (a redelivery cannot fix it), with the
+                reason, and reported to ``"error"`` listeners.
 
         Raises:
             EnSyncValidationError: bad name, no secret key to decrypt with.
@@ -282,7 +286,8 @@ class EnSyncClient:
                 "no secret key to decrypt messages with: pass app_secret_key to "
                 "create_client or subscribe"
             )
-        subscription = Subscription(_Link(self), message_name, auto_ack, key)
+        typed = check_model(model) if model is not None else None
+        subscription = Subscription(_Link(self), message_name, auto_ack, key, model=typed)
         self._subscriptions[message_name] = subscription
         try:
             await self._connection.subscribe(message_name, subscription._deliver)

@@ -24,11 +24,12 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ensync import errors
 from ensync.client.leases import LeaseKeeper
 from ensync.client.transport import ClientTransport, Delivery
+from ensync.client.typed import from_payload
 from ensync.crypto import OpeningKey, open_envelope, parse_envelope
 from ensync.models import Message, ReplayInfo
 from ensync.protocol.records import metadata_object, split_replay_info
@@ -40,6 +41,16 @@ log = logging.getLogger(__name__)
 Handler = Callable[[Message], Awaitable[object] | object]
 
 MAX_DEFER_MS = 86_400_000
+
+
+class _DoesNotFit(errors.EnSyncMessageError):
+    """A readable message whose payload does not fit the subscription's model."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 _BOTH_WAYS = (
     "subscription {name!r} has handlers and an async for loop: use one way to consume it"
     " (handlers with on(), or async for), not both"
@@ -104,8 +115,17 @@ class Subscription:
         await sub.ack(message.idem, message.block)
     """
 
-    def __init__(self, link: SubscriptionLink, name: str, auto_ack: bool, key: OpeningKey) -> None:
+    def __init__(
+        self,
+        link: SubscriptionLink,
+        name: str,
+        auto_ack: bool,
+        key: OpeningKey,
+        *,
+        model: type[Any] | None = None,
+    ) -> None:
         self._link = link
+        self._model = model
         self.name = name
         self.auto_ack = auto_ack
         self._key = key
@@ -116,6 +136,7 @@ class Subscription:
         self._arrived = asyncio.Event()
         self._consumers = asyncio.Event()  # set while handlers or iterators exist
         self._iterators = 0
+        self._waiting_iterators = 0  # iterators waiting for a message right now
         self._for_iterators: asyncio.Queue[Message] = asyncio.Queue()
         self._closed = False
         # Set by close: no new message is taken up; the one in hand finishes.
@@ -137,7 +158,8 @@ class Subscription:
         """
         if not callable(handler):
             raise errors.EnSyncValidationError("handler must be callable")
-        if self._iterators:
+        if self._waiting_iterators:
+            # (A loop left with break no longer waits: handlers may follow it.)
             raise errors.EnSyncSubscriptionError(_BOTH_WAYS.format(name=self.name))
         self._handlers.append(handler)
         self._consumers.set()
@@ -162,9 +184,17 @@ class Subscription:
         self._consumers.set()
         try:
             while not self._closed:
+                if self._handlers:
+                    raise errors.EnSyncSubscriptionError(_BOTH_WAYS.format(name=self.name))
                 getter = asyncio.ensure_future(self._for_iterators.get())
                 closed = asyncio.ensure_future(self._closed_event.wait())
-                done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                self._waiting_iterators += 1
+                try:
+                    done, _ = await asyncio.wait(
+                        {getter, closed}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    self._waiting_iterators -= 1
                 closed.cancel()
                 if getter not in done:
                     getter.cancel()
@@ -231,6 +261,12 @@ class Subscription:
             self._link.consumed(self.name)
             try:
                 message = self._open(wire)
+            except _DoesNotFit as exc:
+                # Delivering it again cannot help: to the dead letters at once.
+                self._let_go(wire.idem)
+                self._background(self._discard_quietly(wire.idem, exc.reason))
+                self._link.report(exc)
+                continue
             except errors.EnSyncMessageError as exc:
                 # Left unacked: the engine delivers it again and, if it never
                 # becomes readable, dead-letters it after max_deliveries.
@@ -287,6 +323,12 @@ class Subscription:
         # on the wire, so throughput is not bound by the ack round trip.
         self._background(self._ack_quietly(message))
 
+    async def _discard_quietly(self, idem: str, reason: str) -> None:
+        try:
+            await self._link.transport().discard(self.name, idem, reason)
+        except errors.EnSyncError as exc:
+            self._link.report(exc)
+
     async def _ack_quietly(self, message: Message) -> None:
         try:
             await self.ack(message.idem, message.block)
@@ -305,6 +347,14 @@ class Subscription:
             raise errors.EnSyncMessageError(
                 f"message {wire.idem} on {self.name!r} is not JSON after decryption"
             ) from exc
+        if self._model is not None:
+            try:
+                payload = from_payload(self._model, payload)
+            except ValueError as exc:
+                reason = f"payload does not fit {self._model.__name__}: {exc}"[:500]
+                raise _DoesNotFit(
+                    f"message {wire.idem} on {self.name!r}: {reason}", reason
+                ) from exc
         return Message(
             message_name=wire.name,
             idem=wire.idem,
