@@ -136,6 +136,53 @@ async def test_app_created_while_serving_connects_at_once(serving: Serving) -> N
         await engine.close()
 
 
+async def test_publish_from_the_command_line(serving: Serving, tmp_path: Path) -> None:
+    shop = json.loads(ensync("app", "create", "shop", "--data", str(serving.data), "--json").stdout)
+    warehouse = json.loads(
+        ensync("app", "create", "warehouse", "--data", str(serving.data), "--json").stdout
+    )
+    engine = EnSyncEngine(f"grpc://127.0.0.1:{serving.grpc_port}")
+    try:
+        receiver = await engine.create_client(
+            warehouse["app_key"], app_secret_key=warehouse["secret_key"]
+        )
+        got: list[Message] = []
+        (await receiver.subscribe("orders/created")).on(got.append)
+        payload_file = tmp_path / "order.json"
+        payload_file.write_text('{"id": 7}')
+        url = f"grpc://127.0.0.1:{serving.grpc_port}"
+        sent = await asyncio.to_thread(
+            ensync,
+            "publish",
+            "orders/created",
+            "--to",
+            warehouse["app_id"],
+            "--payload",
+            f"@{payload_file}",
+            "--header",
+            "source=cli",
+            "--url",
+            url,
+            env={"ENSYNC_APP_KEY": shop["app_key"]},
+        )
+        assert sent.returncode == 0, sent.stderr
+        idem = sent.stdout.strip()
+        await eventually(lambda: len(got) == 1)
+        assert (got[0].idem, got[0].payload, got[0].sender) == (idem, {"id": 7}, shop["app_id"])
+        assert got[0].headers["source"] == "cli"
+        # Mistakes are named, with a usage (2) or refusal (1) exit code.
+        no_key = ensync("publish", "x", "--to", warehouse["app_id"], "--url", url)
+        assert (no_key.returncode, "ENSYNC_APP_KEY" in no_key.stderr) == (2, True)
+        env = {"ENSYNC_APP_KEY": shop["app_key"], "ENSYNC_URL": url}
+        bad_json = ensync("publish", "x", "--to", warehouse["app_id"], "--payload", "{", env=env)
+        assert (bad_json.returncode, "not readable JSON" in bad_json.stderr) == (2, True)
+        refused = ensync("publish", "bad;name", "--to", warehouse["app_id"], env=env)
+        assert refused.returncode == 1
+        assert "malformed message name" in refused.stderr
+    finally:
+        await engine.close()
+
+
 def test_app_commands_report_mistakes(tmp_path: Path) -> None:
     data = str(tmp_path)
     assert ensync("app", "create", "ok", "--data", data).returncode == 0

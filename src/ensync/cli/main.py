@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ensync._version import __version__
-from ensync.cli import apps, serve
+from ensync.cli import apps, client_verbs, serve
 
 __all__ = ["build_parser", "main"]
 
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_options(allow)
     allow.set_defaults(run=apps.allow)
+
+    client_verbs.add_publish(commands, env)
 
     keygen = commands.add_parser("keygen", help="print a new Ed25519 key pair")
     keygen.add_argument("--json", action="store_true", help="print one JSON object")
