@@ -183,6 +183,50 @@ async def test_publish_from_the_command_line(serving: Serving, tmp_path: Path) -
         await engine.close()
 
 
+async def test_dead_letters_are_listed_and_shown(serving: Serving) -> None:
+    data = str(serving.data)
+    shop = json.loads(ensync("app", "create", "shop", "--data", data, "--json").stdout)
+    warehouse = json.loads(ensync("app", "create", "warehouse", "--data", data, "--json").stdout)
+    engine = EnSyncEngine(f"grpc://127.0.0.1:{serving.grpc_port}")
+    try:
+        sender = await engine.create_client(shop["app_key"])
+        receiver = await engine.create_client(
+            warehouse["app_key"], app_secret_key=warehouse["secret_key"]
+        )
+        sub = await receiver.subscribe("orders/created", auto_ack=False)
+        idem = await sender.publish("orders/created", [warehouse["app_id"]], {"id": 7})
+        async for message in sub:
+            await sub.discard(message.idem, "no such order")
+            break
+    finally:
+        await engine.close()
+    listed = await asyncio.to_thread(ensync, "dlq", "list", "--data", data, "--json")
+    assert listed.returncode == 0, listed.stderr
+    (record,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (record["idem"], record["name"], record["recipient"], record["sender"]) == (
+        idem,
+        "orders/created",
+        "warehouse",
+        "shop",
+    )
+    assert record["reason"] == "discarded: no such order"
+    text = ensync("dlq", "list", "--app", "warehouse", "--data", data)
+    assert text.stdout == f"{idem}\twarehouse\torders/created\tdiscarded: no such order\n"
+    shown = ensync("dlq", "show", idem, "--data", data, "--secret-key", warehouse["secret_key"])
+    assert shown.returncode == 0, shown.stderr
+    assert 'payload:        {"id": 7}' in shown.stdout
+    assert "state:          dead" in shown.stdout
+    sealed = json.loads(ensync("dlq", "show", idem, "--data", data, "--json").stdout)
+    assert "payload" not in sealed  # without the secret key: the envelope's size only
+    assert sealed["envelope_bytes"] > 0
+    for args, complaint in (
+        (("dlq", "show", "nope", "--data", data), "no message 'nope'"),
+        (("dlq", "list", "--app", "ghost", "--data", data), "no app named 'ghost'"),
+    ):
+        missing = ensync(*args)
+        assert (missing.returncode, complaint in missing.stderr) == (1, True)
+
+
 def test_app_commands_report_mistakes(tmp_path: Path) -> None:
     data = str(tmp_path)
     assert ensync("app", "create", "ok", "--data", data).returncode == 0

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from ensync._version import __version__
-from ensync.cli import apps, client_verbs, serve
+from ensync.cli import apps, client_verbs, dlq, serve
 
 __all__ = ["build_parser", "main"]
 
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     allow.set_defaults(run=apps.allow)
 
     client_verbs.add_publish(commands, env)
+    dlq.add_dlq(commands, add_data_options)
 
     keygen = commands.add_parser("keygen", help="print a new Ed25519 key pair")
     keygen.add_argument("--json", action="store_true", help="print one JSON object")
