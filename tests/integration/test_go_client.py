@@ -20,6 +20,7 @@ from ensync._proto import ensync_pb2 as pb
 from ensync.crypto import seal
 from ensync.server.core.apps import NewApp
 from ensync.testing import TestServer, run_engine
+from tests.support.http import http_get
 from tests.support.timing import eventually, seconds
 
 GO_AGENT = "grpc-go/1.64.0"
@@ -72,16 +73,6 @@ class Raw:
         return time.monotonic() - started, refused.value.code()
 
 
-async def metrics(server: TestServer) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    raw = (await reader.read()).decode()
-    writer.close()
-    await writer.wait_closed()
-    return raw
-
-
 @pytest.fixture
 async def server() -> AsyncIterator[TestServer]:
     async with run_engine(max_clients_per_app=1, max_payload_bytes=4096) as running:
@@ -107,8 +98,8 @@ async def test_a_refused_subscribe_from_a_go_client_waits_a_second(
     assert server.engine.stats.subscribe_refusals == 3
     logged = [r for r in caplog.records if "subscribe of client" in r.getMessage()]
     assert len(logged) == 2  # once per client and name, not once per attempt
-    body = await metrics(server)
-    assert re.search(r"^ensync_subscribe_refusals_total 3\.0\r?$", body, re.MULTILINE), body
+    _, body = await http_get(server.http_port, "/metrics")
+    assert re.search(r"^ensync_subscribe_refusals_total 3\.0$", body, re.MULTILINE), body
     for raw in (go, other):
         await raw.channel.close()
 

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 from ensync.testing import TestServer
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-    await writer.drain()
-    raw = (await reader.read()).decode()
-    writer.close()
-    await writer.wait_closed()
-    head, _, body = raw.partition("\r\n\r\n")
-    return int(head.split()[1]), body
+from tests.support.http import http_get
 
 
 async def test_healthz_reports_the_engine(server: TestServer) -> None:

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from ensync.server.serving import DEFAULT_METRICS_ADDRESS, metrics_address
 from ensync.testing import run_engine
-
-
-async def get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    await writer.drain()
-    raw = (await reader.read()).decode()
-    writer.close()
-    await writer.wait_closed()
-    status = int(raw.split(" ", 2)[1])
-    return status, raw.split("\r\n\r\n", 1)[1]
+from tests.support.http import http_get
 
 
 def test_where_the_metrics_go() -> None:
@@ -35,14 +23,14 @@ async def test_a_metrics_listener_of_its_own() -> None:
     async with run_engine(metrics="127.0.0.1:0") as server:
         await server.create_app("alice")
         assert server.metrics_port != server.http_port
-        status, body = await get(server.metrics_port, "/metrics")
+        status, body = await http_get(server.metrics_port, "/metrics")
         assert status == 200
         assert "ensync_published_total" in body
         # The port clients reach no longer names the apps.
-        status, _ = await get(server.http_port, "/metrics")
+        status, _ = await http_get(server.http_port, "/metrics")
         assert status == 404
         for port in (server.http_port, server.metrics_port):
-            status, body = await get(port, "/healthz")
+            status, body = await http_get(port, "/healthz")
             assert (status, body.startswith('{"status": "ok"')) == (200, True)
         with pytest.raises(InvalidStatus) as refused:
             await connect(f"ws://127.0.0.1:{server.metrics_port}/message")
@@ -55,6 +43,6 @@ async def test_a_metrics_listener_of_its_own() -> None:
 async def test_by_default_a_loopback_http_listener_serves_the_metrics() -> None:
     async with run_engine() as server:
         assert server.metrics_port == server.http_port
-        status, body = await get(server.http_port, "/metrics")
+        status, body = await http_get(server.http_port, "/metrics")
         assert status == 200
         assert "ensync_connected_clients" in body

@@ -37,6 +37,7 @@ from ensync.server.core.apps import AppRegistry, NewApp
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.testing import TestServer, run_engine
 from ensync.websocket import EnSyncEngine as WsEngine
+from tests.support.http import http_get
 from tests.support.timing import eventually, seconds
 
 TRANSPORTS = ["grpc", "ws"]
@@ -378,12 +379,7 @@ async def test_metrics_count_refusals(world: World) -> None:
     alice = await world.connect(world.alice)
     with pytest.raises(EnSyncPublishError):
         await alice.publish("n" * 41, [world.bob.app_id], {"a": 1})
-    reader, writer = await asyncio.open_connection("127.0.0.1", world.server.http_port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    text = (await reader.read()).decode()
-    writer.close()
-    await writer.wait_closed()
+    _, text = await http_get(world.server.http_port, "/metrics")
     assert 'ensync_limit_rejections_total{limit="name_length"} 1.0' in text
     assert "ensync_denied_total 0.0" in text
 

@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from ensync.crypto import seal
 from ensync.server.core.apps import NewApp
 from ensync.testing import TestServer, run_engine
+from tests.support.http import http_get
 from tests.support.timing import eventually, seconds
 
 
@@ -199,13 +200,8 @@ async def test_metrics_are_served_in_the_prometheus_format(wire: Wire) -> None:
     sender, alice = await wire.conn(wire.alice)
     await sender.send(wire.pub(alice, wire.bob))
     assert (await recv(sender)).startswith("+PASS:")
-    reader, writer = await asyncio.open_connection("127.0.0.1", wire.server.http_port)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    raw = (await reader.read()).decode()
-    writer.close()
-    await writer.wait_closed()
-    assert raw.startswith("HTTP/1.1 200")
+    status, raw = await http_get(wire.server.http_port, "/metrics")
+    assert status == 200
     assert "ensync_published_total 1.0" in raw
     assert 'ensync_backlog{app="bob"} 1.0' in raw
     assert "ensync_connected_clients 1.0" in raw

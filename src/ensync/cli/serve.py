@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ensync._version import __version__
 from ensync.server.config import EngineConfig, ServerConfig
-from ensync.server.serving import metrics_address, running_server
+from ensync.server.serving import running_server
 from ensync.server.store.base import StoreError
 
 __all__ = ["ENGINE_FLAGS", "engine_config", "parse_backoff", "run"]
@@ -161,10 +161,7 @@ async def _serve(config: ServerConfig) -> int:
     async with running_server(config) as server:
         scheme = "TLS" if config.tls_cert else "plaintext"
         http_host = config.http_address.rsplit(":", 1)[0]
-        separate = metrics_address(http_host.strip("[]"), config.metrics_address)
-        metrics = (
-            f", metrics on {separate.rsplit(':', 1)[0]}:{server.metrics_port}" if separate else ""
-        )
+        metrics = f", metrics on {server.metrics_listener}" if server.metrics_listener else ""
         log.info(
             "ensync %s serving gRPC on %s:%d, HTTP on %s:%d%s (%s; data: %s)",
             __version__,

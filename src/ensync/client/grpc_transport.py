@@ -253,7 +253,7 @@ class GrpcClientTransport:
                 self._channel,
                 self._client_id,
                 timeout_s=self._timeout,
-                deliver=self._session_delivery,
+                route=self._delivers.get,
                 lost=self._report_lost,
             )
         config = response.server_config
@@ -375,12 +375,6 @@ class GrpcClientTransport:
     def consumed(self, name: str) -> None:
         if self._batched is not None and self._batched.deliveries and name in self._delivers:
             self._batched.credit(name, 1)
-
-    def _session_delivery(self, item: pb.MessageStreamResponse) -> None:
-        deliver = self._delivers.get(item.message_name)
-        if deliver is not None:
-            now_ms = time.time_ns() // 1_000_000
-            deliver(from_stream_response(item, name=item.message_name, received_at_ms=now_ms))
 
     async def ack(self, name: str, idem: str, block: int) -> None:
         if self._batched is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, NoReturn, Protocol
@@ -24,7 +25,9 @@ import grpc
 from ensync import errors
 from ensync._proto import ensync_pb2 as pb
 from ensync.client.limiter import CallLimiter
+from ensync.client.transport import Delivery
 from ensync.protocol.errors import UNKNOWN_SESSION
+from ensync.protocol.records import from_stream_response
 
 __all__ = [
     "SESSION_METHOD",
@@ -101,7 +104,7 @@ async def open_grpc_session(
     client_id: str,
     *,
     timeout_s: float,
-    deliver: Callable[[pb.MessageStreamResponse], None],
+    route: Callable[[str], Callable[[Delivery], None] | None],
     lost: Callable[[BaseException], None],
 ) -> SessionStream | None:
     """Open a session on the gRPC ``Session`` method; ``None`` if the engine has none.
@@ -119,7 +122,7 @@ async def open_grpc_session(
     call = method()
     try:
         return await SessionStream.start(
-            _GrpcLink(call), client_id, timeout_s=timeout_s, deliver=deliver, lost=lost
+            _GrpcLink(call), client_id, timeout_s=timeout_s, route=route, lost=lost
         )
     except errors.EnSyncConnectionError as exc:
         cause = exc.__cause__
@@ -138,7 +141,7 @@ class SessionStream:
     Args:
         link: what carries the frames.
         timeout_s: how long a call may wait for its answer once sent.
-        deliver: called with every delivery the engine sends on the stream.
+        route: the handler of a message name's deliveries (None: none now).
         lost: called once if the stream breaks (not on :meth:`close`).
     """
 
@@ -148,7 +151,7 @@ class SessionStream:
         welcome: pb.SessionWelcome,
         *,
         timeout_s: float,
-        deliver: Callable[[pb.MessageStreamResponse], None],
+        route: Callable[[str], Callable[[Delivery], None] | None],
         lost: Callable[[BaseException], None],
     ) -> None:
         self._link = link
@@ -160,7 +163,7 @@ class SessionStream:
         limit = int(outstanding) // 2 if outstanding.isdigit() else _DEFAULT_OUTSTANDING
         self._limiter = CallLimiter(max(1, limit))
         self._timeout = timeout_s
-        self._deliver = deliver
+        self._route = route
         self._lost = lost
         self._seqs = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
@@ -184,7 +187,7 @@ class SessionStream:
         client_id: str,
         *,
         timeout_s: float,
-        deliver: Callable[[pb.MessageStreamResponse], None],
+        route: Callable[[str], Callable[[Delivery], None] | None],
         lost: Callable[[BaseException], None],
     ) -> SessionStream:
         """Say hello on ``link`` for ``client_id`` and wait for the welcome.
@@ -203,7 +206,7 @@ class SessionStream:
         if first is None or not first.HasField("welcome"):
             link.cancel()
             raise errors.EnSyncConnectionError("the engine ended the session before its welcome")
-        return cls(link, first.welcome, timeout_s=timeout_s, deliver=deliver, lost=lost)
+        return cls(link, first.welcome, timeout_s=timeout_s, route=route, lost=lost)
 
     # ------------------------------------------------------------------ calls
 
@@ -431,9 +434,15 @@ class SessionStream:
             self._resolve(published.seq, published)
         for settled in frame.settled:
             self._resolve(settled.seq, settled)
-        for delivery in frame.deliveries:
+        if not frame.deliveries:
+            return
+        now_ms = time.time_ns() // 1_000_000  # once per frame
+        for item in frame.deliveries:
+            deliver = self._route(item.message_name)
+            if deliver is None:
+                continue
             try:
-                self._deliver(delivery)
+                deliver(from_stream_response(item, name=item.message_name, received_at_ms=now_ms))
             except Exception:  # isolation boundary: one bad delivery must not end the session
                 log.exception("a session delivery could not be handed over")
 

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import ssl
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +31,7 @@ from ensync.client.limiter import CallLimiter, LimiterStatistics
 from ensync.client.session import SUBSCRIPTION_CREDIT, SessionStream
 from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay, digits
 from ensync.protocol.errors import UNKNOWN_SESSION
-from ensync.protocol.records import from_stream_response, from_ws_record
+from ensync.protocol.records import from_ws_record
 from ensync.protocol.urls import EngineUrl
 from ensync.protocol.wsclient import (
     ClientSession,
@@ -207,7 +206,7 @@ class WebSocketClientTransport:
                 self._link,
                 self._client_id,
                 timeout_s=self._timeout,
-                deliver=self._session_delivery,
+                route=self._handlers.get,
                 lost=self._report_lost,
             )
         return ConnectInfo(
@@ -319,12 +318,6 @@ class WebSocketClientTransport:
             )
             return
         self._link.frames.put_nowait(frame)
-
-    def _session_delivery(self, item: pb.MessageStreamResponse) -> None:
-        deliver = self._handlers.get(item.message_name)
-        if deliver is not None:
-            now_ms = time.time_ns() // 1_000_000
-            deliver(from_stream_response(item, name=item.message_name, received_at_ms=now_ms))
 
     def _handle(self, event: object) -> None:
         if isinstance(event, ReplyFor):

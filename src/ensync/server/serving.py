@@ -85,6 +85,8 @@ class RunningServer:
     http_port: int
     # The port serving /metrics: http_port unless a listener of its own does.
     metrics_port: int
+    # HOST:PORT of that listener of its own, bound; None: the HTTP listener.
+    metrics_listener: str | None = None
 
 
 @contextlib.asynccontextmanager
@@ -139,6 +141,7 @@ async def _serving(
         metrics=separate is None,
     )
     metrics_listener: HttpListener | None = None
+    metrics_host = ""
     if separate is not None:
         metrics_host, metrics_port = parse_address(separate, what="metrics")
         metrics_listener = HttpListener(engine, metrics_host, metrics_port, websocket=False)
@@ -146,9 +149,11 @@ async def _serving(
         await engine.start()
         bound_grpc = await grpc_transport.start()
         bound_http = await http_listener.start()
-        bound_metrics = bound_http
+        bound_metrics, metrics_at = bound_http, None
         if metrics_listener is not None:
             bound_metrics = await metrics_listener.start()
+            shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+            metrics_at = f"{shown}:{bound_metrics}"
         # `ensync serve` says it at INFO with more detail; say it once.
         log.debug(
             "engine serving gRPC on %s:%d, HTTP on %s:%d",
@@ -157,7 +162,7 @@ async def _serving(
             http_host,
             bound_http,
         )
-        yield RunningServer(engine, store, bound_grpc, bound_http, bound_metrics)
+        yield RunningServer(engine, store, bound_grpc, bound_http, bound_metrics, metrics_at)
     finally:
         # Stop taking work, let calls in progress finish (their commits
         # included), end streams cleanly; then in-flight messages go back to

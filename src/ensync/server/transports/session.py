@@ -281,11 +281,9 @@ class _Session:
 
     def _published(self, seq: int, answer: asyncio.Future[str]) -> None:
         self._pending.discard(answer)
-        if answer.cancelled():
-            result = pb.SessionPublished(seq=seq, success=False, error_message="cancelled")
-        elif (error := answer.exception()) is not None:
-            text = error.message if isinstance(error, ServiceError) else "internal error"
-            result = pb.SessionPublished(seq=seq, success=False, error_message=text)
+        refusal = _refusal(answer, "a publish")
+        if refusal is not None:
+            result = pb.SessionPublished(seq=seq, success=False, error_message=refusal)
         else:
             result = pb.SessionPublished(seq=seq, success=True, message_idem=answer.result())
         self._outbox.answer_publish(result)
@@ -304,16 +302,10 @@ class _Session:
 
     def _acked(self, seq: int, answer: asyncio.Future[None]) -> None:
         self._pending.discard(answer)
-        if answer.cancelled():
-            result = pb.SessionSettled(seq=seq, success=False, message="cancelled")
-        elif (error := answer.exception()) is not None:
-            if not isinstance(error, ServiceError):
-                log.error("an ack failed", exc_info=error)
-            text = error.message if isinstance(error, ServiceError) else "internal error"
-            result = pb.SessionSettled(seq=seq, success=False, message=text)
-        else:
-            result = pb.SessionSettled(seq=seq, success=True)
-        self._outbox.answer_settle(result)
+        refusal = _refusal(answer, "an ack")
+        self._outbox.answer_settle(
+            pb.SessionSettled(seq=seq, success=refusal is None, message=refusal or "")
+        )
 
     async def _settle(self, item: pb.SessionSettle) -> None:
         engine, client, idem = self._engine, self._client_id, item.message_idem
@@ -346,3 +338,16 @@ class _Session:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _refusal(answer: asyncio.Future[Any], what: str) -> str | None:
+    """Why a finished call failed, in the words its client gets; None if it did not."""
+    if answer.cancelled():
+        return "cancelled"
+    error = answer.exception()
+    if error is None:
+        return None
+    if isinstance(error, ServiceError):
+        return error.message
+    log.error("%s failed", what, exc_info=error)
+    return "internal error"
