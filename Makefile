@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NODE_DIR := tests/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: run test lint types pytest proto bench clean install node
+.PHONY: run test lint types docs pytest proto bench clean install node
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,15 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
+# The documentation site, into site/ (git-ignored); a warning fails the build.
+# NO_MKDOCS_2_WARNING: mkdocs-material's notice about its successor, not about our pages.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 pytest: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest --cov=ensync --cov-branch --cov-report=term:skip-covered --cov-fail-under=80
 
-test: lint types pytest
+test: lint types docs pytest
 
 bench: $(STAMP)
 	$(BIN)/ensync bench
@@ -48,4 +53,4 @@ proto: $(STAMP)
 		--python_out=src/ensync/_proto --pyi_out=src/ensync/_proto proto/ensync.proto
 
 clean:
-	rm -rf $(VENV) $(NODE_DIR)/node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(NODE_DIR)/node_modules .mypy_cache .ruff_cache .pytest_cache site

@@ -31,7 +31,8 @@ class Message:
         metadata: the publisher's metadata (``persist``, ``headers``, ...).
         sender: the publishing app's id; publish to it to reply.
         replay_info: set on messages returned by ``replay``.
-        attempt: which delivery of this message this is (1 = the first).
+        attempt: which delivery of this message this is (1 = the first; 0
+            for a copy from :meth:`EnSyncClient.observe`, which is no delivery).
     """
 
     message_name: str

@@ -622,3 +622,43 @@ async def test_typed_payloads_in_and_out(setup: Setup) -> None:
         await bob.subscribe("untyped", model=dict)
     with pytest.raises(EnSyncValidationError, match="dataclass or a pydantic model"):
         await alice.publish("orders", [setup.bob.app_id], Order)  # the class, not an order
+
+
+async def test_settling_in_a_handler_is_not_undone_by_auto_ack(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("orders/created")  # auto_ack, the default
+    seen: list[Message] = []
+
+    async def handle(message: Message) -> None:
+        seen.append(message)
+        if message.payload["n"] == 1 and message.attempt == 1:
+            await sub.defer(message.idem, 200, "later")
+        elif message.payload["n"] == 2:
+            await sub.discard(message.idem, "never")
+
+    sub.on(handle)
+    await alice.publish("orders/created", [setup.bob.app_id], {"n": 1})
+    discarded = await alice.publish("orders/created", [setup.bob.app_id], {"n": 2})
+    # The deferral stands: the message comes back, and is then auto-acked.
+    await eventually(lambda: len(seen) == 3)
+    assert sorted((m.payload["n"], m.attempt) for m in seen) == [(1, 1), (1, 2), (2, 1)]
+    await eventually(lambda: setup.server.engine.stats.acked == 1)
+    # The discard stands: a dead letter with its reason, not an ack.
+    dead = await setup.server.engine.store.list_dead(setup.bob.app_id, 10)
+    assert [(m.idem, m.dead_reason) for m in dead] == [(discarded, "discarded: never")]
+
+
+async def test_settling_in_a_loop_body_is_not_undone_by_auto_ack(setup: Setup) -> None:
+    alice = await setup.connect(setup.alice)
+    bob = await setup.connect(setup.bob)
+    sub = await bob.subscribe("orders/created")
+    await alice.publish("orders/created", [setup.bob.app_id], {"n": 1})
+    attempts: list[int] = []
+    async for message in sub:
+        attempts.append(message.attempt)
+        if message.attempt == 1:
+            await sub.defer(message.idem, 200, "later")
+            continue
+        break
+    assert attempts == [1, 2]

@@ -115,6 +115,27 @@ async def test_a_second_store_on_the_same_file_sees_writes(tmp_path: pathlib.Pat
         assert await engine.get_app_by_name("warehouse") == app("warehouse")
 
 
+async def test_a_dead_letter_redriven_by_another_process_is_adopted(
+    tmp_path: pathlib.Path,
+) -> None:
+    # `ensync dlq redrive` beside a running engine: the engine's windows read
+    # past the message long ago; it learns of the redrive from the file.
+    async with SqliteStore(db(tmp_path)) as engine:
+        await append(engine, new("m1"), new("m2"))
+        claimed = await claim(engine, now_ms=T0)
+        assert idems(claimed) == ["m1", "m2"]
+        await engine.settle([Settlement("m1", MessageState.DEAD, "bad")], now_ms=T0 + 1)
+        await engine.settle([Settlement("m2", MessageState.ACKED)], now_ms=T0 + 1)
+        async with SqliteStore(db(tmp_path)) as cli:
+            assert await cli.redrive("m1", T0 + 2)
+        assert idems(await claim(engine, now_ms=T0 + 3)) == []  # not seen yet
+        assert await engine.adopt_redriven() == 1
+        again = await claim(engine, now_ms=T0 + 3)
+        assert idems(again) == ["m1"]
+        assert again.leases[0].message.attempts == 1
+        assert await engine.adopt_redriven() == 0  # taken once
+
+
 async def test_close_waits_for_writes_already_queued(tmp_path: pathlib.Path) -> None:
     store = SqliteStore(db(tmp_path))
     await store.open()

@@ -403,6 +403,9 @@ async def test_dead_letters_are_listed_newest_first_and_redriven(store: Store) -
     assert idems(again) == ["m-1"]
     assert again.leases[0].message.attempts == 1
     assert [m.idem for m in await store.list_dead(RECIPIENT, 10)] == ["m-2"]
+    # Redriven here and already leased: adopting it again would deliver it twice.
+    assert await store.adopt_redriven() == 0
+    assert idems(await claim(store, now_ms=T0 + 6)) == []
 
 
 async def test_backlog_counts_pending_messages_per_recipient(store: Store) -> None:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,72 +14,14 @@ import pytest
 
 from ensync import EnSyncAuthError, EnSyncEngine, Message
 from ensync.crypto import decode_app_id, decode_secret_key
+from tests.support.cli import Serving, ensync, free_port, serve, wait_listening
 from tests.support.timing import eventually, seconds
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def ensync(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ensync.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=seconds(60),
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-
-
-async def wait_listening(port: int, process: asyncio.subprocess.Process) -> None:
-    for _ in range(int(seconds(300))):
-        assert process.returncode is None, "the engine exited"
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        await writer.wait_closed()
-        return
-    raise AssertionError(f"nothing listens on {port}")
-
-
-class Serving:
-    def __init__(self, process: asyncio.subprocess.Process, data: Path, grpc_port: int) -> None:
-        self.process = process
-        self.data = data
-        self.grpc_port = grpc_port
 
 
 @pytest.fixture
 async def serving(tmp_path: Path) -> AsyncIterator[Serving]:
-    grpc_port, http_port = free_port(), free_port()
-    data = tmp_path / "data"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ensync.cli.main",
-        "serve",
-        "--data",
-        str(data),
-        "--grpc",
-        f"127.0.0.1:{grpc_port}",
-        "--http",
-        f"127.0.0.1:{http_port}",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        await wait_listening(grpc_port, process)
-        yield Serving(process, data, grpc_port)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    async with serve(tmp_path) as running:
+        yield running
 
 
 def test_keygen_prints_a_usable_key_pair() -> None:

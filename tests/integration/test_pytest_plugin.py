@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -42,20 +43,55 @@ APP_TESTS = textwrap.dedent(
 )
 
 
-def test_an_application_tests_itself_with_the_fixtures(tmp_path: Path) -> None:
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def application(tmp_path: Path) -> Path:
     project = tmp_path / "shop"
     (project / "tests").mkdir(parents=True)
     (project / "tests" / "test_orders.py").write_text(APP_TESTS)
     (project / "pytest.ini").write_text(
         "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
     )
+    return project
+
+
+def run(*command: str | Path, cwd: Path | None = None, timeout_s: float = 120) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-        cwd=project,
+        [str(part) for part in command],
+        cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=seconds(120),
+        timeout=seconds(timeout_s),
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 passed" in done.stdout
+    return done.stdout
+
+
+def test_an_application_tests_itself_with_the_fixtures(tmp_path: Path) -> None:
+    project = application(tmp_path)
+    run(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=project)
+
+
+def test_the_fixtures_need_only_ensync_pytest_and_pytest_asyncio(tmp_path: Path) -> None:
+    # A fresh virtual environment holding ensync (built from a copy of this
+    # source tree, as pip would from PyPI), pytest and pytest-asyncio: none of
+    # our development dependencies.
+    source = tmp_path / "ensync-source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv)
+    python = venv / "bin" / "python"
+    run(
+        python, "-m", "pip", "install", "--quiet", source, "pytest", "pytest-asyncio", timeout_s=600
+    )
+    installed = run(python, "-m", "pip", "list", "--format=freeze").lower()
+    for absent in ("pydantic", "hypothesis", "pytest-cov", "nats-py", "ensync-sdk"):
+        assert f"{absent}==" not in installed
+    project = application(tmp_path)
+    out = run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=project)
+    assert "2 passed" in out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ from ensync.client.grpc_transport import GrpcClientTransport
 from ensync.server.core.errors import ServiceError
 from ensync.testing import TestServer
 from ensync.websocket import EnSyncEngine as WsEngine
-from tests.integration.test_cli import free_port
+from tests.support.cli import free_port
 from tests.support.proxy import tcp_proxy
 from tests.support.timing import eventually
 
@@ -301,3 +303,37 @@ async def test_a_stalled_link_is_detected_and_healed(server: TestServer, transpo
         finally:
             await engine.close()
             await publisher.close()
+
+
+async def test_the_first_attempt_after_the_engine_is_back_connects(
+    server: TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # gRPC shares a connection between channels to one address and, after
+    # failures, backs off before it tries again: a reconnect attempt inside
+    # that window would fail without trying. Each attempt has its own.
+    app = await server.create_app("a")
+    caplog.set_level(logging.DEBUG, logger="ensync.client.connection")
+    async with tcp_proxy(server.server.grpc_port) as proxy:
+        engine = EnSyncEngine(
+            f"grpc://127.0.0.1:{proxy.port}", reconnect_interval=50, max_reconnect_attempts=0
+        )
+        # Retry every 100 ms at most, to see attempts inside gRPC's back-off.
+        engine._options = dataclasses.replace(engine._options, max_reconnect_delay_ms=100)
+        reconnected: list[int] = []
+        engine.on("reconnect", reconnected.append)
+        try:
+            await engine.create_client(app.app_key)
+            await proxy.cut()
+            await asyncio.sleep(4)  # long enough for gRPC's back-off to grow past 1 s
+            failed_before = failures(caplog)
+            assert failed_before >= 5  # positive control: the link really was down
+            proxy.restore()
+            await eventually(lambda: bool(reconnected), timeout_s=10)
+            # At most the one attempt that was under way when the link came back.
+            assert failures(caplog) - failed_before <= 1
+        finally:
+            await engine.close()
+
+
+def failures(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("reconnect attempt" in r.getMessage() for r in caplog.records)

@@ -439,7 +439,7 @@ async def test_tls_on_both_transports(certificates: dict[str, Path]) -> None:
 
 
 def test_serve_refuses_half_or_unreadable_tls(tmp_path: Path) -> None:
-    from tests.integration.test_cli import ensync
+    from tests.support.cli import ensync
 
     half = ensync("serve", "--data", str(tmp_path), "--tls-cert", str(tmp_path / "c.pem"))
     assert half.returncode == 2
@@ -462,7 +462,7 @@ def test_serve_refuses_half_or_unreadable_tls(tmp_path: Path) -> None:
 
 
 def test_cli_allow_and_rotate(tmp_path: Path) -> None:
-    from tests.integration.test_cli import ensync
+    from tests.support.cli import ensync
 
     data = str(tmp_path)
     created = json.loads(ensync("app", "create", "shop", "--data", data, "--json").stdout)

@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from ensync import EnSyncEngine, Message
 from ensync.crypto import seal
-from tests.integration.test_cli import ensync, free_port, wait_listening
+from tests.support.cli import ensync, free_port, wait_listening
 from tests.support.timing import eventually, seconds
 
 

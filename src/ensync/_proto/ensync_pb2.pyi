@@ -502,26 +502,44 @@ class SessionCredit(_message.Message):
     credit: int
     def __init__(self, message_name: _Optional[str] = ..., credit: _Optional[int] = ...) -> None: ...
 
+class SessionObserve(_message.Message):
+    __slots__ = ("seq", "pattern", "stop")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    PATTERN_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    pattern: str
+    stop: bool
+    def __init__(self, seq: _Optional[int] = ..., pattern: _Optional[str] = ..., stop: _Optional[bool] = ...) -> None: ...
+
 class ClientFrame(_message.Message):
-    __slots__ = ("hello", "publishes", "settles", "credits")
+    __slots__ = ("hello", "publishes", "settles", "credits", "observes")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PUBLISHES_FIELD_NUMBER: _ClassVar[int]
     SETTLES_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
+    OBSERVES_FIELD_NUMBER: _ClassVar[int]
     hello: SessionHello
     publishes: _containers.RepeatedCompositeFieldContainer[SessionPublish]
     settles: _containers.RepeatedCompositeFieldContainer[SessionSettle]
     credits: _containers.RepeatedCompositeFieldContainer[SessionCredit]
-    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., publishes: _Optional[_Iterable[_Union[SessionPublish, _Mapping]]] = ..., settles: _Optional[_Iterable[_Union[SessionSettle, _Mapping]]] = ..., credits: _Optional[_Iterable[_Union[SessionCredit, _Mapping]]] = ...) -> None: ...
+    observes: _containers.RepeatedCompositeFieldContainer[SessionObserve]
+    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., publishes: _Optional[_Iterable[_Union[SessionPublish, _Mapping]]] = ..., settles: _Optional[_Iterable[_Union[SessionSettle, _Mapping]]] = ..., credits: _Optional[_Iterable[_Union[SessionCredit, _Mapping]]] = ..., observes: _Optional[_Iterable[_Union[SessionObserve, _Mapping]]] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "published", "settled", "deliveries")
+    __slots__ = ("welcome", "published", "settled", "deliveries", "observing", "observed", "observed_missed")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     SETTLED_FIELD_NUMBER: _ClassVar[int]
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
+    OBSERVING_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_FIELD_NUMBER: _ClassVar[int]
+    OBSERVED_MISSED_FIELD_NUMBER: _ClassVar[int]
     welcome: SessionWelcome
     published: _containers.RepeatedCompositeFieldContainer[SessionPublished]
     settled: _containers.RepeatedCompositeFieldContainer[SessionSettled]
     deliveries: _containers.RepeatedCompositeFieldContainer[MessageStreamResponse]
-    def __init__(self, welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., published: _Optional[_Iterable[_Union[SessionPublished, _Mapping]]] = ..., settled: _Optional[_Iterable[_Union[SessionSettled, _Mapping]]] = ..., deliveries: _Optional[_Iterable[_Union[MessageStreamResponse, _Mapping]]] = ...) -> None: ...
+    observing: _containers.RepeatedCompositeFieldContainer[SessionSettled]
+    observed: _containers.RepeatedCompositeFieldContainer[MessageStreamResponse]
+    observed_missed: int
+    def __init__(self, welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., published: _Optional[_Iterable[_Union[SessionPublished, _Mapping]]] = ..., settled: _Optional[_Iterable[_Union[SessionSettled, _Mapping]]] = ..., deliveries: _Optional[_Iterable[_Union[MessageStreamResponse, _Mapping]]] = ..., observing: _Optional[_Iterable[_Union[SessionSettled, _Mapping]]] = ..., observed: _Optional[_Iterable[_Union[MessageStreamResponse, _Mapping]]] = ..., observed_missed: _Optional[int] = ...) -> None: ...

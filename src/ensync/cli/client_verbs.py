@@ -1,25 +1,29 @@
-"""``ensync publish``: send a message from the command line, as an app would.
+"""The client verbs: ``publish``, ``tail`` and ``replay``, as an app would.
 
-The engine's URL and the app's key come from flags or the environment
-(``ENSYNC_URL``, ``ENSYNC_APP_KEY``); the payload is JSON given inline or
-read from a file (``@FILE``, ``@-`` for standard input).
+The engine's URL and the app's keys come from flags or the environment
+(``ENSYNC_URL``, ``ENSYNC_APP_KEY``, ``ENSYNC_SECRET_KEY``). ``publish``
+takes JSON given inline or read from a file (``@FILE``, ``@-`` for standard
+input); ``tail`` watches without taking (``EnSyncClient.observe``);
+``replay`` prints one message again.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import datetime
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from ensync import EnSyncEngine, EnSyncError
+from ensync import EnSyncEngine, EnSyncError, EnSyncMessageError, Message
 from ensync.websocket import EnSyncEngine as WsEngine
 
-__all__ = ["add_publish", "publish"]
+__all__ = ["add_publish", "add_replay", "add_tail", "publish", "replay", "tail"]
 
 
 def add_publish(commands: Any, env: Callable[[str, str], str]) -> None:
@@ -42,15 +46,63 @@ def add_publish(commands: Any, env: Callable[[str, str], str]) -> None:
         "--header", action="append", default=[], metavar="K=V", help="a header (repeatable)"
     )
     parser.add_argument("--memory-only", action="store_true", help="persist: false")
+    _add_connection(parser, env, secret=False)
+    parser.set_defaults(run=publish)
+
+
+def add_tail(commands: Any, env: Callable[[str, str], str]) -> None:
+    """The ``tail`` subcommand."""
+    parser = commands.add_parser(
+        "tail",
+        help="print an app's new messages as they arrive, without taking them",
+        description="Print each new message of the app whose name matches PATTERN, decrypted, "
+        "as it is stored. It only watches: the app's subscribers get every message as before, "
+        "and nothing is acked. Ctrl-C stops.",
+    )
+    parser.add_argument(
+        "pattern", metavar="PATTERN", help="a name or pattern: orders/created, orders/*, '#'"
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    _add_connection(parser, env, secret=True)
+    parser.set_defaults(run=tail)
+
+
+def add_replay(commands: Any, env: Callable[[str, str], str]) -> None:
+    """The ``replay`` subcommand."""
+    parser = commands.add_parser(
+        "replay",
+        help="print one message of the app again, by idem",
+        description="Print a message addressed to the app, whatever its state (pending, acked, "
+        "dead-lettered), decrypted when given the secret key, else its envelope's metadata. "
+        "It is not delivered again.",
+    )
+    parser.add_argument("idem")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    _add_connection(parser, env, secret=True, secret_required=False)
+    parser.set_defaults(run=replay)
+
+
+def _add_connection(
+    parser: argparse.ArgumentParser,
+    env: Callable[[str, str], str],
+    *,
+    secret: bool,
+    secret_required: bool = True,
+) -> None:
     parser.add_argument(
         "--url", default=env("url", "grpc://localhost:50051"), help="the engine (ENSYNC_URL)"
     )
     parser.add_argument(
-        "--app-key",
-        default=os.environ.get("ENSYNC_APP_KEY"),
-        help="the publishing app's key (ENSYNC_APP_KEY)",
+        "--app-key", default=os.environ.get("ENSYNC_APP_KEY"), help="the app's key (ENSYNC_APP_KEY)"
     )
-    parser.set_defaults(run=publish)
+    if secret:
+        parser.add_argument(
+            "--secret-key",
+            default=os.environ.get("ENSYNC_SECRET_KEY"),
+            help="the app's secret key, to decrypt (ENSYNC_SECRET_KEY)"
+            + ("" if secret_required else "; without it, only metadata"),
+        )
 
 
 def _payload(text: str) -> object:
@@ -80,20 +132,141 @@ def publish(args: argparse.Namespace) -> int:
     metadata = {"persist": not args.memory_only, "headers": headers}
 
     async def go() -> str:
-        engine: Any = (
-            WsEngine(args.url, max_reconnect_attempts=1)
-            if args.url.startswith(("ws://", "wss://"))
-            else EnSyncEngine(args.url, max_reconnect_attempts=1)
-        )
-        try:
-            client = await engine.create_client(args.app_key)
+        async with _connected(args) as client:
             return str(await client.publish(args.name, args.to, payload, metadata))
-        finally:
-            await engine.close()
+
+    return _report(lambda: print(asyncio.run(go())))
+
+
+def tail(args: argparse.Namespace) -> int:
+    """Run ``ensync tail``; the exit code."""
+    problem = _missing_keys(args, secret=True)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if args.count is not None and args.count < 1:
+        print("ensync: --count must be at least 1", file=sys.stderr)
+        return 2
+
+    async def go() -> None:
+        async with _connected(args, secret=True) as client:
+            observation = await client.observe(args.pattern)
+            print(f"watching {args.pattern!r}; Ctrl-C stops", file=sys.stderr, flush=True)
+            shown, missed = 0, 0
+            while args.count is None or shown < args.count:
+                try:
+                    message = await anext(observation)
+                except EnSyncMessageError as exc:
+                    print(f"ensync: {exc}", file=sys.stderr, flush=True)
+                    continue
+                if observation.missed > missed:
+                    print(
+                        f"ensync: {observation.missed - missed} messages not shown "
+                        "(this terminal read too slowly)",
+                        file=sys.stderr,
+                    )
+                    missed = observation.missed
+                print(_line(message) if not args.json else json.dumps(_fields(message)), flush=True)
+                shown += 1
 
     try:
-        print(asyncio.run(go()))
+        return _report(lambda: asyncio.run(go()))
+    except KeyboardInterrupt:
+        return 0
+
+
+def replay(args: argparse.Namespace) -> int:
+    """Run ``ensync replay``; the exit code."""
+    problem = _missing_keys(args, secret=False)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+
+    async def go() -> dict[str, Any]:
+        async with _connected(args, secret=bool(args.secret_key)) as client:
+            if args.secret_key:
+                message = await client.replay(args.idem)
+                fields = _fields(message)
+                info = message.replay_info
+                fields["was_acknowledged"] = info.was_acknowledged if info else False
+                return fields
+            # Without the secret key: what the engine can say, not the payload.
+            wire = await client._transport().replay("", args.idem)
+            return {
+                "idem": wire.message.idem,
+                "name": wire.message.name,
+                "block": wire.message.block,
+                "sender": wire.message.sender,
+                "timestamp": wire.message.created_at_ms or None,
+                "metadata": json.loads(wire.message.metadata or "{}"),
+                "envelope_bytes": len(wire.message.payload),
+                "was_acknowledged": wire.info.was_acknowledged if wire.info else False,
+            }
+
+    def show() -> None:
+        fields = asyncio.run(go())
+        if args.json:
+            print(json.dumps(fields))
+            return
+        for key, value in fields.items():
+            print(f"{key + ':':18}{value if isinstance(value, str) else json.dumps(value)}")
+
+    return _report(show)
+
+
+def _missing_keys(args: argparse.Namespace, *, secret: bool) -> str | None:
+    if not args.app_key:
+        return "ensync: give the app key with --app-key or ENSYNC_APP_KEY"
+    if secret and not args.secret_key:
+        return "ensync: give the app's secret key with --secret-key or ENSYNC_SECRET_KEY"
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _connected(args: argparse.Namespace, *, secret: bool = False) -> AsyncIterator[Any]:
+    """A client of the app at ``args.url``; one connection attempt, no retrying."""
+    engine: Any = (
+        WsEngine(args.url, max_reconnect_attempts=1)
+        if args.url.startswith(("ws://", "wss://"))
+        else EnSyncEngine(args.url, max_reconnect_attempts=1)
+    )
+    try:
+        key = args.secret_key if secret else None
+        yield await engine.create_client(args.app_key, app_secret_key=key)
+    finally:
+        await engine.close()
+
+
+def _report(work: Callable[[], None]) -> int:
+    try:
+        work()
     except EnSyncError as exc:
         print(f"ensync: {exc.name}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _fields(message: Message) -> dict[str, Any]:
+    return {
+        "idem": message.idem,
+        "name": message.message_name,
+        "block": message.block,
+        "sender": message.sender,
+        "timestamp": message.timestamp,
+        "headers": message.headers,
+        "metadata": message.metadata,
+        "payload": message.payload,
+    }
+
+
+def _line(message: Message) -> str:
+    """One message for a terminal: time, name, idem, sender, payload."""
+    when = (
+        datetime.datetime.fromtimestamp(message.timestamp / 1000).strftime("%H:%M:%S.%f")[:-3]
+        if message.timestamp
+        else "-"
+    )
+    return (
+        f"{when}  {message.message_name}  {message.idem}  from {message.sender[:12]}…  "
+        f"{json.dumps(message.payload)}"
+    )

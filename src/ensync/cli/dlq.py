@@ -1,7 +1,9 @@
-"""``ensync dlq list | show``: the dead letters, read from the store.
+"""``ensync dlq list | show | redrive``: the dead letters, in the store.
 
 Like ``ensync app``, these work on the data directory (``--data`` /
-``--store``), beside a running engine or offline.
+``--store``), beside a running engine or offline. A running engine delivers
+redriven messages again within a second (it reads what another process
+redrove when it re-reads the apps).
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ensync import EnSyncError
 from ensync.crypto import open_payload
-from ensync.server.store import open_store
+from ensync.protocol.names import matches, validate_pattern
+from ensync.server.datadir import engine_holding
+from ensync.server.runtime.clock import wall_clock_ms
+from ensync.server.store import open_store, sqlite_file
 from ensync.server.store.base import AppRecord, Store, StoredMessage, StoreError
 
 __all__ = ["add_dlq"]
@@ -40,6 +46,21 @@ def add_dlq(commands: Any, add_data_options: Callable[[argparse.ArgumentParser],
     show.add_argument("--json", action="store_true", help="one JSON object")
     add_data_options(show)
     show.set_defaults(run=_show)
+    redrive = actions.add_parser(
+        "redrive",
+        help="deliver dead letters again",
+        description="Return dead letters to their queue (attempts reset), oldest first, "
+        "with a progress bar; a running engine delivers them within a second.",
+    )
+    redrive.add_argument("--app", metavar="NAME", help="only this recipient app's")
+    redrive.add_argument(
+        "--name", metavar="PATTERN", help="only these message names (a name or a pattern)"
+    )
+    redrive.add_argument(
+        "--rate", type=float, metavar="R", help="at most R messages per second (default: no limit)"
+    )
+    add_data_options(redrive)
+    redrive.set_defaults(run=_redrive)
 
 
 def _record(message: StoredMessage, apps: dict[str, str]) -> dict[str, Any]:
@@ -124,3 +145,90 @@ def _show(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, work)
+
+
+def _redrive(args: argparse.Namespace) -> int:
+    if args.rate is not None and not args.rate > 0:
+        print("ensync: --rate must be above 0", file=sys.stderr)
+        return 2
+    if args.name is not None:
+        try:
+            validate_pattern(args.name)
+        except ValueError as exc:
+            print(f"ensync: --name: {exc}", file=sys.stderr)
+            return 2
+
+    async def work(store: Store) -> int:
+        apps = [app for app in await store.list_apps() if args.app in (None, app.name)]
+        if args.app is not None and not apps:
+            print(f"ensync: no app named {args.app!r}", file=sys.stderr)
+            return 1
+        chosen: list[StoredMessage] = []
+        for app in apps:
+            dead = await store.list_dead(app.app_id, _ALL)
+            chosen += [m for m in dead if args.name is None or matches(args.name, m.name)]
+        if not chosen:
+            print("no dead letters to redrive")
+            return 0
+        chosen.sort(key=lambda m: m.settled_at_ms or 0)  # oldest first
+        progress = _Progress(len(chosen))
+        redriven = 0
+        started = time.monotonic()
+        for index, message in enumerate(chosen):
+            if args.rate is not None:
+                await asyncio.sleep(max(0.0, started + index / args.rate - time.monotonic()))
+            if await store.redrive(message.idem, wall_clock_ms()):
+                redriven += 1
+            progress.step()
+        progress.done()
+        gone = len(chosen) - redriven
+        print(
+            f"redrove {redriven} dead letters" + (f" ({gone} were no longer dead)" if gone else "")
+        )
+        database = sqlite_file(args.store, Path(args.data))
+        if database is not None and engine_holding(database) is None:
+            print("no engine serves this store now: they are delivered when one starts")
+        return 0
+
+    return _run(args, work)
+
+
+# list_dead's limit when every dead letter is wanted.
+_ALL = 1 << 62
+
+
+class _Progress:
+    """A progress bar on standard error (a line every few seconds when it is
+    not a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.count = 0
+        self.started = time.monotonic()
+        self.shown_at = 0.0
+        self.terminal = sys.stderr.isatty()
+
+    def step(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.shown_at >= (0.1 if self.terminal else 5.0):
+            self.shown_at = now
+            self._show(now)
+
+    def done(self) -> None:
+        self._show(time.monotonic())
+        if self.terminal:
+            print(file=sys.stderr)
+
+    def _show(self, now: float) -> None:
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.count / elapsed
+        width = 30
+        filled = width * self.count // self.total
+        bar = "#" * filled + "-" * (width - filled)
+        eta = (self.total - self.count) / rate if rate > 0 else 0.0
+        line = f"redriving [{bar}] {self.count}/{self.total}  {rate:,.0f}/s  eta {eta:,.0f}s"
+        if self.terminal:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)

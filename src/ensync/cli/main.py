@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     allow.set_defaults(run=apps.allow)
 
     client_verbs.add_publish(commands, env)
+    client_verbs.add_tail(commands, env)
+    client_verbs.add_replay(commands, env)
     dlq.add_dlq(commands, add_data_options)
 
     keygen = commands.add_parser("keygen", help="print a new Ed25519 key pair")

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 from ensync import errors
 from ensync._entropy import random_token
 from ensync.client.connection import Connection, ConnectionState
-from ensync.client.subscription import Subscription
+from ensync.client.observation import Observation
+from ensync.client.subscription import Subscription, open_message, replayed
 from ensync.client.transport import ClientTransport
 from ensync.client.typed import as_payload, check_model
 from ensync.crypto import OpeningKey, is_app_id, opening_key, seal_hybrid
+from ensync.models import Message
 from ensync.protocol.headers import IDEMPOTENCY_HEADER
-from ensync.protocol.names import validate_name
+from ensync.protocol.names import validate_name, validate_pattern
 
 if TYPE_CHECKING:
     from ensync.client.engine import BaseEngine
@@ -65,6 +67,7 @@ class EnSyncClient:
         self._connection = connection
         self._secret = secret
         self._subscriptions: dict[str, Subscription] = {}
+        self._observations: dict[str, Observation] = {}
         self._closed = False
         # Recipient ids already checked (bounded: cleared when full).
         self._valid_recipients: set[str] = set()
@@ -73,6 +76,8 @@ class EnSyncClient:
     def _connection_failed(self, error: errors.EnSyncError) -> None:
         for subscription in list(self._subscriptions.values()):
             subscription.fail(error)
+        for observation in list(self._observations.values()):
+            observation.fail(error)
 
     @property
     def client_id(self) -> str:
@@ -297,6 +302,79 @@ class EnSyncClient:
             raise
         return subscription
 
+    async def observe(self, pattern: str, *, app_secret_key: str | None = None) -> Observation:
+        """Watch the app's new messages whose names match ``pattern``, without
+        taking them: the app's subscribers (this client's too) get every
+        message as before, and the copies need no ack.
+
+        ``pattern`` is a name or a pattern: ``*`` stands for one segment, a
+        final ``#`` for any rest (``"orders/*"``, ``"#"``). Only names the app
+        may subscribe to are copied. Needs an ensync engine (official engines
+        do not offer it); survives reconnects (copies stored while the link
+        was down are not sent). ``ensync tail`` is built on it.
+
+        Example::
+
+            async with await client.observe("orders/#") as watching:
+                async for message in watching:
+                    print(message.message_name, message.payload)
+
+        Raises:
+            EnSyncValidationError: bad pattern, no secret key to decrypt with.
+            EnSyncSubscriptionError: the engine refused, or already observing
+                ``pattern``.
+        """
+        self._check_open()
+        try:
+            validate_pattern(pattern)
+        except ValueError as exc:
+            raise errors.EnSyncValidationError(str(exc)) from None
+        if pattern in self._observations:
+            raise errors.EnSyncSubscriptionError(f"already observing {pattern!r}")
+        key = opening_key(app_secret_key) if app_secret_key is not None else self._secret
+        if key is None:
+            raise errors.EnSyncValidationError(
+                "no secret key to decrypt messages with: pass app_secret_key to "
+                "create_client or observe"
+            )
+        observation = Observation(pattern, key, self._stop_observing)
+        self._observations[pattern] = observation
+        try:
+            await self._connection.observe(pattern, observation)
+        except BaseException:
+            self._observations.pop(pattern, None)
+            raise
+        return observation
+
+    async def replay(self, idem: str, *, app_secret_key: str | None = None) -> Message:
+        """Fetch any message addressed to this client's app by idem, whatever
+        its state (pending, acked, dead-lettered), decrypted; it is not
+        delivered again. ``Subscription.replay`` does the same.
+
+        Example::
+
+            message = await client.replay(idem)
+            print(message.payload, message.replay_info.was_acknowledged)
+
+        Raises:
+            EnSyncReplayError: no such message for this app.
+            EnSyncMessageError: it cannot be decrypted with the key.
+        """
+        self._check_open()
+        key = opening_key(app_secret_key) if app_secret_key is not None else self._secret
+        if key is None:
+            raise errors.EnSyncValidationError(
+                "no secret key to decrypt messages with: pass app_secret_key to "
+                "create_client or replay"
+            )
+        replay = await self._connection.transport.replay("", idem)
+        return replayed(open_message(replay.message, key), replay.info)
+
+    async def _stop_observing(self, pattern: str) -> None:
+        self._observations.pop(pattern, None)
+        if not self._closed:
+            await self._connection.unobserve(pattern)
+
     # ------------------------------------------------------------------ close
 
     async def close(self, close_engine: bool = False, *, drain_timeout_s: float = 10.0) -> None:
@@ -314,6 +392,8 @@ class EnSyncClient:
             # handler may reply to the message it is handling.
             await asyncio.gather(*(s._close(drain_timeout_s) for s in subscriptions))
             self._closed = True
+            for observation in list(self._observations.values()):
+                await observation.close()
             await self._connection.close()
             self._engine._forget(self)
         if close_engine:

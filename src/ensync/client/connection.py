@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ensync import errors
 from ensync.client.backoff import backoff_delay_s
 from ensync.client.events import EventEmitter
-from ensync.client.transport import ClientTransport, Delivery
+from ensync.client.transport import ClientTransport, Delivery, Observer
 from ensync.protocol.tags import client_tag
 
 __all__ = ["Connection", "ConnectionOptions", "ConnectionState"]
@@ -74,6 +74,7 @@ class Connection:
         self._log_level = log_level
         self._transport: ClientTransport | None = None
         self._subscriptions: dict[str, _Recorded] = {}
+        self._observations: dict[str, Observer] = {}
         self._state = ConnectionState.IDLE
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -160,6 +161,16 @@ class Connection:
     async def unsubscribe(self, name: str) -> None:
         self._subscriptions.pop(name, None)
         await self.transport.unsubscribe(name)
+
+    async def observe(self, pattern: str, observer: Observer) -> None:
+        await self.transport.observe(pattern, observer)
+        self._observations[pattern] = observer
+
+    async def unobserve(self, pattern: str) -> None:
+        if self._observations.pop(pattern, None) is None:
+            return
+        if self._state is ConnectionState.CONNECTED and self._transport is not None:
+            await self._transport.unobserve(pattern)
 
     def consumed(self, name: str) -> None:
         """A delivery of ``name`` was taken up (flow control on the current link)."""
@@ -260,6 +271,15 @@ class Connection:
             except errors.EnSyncError as exc:
                 raise errors.EnSyncSubscriptionError(
                     f"could not restore the subscription to {name!r}: {exc.message}"
+                ) from exc
+        for pattern, observer in list(self._observations.items()):
+            try:
+                await transport.observe(pattern, observer)
+            except errors.EnSyncConnectionError:
+                raise
+            except errors.EnSyncError as exc:
+                raise errors.EnSyncSubscriptionError(
+                    f"could not restore the observation of {pattern!r}: {exc.message}"
                 ) from exc
 
     def _fail(self, exc: errors.EnSyncError) -> None:

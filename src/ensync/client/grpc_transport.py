@@ -22,7 +22,14 @@ from ensync._proto import ensync_pb2 as pb
 from ensync._version import __version__
 from ensync.client.limiter import CallLimiter, LimiterStatistics
 from ensync.client.session import SUBSCRIPTION_CREDIT, SessionStream, open_grpc_session
-from ensync.client.transport import ConnectInfo, Delivery, LostCallback, WireReplay, digits
+from ensync.client.transport import (
+    ConnectInfo,
+    Delivery,
+    LostCallback,
+    Observer,
+    WireReplay,
+    digits,
+)
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import from_replay_json, from_stream_response
 from ensync.protocol.urls import EngineUrl
@@ -98,6 +105,10 @@ class GrpcClientTransport:
             ("grpc.max_send_message_length", 16 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 20_000),
             ("grpc.keepalive_timeout_ms", 10_000),
+            # A connection of its own: a shared one carries gRPC's back-off
+            # from earlier failures, so a reconnect attempt made after the
+            # engine is back would fail without trying.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if url.secure:
             creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
@@ -300,6 +311,19 @@ class GrpcClientTransport:
         if not response.success:
             raise errors.EnSyncPublishError(response.error_message)
         return str(response.message_idem)
+
+    async def observe(self, pattern: str, observer: Observer) -> None:
+        await self._observing().observe(pattern, observer)
+
+    async def unobserve(self, pattern: str) -> None:
+        await self._observing().unobserve(pattern)
+
+    def _observing(self) -> SessionStream:
+        if self._batched is None:
+            raise errors.EnSyncSubscriptionError(
+                "observing needs the batched session, which this connection does not use"
+            )
+        return self._batched
 
     async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
         if self._closed:

@@ -25,8 +25,9 @@ import grpc
 from ensync import errors
 from ensync._proto import ensync_pb2 as pb
 from ensync.client.limiter import CallLimiter
-from ensync.client.transport import Delivery
+from ensync.client.transport import Delivery, Observer
 from ensync.protocol.errors import UNKNOWN_SESSION
+from ensync.protocol.names import matches
 from ensync.protocol.records import from_stream_response
 
 __all__ = [
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 SESSION_METHOD = "/ensync.EnSyncSession/Session"
 VERSION = 1
 DELIVERIES = "deliveries"
+OBSERVE = "observe"
 # A frame goes out as soon as it holds this many publishes.
 _EAGER_FLUSH = 128
 # Items the SDK keeps outstanding on one session when the engine does not say.
@@ -156,6 +158,9 @@ class SessionStream:
     ) -> None:
         self._link = link
         self.deliveries = DELIVERIES in welcome.capabilities
+        self.observing = OBSERVE in welcome.capabilities
+        self._observers: dict[str, Observer] = {}
+        self._observes: list[pb.SessionObserve] = []
         frame_bytes = welcome.limits.get("max_frame_bytes", "")
         # Frames go out below the engine's message size limit.
         self._max_frame_bytes = int(frame_bytes) if frame_bytes.isdigit() else 1024 * 1024
@@ -322,6 +327,39 @@ class SessionStream:
             raise lost
         raise error(text)
 
+    async def observe(self, pattern: str, observer: Observer) -> None:
+        """Receive copies of the app's new messages matching ``pattern``
+        without taking them (replaces an observer of the same pattern).
+
+        Raises:
+            EnSyncSubscriptionError: the engine refused (bad pattern, limit)
+                or does not offer observing.
+        """
+        if not self.observing:
+            raise errors.EnSyncSubscriptionError(
+                "this engine does not offer observing (it needs an ensync engine "
+                "with the batched session)"
+            )
+        self._observers[pattern] = observer
+        try:
+            await self._observe_call(pattern, stop=False)
+        except BaseException:
+            if self._observers.get(pattern) is observer:
+                del self._observers[pattern]
+            raise
+
+    async def unobserve(self, pattern: str) -> None:
+        """Stop the copies for ``pattern``."""
+        if self._observers.pop(pattern, None) is not None:
+            await self._observe_call(pattern, stop=True)
+
+    async def _observe_call(self, pattern: str, *, stop: bool) -> None:
+        seq = next(self._seqs)
+        self._observes.append(pb.SessionObserve(seq=seq, pattern=pattern, stop=stop))
+        result: pb.SessionSettled = await self._answer(seq)
+        if not result.success:
+            self._refused(result.message, errors.EnSyncSubscriptionError)
+
     def credit(self, name: str, count: int) -> None:
         """Let the engine send ``count`` more deliveries of ``name``."""
         if self._closed or count <= 0:
@@ -394,13 +432,14 @@ class SessionStream:
         self._flush_scheduled = False
         if self._closed:
             return
-        if not (self._publishes or self._settles or self._credits):
+        if not (self._publishes or self._settles or self._credits or self._observes):
             return
         frame = pb.ClientFrame(
             settles=self._settles,
             credits=[pb.SessionCredit(message_name=n, credit=c) for n, c in self._credits.items()],
+            observes=self._observes,
         )
-        self._settles, self._credits = [], {}
+        self._settles, self._credits, self._observes = [], {}, []
         budget = self._max_frame_bytes - frame.ByteSize()
         for item in self._publishes:
             size = item.ByteSize() + 8
@@ -434,6 +473,10 @@ class SessionStream:
             self._resolve(published.seq, published)
         for settled in frame.settled:
             self._resolve(settled.seq, settled)
+        for answer in frame.observing:
+            self._resolve(answer.seq, answer)
+        if frame.observed or frame.observed_missed:
+            self._take_observed(frame)
         if not frame.deliveries:
             return
         now_ms = time.time_ns() // 1_000_000  # once per frame
@@ -445,6 +488,20 @@ class SessionStream:
                 deliver(from_stream_response(item, name=item.message_name, received_at_ms=now_ms))
             except Exception:  # isolation boundary: one bad delivery must not end the session
                 log.exception("a session delivery could not be handed over")
+
+    def _take_observed(self, frame: pb.ServerFrame) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        observers = list(self._observers.items())
+        missed = frame.observed_missed
+        for pattern, observer in observers:
+            try:
+                for item in frame.observed:
+                    if matches(pattern, item.message_name):
+                        observer.copied(_observed_copy(item, now_ms))
+                if missed:
+                    observer.dropped(missed)
+            except Exception:  # isolation boundary: one observer must not end the session
+                log.exception("an observed copy could not be handed over")
 
     def _resolve(self, seq: int, result: Any) -> None:
         future = self._waiting.get(seq)
@@ -463,3 +520,17 @@ class SessionStream:
             if not future.done():
                 future.set_exception(cause)
                 future.exception()  # retrieved: its caller may be gone
+
+
+def _observed_copy(item: pb.MessageStreamResponse, received_at_ms: int) -> Delivery:
+    # attempt 0: a copy, not a delivery (nothing to settle).
+    return Delivery(
+        idem=item.message_idem,
+        name=item.message_name,
+        block=item.partition_block,
+        payload=item.payload,
+        metadata=item.metadata,
+        sender=item.sender,
+        created_at_ms=received_at_ms,
+        attempt=0,
+    )

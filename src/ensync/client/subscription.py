@@ -18,6 +18,7 @@ cause a second delivery.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import logging
@@ -32,9 +33,18 @@ from ensync.client.transport import ClientTransport, Delivery
 from ensync.client.typed import from_payload
 from ensync.crypto import OpeningKey, open_envelope, parse_envelope
 from ensync.models import Message, ReplayInfo
+from ensync.protocol.records import ReplayInfo as WireReplayInfo
 from ensync.protocol.records import metadata_object, split_replay_info
 
-__all__ = ["Handler", "Subscription", "SubscriptionLink", "SubscriptionStatistics"]
+__all__ = [
+    "Handler",
+    "Subscription",
+    "SubscriptionLink",
+    "SubscriptionStatistics",
+    "open_message",
+    "open_payload_of",
+    "replayed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +155,9 @@ class Subscription:
         # Set when the client's connection failed for good: iterators raise it.
         self._failure: errors.EnSyncError | None = None
         self._acks: set[asyncio.Task[None]] = set()
+        # Messages in a handler or loop body now; True once that code acked,
+        # deferred or discarded it itself (then auto-ack must not undo it).
+        self._in_hand: dict[str, bool] = {}
         self._task = asyncio.get_running_loop().create_task(
             self._dispatch(), name=f"ensync-subscription-{name}"
         )
@@ -202,12 +215,14 @@ class Subscription:
                         raise self._failure
                     return
                 message = getter.result()
+                self._in_hand[message.idem] = False
                 try:
                     yield message
                 finally:
                     self._let_go(message.idem)
+                    settled = self._in_hand.pop(message.idem, False)
                 # Resumed: the loop body finished for this message.
-                if self.auto_ack:
+                if self.auto_ack and not settled:
                     await self._auto_ack(message)
         finally:
             self._iterators -= 1
@@ -280,6 +295,7 @@ class Subscription:
 
     async def _run_handlers(self, message: Message) -> None:
         failure: Exception | None = None
+        self._in_hand[message.idem] = False
         try:
             for handler in list(self._handlers):
                 try:
@@ -298,6 +314,9 @@ class Subscription:
                     self._link.report(error)
         finally:
             self._let_go(message.idem)
+            settled = self._in_hand.pop(message.idem, False)
+        if settled:
+            return  # the handler acked, deferred or discarded it itself
         if failure is not None:
             self._background(self._release(message, repr(failure)[:200]))
         elif self.auto_ack:
@@ -336,41 +355,21 @@ class Subscription:
             self._link.report(exc)
 
     def _open(self, wire: Delivery) -> Message:
+        message = open_message(wire, self._key)
+        if self._model is None:
+            return message
         try:
-            plaintext = open_envelope(parse_envelope(wire.payload), self._key)
-            payload = json.loads(plaintext)
-        except errors.EnSyncMessageError as exc:
-            raise errors.EnSyncMessageError(
-                f"message {wire.idem} on {self.name!r} cannot be decrypted: {exc.message}"
-            ) from exc
+            payload = from_payload(self._model, message.payload)
         except ValueError as exc:
-            raise errors.EnSyncMessageError(
-                f"message {wire.idem} on {self.name!r} is not JSON after decryption"
-            ) from exc
-        if self._model is not None:
-            try:
-                payload = from_payload(self._model, payload)
-            except ValueError as exc:
-                reason = f"payload does not fit {self._model.__name__}: {exc}"[:500]
-                raise _DoesNotFit(
-                    f"message {wire.idem} on {self.name!r}: {reason}", reason
-                ) from exc
-        return Message(
-            message_name=wire.name,
-            idem=wire.idem,
-            block=wire.block,
-            payload=payload,
-            # gRPC replays carry no time: 0 stands for "not said".
-            timestamp=wire.created_at_ms or None,
-            metadata=split_replay_info(metadata_object(wire.metadata))[0],
-            sender=wire.sender,
-            attempt=wire.attempt,
-        )
+            reason = f"payload does not fit {self._model.__name__}: {exc}"[:500]
+            raise _DoesNotFit(f"message {wire.idem} on {self.name!r}: {reason}", reason) from exc
+        return dataclasses.replace(message, payload=payload)
 
     # ------------------------------------------------------------------ verbs
 
     async def ack(self, idem: str, block: int) -> None:
         """Acknowledge a message: it is done and will not be delivered again."""
+        self._settling(idem)
         await self._link.transport().ack(self.name, idem, block)
 
     async def defer(self, idem: str, delay_ms: int = 1000, reason: str = "") -> int:
@@ -384,30 +383,23 @@ class Subscription:
             raise errors.EnSyncValidationError(
                 f"delay_ms {delay_ms} is outside 0..{MAX_DEFER_MS} (24 hours)"
             )
+        self._settling(idem)
         return await self._link.transport().defer(self.name, idem, delay_ms, reason)
 
     async def discard(self, idem: str, reason: str = "") -> None:
         """Drop the message for good; it goes to the app's dead-letter list."""
+        self._settling(idem)
         await self._link.transport().discard(self.name, idem, reason)
+
+    def _settling(self, idem: str) -> None:
+        # Settled by the code handling it: its auto-ack (or release) is skipped.
+        if idem in self._in_hand:
+            self._in_hand[idem] = True
 
     async def replay(self, idem: str) -> Message:
         """Fetch a message of this app again by idem, whatever its state."""
         replay = await self._link.transport().replay(self.name, idem)
-        message = self._open(replay.message)
-        return Message(
-            message_name=message.message_name,
-            idem=message.idem,
-            block=message.block,
-            payload=message.payload,
-            timestamp=message.timestamp,
-            metadata=message.metadata,
-            sender=message.sender,
-            replay_info=ReplayInfo(
-                is_replayed=True,
-                replay_timestamp=replay.info.replayed_at_ms if replay.info else None,
-                was_acknowledged=replay.info.was_acknowledged if replay.info else False,
-            ),
-        )
+        return replayed(self._open(replay.message), replay.info)
 
     async def pause(self, reason: str = "") -> None:
         """Stop deliveries to this client; unsettled ones go to other clients."""
@@ -465,3 +457,46 @@ class Subscription:
             iterators=self._iterators,
             leases_kept=len(self._keeper) if self._keeper is not None else 0,
         )
+
+
+def open_message(wire: Delivery, key: OpeningKey) -> Message:
+    """A delivery (or an observed copy, or a replay) decrypted; raises
+    EnSyncMessageError naming the message when that fails."""
+    return Message(
+        message_name=wire.name,
+        idem=wire.idem,
+        block=wire.block,
+        payload=open_payload_of(wire, key),
+        # gRPC replays carry no time: 0 stands for "not said".
+        timestamp=wire.created_at_ms or None,
+        metadata=split_replay_info(metadata_object(wire.metadata))[0],
+        sender=wire.sender,
+        attempt=wire.attempt,
+    )
+
+
+def replayed(message: Message, info: WireReplayInfo | None) -> Message:
+    """``message`` as a replay returns it, with the engine's replay information."""
+    return dataclasses.replace(
+        message,
+        replay_info=ReplayInfo(
+            is_replayed=True,
+            replay_timestamp=info.replayed_at_ms if info else None,
+            was_acknowledged=info.was_acknowledged if info else False,
+        ),
+    )
+
+
+def open_payload_of(wire: Delivery, key: OpeningKey) -> Any:
+    """The decrypted JSON payload of a delivery; raises EnSyncMessageError
+    naming the message when it cannot be decrypted or is not JSON."""
+    try:
+        return json.loads(open_envelope(parse_envelope(wire.payload), key))
+    except errors.EnSyncMessageError as exc:
+        raise errors.EnSyncMessageError(
+            f"message {wire.idem} on {wire.name!r} cannot be decrypted: {exc.message}"
+        ) from exc
+    except ValueError as exc:
+        raise errors.EnSyncMessageError(
+            f"message {wire.idem} on {wire.name!r} is not JSON after decryption"
+        ) from exc

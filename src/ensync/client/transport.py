@@ -17,7 +17,15 @@ from typing import Protocol
 
 from ensync.protocol.records import Delivery, ReplayInfo
 
-__all__ = ["ClientTransport", "ConnectInfo", "Delivery", "LostCallback", "WireReplay", "digits"]
+__all__ = [
+    "ClientTransport",
+    "ConnectInfo",
+    "Delivery",
+    "LostCallback",
+    "Observer",
+    "WireReplay",
+    "digits",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +55,18 @@ class WireReplay:
 
 
 LostCallback = Callable[[BaseException], None]
+
+
+class Observer(Protocol):
+    """Where observed copies of one pattern go (``EnSyncClient.observe``)."""
+
+    def copied(self, delivery: Delivery) -> None:
+        """One copy of a new message whose name matches the pattern."""
+        ...
+
+    def dropped(self, count: int) -> None:
+        """The engine dropped ``count`` copies for this session (read too slowly)."""
+        ...
 
 
 class ClientTransport(Protocol):
@@ -85,6 +105,13 @@ class ClientTransport(Protocol):
         ...
 
     async def unsubscribe(self, name: str) -> None: ...
+
+    async def observe(self, pattern: str, observer: Observer) -> None:
+        """Receive copies of the app's new messages matching ``pattern``
+        without taking them; raises EnSyncSubscriptionError if refused."""
+        ...
+
+    async def unobserve(self, pattern: str) -> None: ...
 
     def consumed(self, name: str) -> None:
         """A delivery of ``name`` was taken up by the application: the engine

@@ -45,6 +45,10 @@ class TestServer:
         return self.server.engine
 
     @property
+    def grpc_port(self) -> int:
+        return self.server.grpc_port
+
+    @property
     def grpc_url(self) -> str:
         return f"grpc://127.0.0.1:{self.server.grpc_port}"
 

@@ -95,6 +95,10 @@ class TcpProxy:
                 self._links.discard(link)
                 writer.close()
                 up_writer.close()
+        except asyncio.CancelledError:
+            # Cut: end quietly. (asyncio's stream server reads this task's
+            # exception when it ends, and would log a cancellation as an error.)
+            return
         finally:
             self._tasks.discard(task)
 

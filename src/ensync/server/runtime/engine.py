@@ -32,6 +32,7 @@ from ensync.server.core.model import (
     SessionInfo,
     SessionRouter,
 )
+from ensync.server.core.observers import Observers, ObserverSink
 from ensync.server.core.service import Service, storage_failed
 from ensync.server.core.sessions import Session
 from ensync.server.runtime.clock import Cancellable, Timer, WallClock
@@ -79,6 +80,7 @@ class Engine:
         self._service = Service(store, self._config, self.clock, self._dispatcher, self.stats)
         self._service.on_apps_changed = self._refresh_apps_soon
         self.apps: AppRegistry = self._service.apps
+        self.observers = Observers(self._config.max_subscriptions_per_client)
         self._running = False
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -103,6 +105,7 @@ class Engine:
     @config.setter
     def config(self, config: EngineConfig) -> None:
         self._config = config
+        self.observers.max_per_client = config.max_subscriptions_per_client
         self._service.configure(config)
         self._dispatcher.configure(config)
 
@@ -278,6 +281,8 @@ class Engine:
                 if not answer.done():
                     answer.set_exception(ServiceError(ErrorCode.UNAVAILABLE, "the engine stopped"))
             raise
+        if self.observers:
+            self.observers.copy([message for message, _ in batch], results)
         for (_, answer), result in zip(batch, results, strict=True):
             if answer.done():
                 continue
@@ -315,6 +320,15 @@ class Engine:
             name[:100],
             reason,
         )
+
+    def observe(self, client_id: str, pattern: str, sink: ObserverSink) -> None:
+        """Copy this client's app's new messages matching ``pattern`` to ``sink``,
+        without leasing them (core/observers.py)."""
+        self.observers.observe(self._service.session(client_id), pattern, sink)
+
+    def unobserve(self, client_id: str, pattern: str, sink: ObserverSink) -> bool:
+        """Stop one observation; ``False`` if there was none."""
+        return self.observers.unobserve(self._service.session(client_id), pattern, sink)
 
     def unsubscribe(self, client_id: str, name: str) -> bool:
         """Stop deliveries of ``name`` to this client; ``False`` if it was not subscribed."""
@@ -495,9 +509,13 @@ class Engine:
     async def _refresh_apps(self) -> None:
         try:
             apps = await self.store.list_apps()
+            # Dead letters `ensync dlq redrive` returned from another process.
+            redriven = await self.store.adopt_redriven()
         except StoreError:
             log.exception("could not re-read the registered apps")
             return
+        if redriven:
+            log.info("%d redriven dead letters will be delivered again", redriven)
         self._service.apps_changed(apps)
         self._kick()
 

@@ -324,6 +324,11 @@ class MessageLog(Protocol):
     async def redrive(self, idem: str, now_ms: int) -> bool:
         """Return a dead letter to PENDING (attempts reset, claimable now)."""
 
+    async def adopt_redriven(self) -> int:
+        """Make claimable here what another process redrove in this store
+        (``ensync dlq redrive`` beside a running engine); how many. Backends
+        no other process can reach return 0."""
+
     async def backlog(self) -> dict[str, int]:
         """Pending messages per recipient app id (for metrics)."""
 

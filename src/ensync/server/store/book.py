@@ -226,6 +226,10 @@ class LeaseBook:
         """(leases, references held in windows)."""
         return len(self._leases), sum(len(w.queued) for w in self._windows.values())
 
+    def holds(self, idem: str) -> bool:
+        """Whether ``idem`` is leased or queued in a window."""
+        return idem in self._leases or idem in self._where
+
     def lease_of(self, idem: str) -> tuple[int, int] | None:
         """(token, attempts) of the lease on ``idem``, if any."""
         lease = self._leases.get(idem)

@@ -35,6 +35,8 @@ from .numbering import DedupeWindow, Sequencer, dedupe_digest
 __all__ = ["DurableTable", "LocalMessages"]
 
 _Key = tuple[str, str]
+# Messages redriven elsewhere taken from the durable table per read.
+_ADOPT_BATCH = 1000
 
 
 class DurableTable(Protocol):
@@ -73,6 +75,8 @@ class DurableTable(Protocol):
     async def list_dead(self, recipient: str, limit: int) -> list[StoredMessage]: ...
 
     async def redrive(self, idem: str, now_ms: int) -> StoredMessage | None: ...
+
+    async def take_redriven(self, limit: int) -> list[StoredMessage]: ...
 
     async def backlog(self) -> dict[str, int]: ...
 
@@ -216,6 +220,20 @@ class LocalMessages:
             return False
         self._book.returned(message)
         return True
+
+    async def adopt_redriven(self) -> int:
+        self._check_open()
+        if self._durable is None:
+            return 0
+        adopted = 0
+        while batch := await self._durable.take_redriven(_ADOPT_BATCH):
+            for message in batch:
+                if not self._book.holds(message.idem):
+                    self._book.returned(message)
+                    adopted += 1
+            if len(batch) < _ADOPT_BATCH:
+                break
+        return adopted
 
     async def backlog(self) -> dict[str, int]:
         self._check_open()

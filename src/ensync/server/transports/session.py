@@ -8,7 +8,9 @@ connection that sent ``CONN`` (a :class:`SessionPeer` hides the difference):
 * client → engine: the hello (first frame), publishes, settlements (ack,
   defer, discard, extend, release) and delivery credits;
 * engine → client: the welcome, publish and settlement results, and — when
-  the client asked for the ``deliveries`` capability — its deliveries.
+  the client asked for the ``deliveries`` capability — its deliveries;
+* observations (``observe`` capability): copies of the app's new messages
+  for a client that watches without taking (core/observers.py).
 
 A reader takes frames as they come and starts each item; a writer sends
 whatever results and deliveries are ready in one frame, so a busy client
@@ -36,6 +38,7 @@ from ensync.server.runtime.engine import Engine
 
 __all__ = [
     "DELIVERIES",
+    "OBSERVE",
     "SESSION_SERVICE",
     "SESSION_VERSION",
     "Refusal",
@@ -49,11 +52,15 @@ log = logging.getLogger(__name__)
 SESSION_SERVICE = "ensync.EnSyncSession"
 SESSION_VERSION = 1
 DELIVERIES = "deliveries"
+OBSERVE = "observe"
 # Most items the engine puts in one frame (the rest go in the next).
 MAX_ITEMS_PER_FRAME = 1024
 # Most items a client may have started and not yet answered on one session;
 # past that the engine stops reading the stream until answers went out.
 MAX_OUTSTANDING = 8192
+# Most observed copies waiting for one session; past that they are dropped
+# and counted (an observer never slows the engine or the app's consumers).
+MAX_OBSERVED_WAITING = 4096
 
 
 class Refusal(enum.Enum):
@@ -92,6 +99,9 @@ class SessionOutbox:
     published: deque[pb.SessionPublished] = field(default_factory=deque)
     settled: deque[pb.SessionSettled] = field(default_factory=deque)
     deliveries: deque[Delivery] = field(default_factory=deque)
+    observing: deque[pb.SessionSettled] = field(default_factory=deque)
+    observed_copies: deque[Delivery] = field(default_factory=deque)
+    observed_missed: int = 0
     credits: dict[str, int] = field(default_factory=dict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -112,6 +122,18 @@ class SessionOutbox:
         self.deliveries.append(delivery)
         self.ready.set()
 
+    def observed(self, delivery: Delivery) -> None:
+        if len(self.observed_copies) >= MAX_OBSERVED_WAITING:
+            self.observed_missed += 1
+        else:
+            self.observed_copies.append(delivery)
+        self.ready.set()
+
+    def answer_observe(self, result: pb.SessionSettled) -> None:
+        self.observing.append(result)
+        self.outstanding -= 1
+        self.ready.set()
+
     def answer_publish(self, result: pb.SessionPublished) -> None:
         self.published.append(result)
         self.outstanding -= 1
@@ -124,7 +146,14 @@ class SessionOutbox:
 
     def frame(self) -> pb.ServerFrame | None:
         """The next frame to send, at most MAX_ITEMS_PER_FRAME items; None if nothing."""
-        if not (self.published or self.settled or self.deliveries):
+        if not (
+            self.published
+            or self.settled
+            or self.deliveries
+            or self.observing
+            or self.observed_copies
+            or self.observed_missed
+        ):
             self.ready.clear()
             return None
         frame = pb.ServerFrame()
@@ -135,16 +164,29 @@ class SessionOutbox:
         while self.settled and room:
             frame.settled.append(self.settled.popleft())
             room -= 1
-        budget = self.max_frame_bytes
-        while self.deliveries and room:
-            delivery = self.deliveries[0]
-            size = len(delivery.payload) + len(delivery.metadata) + len(delivery.name) + 128
-            if size > budget and len(frame.deliveries):
-                break  # the next frame takes it
-            frame.deliveries.append(to_stream_response(self.deliveries.popleft()))
-            budget -= size
+        while self.observing and room:
+            frame.observing.append(self.observing.popleft())
             room -= 1
+        budget = self.max_frame_bytes
+        room, budget = _fill(self.deliveries, frame.deliveries, room, budget)
+        _fill(self.observed_copies, frame.observed, room, budget)
+        if self.observed_missed:
+            frame.observed_missed, self.observed_missed = self.observed_missed, 0
         return frame
+
+
+def _fill(waiting: deque[Delivery], into: Any, room: int, budget: int) -> tuple[int, int]:
+    """Move deliveries into a frame while it has room (items and bytes; the
+    first always fits); what room and budget are left."""
+    while waiting and room:
+        delivery = waiting[0]
+        size = len(delivery.payload) + len(delivery.metadata) + len(delivery.name) + 128
+        if size > budget and len(into):
+            return 0, budget  # the next frame takes it
+        into.append(to_stream_response(waiting.popleft()))
+        budget -= size
+        room -= 1
+    return room, budget
 
 
 async def serve_session(
@@ -178,7 +220,7 @@ async def serve_session(
     client_id = hello.client_id
     welcome = pb.SessionWelcome(
         version=min(SESSION_VERSION, hello.version or SESSION_VERSION),
-        capabilities=[DELIVERIES] if outbox.deliveries_on else [],
+        capabilities=[DELIVERIES, OBSERVE] if outbox.deliveries_on else [OBSERVE],
         limits={
             "max_items_per_frame": str(MAX_ITEMS_PER_FRAME),
             "max_outstanding": str(MAX_OUTSTANDING),
@@ -204,6 +246,7 @@ async def serve_session(
         await asyncio.gather(reader, ended, return_exceptions=True)
         outbox.closed = True
         outbox.ready.set()
+        engine.observers.drop_sink(outbox)
         detach(client_id, outbox)
         writer.cancel()
         await session.close()
@@ -232,6 +275,9 @@ class _Session:
                     self._ack(settle.seq, settle.message_idem)
                 else:
                     self._spawn(self._settle(settle))
+            for observe in frame.observes:
+                self._outbox.outstanding += 1
+                self._observe(observe)
             if frame.credits:
                 for credit in frame.credits:
                     name = credit.message_name
@@ -287,6 +333,18 @@ class _Session:
         else:
             result = pb.SessionPublished(seq=seq, success=True, message_idem=answer.result())
         self._outbox.answer_publish(result)
+
+    def _observe(self, item: pb.SessionObserve) -> None:
+        try:
+            if item.stop:
+                self._engine.unobserve(self._client_id, item.pattern, self._outbox)
+            else:
+                self._engine.observe(self._client_id, item.pattern, self._outbox)
+        except ServiceError as exc:
+            result = pb.SessionSettled(seq=item.seq, success=False, message=exc.message)
+        else:
+            result = pb.SessionSettled(seq=item.seq, success=True)
+        self._outbox.answer_observe(result)
 
     def _ack(self, seq: int, idem: str) -> None:
         # The common settlement, answered from a callback: no task per ack.

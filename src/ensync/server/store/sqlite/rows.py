@@ -39,6 +39,7 @@ __all__ = [
     "redrive",
     "reschedule_many",
     "settle_many",
+    "take_redriven",
     "update_app",
 ]
 
@@ -415,7 +416,19 @@ def redrive(idem: str, now_ms: int, conn: sqlite3.Connection) -> StoredMessage |
         " settled_at_ms = NULL, dead_reason = NULL WHERE idem = ? AND state = ?",
         (_PENDING, now_ms, idem, _DEAD),
     ).rowcount
-    return get(idem, conn) if changed == 1 else None
+    if changed != 1:
+        return None
+    # For an engine in another process, which cannot see this change otherwise.
+    conn.execute("INSERT OR IGNORE INTO redriven (idem) VALUES (?)", (idem,))
+    return get(idem, conn)
+
+
+def take_redriven(limit: int, conn: sqlite3.Connection) -> list[StoredMessage]:
+    """Up to ``limit`` redriven messages still pending, forgotten as redriven."""
+    idems = [idem for (idem,) in conn.execute("SELECT idem FROM redriven LIMIT ?", (limit,))]
+    conn.executemany("DELETE FROM redriven WHERE idem = ?", [(idem,) for idem in idems])
+    found = load(idems, conn)
+    return [m for idem in idems if (m := found.get(idem)) is not None and m.state == _PENDING]
 
 
 def prune_chunk(settled_before_ms: int, limit: int, conn: sqlite3.Connection) -> int:

@@ -37,7 +37,7 @@ __all__ = ["SCHEMA_VERSION", "prepare"]
 
 logger = logging.getLogger("ensync.server.store.sqlite")
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 
 
 def _messages_table(name: str) -> str:
@@ -78,8 +78,13 @@ _INDEXES: Final = (
     " WHERE dedupe_key IS NOT NULL",
 )
 
+# Dead letters returned to PENDING by another process (``ensync dlq
+# redrive`` beside a running engine), until the engine picks them up.
+_REDRIVEN: Final = "CREATE TABLE IF NOT EXISTS redriven (idem TEXT PRIMARY KEY) WITHOUT ROWID"
+
 _TABLES: Final = (
     _messages_table("messages"),
+    _REDRIVEN,
     _BODIES,
     *_INDEXES,
     # Separate from messages so numbering survives pruning.
@@ -140,6 +145,7 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         *_INDEXES,
         *_PARTIAL_INDEXES,
     ),
+    4: (_REDRIVEN,),
 }
 
 

@@ -140,6 +140,9 @@ class _Table:
     async def redrive(self, idem: str, now_ms: int) -> StoredMessage | None:
         return await self._runner.write(functools.partial(rows.redrive, idem, now_ms))
 
+    async def take_redriven(self, limit: int) -> list[StoredMessage]:
+        return await self._runner.write(functools.partial(rows.take_redriven, limit))
+
     async def backlog(self) -> dict[str, int]:
         # Counts every pending row (an index scan): for metrics scrapes only.
         return await self._runner.read(rows.backlog)
