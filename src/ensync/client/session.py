@@ -279,6 +279,39 @@ class SessionStream:
     async def ack(self, name: str, idem: str) -> None:
         await self._settle_checked(pb.SETTLE_ACK, name, idem, errors.EnSyncAckError)
 
+    def ack_soon(self, name: str, idem: str) -> asyncio.Future[None] | None:
+        """Send an ack without a coroutine of its own (auto-ack's way, one per
+        message): its outcome as a future, or ``None`` when the session has no
+        room for another call now (then :meth:`ack` waits for room)."""
+        if self._closed or self._broken is not None or not self._limiter.try_acquire():
+            return None
+        seq = next(self._seqs)
+        self._settles.append(
+            pb.SessionSettle(seq=seq, kind=pb.SETTLE_ACK, message_idem=idem, message_name=name)
+        )
+        answer = self._expect(seq)
+        outcome: asyncio.Future[None] = answer.get_loop().create_future()
+
+        def answered(done: asyncio.Future[Any]) -> None:
+            self._waiting.pop(seq, None)
+            self._limiter.release()
+            if outcome.done():
+                return
+            if done.cancelled():
+                outcome.set_exception(errors.EnSyncConnectionError("the ack was cancelled"))
+            elif (error := done.exception()) is not None:
+                outcome.set_exception(error)
+            elif not done.result().success:
+                try:
+                    self._refused(done.result().message, errors.EnSyncAckError)
+                except errors.EnSyncError as refused:
+                    outcome.set_exception(refused)
+            else:
+                outcome.set_result(None)
+
+        answer.add_done_callback(answered)
+        return outcome
+
     async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
         """The time the message comes back (epoch ms)."""
         result = await self._settle_checked(
@@ -385,6 +418,14 @@ class SessionStream:
     # ------------------------------------------------------------------ plumbing
 
     async def _answer(self, seq: int) -> Any:
+        future = self._expect(seq)
+        try:
+            return await future
+        finally:
+            self._waiting.pop(seq, None)
+
+    def _expect(self, seq: int) -> asyncio.Future[Any]:
+        """The future of the answer to item ``seq`` (sent in the next frame)."""
         if self._broken is not None:
             raise errors.EnSyncConnectionError(f"the session is broken: {self._broken}")
         loop = asyncio.get_running_loop()
@@ -395,10 +436,7 @@ class SessionStream:
         if self._timer is None:
             self._timer = loop.call_at(self._deadlines[0][0], self._expire)
         self._flush_soon()
-        try:
-            return await future
-        finally:
-            self._waiting.pop(seq, None)
+        return future
 
     def _expire(self) -> None:
         """Calls past their deadline fail; one of them means a stalled link,

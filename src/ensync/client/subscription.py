@@ -154,7 +154,7 @@ class Subscription:
         self._closed_event = asyncio.Event()
         # Set when the client's connection failed for good: iterators raise it.
         self._failure: errors.EnSyncError | None = None
-        self._acks: set[asyncio.Task[None]] = set()
+        self._acks: set[asyncio.Future[None]] = set()
         # Messages in a handler or loop body now; True once that code acked,
         # deferred or discarded it itself (then auto-ack must not undo it).
         self._in_hand: dict[str, bool] = {}
@@ -223,7 +223,7 @@ class Subscription:
                     settled = self._in_hand.pop(message.idem, False)
                 # Resumed: the loop body finished for this message.
                 if self.auto_ack and not settled:
-                    await self._auto_ack(message)
+                    self._auto_ack(message)
         finally:
             self._iterators -= 1
             self._update_consumers()
@@ -320,7 +320,7 @@ class Subscription:
         if failure is not None:
             self._background(self._release(message, repr(failure)[:200]))
         elif self.auto_ack:
-            await self._auto_ack(message)
+            self._auto_ack(message)
 
     async def _release(self, message: Message, reason: str) -> None:
         try:
@@ -337,10 +337,27 @@ class Subscription:
         self._acks.add(task)
         task.add_done_callback(self._acks.discard)
 
-    async def _auto_ack(self, message: Message) -> None:
+    def _auto_ack(self, message: Message) -> None:
         # Acks are pipelined: the next message is handled while this ack is
         # on the wire, so throughput is not bound by the ack round trip.
-        self._background(self._ack_quietly(message))
+        try:
+            sent = self._link.transport().ack_soon(self.name, message.idem, message.block)
+        except errors.EnSyncError as exc:
+            self._link.report(exc)
+            return
+        if sent is None:
+            self._background(self._ack_quietly(message))
+            return
+        self._acks.add(sent)
+        sent.add_done_callback(self._auto_acked)
+
+    def _auto_acked(self, sent: asyncio.Future[None]) -> None:
+        self._acks.discard(sent)
+        if sent.cancelled():
+            return
+        error = sent.exception()
+        if isinstance(error, errors.EnSyncError):
+            self._link.report(error)
 
     async def _discard_quietly(self, idem: str, reason: str) -> None:
         try:

@@ -11,6 +11,7 @@ the operation's own error class when the engine refused.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -119,6 +120,11 @@ class ClientTransport(Protocol):
         ...
 
     async def ack(self, name: str, idem: str, block: int) -> None: ...
+
+    def ack_soon(self, name: str, idem: str, block: int) -> asyncio.Future[None] | None:
+        """Send an ack without awaiting it: its outcome as a future, or ``None``
+        when this transport cannot now (the caller then awaits :meth:`ack`)."""
+        ...
 
     async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
         """Returns the scheduled delivery time (epoch ms)."""

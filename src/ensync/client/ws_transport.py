@@ -411,6 +411,9 @@ class WebSocketClientTransport:
         await self._checked(Unsub(self._client_id, name), errors.EnSyncSubscriptionError)
         self._handlers.pop(name, None)
 
+    def ack_soon(self, name: str, idem: str, block: int) -> asyncio.Future[None] | None:
+        return self._batched.ack_soon(name, idem) if self._batched is not None else None
+
     async def ack(self, name: str, idem: str, block: int) -> None:
         if self._batched is not None:
             await self._batched.ack(name, idem)

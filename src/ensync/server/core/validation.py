@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 from typing import Any
 
 from ensync._json import loads_strict
+from ensync.crypto._base64 import b64decode
 from ensync.protocol.headers import IDEMPOTENCY_HEADER, MAX_IDEMPOTENCY_KEY_LENGTH
 from ensync.protocol.names import validate_name
 from ensync.server.core.errors import ServiceError
@@ -87,8 +86,8 @@ def check_recipient(recipient: str) -> str:
     if not recipient:
         raise ServiceError.invalid("recipient (delivery_to) is empty")
     try:
-        raw = base64.b64decode(recipient, validate=True)
-    except (binascii.Error, ValueError):
+        raw = b64decode(recipient)
+    except ValueError:
         raise ServiceError.invalid(
             f"recipient {recipient[:64]!r} is not base64 (expected an app id)"
         ) from None
@@ -137,8 +136,8 @@ def check_payload(payload: str, max_json_bytes: int) -> None:
     if len(payload) > envelope_limit(max_json_bytes, MAX_HYBRID_KEYS):
         raise _too_big(payload, max_json_bytes)
     try:
-        envelope = strict_json(base64.b64decode(payload, validate=True))
-    except (binascii.Error, ValueError):
+        envelope = strict_json(b64decode(payload))
+    except ValueError:
         raise ServiceError.invalid("payload is not a base64-encoded JSON envelope") from None
     if not isinstance(envelope, dict):
         raise ServiceError.invalid("payload is not a JSON envelope object")

@@ -308,15 +308,18 @@ class _Session:
 
     async def _publish(self, item: pb.SessionPublish) -> None:
         seq = item.seq
+        fields = (
+            self._client_id,
+            item.message_name,
+            item.payload,
+            item.delivery_to,
+            item.metadata,
+            item.payload_metadata if item.HasField("payload_metadata") else None,
+        )
         try:
-            answer = await self._engine.accept_publish(
-                self._client_id,
-                item.message_name,
-                item.payload,
-                item.delivery_to,
-                item.metadata,
-                item.payload_metadata if item.HasField("payload_metadata") else None,
-            )
+            answer = self._engine.accept_publish_now(*fields)
+            if answer is None:
+                answer = await self._engine.accept_publish(*fields)
         except ServiceError as exc:
             self._outbox.answer_publish(
                 pb.SessionPublished(seq=seq, success=False, error_message=exc.message)
