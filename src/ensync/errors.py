@@ -1,4 +1,4 @@
-"""The exceptions of ensync, all rooted at :class:`EnSyncError`.
+"""The exceptions of ensync, all rooted at `EnSyncError`.
 
 Every exception carries a ``name`` equal to the string the official EnSync
 SDKs use for the same condition, so code that switches on ``error.name``

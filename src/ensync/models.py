@@ -32,7 +32,7 @@ class Message:
         sender: the publishing app's id; publish to it to reply.
         replay_info: set on messages returned by ``replay``.
         attempt: which delivery of this message this is (1 = the first; 0
-            for a copy from :meth:`EnSyncClient.observe`, which is no delivery).
+            for a copy from `EnSyncClient.observe`, which is no delivery).
     """
 
     message_name: str

@@ -1,6 +1,6 @@
-"""The EnSync engine over WebSocket: the same client API as :mod:`ensync`.
+"""The EnSync engine over WebSocket: the same client API as `ensync`.
 
-Example::
+For example:
 
     from ensync.websocket import EnSyncEngine
 
@@ -30,7 +30,7 @@ class EnSyncEngine(BaseEngine):
         enable_logging: log connection life at INFO instead of DEBUG.
         call_timeout: how long a request waits for its answer, ms.
         ca_file: PEM file of a CA to trust for ``wss://``.
-        sender_key_reuse_ms: as for :class:`ensync.EnSyncEngine`.
+        sender_key_reuse_ms: as for `ensync.EnSyncEngine`.
     """
 
     _transport_kind = "ws"

@@ -51,7 +51,7 @@ def _skeleton_type(value: Any) -> str:
 class EnSyncClient:
     """An app's connection to the engine. Get one from ``engine.create_client``.
 
-    Example::
+    For example:
 
         async with await engine.create_client(app_key, app_secret_key=secret) as client:
             await client.publish("orders/created", [warehouse_id], {"orderId": "o-1"})
@@ -264,7 +264,7 @@ class EnSyncClient:
         app_secret_key: str | None = None,
         model: type[Any] | None = None,
     ) -> Subscription:
-        """Start receiving ``message_name``; returns the :class:`Subscription`.
+        """Start receiving ``message_name``; returns the `Subscription`.
 
         Args:
             auto_ack: ack each message once its handlers (or loop body) succeed.
@@ -313,7 +313,7 @@ class EnSyncClient:
         do not offer it); survives reconnects (copies stored while the link
         was down are not sent). ``ensync tail`` is built on it.
 
-        Example::
+        For example:
 
             async with await client.observe("orders/#") as watching:
                 async for message in watching:
@@ -351,7 +351,7 @@ class EnSyncClient:
         its state (pending, acked, dead-lettered), decrypted; it is not
         delivered again. ``Subscription.replay`` does the same.
 
-        Example::
+        For example:
 
             message = await client.replay(idem)
             print(message.payload, message.replay_info.was_acknowledged)
@@ -430,7 +430,7 @@ class EnSyncClient:
 
 class _Link:
     """The narrow view of a client that its subscriptions get
-    (:class:`~ensync.client.subscription.SubscriptionLink`)."""
+    (`SubscriptionLink`)."""
 
     __slots__ = ("_client",)
 

@@ -45,7 +45,7 @@ def show_sdk_logs() -> None:
 
 
 class BaseEngine(ABC):
-    """What both transports' engines share; see :class:`EnSyncEngine`."""
+    """What both transports' engines share; see `EnSyncEngine`."""
 
     _transport_kind: str = "grpc"
 
@@ -103,7 +103,7 @@ class BaseEngine(ABC):
 
     def on(self, event: EventName, callback: Callable[..., Any]) -> Callable[[], None]:
         """Listen to ``"disconnect"`` (cause), ``"reconnect"`` (attempt) or
-        ``"error"`` (an :class:`~ensync.errors.EnSyncError`).
+        ``"error"`` (an `EnSyncError`).
 
         Returns a function that removes the listener.
         """
@@ -169,7 +169,7 @@ class EnSyncEngine(BaseEngine):
             several times cheaper (forward secrecy per window instead of per
             message; see docs/security.md). The envelope is the same.
 
-    Example::
+    For example:
 
         engine = EnSyncEngine("grpc://localhost:50051")
         client = await engine.create_client(app_key, app_secret_key=secret)

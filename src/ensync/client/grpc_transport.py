@@ -84,7 +84,7 @@ def max_in_flight(server_config: dict[str, str] | Any) -> int:
 
 
 class GrpcClientTransport:
-    """A :class:`~ensync.client.transport.ClientTransport` over gRPC.
+    """A `ClientTransport` over gRPC.
 
     Args:
         url: the parsed engine URL (``grpc://`` or ``grpcs://``).

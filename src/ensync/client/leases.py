@@ -3,7 +3,7 @@
 The engine delivers a message again when its ack deadline passes without a
 settlement. A subscription holds messages for two reasons that may outlast
 the deadline: they wait behind a slow handler, or a slow handler has them.
-A :class:`LeaseKeeper` extends every message it holds a third of the
+A `LeaseKeeper` extends every message it holds a third of the
 deadline after it was last leased, with one task for all of them, until the
 subscription lets go (settled, given back, or dropped).
 """
@@ -28,11 +28,11 @@ class LeaseKeeper:
 
     Args:
         deadline_ms: the engine's ack deadline.
-        extend: extends one message's lease (raises :class:`EnSyncError` on
+        extend: extends one message's lease (raises `EnSyncError` on
             refusal or when the link is down).
         now: a monotonic clock in seconds (the loop's, by default).
 
-    Example::
+    For example:
 
         keeper = LeaseKeeper(30_000, lambda idem: transport.extend(name, idem))
         keeper.hold(message.idem)

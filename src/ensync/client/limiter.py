@@ -4,7 +4,7 @@ An engine bounds what one connection may have in progress (gRPC: HTTP/2
 ``MAX_CONCURRENT_STREAMS``; WebSocket: commands awaiting an answer). A client
 that goes past that bound gets streams refused or replies delayed past its
 own timeout, and either would be mistaken for a broken link. So each
-transport puts its calls through a :class:`CallLimiter` sized below the
+transport puts its calls through a `CallLimiter` sized below the
 engine's bound: at most ``limit`` calls are on the wire, the others wait in
 arrival order. Waiting does not count against a call's timeout: the timeout
 measures the engine, not the caller's own concurrency.
@@ -28,7 +28,7 @@ __all__ = ["CallLimiter", "LimiterStatistics"]
 
 @dataclass(frozen=True, slots=True)
 class LimiterStatistics:
-    """A snapshot of a :class:`CallLimiter`."""
+    """A snapshot of a `CallLimiter`."""
 
     limit: int
     in_flight: int
@@ -39,7 +39,7 @@ class CallLimiter:
     """At most ``limit`` calls at once; the rest wait their turn, first come
     first served.
 
-    Example::
+    For example:
 
         limiter = CallLimiter(64)
         async with limiter.slot():
@@ -66,19 +66,19 @@ class CallLimiter:
 
     def try_acquire(self) -> bool:
         """Take a slot if one is free right now (nobody waiting); the caller
-        must :meth:`release` it. The fast path of :meth:`slot`."""
+        must `release` it. The fast path of `slot`."""
         if self._closed is None and self._in_flight < self._limit and not self._waiters:
             self._in_flight += 1
             return True
         return False
 
     async def acquire(self) -> None:
-        """Wait for a slot (see :meth:`slot` for what may be raised); the
-        caller must :meth:`release` it."""
+        """Wait for a slot (see `slot` for what may be raised); the
+        caller must `release` it."""
         await self._acquire()
 
     def release(self) -> None:
-        """Give back a slot taken with :meth:`try_acquire` or :meth:`acquire`."""
+        """Give back a slot taken with `try_acquire` or `acquire`."""
         self._in_flight -= 1
         self._wake()
 
@@ -87,7 +87,7 @@ class CallLimiter:
         """Hold one slot for the duration of the block.
 
         Raises:
-            The ``cause`` given to :meth:`close`, if the limiter was closed
+            The ``cause`` given to `close`, if the limiter was closed
             (its connection ended) before or while this call waited.
         """
         await self._acquire()

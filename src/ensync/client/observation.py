@@ -25,7 +25,7 @@ class Observation:
 
     The app's subscribers get every message exactly as if nobody watched:
     a copy carries no lease and has nothing to ack (``message.attempt`` is
-    0). Made by :meth:`EnSyncClient.observe`; iterate it, and close it (or
+    0). Made by `EnSyncClient.observe`; iterate it, and close it (or
     use ``async with``) when done::
 
         async with await client.observe("orders/#") as watching:
@@ -33,7 +33,7 @@ class Observation:
                 print(message.message_name, message.payload)
 
     Copies start with the messages stored after ``observe`` returned; one
-    that cannot be decrypted raises :class:`EnSyncMessageError` from the
+    that cannot be decrypted raises `EnSyncMessageError` from the
     iteration, and the next ``anext`` goes on with the following copy.
     """
 

@@ -6,8 +6,8 @@ frames too, carrying deliveries as well when it agreed to. Callers see one
 awaitable per call, exactly as with the official calls; only an engine
 without the session makes the transport fall back to those.
 
-The frames travel over a :class:`FrameLink`: the ``Session`` method on gRPC
-(:func:`open_grpc_session`), binary messages on WebSocket.
+The frames travel over a `FrameLink`: the ``Session`` method on gRPC
+(`open_grpc_session`), binary messages on WebSocket.
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ class FrameLink(Protocol):
     """What carries a session's frames."""
 
     async def write(self, frame: pb.ClientFrame) -> None:
-        """Send one frame; raises :class:`EnSyncConnectionError` if the link broke."""
+        """Send one frame; raises `EnSyncConnectionError` if the link broke."""
         ...
 
     async def read(self) -> pb.ServerFrame | None:
         """The next frame; ``None`` once the engine ended the session; raises
-        :class:`EnSyncConnectionError` if the link broke."""
+        `EnSyncConnectionError` if the link broke."""
         ...
 
     def cancel(self) -> None:
@@ -138,13 +138,13 @@ async def open_grpc_session(
 
 
 class SessionStream:
-    """One open session; create it with :meth:`start` (or :func:`open_grpc_session`).
+    """One open session; create it with `start` (or `open_grpc_session`).
 
     Args:
         link: what carries the frames.
         timeout_s: how long a call may wait for its answer once sent.
         route: the handler of a message name's deliveries (None: none now).
-        lost: called once if the stream breaks (not on :meth:`close`).
+        lost: called once if the stream breaks (not on `close`).
     """
 
     def __init__(
@@ -270,7 +270,7 @@ class SessionStream:
     async def publish_checked(
         self, name: str, recipient: str, payload: str, metadata: str, payload_metadata: str | None
     ) -> str:
-        """:meth:`publish`, raising :class:`EnSyncPublishError` for a refusal; the idem."""
+        """`publish`, raising `EnSyncPublishError` for a refusal; the idem."""
         result = await self.publish(name, recipient, payload, metadata, payload_metadata)
         if not result.success:
             self._refused(result.error_message, errors.EnSyncPublishError)
@@ -282,7 +282,7 @@ class SessionStream:
     def ack_soon(self, name: str, idem: str) -> asyncio.Future[None] | None:
         """Send an ack without a coroutine of its own (auto-ack's way, one per
         message): its outcome as a future, or ``None`` when the session has no
-        room for another call now (then :meth:`ack` waits for room)."""
+        room for another call now (then `ack` waits for room)."""
         if self._closed or self._broken is not None or not self._limiter.try_acquire():
             return None
         seq = next(self._seqs)

@@ -100,7 +100,7 @@ class SubscriptionLink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SubscriptionStatistics:
-    """A snapshot of a :class:`Subscription`.
+    """A snapshot of a `Subscription`.
 
     Attributes:
         buffered: messages received and not yet handled.
@@ -118,7 +118,7 @@ class SubscriptionStatistics:
 class Subscription:
     """Messages of one name for one client. Get one from ``client.subscribe``.
 
-    Example::
+    For example:
 
         sub = await client.subscribe("orders/created", auto_ack=False)
         remove = sub.on(handle)          # or: async for message in sub: ...
@@ -423,7 +423,7 @@ class Subscription:
         await self._link.pause(self.name, reason)
 
     async def resume(self) -> None:
-        """Undo :meth:`pause`: deliveries flow to this client again."""
+        """Undo `pause`: deliveries flow to this client again."""
         await self._link.resume(self.name)
 
     async def unsubscribe(self, drain_timeout_s: float = 10.0) -> None:

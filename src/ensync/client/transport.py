@@ -2,10 +2,10 @@
 
 A transport is one authenticated connection to an engine. The SDK's client,
 subscriptions and reconnection logic are written once over this protocol;
-:mod:`ensync.client.grpc` and the WebSocket transport implement it.
+`ensync.client.grpc` and the WebSocket transport implement it.
 
-Transports raise only :mod:`ensync.errors` exceptions: an
-:class:`~ensync.errors.EnSyncConnectionError` when the link is the problem,
+Transports raise only `ensync.errors` exceptions: an
+`EnSyncConnectionError` when the link is the problem,
 the operation's own error class when the engine refused.
 """
 
@@ -123,7 +123,7 @@ class ClientTransport(Protocol):
 
     def ack_soon(self, name: str, idem: str, block: int) -> asyncio.Future[None] | None:
         """Send an ack without awaiting it: its outcome as a future, or ``None``
-        when this transport cannot now (the caller then awaits :meth:`ack`)."""
+        when this transport cannot now (the caller then awaits `ack`)."""
         ...
 
     async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:

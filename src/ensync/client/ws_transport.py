@@ -118,7 +118,7 @@ class _BinaryLink:
 
 
 class WebSocketClientTransport:
-    """A :class:`~ensync.client.transport.ClientTransport` over WebSocket.
+    """A `ClientTransport` over WebSocket.
 
     Args:
         url: the parsed ``ws://`` or ``wss://`` URL; a bare path means ``/message``.

@@ -1,6 +1,6 @@
 """Helpers for testing code that uses ensync: a real engine on a free port.
 
-Example::
+For example:
 
     from ensync import EnSyncEngine
     from ensync.testing import run_engine
@@ -33,7 +33,7 @@ __all__ = ["EngineProcess", "TcpProxy", "TestServer", "run_engine", "running_eng
 
 @dataclass(slots=True)
 class TestServer:
-    """A running engine for tests; see :func:`run_engine`."""
+    """A running engine for tests; see `run_engine`."""
 
     __test__ = False  # not a pytest test class
 
@@ -102,7 +102,7 @@ async def run_engine(
             without it).
         metrics: ``HOST:PORT`` of a listener of its own for ``/metrics``
             (default: the HTTP listener).
-        engine_options: :class:`~ensync.server.config.EngineConfig` fields,
+        engine_options: `EngineConfig` fields,
             e.g. ``ack_deadline_ms=500``.
     """
     config = dataclasses.replace(EngineConfig(), **engine_options)

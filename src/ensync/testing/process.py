@@ -1,13 +1,13 @@
 """An engine serving in its own process, for tests and benchmarks.
 
-:class:`EngineProcess` runs ``ensync serve`` over one data directory on two
+`EngineProcess` runs ``ensync serve`` over one data directory on two
 fixed loopback ports, so an engine that is killed (SIGKILL) and started
 again is found where it was. Each incarnation's output goes to its own log
 file (never to a pipe nobody reads, which would stall the engine once
 full). It also reads the process's memory, open files and CPU time from
 /proc (Linux), for the benchmarks.
 
-Example::
+For example:
 
     async with running_engine(data_dir) as engine:
         client = await EnSyncEngine(engine.grpc_url).create_client(app_key)
@@ -123,8 +123,8 @@ def free_ports(count: int) -> list[int]:
 class EngineProcess:
     """``ensync serve`` on fixed loopback ports over one data directory.
 
-    Call :meth:`start` for each incarnation, :meth:`kill` (SIGKILL) or
-    :meth:`terminate` (SIGTERM) to end it, and :meth:`close` in ``finally``.
+    Call `start` for each incarnation, `kill` (SIGKILL) or
+    `terminate` (SIGTERM) to end it, and `close` in ``finally``.
 
     Args:
         data: the data directory (the sqlite store is ``data/ensync.db``).

@@ -1,7 +1,7 @@
 """A TCP proxy that tests and benchmarks can cut, stall and restore, to
 break clients' links for real.
 
-Example::
+For example:
 
     async with tcp_proxy(server.grpc_port) as proxy:
         engine = EnSyncEngine(f"grpc://127.0.0.1:{proxy.port}")
@@ -116,7 +116,7 @@ class TcpProxy:
 
 @contextlib.asynccontextmanager
 async def tcp_proxy(target_port: int) -> AsyncIterator[TcpProxy]:
-    """A started :class:`TcpProxy` to ``target_port``, stopped at the end."""
+    """A started `TcpProxy` to ``target_port``, stopped at the end."""
     proxy = TcpProxy(target_port)
     await proxy.start()
     try:

@@ -13,10 +13,10 @@ point); the fixtures are async, so the project needs ``pytest-asyncio``::
             break
 
 * ``ensync_engine``: an engine in the test's process on free loopback ports
-  with the memory store (a :class:`~ensync.testing.TestServer`: ``grpc_url``,
+  with the memory store (a `TestServer`: ``grpc_url``,
   ``ws_url``, ``create_app``), stopped after the test.
 * ``ensync_app``: a factory; ``await ensync_app(name)`` registers an app on
-  that engine and returns an :class:`AppClient` (its ``client``, connected
+  that engine and returns an `AppClient` (its ``client``, connected
   with the app's secret key, ``app_id`` and keys); ``transport="ws"`` for
   WebSocket. Every client is closed after the test.
 """
