@@ -336,9 +336,12 @@ class Dispatcher:
         )
 
     def _free(self, held: Held) -> None:
-        sub = held.subscription
-        sub.in_flight.discard(held.message.idem)
-        self._mark(sub.session.app_id, sub.name)
+        # No claim is marked here: a partition whose last claim was cut short
+        # by room is still dirty (claims() skips it without clearing), and
+        # one whose last claim found fewer than asked has nothing to claim
+        # until the store notifies. Marking on every ack cost an empty claim
+        # per message.
+        held.subscription.in_flight.discard(held.message.idem)
 
     def _give_back_all(self, sub: Subscription) -> None:
         for idem in list(sub.in_flight):

@@ -279,10 +279,17 @@ class _Session:
                 self._outbox.outstanding += 1
                 self._observe(observe)
             if frame.credits:
+                credits = self._outbox.credits
+                unblocked = False
                 for credit in frame.credits:
                     name = credit.message_name
-                    self._outbox.credits[name] = self._outbox.credits.get(name, 0) + credit.credit
-                self._engine.routes_changed(self._client_id)
+                    before = credits.get(name, 0)
+                    credits[name] = before + credit.credit
+                    unblocked = unblocked or (before <= 0 < credits[name])
+                # Credits topping up a name that still had some change
+                # nothing the engine waits for: no claim for them.
+                if unblocked:
+                    self._engine.routes_changed(self._client_id)
             while self._outbox.outstanding >= MAX_OUTSTANDING:
                 self._room.clear()
                 await self._room.wait()
