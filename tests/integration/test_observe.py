@@ -87,6 +87,12 @@ async def test_an_observer_sees_every_new_message_and_takes_none(
     await eventually(lambda: len(late_got) == 1)
     assert late_got[0].attempt == 1
     assert watching.missed == 0
+    # persist: false messages are copied too (they are stored, in memory).
+    volatile = await publisher.publish(
+        "orders/created", [warehouse.app_id], {"i": 6}, {"persist": False}
+    )
+    assert (await next_copy(watching)).idem == volatile
+    assert server.engine.stats.observed == 7
     await watching.close()
     await eventually(lambda: not server.engine.observers)
 

@@ -32,6 +32,8 @@ _COUNTERS = {
     "deduplicated": "Publishes answered with an earlier idem (idempotency key seen)",
     "denied": "Requests refused by an app's publish/subscribe rules",
     "subscribe_refusals": "Subscribe requests refused (bad name, denial, limit, unknown client)",
+    "observed": "Copies of new messages sent to observers (ensync tail)",
+    "observed_missed": "Copies dropped because an observer read too slowly",
 }
 
 _LIMITS = (

@@ -96,6 +96,8 @@ class EngineStats:
     deduplicated: int = 0
     denied: int = 0
     subscribe_refusals: int = 0
+    observed: int = 0
+    observed_missed: int = 0
     limit_rejections: dict[str, int] = field(default_factory=dict)
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from ensync.protocol.names import allowed, matches, validate_pattern
 from ensync.server.core.errors import ServiceError
-from ensync.server.core.model import Delivery
+from ensync.server.core.model import Delivery, EngineStats
 from ensync.server.core.sessions import Session
 from ensync.server.store.base import Appended, NewMessage
 
@@ -26,8 +26,8 @@ __all__ = ["ObserverSink", "Observers"]
 class ObserverSink(Protocol):
     """Where copies for one observing client go (a session's outbox)."""
 
-    def observed(self, delivery: Delivery) -> None:
-        """Take one copy; must not block (drop and count when full)."""
+    def observed(self, delivery: Delivery) -> bool:
+        """Take one copy; must not block: ``False`` if it was dropped (full)."""
         ...
 
 
@@ -43,12 +43,14 @@ class Observers:
 
     Args:
         max_per_client: most patterns one client may observe at once.
+        stats: counts the copies (``observed``) and the dropped ones
+            (``observed_missed``).
     """
 
-    def __init__(self, max_per_client: int) -> None:
+    def __init__(self, max_per_client: int, stats: EngineStats) -> None:
         self.max_per_client = max_per_client
+        self._stats = stats
         self._by_app: dict[str, list[_Watch]] = {}
-        self.copied = 0
 
     def __bool__(self) -> bool:
         return bool(self._by_app)
@@ -111,8 +113,10 @@ class Observers:
                         created_at_ms=message.created_at_ms,
                         attempt=0,
                     )
-                watch.sink.observed(copy)
-                self.copied += 1
+                if watch.sink.observed(copy):
+                    self._stats.observed += 1
+                else:
+                    self._stats.observed_missed += 1
 
     def _remove(self, app_id: str, doomed: _Predicate) -> bool:
         watches = self._by_app.get(app_id)

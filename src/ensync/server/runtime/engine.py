@@ -80,7 +80,7 @@ class Engine:
         self._service = Service(store, self._config, self.clock, self._dispatcher, self.stats)
         self._service.on_apps_changed = self._refresh_apps_soon
         self.apps: AppRegistry = self._service.apps
-        self.observers = Observers(self._config.max_subscriptions_per_client)
+        self.observers = Observers(self._config.max_subscriptions_per_client, self.stats)
         self._running = False
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[Any]] = set()

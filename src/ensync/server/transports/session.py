@@ -122,12 +122,13 @@ class SessionOutbox:
         self.deliveries.append(delivery)
         self.ready.set()
 
-    def observed(self, delivery: Delivery) -> None:
+    def observed(self, delivery: Delivery) -> bool:
+        self.ready.set()
         if len(self.observed_copies) >= MAX_OBSERVED_WAITING:
             self.observed_missed += 1
-        else:
-            self.observed_copies.append(delivery)
-        self.ready.set()
+            return False
+        self.observed_copies.append(delivery)
+        return True
 
     def answer_observe(self, result: pb.SessionSettled) -> None:
         self.observing.append(result)
