@@ -285,12 +285,7 @@ class EnSyncClient:
             raise errors.EnSyncValidationError(str(exc)) from None
         if message_name in self._subscriptions:
             raise errors.EnSyncSubscriptionError(f"already subscribed to {message_name!r}")
-        key = opening_key(app_secret_key) if app_secret_key is not None else self._secret
-        if key is None:
-            raise errors.EnSyncValidationError(
-                "no secret key to decrypt messages with: pass app_secret_key to "
-                "create_client or subscribe"
-            )
+        key = self._opening_key(app_secret_key, "subscribe")
         typed = check_model(model) if model is not None else None
         subscription = Subscription(_Link(self), message_name, auto_ack, key, model=typed)
         self._subscriptions[message_name] = subscription
@@ -331,12 +326,7 @@ class EnSyncClient:
             raise errors.EnSyncValidationError(str(exc)) from None
         if pattern in self._observations:
             raise errors.EnSyncSubscriptionError(f"already observing {pattern!r}")
-        key = opening_key(app_secret_key) if app_secret_key is not None else self._secret
-        if key is None:
-            raise errors.EnSyncValidationError(
-                "no secret key to decrypt messages with: pass app_secret_key to "
-                "create_client or observe"
-            )
+        key = self._opening_key(app_secret_key, "observe")
         observation = Observation(pattern, key, self._stop_observing)
         self._observations[pattern] = observation
         try:
@@ -361,12 +351,7 @@ class EnSyncClient:
             EnSyncMessageError: it cannot be decrypted with the key.
         """
         self._check_open()
-        key = opening_key(app_secret_key) if app_secret_key is not None else self._secret
-        if key is None:
-            raise errors.EnSyncValidationError(
-                "no secret key to decrypt messages with: pass app_secret_key to "
-                "create_client or replay"
-            )
+        key = self._opening_key(app_secret_key, "replay")
         replay = await self._connection.transport.replay("", idem)
         return replayed(open_message(replay.message, key), replay.info)
 
@@ -411,6 +396,16 @@ class EnSyncClient:
         await self.close()
 
     # ------------------------------------------------------------------ internals
+
+    def _opening_key(self, app_secret_key: str | None, verb: str) -> OpeningKey:
+        """The key to decrypt with: the one given to ``verb``, else the client's."""
+        key = opening_key(app_secret_key) if app_secret_key is not None else self._secret
+        if key is None:
+            raise errors.EnSyncValidationError(
+                "no secret key to decrypt messages with: pass app_secret_key to "
+                f"create_client or {verb}"
+            )
+        return key
 
     def _check_open(self) -> None:
         if self._closed:

@@ -21,12 +21,16 @@ from ensync import errors
 from ensync._proto import ensync_pb2 as pb
 from ensync._version import __version__
 from ensync.client.limiter import CallLimiter, LimiterStatistics
-from ensync.client.session import SUBSCRIPTION_CREDIT, SessionStream, open_grpc_session
+from ensync.client.session import (
+    SUBSCRIPTION_CREDIT,
+    SessionObserving,
+    SessionStream,
+    open_grpc_session,
+)
 from ensync.client.transport import (
     ConnectInfo,
     Delivery,
     LostCallback,
-    Observer,
     WireReplay,
     digits,
 )
@@ -83,7 +87,7 @@ def max_in_flight(server_config: dict[str, str] | Any) -> int:
     return max(1, int(streams) - reserved - _RESERVED_STREAMS)
 
 
-class GrpcClientTransport:
+class GrpcClientTransport(SessionObserving):
     """A `ClientTransport` over gRPC.
 
     Args:
@@ -311,19 +315,6 @@ class GrpcClientTransport:
         if not response.success:
             raise errors.EnSyncPublishError(response.error_message)
         return str(response.message_idem)
-
-    async def observe(self, pattern: str, observer: Observer) -> None:
-        await self._observing().observe(pattern, observer)
-
-    async def unobserve(self, pattern: str) -> None:
-        await self._observing().unobserve(pattern)
-
-    def _observing(self) -> SessionStream:
-        if self._batched is None:
-            raise errors.EnSyncSubscriptionError(
-                "observing needs the batched session, which this connection does not use"
-            )
-        return self._batched
 
     async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
         if self._closed:

@@ -34,6 +34,7 @@ __all__ = [
     "SESSION_METHOD",
     "SUBSCRIPTION_CREDIT",
     "FrameLink",
+    "SessionObserving",
     "SessionStream",
     "Settled",
     "open_grpc_session",
@@ -535,7 +536,11 @@ class SessionStream:
             try:
                 for item in frame.observed:
                     if matches(pattern, item.message_name):
-                        observer.copied(_observed_copy(item, now_ms))
+                        observer.copied(
+                            from_stream_response(
+                                item, name=item.message_name, received_at_ms=now_ms, attempt=0
+                            )
+                        )
                 if missed:
                     observer.dropped(missed)
             except Exception:  # isolation boundary: one observer must not end the session
@@ -560,15 +565,21 @@ class SessionStream:
                 future.exception()  # retrieved: its caller may be gone
 
 
-def _observed_copy(item: pb.MessageStreamResponse, received_at_ms: int) -> Delivery:
-    # attempt 0: a copy, not a delivery (nothing to settle).
-    return Delivery(
-        idem=item.message_idem,
-        name=item.message_name,
-        block=item.partition_block,
-        payload=item.payload,
-        metadata=item.metadata,
-        sender=item.sender,
-        created_at_ms=received_at_ms,
-        attempt=0,
-    )
+class SessionObserving:
+    """``observe`` / ``unobserve`` for a transport that may run a batched
+    session (``_batched``): observing needs one."""
+
+    _batched: SessionStream | None
+
+    async def observe(self, pattern: str, observer: Observer) -> None:
+        await self._observing().observe(pattern, observer)
+
+    async def unobserve(self, pattern: str) -> None:
+        await self._observing().unobserve(pattern)
+
+    def _observing(self) -> SessionStream:
+        if self._batched is None:
+            raise errors.EnSyncSubscriptionError(
+                "observing needs the batched session, which this connection does not use"
+            )
+        return self._batched

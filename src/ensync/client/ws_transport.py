@@ -28,12 +28,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from ensync import errors
 from ensync._proto import ensync_pb2 as pb
 from ensync.client.limiter import CallLimiter, LimiterStatistics
-from ensync.client.session import SUBSCRIPTION_CREDIT, SessionStream
+from ensync.client.session import SUBSCRIPTION_CREDIT, SessionObserving, SessionStream
 from ensync.client.transport import (
     ConnectInfo,
     Delivery,
     LostCallback,
-    Observer,
     WireReplay,
     digits,
 )
@@ -117,7 +116,7 @@ class _BinaryLink:
         self.frames.put_nowait(None)
 
 
-class WebSocketClientTransport:
+class WebSocketClientTransport(SessionObserving):
     """A `ClientTransport` over WebSocket.
 
     Args:
@@ -388,19 +387,6 @@ class WebSocketClientTransport:
             raise
         if self._batched is not None and self._batched.deliveries:
             self._batched.credit(name, SUBSCRIPTION_CREDIT)
-
-    async def observe(self, pattern: str, observer: Observer) -> None:
-        await self._observing().observe(pattern, observer)
-
-    async def unobserve(self, pattern: str) -> None:
-        await self._observing().unobserve(pattern)
-
-    def _observing(self) -> SessionStream:
-        if self._batched is None:
-            raise errors.EnSyncSubscriptionError(
-                "observing needs the batched session, which this connection does not use"
-            )
-        return self._batched
 
     def consumed(self, name: str) -> None:
         # The text protocol has no flow control of its own; the session has.

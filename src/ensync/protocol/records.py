@@ -154,9 +154,14 @@ def to_stream_response(delivery: Delivery) -> pb.MessageStreamResponse:
 
 
 def from_stream_response(
-    item: pb.MessageStreamResponse, *, name: str, received_at_ms: int
+    item: pb.MessageStreamResponse,
+    *,
+    name: str,
+    received_at_ms: int,
+    attempt: int | None = None,
 ) -> Delivery:
-    """A streamed message; ``name`` is the stream's when the message has none."""
+    """A streamed message; ``name`` is the stream's when the message has none.
+    ``attempt`` overrides the message's (an observed copy is 0)."""
     return Delivery(
         idem=item.message_idem,
         name=item.message_name or name,
@@ -165,7 +170,7 @@ def from_stream_response(
         metadata=item.metadata,
         sender=item.sender,
         created_at_ms=received_at_ms,
-        attempt=max(1, item.attempt),
+        attempt=max(1, item.attempt) if attempt is None else attempt,
     )
 
 
