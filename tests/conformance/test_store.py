@@ -396,6 +396,7 @@ async def test_dead_letters_are_listed_newest_first_and_redriven(store: Store) -
     assert [(m.idem, m.dead_reason) for m in dead] == [("m-2", "second"), ("m-1", "first")]
     assert [m.idem for m in await store.list_dead(RECIPIENT, 1)] == ["m-2"]
     assert await store.list_dead(OTHER_RECIPIENT, 10) == []
+    assert [r.idem for r in await store.list_dead_refs(RECIPIENT)] == ["m-1", "m-2"]
     assert await store.redrive("m-1", T0 + 5)
     assert not await store.redrive("m-1", T0 + 5)  # no longer dead
     assert not await store.redrive("m-3", T0 + 5)  # never dead
@@ -403,6 +404,11 @@ async def test_dead_letters_are_listed_newest_first_and_redriven(store: Store) -
     assert idems(again) == ["m-1"]
     assert again.leases[0].message.attempts == 1
     assert [m.idem for m in await store.list_dead(RECIPIENT, 10)] == ["m-2"]
+    # Without bodies, oldest first: what `ensync dlq redrive` walks.
+    assert [(r.settled_at_ms, r.idem, r.name) for r in await store.list_dead_refs(RECIPIENT)] == [
+        (T0 + 2, "m-2", dead[0].name)
+    ]
+    assert await store.list_dead_refs(OTHER_RECIPIENT) == []
     # Redriven here and already leased: adopting it again would deliver it twice.
     assert await store.adopt_redriven() == 0
     assert idems(await claim(store, now_ms=T0 + 6)) == []
@@ -600,3 +606,18 @@ async def test_a_cancelled_caller_leaves_the_store_usable(store: Store) -> None:
     (after,) = await append(store, new("after"))
     assert after.error is None
     assert await store.get("after") is not None
+
+
+async def test_dead_letter_refs_merge_memory_only_and_durable_ones_oldest_first(
+    store: Store,
+) -> None:
+    await append(store, new("d-1"), new("v-1", persist=False), new("d-2"))
+    await store.settle([Settlement("v-1", MessageState.DEAD, "v")], now_ms=T0 + 1)
+    await store.settle([Settlement("d-2", MessageState.DEAD, "d")], now_ms=T0 + 2)
+    await store.settle([Settlement("d-1", MessageState.DEAD, "d")], now_ms=T0 + 3)
+    refs = await store.list_dead_refs(RECIPIENT)
+    assert [(r.settled_at_ms, r.idem) for r in refs] == [
+        (T0 + 1, "v-1"),
+        (T0 + 2, "d-2"),
+        (T0 + 3, "d-1"),
+    ]

@@ -23,7 +23,7 @@ from ensync.protocol.names import matches, validate_pattern
 from ensync.server.datadir import engine_holding
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store import open_store, sqlite_file
-from ensync.server.store.base import AppRecord, Store, StoredMessage, StoreError
+from ensync.server.store.base import AppRecord, DeadRef, Store, StoredMessage, StoreError
 
 __all__ = ["add_dlq"]
 
@@ -163,21 +163,22 @@ def _redrive(args: argparse.Namespace) -> int:
         if args.app is not None and not apps:
             print(f"ensync: no app named {args.app!r}", file=sys.stderr)
             return 1
-        chosen: list[StoredMessage] = []
+        # Ids and names only: a million dead letters fit, their payloads need not.
+        chosen: list[DeadRef] = []
         for app in apps:
-            dead = await store.list_dead(app.app_id, _ALL)
-            chosen += [m for m in dead if args.name is None or matches(args.name, m.name)]
+            dead = await store.list_dead_refs(app.app_id)
+            chosen += [ref for ref in dead if args.name is None or matches(args.name, ref.name)]
         if not chosen:
             print("no dead letters to redrive")
             return 0
-        chosen.sort(key=lambda m: m.settled_at_ms or 0)  # oldest first
+        chosen.sort()  # oldest first, across apps
         progress = _Progress(len(chosen))
         redriven = 0
         started = time.monotonic()
-        for index, message in enumerate(chosen):
+        for index, ref in enumerate(chosen):
             if args.rate is not None:
                 await asyncio.sleep(max(0.0, started + index / args.rate - time.monotonic()))
-            if await store.redrive(message.idem, wall_clock_ms()):
+            if await store.redrive(ref.idem, wall_clock_ms()):
                 redriven += 1
             progress.step()
         progress.done()
@@ -191,10 +192,6 @@ def _redrive(args: argparse.Namespace) -> int:
         return 0
 
     return _run(args, work)
-
-
-# list_dead's limit when every dead letter is wanted.
-_ALL = 1 << 62
 
 
 class _Progress:

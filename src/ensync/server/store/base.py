@@ -52,7 +52,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "AppExistsError",
@@ -60,6 +60,7 @@ __all__ = [
     "AppStore",
     "Appended",
     "Claim",
+    "DeadRef",
     "DeliveryPolicy",
     "DeliveryState",
     "Lease",
@@ -169,6 +170,14 @@ class StoredMessage:
     def partition(self) -> tuple[str, str]:
         """(recipient app id, message name): the unit of ordering."""
         return (self.recipient, self.name)
+
+
+class DeadRef(NamedTuple):
+    """A dead letter without its body: when it died, its idem and name."""
+
+    settled_at_ms: int
+    idem: str
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +329,10 @@ class MessageLog(Protocol):
 
     async def list_dead(self, recipient: str, limit: int) -> list[StoredMessage]:
         """Dead letters of an app, most recently settled first."""
+
+    async def list_dead_refs(self, recipient: str) -> list[DeadRef]:
+        """Every dead letter of an app, oldest first, without bodies (for
+        redriving them all without holding their payloads)."""
 
     async def redrive(self, idem: str, now_ms: int) -> bool:
         """Return a dead letter to PENDING (attempts reset, claimable now)."""

@@ -18,6 +18,7 @@ from typing import Protocol
 from .base import (
     Appended,
     Claim,
+    DeadRef,
     DeliveryPolicy,
     MessageState,
     NewMessage,
@@ -73,6 +74,8 @@ class DurableTable(Protocol):
     def record_attempts(self, updates: Sequence[tuple[str, int]]) -> None: ...
 
     async def list_dead(self, recipient: str, limit: int) -> list[StoredMessage]: ...
+
+    async def list_dead_refs(self, recipient: str) -> list[DeadRef]: ...
 
     async def redrive(self, idem: str, now_ms: int) -> StoredMessage | None: ...
 
@@ -210,6 +213,14 @@ class LocalMessages:
             dead += await self._durable.list_dead(recipient, limit)
             dead.sort(key=lambda m: m.settled_at_ms or 0, reverse=True)
         return dead[: max(limit, 0)]
+
+    async def list_dead_refs(self, recipient: str) -> list[DeadRef]:
+        self._check_open()
+        refs = self._memory.list_dead_refs(recipient)
+        if self._durable is not None:
+            durable = await self._durable.list_dead_refs(recipient)
+            refs = list(heapq.merge(refs, durable)) if refs else durable
+        return refs
 
     async def redrive(self, idem: str, now_ms: int) -> bool:
         self._check_open()

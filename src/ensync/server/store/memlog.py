@@ -25,7 +25,7 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .base import MessageState, StoredMessage
+from .base import DeadRef, MessageState, StoredMessage
 from .book import Ref
 
 __all__ = ["MemoryMessages"]
@@ -232,6 +232,13 @@ class MemoryMessages:
         return (
             [self._entries[key[3]].message for key in reversed(dead[-limit:])] if limit > 0 else []
         )
+
+    def list_dead_refs(self, recipient: str) -> list[DeadRef]:
+        out = []
+        for key in self._dead.get(recipient, []):
+            message = self._entries[key[3]].message
+            out.append(DeadRef(message.settled_at_ms or 0, message.idem, message.name))
+        return out
 
     def backlog(self) -> dict[str, int]:
         counts: dict[str, int] = {}

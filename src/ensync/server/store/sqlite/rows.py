@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ..base import AppExistsError, AppRecord, MessageState, StoredMessage
+from ..base import AppExistsError, AppRecord, DeadRef, MessageState, StoredMessage
 from ..book import Ref
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "last_blocks",
     "list_apps",
     "list_dead",
+    "list_dead_refs",
     "load",
     "message",
     "next_due",
@@ -241,6 +242,18 @@ def list_dead(recipient: str, limit: int, conn: sqlite3.Connection) -> list[Stor
         (recipient, limit),
         conn,
     )
+
+
+def list_dead_refs(recipient: str, conn: sqlite3.Connection) -> list[DeadRef]:
+    """The app's dead letters without bodies, oldest first (the dead index)."""
+    return [
+        DeadRef(*row)
+        for row in conn.execute(
+            "SELECT settled_at_ms, idem, name FROM messages WHERE recipient = ? AND state = 2"
+            " ORDER BY settled_at_ms, seq",
+            (recipient,),
+        )
+    ]
 
 
 def backlog(conn: sqlite3.Connection) -> dict[str, int]:

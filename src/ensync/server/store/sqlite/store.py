@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Final, Literal, Self
 
-from ..base import AppRecord, MessageState, StoredMessage, StoreError
+from ..base import AppRecord, DeadRef, MessageState, StoredMessage, StoreError
 from ..book import Ref
 from ..local import LocalMessages
 from . import rows
@@ -136,6 +136,9 @@ class _Table:
         if limit <= 0:
             return []
         return await self._runner.read(functools.partial(rows.list_dead, recipient, limit))
+
+    async def list_dead_refs(self, recipient: str) -> list[DeadRef]:
+        return await self._runner.read(functools.partial(rows.list_dead_refs, recipient))
 
     async def redrive(self, idem: str, now_ms: int) -> StoredMessage | None:
         return await self._runner.write(functools.partial(rows.redrive, idem, now_ms))
