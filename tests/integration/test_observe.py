@@ -183,3 +183,25 @@ async def test_an_observation_survives_a_reconnect(server: TestServer) -> None:
         finally:
             await engine.close()
             await publisher_engine.close()
+
+
+async def test_closing_an_observation_over_a_dead_link_does_not_raise(
+    server: TestServer,
+) -> None:
+    app = await server.create_app("warehouse")
+    async with tcp_proxy(server.grpc_port) as proxy:
+        engine = EnSyncEngine(
+            f"grpc://127.0.0.1:{proxy.port}",
+            call_timeout=300,
+            reconnect_interval=5000,
+            max_reconnect_attempts=1,
+        )
+        try:
+            client = await engine.create_client(app.app_key, app_secret_key=app.secret_key)
+            watching = await client.observe("#")
+            proxy.stall()  # the engine will never answer the stop
+            await watching.close()
+            await proxy.cut()
+            await eventually(lambda: not server.engine.observers)
+        finally:
+            await engine.close()

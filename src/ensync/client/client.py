@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -357,7 +358,10 @@ class EnSyncClient:
 
     async def _stop_observing(self, pattern: str) -> None:
         self._observations.pop(pattern, None)
-        if not self._closed:
+        if self._closed:
+            return
+        # A link that is gone took the engine's side of the observation with it.
+        with contextlib.suppress(errors.EnSyncConnectionError):
             await self._connection.unobserve(pattern)
 
     # ------------------------------------------------------------------ close
