@@ -17,6 +17,7 @@ from ..base import AppExistsError, AppRecord, DeadRef, MessageState, StoredMessa
 from ..book import Ref
 
 __all__ = [
+    "any_redriven",
     "app_row",
     "backlog",
     "create_app",
@@ -434,6 +435,10 @@ def redrive(idem: str, now_ms: int, conn: sqlite3.Connection) -> StoredMessage |
     # For an engine in another process, which cannot see this change otherwise.
     conn.execute("INSERT OR IGNORE INTO redriven (idem) VALUES (?)", (idem,))
     return get(idem, conn)
+
+
+def any_redriven(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM redriven LIMIT 1").fetchone() is not None
 
 
 def take_redriven(limit: int, conn: sqlite3.Connection) -> list[StoredMessage]:
