@@ -391,8 +391,10 @@ class GrpcClientTransport(SessionObserving):
         if self._batched is not None and self._batched.deliveries and name in self._delivers:
             self._batched.credit(name, 1)
 
-    def ack_soon(self, name: str, idem: str, block: int) -> asyncio.Future[None] | None:
-        return self._batched.ack_soon(name, idem) if self._batched is not None else None
+    def ack_soon(
+        self, name: str, idem: str, block: int, failed: Callable[[errors.EnSyncError], None]
+    ) -> asyncio.Future[Any] | None:
+        return self._batched.ack_soon(name, idem, failed) if self._batched is not None else None
 
     async def ack(self, name: str, idem: str, block: int) -> None:
         if self._batched is not None:

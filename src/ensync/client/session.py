@@ -280,10 +280,13 @@ class SessionStream:
     async def ack(self, name: str, idem: str) -> None:
         await self._settle_checked(pb.SETTLE_ACK, name, idem, errors.EnSyncAckError)
 
-    def ack_soon(self, name: str, idem: str) -> asyncio.Future[None] | None:
+    def ack_soon(
+        self, name: str, idem: str, failed: Callable[[errors.EnSyncError], None]
+    ) -> asyncio.Future[Any] | None:
         """Send an ack without a coroutine of its own (auto-ack's way, one per
-        message): its outcome as a future, or ``None`` when the session has no
-        room for another call now (then `ack` waits for room)."""
+        message); ``failed(error)`` hears of a refusal or a broken link. The
+        future is done once the engine answered; ``None`` when the session has
+        no room for another call now (then `ack` waits for room)."""
         if self._closed or self._broken is not None or not self._limiter.try_acquire():
             return None
         seq = next(self._seqs)
@@ -291,27 +294,23 @@ class SessionStream:
             pb.SessionSettle(seq=seq, kind=pb.SETTLE_ACK, message_idem=idem, message_name=name)
         )
         answer = self._expect(seq)
-        outcome: asyncio.Future[None] = answer.get_loop().create_future()
 
         def answered(done: asyncio.Future[Any]) -> None:
             self._waiting.pop(seq, None)
             self._limiter.release()
-            if outcome.done():
-                return
             if done.cancelled():
-                outcome.set_exception(errors.EnSyncConnectionError("the ack was cancelled"))
-            elif (error := done.exception()) is not None:
-                outcome.set_exception(error)
-            elif not done.result().success:
+                return
+            error = done.exception()
+            if isinstance(error, errors.EnSyncError):
+                failed(error)
+            elif error is None and not done.result().success:
                 try:
                     self._refused(done.result().message, errors.EnSyncAckError)
                 except errors.EnSyncError as refused:
-                    outcome.set_exception(refused)
-            else:
-                outcome.set_result(None)
+                    failed(refused)
 
         answer.add_done_callback(answered)
-        return outcome
+        return answer
 
     async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
         """The time the message comes back (epoch ms)."""

@@ -154,7 +154,7 @@ class Subscription:
         self._closed_event = asyncio.Event()
         # Set when the client's connection failed for good: iterators raise it.
         self._failure: errors.EnSyncError | None = None
-        self._acks: set[asyncio.Future[None]] = set()
+        self._acks: set[asyncio.Future[Any]] = set()
         # Messages in a handler or loop body now; True once that code acked,
         # deferred or discarded it itself (then auto-ack must not undo it).
         self._in_hand: dict[str, bool] = {}
@@ -341,7 +341,9 @@ class Subscription:
         # Acks are pipelined: the next message is handled while this ack is
         # on the wire, so throughput is not bound by the ack round trip.
         try:
-            sent = self._link.transport().ack_soon(self.name, message.idem, message.block)
+            sent = self._link.transport().ack_soon(
+                self.name, message.idem, message.block, self._link.report
+            )
         except errors.EnSyncError as exc:
             self._link.report(exc)
             return
@@ -349,15 +351,7 @@ class Subscription:
             self._background(self._ack_quietly(message))
             return
         self._acks.add(sent)
-        sent.add_done_callback(self._auto_acked)
-
-    def _auto_acked(self, sent: asyncio.Future[None]) -> None:
-        self._acks.discard(sent)
-        if sent.cancelled():
-            return
-        error = sent.exception()
-        if isinstance(error, errors.EnSyncError):
-            self._link.report(error)
+        sent.add_done_callback(self._acks.discard)
 
     async def _discard_quietly(self, idem: str, reason: str) -> None:
         try:

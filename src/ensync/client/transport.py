@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from ensync.errors import EnSyncError
 from ensync.protocol.records import Delivery, ReplayInfo
 
 __all__ = [
@@ -121,9 +122,12 @@ class ClientTransport(Protocol):
 
     async def ack(self, name: str, idem: str, block: int) -> None: ...
 
-    def ack_soon(self, name: str, idem: str, block: int) -> asyncio.Future[None] | None:
-        """Send an ack without awaiting it: its outcome as a future, or ``None``
-        when this transport cannot now (the caller then awaits `ack`)."""
+    def ack_soon(
+        self, name: str, idem: str, block: int, failed: Callable[[EnSyncError], None]
+    ) -> asyncio.Future[Any] | None:
+        """Send an ack without awaiting it; ``failed(error)`` hears if it fails.
+        Returns a future done once answered, or ``None`` when this transport
+        cannot now (the caller then awaits `ack`)."""
         ...
 
     async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:

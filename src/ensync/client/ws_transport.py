@@ -397,8 +397,10 @@ class WebSocketClientTransport(SessionObserving):
         await self._checked(Unsub(self._client_id, name), errors.EnSyncSubscriptionError)
         self._handlers.pop(name, None)
 
-    def ack_soon(self, name: str, idem: str, block: int) -> asyncio.Future[None] | None:
-        return self._batched.ack_soon(name, idem) if self._batched is not None else None
+    def ack_soon(
+        self, name: str, idem: str, block: int, failed: Callable[[errors.EnSyncError], None]
+    ) -> asyncio.Future[Any] | None:
+        return self._batched.ack_soon(name, idem, failed) if self._batched is not None else None
 
     async def ack(self, name: str, idem: str, block: int) -> None:
         if self._batched is not None:
