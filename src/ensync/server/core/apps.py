@@ -75,14 +75,6 @@ class AppRegistry:
         self._by_id[app.app_id] = (app, self._now_ms() + self._cache_ms)
         return app
 
-    def cached_active_app(self, app_id: str) -> AppRecord | None:
-        """The app with this id if the cache knows it to be active now; ``None``
-        says only "not cached" (ask :meth:`active_app`)."""
-        cached = self._by_id.get(app_id)
-        if cached is not None and cached[1] > self._now_ms():
-            return cached[0]
-        return None
-
     async def active_app(self, app_id: str) -> AppRecord | None:
         """The registered, unrevoked app with this id, or ``None``."""
         cached = self._by_id.get(app_id)

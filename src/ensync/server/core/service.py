@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
 
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.names import allowed
@@ -62,14 +61,6 @@ log = logging.getLogger("ensync.server.core")
 
 _IDEM = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_REASON = 1024
-
-
-class _CheckedPublish(NamedTuple):
-    sender: str
-    name: str
-    payload: str
-    recipient: str
-    meta: validation.PublishMetadata
 
 
 def storage_failed(exc: StoreError) -> ServiceError:
@@ -235,31 +226,6 @@ class Service:
         payload_metadata: str | None = None,
     ) -> NewMessage:
         """Check a publish and make its record (the store numbers it)."""
-        checked = self._check_publish(client_id, name, payload, recipient, metadata)
-        if await self.apps.active_app(recipient) is None:
-            raise ServiceError.invalid(f"recipient {recipient} is not a registered app")
-        return self._new_message(checked, payload_metadata)
-
-    def prepare_publish_now(
-        self,
-        client_id: str,
-        name: str,
-        payload: str,
-        recipient: str,
-        metadata: str,
-        payload_metadata: str | None = None,
-    ) -> NewMessage | None:
-        """:meth:`prepare_publish` without a coroutine, for the common case;
-        ``None`` (having charged and checked nothing) when the recipient is
-        not in the app cache: then call :meth:`prepare_publish`."""
-        if self.apps.cached_active_app(recipient) is None:
-            return None
-        checked = self._check_publish(client_id, name, payload, recipient, metadata)
-        return self._new_message(checked, payload_metadata)
-
-    def _check_publish(
-        self, client_id: str, name: str, payload: str, recipient: str, metadata: str
-    ) -> _CheckedPublish:
         session = self.session(client_id)
         cfg = self.config
         try:
@@ -271,18 +237,16 @@ class Service:
             raise self._counted(exc) from None
         if not allowed(session.app.publish_rules, name):
             raise self._deny(f"app {session.app.name!r} may not publish {name!r}")
-        return _CheckedPublish(session.app_id, name, payload, recipient, meta)
-
-    def _new_message(self, checked: _CheckedPublish, payload_metadata: str | None) -> NewMessage:
+        if await self.apps.active_app(recipient) is None:
+            raise ServiceError.invalid(f"recipient {recipient} is not a registered app")
         now = self.clock.now_ms()
-        meta = checked.meta
         return NewMessage(
             idem=new_idem(now),
-            recipient=checked.recipient,
-            name=checked.name,
-            payload=checked.payload,
+            recipient=recipient,
+            name=name,
+            payload=payload,
             metadata=meta.text,
-            sender=checked.sender,
+            sender=session.app_id,
             created_at_ms=now,
             payload_metadata=validation.parse_payload_metadata(payload_metadata),
             expires_at_ms=now + meta.ttl_ms if meta.ttl_ms is not None else None,

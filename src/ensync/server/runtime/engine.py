@@ -228,10 +228,9 @@ class Engine:
         payload_metadata: str | None = None,
     ) -> str:
         """Store a message for one recipient app; returns its idem once committed."""
-        fields = (client_id, name, payload, recipient, metadata, payload_metadata)
-        answer = self.accept_publish_now(*fields)
-        if answer is None:
-            answer = await self.accept_publish(*fields)
+        answer = await self.accept_publish(
+            client_id, name, payload, recipient, metadata, payload_metadata
+        )
         return await answer
 
     async def accept_publish(
@@ -254,26 +253,6 @@ class Engine:
         message = await self._service.prepare_publish(
             client_id, name, payload, recipient, metadata, payload_metadata
         )
-        return self._queue_publish(message)
-
-    def accept_publish_now(
-        self,
-        client_id: str,
-        name: str,
-        payload: str,
-        recipient: str,
-        metadata: str,
-        payload_metadata: str | None = None,
-    ) -> asyncio.Future[str] | None:
-        """:meth:`accept_publish` without a coroutine when the engine can
-        check the publish at once (its recipient is in the app cache, as
-        nearly always); ``None`` otherwise: then await :meth:`accept_publish`."""
-        message = self._service.prepare_publish_now(
-            client_id, name, payload, recipient, metadata, payload_metadata
-        )
-        return None if message is None else self._queue_publish(message)
-
-    def _queue_publish(self, message: NewMessage) -> asyncio.Future[str]:
         if not self._running or self._loop is None:
             raise ServiceError(ErrorCode.UNAVAILABLE, "the engine is shutting down")
         answer: asyncio.Future[str] = self._loop.create_future()

@@ -316,18 +316,15 @@ class _Session:
 
     async def _publish(self, item: pb.SessionPublish) -> None:
         seq = item.seq
-        fields = (
-            self._client_id,
-            item.message_name,
-            item.payload,
-            item.delivery_to,
-            item.metadata,
-            item.payload_metadata if item.HasField("payload_metadata") else None,
-        )
         try:
-            answer = self._engine.accept_publish_now(*fields)
-            if answer is None:
-                answer = await self._engine.accept_publish(*fields)
+            answer = await self._engine.accept_publish(
+                self._client_id,
+                item.message_name,
+                item.payload,
+                item.delivery_to,
+                item.metadata,
+                item.payload_metadata if item.HasField("payload_metadata") else None,
+            )
         except ServiceError as exc:
             self._outbox.answer_publish(
                 pb.SessionPublished(seq=seq, success=False, error_message=exc.message)

@@ -468,18 +468,15 @@ class _Connection:
         await self._dispatch(more)
 
     async def _publish(self, seq: int, request: Pub) -> None:
-        fields = (
-            request.client_id,
-            request.name,
-            request.payload,
-            request.delivery_to,
-            request.metadata,
-            request.payload_metadata,
-        )
         try:
-            commit = self._engine.accept_publish_now(*fields)
-            if commit is None:
-                commit = await self._engine.accept_publish(*fields)
+            commit = await self._engine.accept_publish(
+                request.client_id,
+                request.name,
+                request.payload,
+                request.delivery_to,
+                request.metadata,
+                request.payload_metadata,
+            )
         except ServiceError as exc:
             self._reply(seq, Fail(exc.message))
             return
