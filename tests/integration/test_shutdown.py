@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import sys
 from pathlib import Path
 
 from websockets.asyncio.client import connect
@@ -13,29 +12,8 @@ from websockets.exceptions import ConnectionClosed
 
 from ensync import EnSyncEngine, Message
 from ensync.crypto import seal
-from tests.support.cli import ensync, free_port, wait_listening
+from tests.support.cli import ensync, free_port, start_serve
 from tests.support.timing import eventually, seconds
-
-
-async def start(data: Path, grpc_port: int, http_port: int) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ensync.cli.main",
-        "serve",
-        "--data",
-        str(data),
-        "--grpc",
-        f"127.0.0.1:{grpc_port}",
-        "--http",
-        f"127.0.0.1:{http_port}",
-        "--ack-deadline-ms",
-        "60000",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    await wait_listening(grpc_port, process)
-    await wait_listening(http_port, process)
-    return process
 
 
 async def test_sigterm_finishes_commits_and_requeues_in_flight(tmp_path: Path) -> None:
@@ -45,7 +23,7 @@ async def test_sigterm_finishes_commits_and_requeues_in_flight(tmp_path: Path) -
     grpc_port, http_port = free_port(), free_port()
     alice = json.loads(ensync("app", "create", "alice", "--data", str(data), "--json").stdout)
     bob = json.loads(ensync("app", "create", "bob", "--data", str(data), "--json").stdout)
-    process = await start(data, grpc_port, http_port)
+    process = await start_serve(data, grpc_port, http_port, "--ack-deadline-ms", "60000")
     receiver = EnSyncEngine(f"grpc://127.0.0.1:{grpc_port}", max_reconnect_attempts=1)
     try:
         # A subscriber holds one message in flight, unacked.
@@ -112,7 +90,7 @@ async def test_sigterm_finishes_commits_and_requeues_in_flight(tmp_path: Path) -
     assert in_flight in stored
 
     # The message that was in flight comes back after the restart.
-    process = await start(data, grpc_port, http_port)
+    process = await start_serve(data, grpc_port, http_port, "--ack-deadline-ms", "60000")
     receiver = EnSyncEngine(f"grpc://127.0.0.1:{grpc_port}")
     try:
         client = await receiver.create_client(bob["app_key"], app_secret_key=bob["secret_key"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tests.support.timing import seconds
 
-__all__ = ["Serving", "ensync", "free_port", "serve", "wait_listening"]
+__all__ = ["Serving", "ensync", "free_port", "serve", "start_serve", "wait_listening"]
 
 
 def free_port() -> int:
@@ -60,11 +60,10 @@ class Serving:
         return f"grpc://127.0.0.1:{self.grpc_port}"
 
 
-@contextlib.asynccontextmanager
-async def serve(tmp_path: Path) -> AsyncIterator[Serving]:
-    """``ensync serve`` on free loopback ports over ``tmp_path/data``."""
-    grpc_port, http_port = free_port(), free_port()
-    data = tmp_path / "data"
+async def start_serve(
+    data: Path, grpc_port: int, http_port: int, *options: str
+) -> asyncio.subprocess.Process:
+    """``ensync serve`` over ``data`` on the given loopback ports, listening."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -76,10 +75,27 @@ async def serve(tmp_path: Path) -> AsyncIterator[Serving]:
         f"127.0.0.1:{grpc_port}",
         "--http",
         f"127.0.0.1:{http_port}",
+        *options,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
         await wait_listening(grpc_port, process)
+        await wait_listening(http_port, process)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
+    return process
+
+
+@contextlib.asynccontextmanager
+async def serve(tmp_path: Path) -> AsyncIterator[Serving]:
+    """``ensync serve`` on free loopback ports over ``tmp_path/data``."""
+    grpc_port, http_port = free_port(), free_port()
+    data = tmp_path / "data"
+    process = await start_serve(data, grpc_port, http_port)
+    try:
         yield Serving(process, data, grpc_port)
     finally:
         if process.returncode is None:
