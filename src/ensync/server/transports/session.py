@@ -169,20 +169,24 @@ class SessionOutbox:
             frame.observing.append(self.observing.popleft())
             room -= 1
         budget = self.max_frame_bytes
-        room, budget = _fill(self.deliveries, frame.deliveries, room, budget)
-        _fill(self.observed_copies, frame.observed, room, budget)
+        room, budget = _fill(self.deliveries, frame.deliveries, room, budget, oversize=True)
+        # An oversized copy may only travel alone: never past the frame limit.
+        _fill(self.observed_copies, frame.observed, room, budget, oversize=not frame.deliveries)
         if self.observed_missed:
             frame.observed_missed, self.observed_missed = self.observed_missed, 0
         return frame
 
 
-def _fill(waiting: deque[Delivery], into: Any, room: int, budget: int) -> tuple[int, int]:
-    """Move deliveries into a frame while it has room (items and bytes; the
-    first always fits); what room and budget are left."""
+def _fill(
+    waiting: deque[Delivery], into: Any, room: int, budget: int, *, oversize: bool
+) -> tuple[int, int]:
+    """Move deliveries into a frame while it has room (items and bytes; with
+    ``oversize``, the first goes in even if larger than the budget, alone);
+    what room and budget are left."""
     while waiting and room:
         delivery = waiting[0]
         size = len(delivery.payload) + len(delivery.metadata) + len(delivery.name) + 128
-        if size > budget and len(into):
+        if size > budget and (len(into) or not oversize):
             return 0, budget  # the next frame takes it
         into.append(to_stream_response(waiting.popleft()))
         budget -= size
