@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ensync import EnSyncEngine, EnSyncError, EnSyncMessageError, Message
+from ensync.protocol.records import metadata_object, split_replay_info
 from ensync.websocket import EnSyncEngine as WsEngine
 
 __all__ = ["add_publish", "add_replay", "add_tail", "publish", "replay", "tail"]
@@ -198,7 +199,8 @@ def replay(args: argparse.Namespace) -> int:
                 "block": wire.message.block,
                 "sender": wire.message.sender,
                 "timestamp": wire.message.created_at_ms or None,
-                "metadata": json.loads(wire.message.metadata or "{}"),
+                # As a decrypted replay shows it: without the engine's replay fields.
+                "metadata": split_replay_info(metadata_object(wire.message.metadata))[0],
                 "envelope_bytes": len(wire.message.payload),
                 "was_acknowledged": wire.info.was_acknowledged if wire.info else False,
             }
