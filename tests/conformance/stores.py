@@ -25,6 +25,8 @@ from ensync.server.store import (
     SqliteStore,
     Store,
 )
+from ensync.server.store.jetstream import JetStreamStore
+from tests.support.nats import namespace_for, nats_url
 
 __all__ = [
     "BACKENDS",
@@ -71,6 +73,14 @@ BACKENDS = (
         persistent=True,
         group_commit=True,
         factory=lambda directory: SqliteStore(directory / "ensync.db"),
+    ),
+    Backend(
+        "jetstream",
+        persistent=True,
+        group_commit=True,
+        factory=lambda directory: JetStreamStore(
+            [nats_url()], namespace=namespace_for(directory), refresh_s=0.2
+        ),
     ),
 )
 

@@ -491,7 +491,10 @@ def test_open_store_takes_absolute_sqlite_paths(tmp_path: pathlib.Path) -> None:
 @pytest.mark.parametrize(
     ("url", "complaint"),
     [
-        ("nats://localhost:4222", "not supported yet"),
+        ("nats://", "is not nats://HOST:PORT"),
+        ("nats://a:4222,http://b:4222", "'http://b:4222' is not nats://HOST:PORT"),
+        ("nats://a:4222?shards=2", "unknown option 'shards'"),
+        ("nats://a:4222?replicas=2", "replicas must be 1, 3 or 5"),
         ("postgres://db/ensync", "unsupported store URL 'postgres://db/ensync'"),
         ("sqlite://host/x.db", "no host"),
         ("sqlite:///", "directory"),

