@@ -1,0 +1,102 @@
+"""Apps in JetStream: one record per app (``ns.app.a.<name>``) and a version
+subject every write expects, so concurrent writes from several nodes or
+``ensync app`` commands are serialized; reads are cached per version."""
+
+from __future__ import annotations
+
+from ..base import (
+    AppExistsError,
+    AppRecord,
+    StoreError,
+)
+from ._common import (
+    RETRIES,
+    Common,
+)
+from .api import ConflictError, Out
+from .records import (
+    app_from_json,
+    app_to_json,
+)
+
+__all__ = ["Apps"]
+
+
+class Apps(Common):
+    """The :class:`~ensync.server.store.base.AppStore` half of the backend."""
+
+    _apps: dict[str, AppRecord]
+    _apps_version: int
+
+    async def _read_apps(self, *, force: bool = False) -> dict[str, AppRecord]:
+        api = self._check_open()
+        version = await api.get_one(self.names.apps, {"last_by_subj": self.names.apps_version})
+        seq = version.seq if version is not None else 0
+        if force or seq != self._apps_version:
+            records = await self._read_all(self.names.apps, self.names.apps_all)
+            self._apps = {app.name: app for app in (app_from_json(got.json()) for got in records)}
+            self._apps_version = seq
+        return self._apps
+
+    async def _write_app(self, app: AppRecord, *, create: bool) -> None:
+        api = self._check_open()
+        for _ in range(RETRIES):
+            await self._read_apps(force=True)
+            old = self._apps.get(app.name)
+            if create and old is not None:
+                raise AppExistsError(f"an app named {app.name!r} already exists")
+            if not create and old is None:
+                raise LookupError(f"no app named {app.name!r}")
+            for other in self._apps.values():
+                if other.name == app.name:
+                    continue
+                if other.app_id == app.app_id:
+                    raise AppExistsError(
+                        f"app id {app.app_id!r} is already registered to {other.name!r}"
+                    )
+                if other.key_hash == app.key_hash:
+                    raise AppExistsError(f"that key hash is already registered to {other.name!r}")
+            current = await api.get_one(self.names.apps, {"last_by_subj": self.names.app(app.name)})
+            try:
+                await api.atomic(
+                    [
+                        Out(
+                            self.names.app(app.name),
+                            app_to_json(app),
+                            current.seq if current else 0,
+                        ),
+                        Out(self.names.apps_version, b"", max(self._apps_version, 0)),
+                    ]
+                )
+            except ConflictError:
+                continue
+            self._apps[app.name] = app
+            return
+        raise StoreError("apps kept changing while writing; try again")
+
+    async def create_app(self, app: AppRecord) -> None:
+        """Register ``app``; :class:`AppExistsError` on a duplicate name, id or key hash."""
+        await self._write_app(app, create=True)
+
+    async def update_app(self, app: AppRecord) -> None:
+        """Replace the app named ``app.name`` (``LookupError`` if none)."""
+        await self._write_app(app, create=False)
+
+    async def get_app_by_key_hash(self, key_hash: bytes) -> AppRecord | None:
+        """The app whose key hashes to ``key_hash`` (revoked apps included)."""
+        apps = await self._read_apps()
+        return next((a for a in apps.values() if a.key_hash == key_hash), None)
+
+    async def get_app(self, app_id: str) -> AppRecord | None:
+        """The app with this app id, or ``None``."""
+        apps = await self._read_apps()
+        return next((a for a in apps.values() if a.app_id == app_id), None)
+
+    async def get_app_by_name(self, name: str) -> AppRecord | None:
+        """The app with this name, or ``None``."""
+        return (await self._read_apps()).get(name)
+
+    async def list_apps(self) -> list[AppRecord]:
+        """Every registered app, ordered by name."""
+        apps = await self._read_apps()
+        return [apps[name] for name in sorted(apps)]
