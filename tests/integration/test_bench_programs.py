@@ -191,6 +191,25 @@ def test_compare_peer_reports_round_trip() -> None:
     assert bench_peers.SubscriberFigures.from_report(report).received == 3
 
 
+@pytest.mark.timeout(seconds(180))
+def test_bench_runs_the_engine_on_nats_jetstream() -> None:
+    figures, _ = bench("--store", "nats", "--messages", "1000", timeout_s=150)
+    assert figures["received"] == figures["messages"] == 1000
+    assert figures["end_to_end_rate"] > 0
+
+
+def test_bench_refuses_a_store_it_cannot_use() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "ensync.cli.main", "bench", "--store", "memory:"],
+        capture_output=True,
+        text=True,
+        timeout=seconds(60),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "--store 'memory:': use sqlite, nats, or nats://HOST:PORT" in result.stderr
+
+
 def test_bench_programs_refuse_bad_arguments() -> None:
     for args in (
         ["--backlog", "0"],
@@ -199,6 +218,7 @@ def test_bench_programs_refuse_bad_arguments() -> None:
         ["--compare", "jetstream", "--latency-messages", "0"],
         ["--compare", "jetstream", "--messages", "0"],
         ["--compare", "kafka"],
+        ["--store", "nats", "--soak", "1"],
     ):
         result = subprocess.run(
             [sys.executable, "-m", "ensync.cli.main", "bench", *args],

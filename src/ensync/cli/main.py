@@ -38,7 +38,21 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
         default=env("store", "sqlite:"),
-        help="store URL: sqlite: (DATA/ensync.db), sqlite:PATH or memory: (default: %(default)s)",
+        help="store URL: sqlite: (DATA/ensync.db), sqlite:PATH, memory:, or"
+        " nats://HOST:PORT[,nats://HOST:PORT...][?replicas=3] for engine nodes"
+        " sharing a NATS JetStream cluster (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--nats-creds",
+        default=env("nats_creds", "") or None,
+        metavar="FILE",
+        help="NATS credentials file (nats:// stores)",
+    )
+    parser.add_argument(
+        "--nats-tls-ca",
+        default=env("nats_tls_ca", "") or None,
+        metavar="FILE",
+        help="CA bundle that verifies the NATS servers (tls:// stores)",
     )
 
 

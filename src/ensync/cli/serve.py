@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ensync._version import __version__
+from ensync.cli.stores import store_options
 from ensync.server.config import EngineConfig, ServerConfig
 from ensync.server.serving import running_server
 from ensync.server.store.base import StoreError
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             http_address=args.http,
             metrics_address=args.metrics,
             store_url=args.store,
+            **store_options(args),
             engine=engine_config(args),
             tls_cert=Path(args.tls_cert) if args.tls_cert else None,
             tls_key=Path(args.tls_key) if args.tls_key else None,

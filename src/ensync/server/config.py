@@ -85,6 +85,9 @@ class ServerConfig:
     # (the metrics name every app; keep them off the port clients reach).
     metrics_address: str | None = None
     store_url: str = "sqlite:"
+    # For nats:// stores: a credentials file, a CA bundle for tls:// servers.
+    nats_creds: Path | None = None
+    nats_tls_ca: Path | None = None
     engine: EngineConfig = EngineConfig()
     # PEM files; when both are set, gRPC and WebSocket are served over TLS.
     tls_cert: Path | None = None

@@ -104,7 +104,12 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
         database = sqlite_file(config.store_url, config.data_dir)
         if database is not None:
             stack.enter_context(EngineLock(database))
-        store = open_store(config.store_url, config.data_dir)
+        store = open_store(
+            config.store_url,
+            config.data_dir,
+            nats_creds=config.nats_creds,
+            nats_tls_ca=config.nats_tls_ca,
+        )
         await store.open()
         stack.push_async_callback(store.close)
         if database is not None:

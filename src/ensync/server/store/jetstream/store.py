@@ -212,6 +212,17 @@ class JetStreamStore(Apps, Appends, Claims):
         self._parts.clear()
         self._where.clear()
 
+    async def drop(self) -> None:
+        """Delete this namespace's streams: every message, state and app in
+        it (benchmarks and tests clean up with it). The store stays open."""
+        api = self._check_open()
+        names = self.names
+        for stream in (names.messages, names.volatile, names.state, names.apps, names.counts):
+            with contextlib.suppress(RejectedError):
+                await api.request(f"$JS.API.STREAM.DELETE.{stream}")
+        self._parts.clear()
+        self._where.clear()
+
     async def _ensure_streams(self) -> None:
         names = self.names
         ns = names.ns

@@ -1,0 +1,97 @@
+"""Engine nodes over one NATS JetStream store (``--store nats://...``): apps
+managed from the command line reach every node, a message published on one
+node is delivered on another, and a node's death loses nothing confirmed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from ensync import EnSyncEngine, Message
+from ensync.testing.process import EngineProcess, running_engine
+from tests.support.cli import ensync
+from tests.support.nats import namespace_for, nats_url
+from tests.support.timing import eventually
+
+__all__: list[str] = []
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def store(tmp_path: pathlib.Path) -> str:
+    return f"{nats_url()}?namespace={namespace_for(tmp_path)}"
+
+
+def create_app(store: str, name: str, tmp_path: pathlib.Path) -> dict[str, Any]:
+    done = ensync(
+        "app", "create", name, "--json", "--store", store, "--data", str(tmp_path / "cli")
+    )
+    assert done.returncode == 0, done.stderr
+    created: dict[str, Any] = json.loads(done.stdout)
+    return created
+
+
+@contextlib.asynccontextmanager
+async def nodes(
+    store: str, tmp_path: pathlib.Path, count: int
+) -> AsyncIterator[list[EngineProcess]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(
+                running_engine(tmp_path / f"node-{i}", extra_args=["--store", store])
+            )
+            for i in range(count)
+        ]
+
+
+async def test_a_message_published_on_one_node_is_delivered_on_another(
+    store: str, tmp_path: pathlib.Path
+) -> None:
+    shop = create_app(store, "shop", tmp_path)
+    warehouse = create_app(store, "warehouse", tmp_path)
+    async with nodes(store, tmp_path, 2) as (a, b):
+        publisher_engine = EnSyncEngine(a.grpc_url)
+        publisher = await publisher_engine.create_client(shop["app_key"])
+        consumer_engine = EnSyncEngine(b.grpc_url)
+        consumer = await consumer_engine.create_client(
+            warehouse["app_key"], app_secret_key=warehouse["secret_key"]
+        )
+        got: list[Message] = []
+        subscription = await consumer.subscribe("orders/created")
+        subscription.on(got.append)
+        sent = [
+            await publisher.publish("orders/created", [warehouse["app_id"]], {"i": i})
+            for i in range(20)
+        ]
+        await eventually(lambda: len(got) == 20, what="20 deliveries on the other node")
+        assert [m.idem for m in got] == sent
+        assert [m.payload for m in got] == [{"i": i} for i in range(20)]
+        # An app created now, beside the running nodes, can connect to either.
+        late = create_app(store, "late", tmp_path)
+        late_engine = EnSyncEngine(b.grpc_url)
+        await late_engine.create_client(late["app_key"])
+        await late_engine.close()
+        listing = ensync("app", "list", "--json", "--store", store, "--data", str(tmp_path / "cli"))
+        assert sorted(app["name"] for app in json.loads(listing.stdout)) == [
+            "late",
+            "shop",
+            "warehouse",
+        ]
+        await publisher_engine.close()
+        await consumer_engine.close()
+        assert a.log_problems() == []
+        assert b.log_problems() == []
+
+
+def test_a_bad_store_url_is_refused_before_connecting(tmp_path: pathlib.Path) -> None:
+    done = ensync(
+        "app", "list", "--store", "nats://127.0.0.1:1?replicas=2", "--data", str(tmp_path)
+    )
+    assert done.returncode == 2
+    assert "replicas must be 1, 3 or 5" in done.stderr
