@@ -11,9 +11,12 @@ For example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ensync.client.engine import BaseEngine
 from ensync.client.transport import ClientTransport
 from ensync.client.ws_transport import WebSocketClientTransport
+from ensync.protocol.urls import EngineUrl
 
 __all__ = ["EnSyncEngine"]
 
@@ -23,7 +26,8 @@ class EnSyncEngine(BaseEngine):
 
     Args:
         url: ``ws://host:port`` or ``wss://host:port`` (the ``/message``
-            path is added when the URL has none).
+            path is added when the URL has none), or a list of them (as
+            for `ensync.EnSyncEngine`).
         ping_interval: ms between keep-alive pings (default 30 000).
         reconnect_interval: base delay of the reconnect backoff, ms.
         max_reconnect_attempts: give up after this many (0: never).
@@ -37,7 +41,7 @@ class EnSyncEngine(BaseEngine):
 
     def __init__(
         self,
-        url: str = "ws://localhost:8080",
+        url: str | Sequence[str] = "ws://localhost:8080",
         *,
         ping_interval: int = 30_000,
         reconnect_interval: int = 5_000,
@@ -58,9 +62,9 @@ class EnSyncEngine(BaseEngine):
             sender_key_reuse_ms=sender_key_reuse_ms,
         )
 
-    def _make_transport(self) -> ClientTransport:
+    def _make_transport(self, url: EngineUrl) -> ClientTransport:
         return WebSocketClientTransport(
-            self.url,
+            url,
             call_timeout_s=self._call_timeout_s,
             root_certificates=self._root_certificates,
         )

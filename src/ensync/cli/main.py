@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--json", action="store_true", help="print one JSON object")
     keygen.set_defaults(run=apps.keygen)
 
-    from ensync.cli import bench
+    from ensync.cli import bench, dev_cluster
 
     bench.add_parser(commands)
+    dev_cluster.add_parser(commands)
     return parser
 
 

@@ -1,10 +1,12 @@
 """The connection component: heartbeats, reconnection, subscription replay.
 
 It owns the current transport. The first connect fails fast (bad key, no
-engine: the caller gets the error). After that, a lost link is healed in
-the background: capped exponential backoff with jitter, a new connect (the
-engine issues a new client id), every recorded subscription opened again and
-its pause state restored, then a ``reconnect`` event. A subscription the
+engine: the caller gets the error), after trying each engine URL once.
+After that, a lost link is healed in the background: a pass over the
+other URLs first (engine nodes sharing a store), then capped exponential
+backoff with jitter between passes; a new connect (the engine issues a new
+client id), every recorded subscription opened again and its pause state
+restored, then a ``reconnect`` event. A subscription the
 engine refuses during that replay is reported as an ``error`` event and the
 connection is marked failed: never silently skipped.
 """
@@ -15,7 +17,7 @@ import asyncio
 import enum
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ensync import errors
@@ -60,14 +62,19 @@ class Connection:
 
     def __init__(
         self,
-        factory: Callable[[], ClientTransport],
+        factories: Sequence[Callable[[], ClientTransport]],
         app_key: str,
         options: ConnectionOptions,
         events: EventEmitter,
         *,
         log_level: int = logging.DEBUG,
+        home: int = 0,
     ) -> None:
-        self._factory = factory
+        if not factories:
+            raise ValueError("a connection needs at least one engine to connect to")
+        # One transport factory per engine URL; ``_current`` is the one in use.
+        self._factories = list(factories)
+        self._current = home % len(self._factories)
         self._app_key = app_key
         self._options = options
         self._events = events
@@ -115,13 +122,24 @@ class Connection:
         self._failed_listeners.append(listener)
 
     async def open(self) -> None:
-        """Connect for the first time; errors propagate to the caller."""
-        transport = self._factory()
-        try:
-            info = await transport.connect(self._app_key)
-        except BaseException:
-            await transport.close()
-            raise
+        """Connect for the first time, trying each engine URL once; the last
+        error propagates to the caller (a refused key at once)."""
+        count = len(self._factories)
+        for step in range(count):
+            index = (self._current + step) % count
+            transport = self._factories[index]()
+            try:
+                info = await transport.connect(self._app_key)
+            except errors.EnSyncConnectionError:
+                await transport.close()
+                if step == count - 1:
+                    raise
+                continue
+            except BaseException:
+                await transport.close()
+                raise
+            self._current = index
+            break
         self.client_hash = info.client_hash
         self.ack_deadline_ms = info.ack_deadline_ms
         self.max_payload_bytes = info.max_payload_bytes
@@ -221,6 +239,7 @@ class Connection:
         if old is not None:
             await old.close()
         opts = self._options
+        count = len(self._factories)
         attempt = 0
         while self._state is ConnectionState.RECONNECTING:
             attempt += 1
@@ -231,11 +250,20 @@ class Connection:
                     )
                 )
                 return
-            delay = backoff_delay_s(
-                attempt, opts.reconnect_interval_ms, opts.max_reconnect_delay_ms, random.random()
-            )
+            # With several engine nodes, the first attempts go to the others
+            # at once (a moment of jitter apart); then the backoff applies.
+            self._current = (self._current + 1) % count
+            if attempt < count:
+                delay = random.uniform(0, 0.25)
+            else:
+                delay = backoff_delay_s(
+                    attempt - count + 1,
+                    opts.reconnect_interval_ms,
+                    opts.max_reconnect_delay_ms,
+                    random.random(),
+                )
             await asyncio.sleep(delay)
-            transport = self._factory()
+            transport = self._factories[self._current]()
             try:
                 info = await transport.connect(self._app_key)
                 await self._replay_subscriptions(transport)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ensync import errors
@@ -51,7 +52,7 @@ class BaseEngine(ABC):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         reconnect_interval: int = 5_000,
         max_reconnect_attempts: int = 5,
@@ -61,10 +62,20 @@ class BaseEngine(ABC):
         ca_file: str | None = None,
         sender_key_reuse_ms: int = 0,
     ) -> None:
+        given = [url] if isinstance(url, str) else list(url)
+        if not given:
+            raise errors.EnSyncValidationError("give at least one engine URL")
         try:
-            self.url: EngineUrl = parse_engine_url(url, transport=self._transport_kind)  # type: ignore[arg-type]
-        except ValueError as exc:
+            self.urls: list[EngineUrl] = [
+                parse_engine_url(one, transport=self._transport_kind)  # type: ignore[arg-type]
+                for one in given
+            ]
+        except (ValueError, TypeError) as exc:
             raise errors.EnSyncValidationError(str(exc)) from None
+        # The first URL; the others are where clients go when it fails.
+        self.url: EngineUrl = self.urls[0]
+        # Clients start on the URLs in turn, so they spread over the nodes.
+        self._next_home = 0
         self._options = ConnectionOptions(
             heartbeat_interval_ms=_positive_ms("heartbeat interval", keepalive_interval),
             reconnect_interval_ms=_positive_ms("reconnect_interval", reconnect_interval),
@@ -98,8 +109,8 @@ class BaseEngine(ABC):
         self._closed = False
 
     @abstractmethod
-    def _make_transport(self) -> ClientTransport:
-        """A fresh, unconnected transport to ``self.url``."""
+    def _make_transport(self, url: EngineUrl) -> ClientTransport:
+        """A fresh, unconnected transport to ``url``."""
 
     def on(self, event: EventName, callback: Callable[..., Any]) -> Callable[[], None]:
         """Listen to ``"disconnect"`` (cause), ``"reconnect"`` (attempt) or
@@ -131,8 +142,15 @@ class BaseEngine(ABC):
         if not isinstance(app_key, str) or not app_key:
             raise errors.EnSyncValidationError("app_key must be a non-empty string")
         secret = opening_key(app_secret_key) if app_secret_key is not None else None
+        home = self._next_home
+        self._next_home = (home + 1) % len(self.urls)
         connection = Connection(
-            self._make_transport, app_key, self._options, self._events, log_level=self._log_level
+            [functools.partial(self._make_transport, url) for url in self.urls],
+            app_key,
+            self._options,
+            self._events,
+            log_level=self._log_level,
+            home=home,
         )
         await connection.open()
         client = EnSyncClient(self, connection, secret)
@@ -156,7 +174,9 @@ class EnSyncEngine(BaseEngine):
 
     Args:
         url: ``grpc://host:port``, ``grpcs://host:port``, or a bare host
-            (``localhost`` → plaintext :50051, others → TLS :443).
+            (``localhost`` → plaintext :50051, others → TLS :443); or a
+            list of them, engine nodes sharing one store: clients start on
+            them in turn and, when theirs fails, reconnect to the others.
         heartbeat_interval: ms between heartbeats (default 30 000).
         reconnect_interval: base delay of the reconnect backoff, ms.
         max_reconnect_attempts: give up after this many (0: never).
@@ -177,7 +197,7 @@ class EnSyncEngine(BaseEngine):
 
     def __init__(
         self,
-        url: str = "grpc://localhost:50051",
+        url: str | Sequence[str] = "grpc://localhost:50051",
         *,
         heartbeat_interval: int = 30_000,
         reconnect_interval: int = 5_000,
@@ -198,9 +218,9 @@ class EnSyncEngine(BaseEngine):
             sender_key_reuse_ms=sender_key_reuse_ms,
         )
 
-    def _make_transport(self) -> ClientTransport:
+    def _make_transport(self, url: EngineUrl) -> ClientTransport:
         return GrpcClientTransport(
-            self.url,
+            url,
             call_timeout_s=self._call_timeout_s,
             root_certificates=self._root_certificates,
         )

@@ -137,12 +137,16 @@ class JetStreamApi:
 
     # --- plain requests --------------------------------------------------------
 
-    async def request(self, subject: str, body: Mapping[str, Any] | None = None) -> Any:
+    async def request(
+        self, subject: str, body: Mapping[str, Any] | None = None, *, timeout_s: float | None = None
+    ) -> Any:
         """A JetStream API request; its JSON answer. API errors raise
         :class:`RejectedError` (with the JetStream error code)."""
         payload = orjson.dumps(body) if body is not None else b""
         try:
-            reply = await self._nc.request(subject, payload, timeout=self._timeout_s)
+            reply = await self._nc.request(
+                subject, payload, timeout=timeout_s if timeout_s is not None else self._timeout_s
+            )
         except Exception as exc:  # nats raises its own hierarchy; all mean "not done"
             raise StoreError(f"NATS request {subject} failed: {exc!r}") from exc
         answer = orjson.loads(reply.data) if reply.data else {}
@@ -150,6 +154,25 @@ class JetStreamApi:
         if error:
             raise RejectedError(int(error.get("err_code", 0)), str(error.get("description")))
         return answer
+
+    async def ready(self, within_s: float) -> None:
+        """Wait until JetStream answers (a new cluster elects its leader first).
+
+        Raises:
+            StoreError: it did not answer within ``within_s``; says why.
+        """
+        deadline = asyncio.get_running_loop().time() + within_s
+        while True:
+            try:
+                await self.request("$JS.API.INFO", timeout_s=2.0)
+                return
+            except StoreError as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise StoreError(
+                        f"JetStream did not answer within {within_s:.0f} s (is it enabled on"
+                        f" the NATS servers, and do they form a quorum?): {exc}"
+                    ) from exc
+                await asyncio.sleep(0.25)
 
     # --- reads -----------------------------------------------------------------
 

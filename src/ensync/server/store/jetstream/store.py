@@ -224,6 +224,7 @@ class JetStreamStore(Apps, Appends, Claims):
         self._where.clear()
 
     async def _ensure_streams(self) -> None:
+        await self._check_api().ready(within_s=60.0)
         names = self.names
         ns = names.ns
         common = {"num_replicas": self._replicas, "allow_direct": True}
