@@ -15,6 +15,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from ensync.server.core.apps import NewApp
 from ensync.server.store.base import MessageState, StoredMessage
 from ensync.testing import TestServer, run_engine
 from tests.interop.official_grpc import ROOT, Subscribe, official_grpc_client
+from tests.support.nats import jetstream_store
 from tests.support.timing import eventually, seconds
 
 pytestmark = pytest.mark.interop
@@ -74,9 +76,11 @@ class Setup:
         return seen[0]
 
 
-@pytest.fixture
-async def setup() -> AsyncIterator[Setup]:
-    async with run_engine(ack_deadline_ms=ACK_DEADLINE_MS) as server:
+@pytest.fixture(params=["memory", "jetstream"])
+async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Setup]:
+    # Every official-client test runs on one engine and on a node over NATS JetStream.
+    store = "memory:" if request.param == "memory" else jetstream_store(tmp_path)
+    async with run_engine(store, ack_deadline_ms=ACK_DEADLINE_MS) as server:
         state = Setup(
             server,
             await server.create_app("alice"),

@@ -26,6 +26,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -45,6 +46,7 @@ from tests.interop.official_ws import (
     WsSubscribe,
     official_ws_client,
 )
+from tests.support.nats import jetstream_store
 from tests.support.timing import eventually, seconds
 
 pytestmark = pytest.mark.interop
@@ -137,9 +139,11 @@ async def elsewhere_control(setup: Setup) -> None:
 
 
 @contextlib.asynccontextmanager
-async def engine_with_apps(ack_deadline_ms: int = ACK_DEADLINE_MS) -> AsyncIterator[Setup]:
+async def engine_with_apps(
+    ack_deadline_ms: int = ACK_DEADLINE_MS, store: str = "memory:"
+) -> AsyncIterator[Setup]:
     """An engine with apps alice, bob and carol; closes our clients at the end."""
-    async with run_engine(ack_deadline_ms=ack_deadline_ms) as server:
+    async with run_engine(store, ack_deadline_ms=ack_deadline_ms) as server:
         state = Setup(
             server,
             await server.create_app("alice"),
@@ -153,9 +157,11 @@ async def engine_with_apps(ack_deadline_ms: int = ACK_DEADLINE_MS) -> AsyncItera
                 await engine.close()
 
 
-@pytest.fixture
-async def setup() -> AsyncIterator[Setup]:
-    async with engine_with_apps() as state:
+@pytest.fixture(params=["memory", "jetstream"])
+async def setup(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Setup]:
+    # Every official-client test runs on one engine and on a node over NATS JetStream.
+    store = "memory:" if request.param == "memory" else jetstream_store(tmp_path)
+    async with engine_with_apps(store=store) as state:
         yield state
 
 

@@ -13,7 +13,7 @@ import sysconfig
 import tempfile
 import time
 
-__all__ = ["namespace_for", "nats_url"]
+__all__ = ["jetstream_store", "namespace_for", "nats_url"]
 
 _server: tuple[subprocess.Popen[bytes], str] | None = None
 
@@ -69,3 +69,8 @@ def namespace_for(place: pathlib.Path) -> str:
     """A namespace of its own for each directory (stores built in one
     directory share it, as two sqlite stores share a file)."""
     return "t" + hashlib.sha1(str(place).encode()).hexdigest()[:12]
+
+
+def jetstream_store(place: pathlib.Path) -> str:
+    """A store URL on the session's JetStream server, in a namespace of its own."""
+    return f"{nats_url()}?namespace={namespace_for(place)}"
