@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import pathlib
 from collections.abc import AsyncIterator
 
@@ -195,3 +196,14 @@ def test_store_urls_name_servers_and_options(tmp_path: pathlib.Path) -> None:
     assert store.names.messages == "PROD_MESSAGES"
     assert store._servers == ["nats://a:4222", "tls://b:4222"]
     assert store._replicas == 3
+
+
+def test_a_nats_store_without_nats_py_says_what_to_install(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nats" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"pip install 'ensync\[cluster\]'"):
+        open_store("nats://127.0.0.1:4222", tmp_path)

@@ -7,16 +7,20 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from ensync import EnSyncEngine, Message
+from ensync.cli.nats_server import nats_server_binary
 from ensync.testing.process import EngineProcess, running_engine
-from tests.support.cli import ensync
+from tests.support.cli import ensync, free_port
 from tests.support.nats import namespace_for, nats_url
-from tests.support.timing import eventually
+from tests.support.timing import eventually, seconds
 
 __all__: list[str] = []
 
@@ -95,3 +99,46 @@ def test_a_bad_store_url_is_refused_before_connecting(tmp_path: pathlib.Path) ->
     )
     assert done.returncode == 2
     assert "replicas must be 1, 3 or 5" in done.stderr
+
+
+def test_a_nats_that_would_refuse_large_messages_is_named_at_start(
+    tmp_path: pathlib.Path,
+) -> None:
+    # A NATS server in its default configuration takes messages up to 1 MB;
+    # a 1 MB payload makes a ~2 MB record.
+    port = free_port()
+    with (tmp_path / "plain.log").open("wb") as log:
+        plain = subprocess.Popen(
+            [nats_server_binary(), "-js", "-sd", str(tmp_path / "js"), "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + seconds(30)
+        while not _listening(port):
+            assert time.monotonic() < deadline, "nats-server did not listen"
+            time.sleep(0.05)
+        done = ensync(
+            "serve",
+            "--store",
+            f"nats://127.0.0.1:{port}",
+            "--data",
+            str(tmp_path / "node"),
+            "--grpc",
+            f"127.0.0.1:{free_port()}",
+            "--http",
+            f"127.0.0.1:{free_port()}",
+        )
+        assert done.returncode == 1
+        assert "set max_payload to at least 3MB" in done.stderr
+    finally:
+        plain.terminate()
+        plain.wait(10)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True

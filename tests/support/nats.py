@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import pathlib
 import shutil
 import socket
@@ -36,11 +37,15 @@ def nats_url() -> str:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # As `ensync dev-cluster` configures it: room for the largest envelope.
+    config = root / "nats.conf"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nmax_payload: 8MB\n"
+        f"jetstream {{\n  store_dir: {json.dumps(str(root / 'js'))}\n}}\n"
+    )
     with (root / "nats.log").open("wb") as log:
         process = subprocess.Popen(
-            [_binary(), "-js", "-sd", str(root / "js"), "-a", "127.0.0.1", "-p", str(port)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            [_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
         )
     deadline = time.monotonic() + 30
     while True:

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 import grpc
 
-from ensync.server.config import ServerConfig
+from ensync.server.config import EngineConfig, ServerConfig
+from ensync.server.core.validation import largest_request
 from ensync.server.datadir import EngineLock, loose_permissions
 from ensync.server.runtime.engine import Engine
 from ensync.server.store import open_store, sqlite_file
 from ensync.server.store.base import Store
+from ensync.server.store.jetstream import JetStreamStore
 from ensync.server.transports.grpc import GrpcTransport
 from ensync.server.transports.http import HttpListener
 
@@ -110,8 +112,13 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
             nats_creds=config.nats_creds,
             nats_tls_ca=config.nats_tls_ca,
         )
+        if isinstance(store, JetStreamStore):
+            # The data directory holds only this node's own files: one node each.
+            stack.enter_context(EngineLock(config.data_dir / "node"))
         await store.open()
         stack.push_async_callback(store.close)
+        if isinstance(store, JetStreamStore):
+            _check_message_room(store, config.engine)
         if database is not None:
             for loose in loose_permissions(database):
                 log.warning("%s: other users can read it (chmod go= to fix)", loose)
@@ -178,3 +185,19 @@ async def _serving(
             *([metrics_listener.stop()] if metrics_listener is not None else []),
         )
         await engine.stop()
+
+
+def _check_message_room(store: JetStreamStore, engine: EngineConfig) -> None:
+    """Refuse to serve when NATS would refuse the largest message the engine accepts."""
+    # A stored record is the envelope, the metadata as a JSON string (escaping
+    # may double it) and a few fields.
+    needed = largest_request(engine.max_payload_bytes, engine.max_metadata_bytes)
+    needed += engine.max_metadata_bytes
+    if store.max_message_bytes < needed:
+        raise ValueError(
+            f"the NATS servers take messages of up to {store.max_message_bytes:,} bytes"
+            f" (max_payload), but with --max-payload-bytes {engine.max_payload_bytes} the"
+            f" engine stores records of up to {needed:,}: set max_payload to at least"
+            f" {-(-needed // 1_048_576)}MB in the NATS servers' configuration, or lower"
+            " --max-payload-bytes"
+        )

@@ -212,6 +212,13 @@ class JetStreamStore(Apps, Appends, Claims):
         self._parts.clear()
         self._where.clear()
 
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message the NATS servers accept (their ``max_payload``)."""
+        if self._nc is None:
+            raise StoreError("the JetStream store is not open")
+        return int(self._nc.max_payload)
+
     async def drop(self) -> None:
         """Delete this namespace's streams: every message, state and app in
         it (benchmarks and tests clean up with it). The store stays open."""
