@@ -10,7 +10,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ensync.server.store import MessageState, Release, Settlement, StoreError, open_store
+from ensync.server.store import (
+    MemoryStore,
+    MessageState,
+    Release,
+    Settlement,
+    StoreError,
+    open_store,
+)
+from ensync.server.store.base import SessionRecord, SessionRegistry
 from ensync.server.store.jetstream import JetStreamStore
 from tests.conformance.stores import NAME, POLICY, RECIPIENT, T0, app, append, claim, idems, new
 from tests.support.nats import namespace_for, nats_url
@@ -207,3 +215,15 @@ def test_a_nats_store_without_nats_py_says_what_to_install(
     )
     with pytest.raises(ValueError, match=r"pip install 'ensync\[cluster\]'"):
         open_store("nats://127.0.0.1:4222", tmp_path)
+
+
+async def test_sessions_registered_on_one_node_are_found_on_the_other(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    a, b = nodes
+    record = SessionRecord("id-of-alice", b"key-hash", "client-hash", T0)
+    await a.register_session("client-1", record, ttl_ms=60_000)
+    assert await b.find_session("client-1") == record
+    assert await b.find_session("client-2") is None
+    assert isinstance(a, SessionRegistry)
+    assert not isinstance(MemoryStore(), SessionRegistry)  # one node: nothing to share

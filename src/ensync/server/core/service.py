@@ -49,6 +49,8 @@ from ensync.server.store.base import (
     MessageState,
     NewMessage,
     Release,
+    SessionRecord,
+    SessionRegistry,
     Settlement,
     Store,
     StoredMessage,
@@ -61,6 +63,9 @@ log = logging.getLogger("ensync.server.core")
 
 _IDEM = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_REASON = 1024
+# A client id no node registered is not looked up again for this long.
+_UNKNOWN_ID_MS = 5_000
+_UNKNOWN_IDS_KEPT = 10_000
 
 
 def storage_failed(exc: StoreError) -> ServiceError:
@@ -102,6 +107,8 @@ class Service:
         self.policy = DeliveryPolicy()
         self._limiter = RateLimiter(config.rate_limit_per_app)
         self._refusals = RefusalLog(log, clock.now_ms)
+        # Client ids found in no registry lately, with when to ask again.
+        self._unknown_ids: dict[str, int] = {}
         self.configure(config)
 
     def configure(self, config: EngineConfig) -> None:
@@ -144,7 +151,76 @@ class Service:
         self.dispatcher.add_session(session, now)
         self.stats.connects += 1
         log.info("client %s of app %s connected", client_tag(session.client_id), app.name)
+        await self.register_sessions([session])
         return SessionInfo(session.client_id, session.client_hash, app.app_id, app.name)
+
+    def registry_ttl_ms(self) -> int:
+        """How long a registered session stays valid on other nodes unless renewed."""
+        return max(60_000, 2 * self.config.session_timeout_ms)
+
+    async def register_sessions(self, sessions: Sequence[Session]) -> None:
+        """Let every node take these sessions over (a store shared by several
+        nodes); the runtime renews the active ones well within the TTL."""
+        if not isinstance(self.store, SessionRegistry):
+            return
+        ttl_ms = self.registry_ttl_ms()
+        for session in sessions:
+            record = SessionRecord(
+                session.app.app_id,
+                session.app.key_hash,
+                session.client_hash,
+                session.connected_at_ms,
+            )
+            try:
+                await self.store.register_session(session.client_id, record, ttl_ms)
+            except StoreError as exc:
+                # It works here; only another node could not take it over.
+                log.warning(
+                    "client %s: could not register the session for other nodes: %s",
+                    client_tag(session.client_id),
+                    exc,
+                )
+
+    async def adopt(self, client_id: str, router: SessionRouter) -> bool:
+        """Take over a session another engine node opened (the client was moved
+        here by a load balancer): ``True`` if ``client_id`` is now a session of
+        this engine, routed through ``router``.
+
+        Only with a store shared by several nodes (a `SessionRegistry`), for
+        an app that is still registered under the same key.
+        """
+        if client_id in self.dispatcher.sessions:
+            return True
+        if not isinstance(self.store, SessionRegistry) or not client_id:
+            return False
+        now = self.clock.now_ms()
+        if self._unknown_ids.get(client_id, 0) > now:
+            return False  # asked lately: a bogus id must not cost a lookup per call
+        try:
+            record = await self.store.find_session(client_id)
+            app = await self.apps.active_app(record.app_id) if record is not None else None
+        except StoreError as exc:
+            log.warning("could not look up client %s: %s", client_tag(client_id), exc)
+            return False
+        if record is None or app is None or app.key_hash != record.key_hash:
+            if len(self._unknown_ids) >= _UNKNOWN_IDS_KEPT:
+                self._unknown_ids.clear()
+            self._unknown_ids[client_id] = now + _UNKNOWN_ID_MS
+            return False
+        if client_id in self.dispatcher.sessions:  # adopted meanwhile
+            return True
+        session = Session(
+            client_id=client_id,
+            client_hash=record.client_hash,
+            app=app,
+            router=router,
+            connected_at_ms=record.connected_at_ms,
+            last_seen_ms=now,
+        )
+        self.dispatcher.add_session(session, now)
+        self.stats.connects += 1
+        log.info("client %s of app %s moved here", client_tag(client_id), app.name)
+        return True
 
     def heartbeat(self, client_id: str) -> bool:
         """Keep a session alive; ``False`` if the client id is unknown."""

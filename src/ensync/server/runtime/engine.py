@@ -36,7 +36,7 @@ from ensync.server.core.observers import Observers, ObserverSink
 from ensync.server.core.service import Service, storage_failed
 from ensync.server.core.sessions import Session
 from ensync.server.runtime.clock import Cancellable, Timer, WallClock
-from ensync.server.store.base import NewMessage, Release, Store, StoreError
+from ensync.server.store.base import NewMessage, Release, SessionRegistry, Store, StoreError
 
 __all__ = ["Engine"]
 
@@ -122,6 +122,8 @@ class Engine:
         self._unwatch = self.store.watch(self._on_ready)
         self._spawn(self._refresh_apps_forever(), "ensync-apps")
         self._spawn(self._prune_forever(), "ensync-prune")
+        if isinstance(self.store, SessionRegistry):
+            self._spawn(self._renew_sessions_forever(), "ensync-sessions")
 
     async def stop(self) -> None:
         """End every session (their messages go back), then cancel and await
@@ -205,6 +207,14 @@ class Engine:
     def heartbeat(self, client_id: str) -> bool:
         """Keep a session alive; ``False`` if the client id is unknown."""
         return self._service.heartbeat(client_id)
+
+    async def adopt(self, client_id: str, router: SessionRouter) -> bool:
+        """Take over a session another node opened (store shared by several
+        nodes); ``True`` if ``client_id`` is a session here now."""
+        adopted = await self._service.adopt(client_id, router)
+        if adopted:
+            self._kick()
+        return adopted
 
     def disconnect(self, client_id: str) -> None:
         """The client is gone: drop its session and requeue what it held."""
@@ -518,6 +528,14 @@ class Engine:
             log.info("%d redriven dead letters will be delivered again", redriven)
         self._service.apps_changed(apps)
         self._kick()
+
+    async def _renew_sessions_forever(self) -> None:
+        # Sessions other nodes may take over stay registered while they live
+        # here (the session sweep ends silent ones): renewed well within
+        # their time to live.
+        while True:
+            await asyncio.sleep(self._service.registry_ttl_ms() / 3000)
+            await self._service.register_sessions(list(self._dispatcher.sessions.values()))
 
     async def _prune_forever(self) -> None:
         delay_s = min(_PRUNE_EVERY_S, max(0.05, self.config.session_timeout_ms / 3000))

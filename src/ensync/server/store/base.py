@@ -70,6 +70,8 @@ __all__ = [
     "ReadyListener",
     "Release",
     "Released",
+    "SessionRecord",
+    "SessionRegistry",
     "Settlement",
     "Store",
     "StoreError",
@@ -281,6 +283,17 @@ class Settlement:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A client session as every engine node may take it over: whose it is,
+    under which app key (its hash), and its client hash."""
+
+    app_id: str
+    key_hash: bytes
+    client_hash: str
+    connected_at_ms: int
+
+
 ReadyListener = Callable[[str, str], None]
 """Told ``(recipient, name)`` when a partition may have messages to claim."""
 
@@ -387,6 +400,22 @@ class DeliveryState(Protocol):
         """Settle pending messages, ending any lease on them; ``False`` for each
         one that is unknown or no longer pending (settling is idempotent).
         ``state`` may not be PENDING (``ValueError``)."""
+
+
+@runtime_checkable
+class SessionRegistry(Protocol):
+    """Client ids every engine node knows (a store shared by several nodes).
+
+    The official gRPC clients connect once and send their client id with
+    every call; when a load balancer moves one to another node, that node
+    finds the session here and takes it over.
+    """
+
+    async def register_session(self, client_id: str, record: SessionRecord, ttl_ms: int) -> None:
+        """Remember a session for ``ttl_ms`` (registering it again renews it)."""
+
+    async def find_session(self, client_id: str) -> SessionRecord | None:
+        """The session registered with this client id, or ``None``."""
 
 
 @runtime_checkable

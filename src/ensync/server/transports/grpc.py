@@ -343,7 +343,7 @@ class GrpcTransport:
         ) -> _Resp:
             if isinstance(request, _Undecodable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            client = self._clients.get(getattr(request, "client_id", ""))
+            client = await self._known(getattr(request, "client_id", ""), context)
             if client is not None and client.go:
                 self._go.saw_call(client.client_id)
             return await behaviour(request, context, event)
@@ -353,6 +353,19 @@ class GrpcTransport:
             request_deserializer=_decoder(request_type),
             response_serializer=lambda message: message.SerializeToString(),
         )
+
+    async def _known(
+        self, client_id: str, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> _Client | None:
+        """The client with this id; one another node connected is taken over
+        (a load balancer moved it here), if the store is shared."""
+        client = self._clients.get(client_id)
+        if client is not None or not client_id:
+            return client
+        client = _Client(client_id=client_id, user_agent=_user_agent(context))
+        if not await self._engine.adopt(client_id, client):
+            return None
+        return self._clients.setdefault(client_id, client)
 
     def _verb_handler(
         self, verb: _Verb
@@ -437,7 +450,7 @@ class GrpcTransport:
             if not reads_oldest_stream_only(user_agent):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             return
-        client = self._clients.get(request.client_id)
+        client = await self._known(request.client_id, context)
         try:
             if client is None or client.closed:
                 unknown = f"{UNKNOWN_SESSION}: connect first"

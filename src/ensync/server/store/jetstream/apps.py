@@ -1,23 +1,18 @@
 """Apps in JetStream: one record per app (``ns.app.a.<name>``) and a version
 subject every write expects, so concurrent writes from several nodes or
-``ensync app`` commands are serialized; reads are cached per version."""
+``ensync app`` commands are serialized; reads are cached per version.
+
+Client sessions every node may take over live beside them
+(``ns.app.s.<client id>``, expiring unless renewed)."""
 
 from __future__ import annotations
 
-from ..base import (
-    AppExistsError,
-    AppRecord,
-    StoreError,
-)
-from ._common import (
-    RETRIES,
-    Common,
-)
+import orjson
+
+from ..base import AppExistsError, AppRecord, SessionRecord, StoreError
+from ._common import RETRIES, Common
 from .api import ConflictError, Out
-from .records import (
-    app_from_json,
-    app_to_json,
-)
+from .records import app_from_json, app_to_json, is_gone
 
 __all__ = ["Apps"]
 
@@ -100,3 +95,30 @@ class Apps(Common):
         """Every registered app, ordered by name."""
         apps = await self._read_apps()
         return [apps[name] for name in sorted(apps)]
+
+    async def register_session(self, client_id: str, record: SessionRecord, ttl_ms: int) -> None:
+        """Remember a session for ``ttl_ms`` so that any node can take it over."""
+        api = self._check_open()
+        data = orjson.dumps(
+            {
+                "app_id": record.app_id,
+                "key_hash": record.key_hash.hex(),
+                "client_hash": record.client_hash,
+                "at": record.connected_at_ms,
+            }
+        )
+        ttl_s = max(1, -(-ttl_ms // 1000))
+        await api.atomic([Out(self.names.session(client_id), data, ttl_s=ttl_s)])
+
+    async def find_session(self, client_id: str) -> SessionRecord | None:
+        """The session registered with this client id, if any node made it."""
+        api = self._check_open()
+        got = await api.get_one(self.names.apps, {"last_by_subj": self.names.session(client_id)})
+        if got is None:
+            return None
+        record = got.json()
+        if is_gone(record):
+            return None
+        return SessionRecord(
+            record["app_id"], bytes.fromhex(record["key_hash"]), record["client_hash"], record["at"]
+        )

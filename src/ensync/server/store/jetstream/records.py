@@ -138,6 +138,9 @@ class Names:
     def apps_version(self) -> str:
         return f"{self.ns}.app.v"
 
+    def session(self, client_id: str) -> str:
+        return f"{self.ns}.app.s.{token(client_id)}"
+
     def count(self, recipient: str) -> str:
         return f"{self.ns}.n.{token(recipient)}"
 

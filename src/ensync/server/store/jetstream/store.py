@@ -264,6 +264,7 @@ class JetStreamStore(Apps, Appends, Claims):
                 "storage": "file",
                 "max_msgs_per_subject": 1,
                 "allow_atomic": True,
+                "allow_msg_ttl": True,  # client sessions expire
             },
             {
                 "name": names.counts,
