@@ -192,9 +192,10 @@ def test_compare_peer_reports_round_trip() -> None:
 
 
 @pytest.mark.timeout(seconds(180))
-def test_bench_runs_the_engine_on_nats_jetstream() -> None:
-    figures, _ = bench("--store", "nats", "--messages", "1000", timeout_s=150)
+def test_bench_runs_engine_nodes_on_nats_jetstream() -> None:
+    figures, _ = bench("--store", "nats", "--nodes", "2", "--messages", "1000", timeout_s=150)
     assert figures["received"] == figures["messages"] == 1000
+    assert (figures["store"], figures["nodes"]) == ("nats", 2)
     assert figures["end_to_end_rate"] > 0
 
 
@@ -207,7 +208,7 @@ def test_bench_refuses_a_store_it_cannot_use() -> None:
         check=False,
     )
     assert result.returncode == 1
-    assert "--store 'memory:': use sqlite, nats, or nats://HOST:PORT" in result.stderr
+    assert "--store 'memory:': use sqlite, nats, nats-cluster, or nats://" in result.stderr
 
 
 def test_bench_programs_refuse_bad_arguments() -> None:
@@ -219,6 +220,8 @@ def test_bench_programs_refuse_bad_arguments() -> None:
         ["--compare", "jetstream", "--messages", "0"],
         ["--compare", "kafka"],
         ["--store", "nats", "--soak", "1"],
+        ["--nodes", "2"],
+        ["--store", "nats", "--nodes", "0"],
     ):
         result = subprocess.run(
             [sys.executable, "-m", "ensync.cli.main", "bench", *args],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import sys
@@ -62,6 +63,8 @@ class BenchResult:
     """The figures one run produced."""
 
     transport: str
+    store: str
+    nodes: int
     messages: int
     received: int
     payload_bytes: int
@@ -112,8 +115,16 @@ def add_parser(commands: Any) -> None:
         default=None,
         metavar="URL",
         help="the engine's store: sqlite (the default), 'nats' (a NATS JetStream server"
-        " started for the run) or nats://HOST:PORT (yours; the bench uses a namespace"
-        " of its own and deletes it afterwards)",
+        " started for the run), 'nats-cluster' (three, replicating each other, fsyncing"
+        " every write, as ensync dev-cluster runs them) or nats://HOST:PORT (yours; the"
+        " bench uses a namespace of its own and deletes it afterwards)",
+    )
+    bench.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="engine nodes over a nats store: the publisher uses the first, the"
+        " subscriber the last (1)",
     )
     program = bench.add_mutually_exclusive_group()
     program.add_argument(
@@ -157,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     if args.store is not None and (args.backlog is not None or args.soak is not None):
         print("ensync bench: --store goes with the throughput program only", file=sys.stderr)
         return 2
+    if args.nodes < 1 or (args.nodes > 1 and not str(args.store).startswith("nats")):
+        print("ensync bench: --nodes above 1 needs a nats store (--store nats)", file=sys.stderr)
+        return 2
     if args.backlog is not None:
         return bench_backlog.run(args)
     if args.soak is not None:
@@ -181,20 +195,29 @@ async def _bench(args: argparse.Namespace) -> BenchResult:
                 data_dir, ["bench-publisher", "bench-subscriber"], store_url
             )
             extra = ["--store", store_url] if store_url is not None else []
-            async with running_engine(data_dir, extra_args=extra) as engine:
-                return await _drive(args, engine, publisher_app, subscriber_app)
+            async with contextlib.AsyncExitStack() as stack:
+                nodes = [
+                    await stack.enter_async_context(
+                        running_engine(data_dir / f"node-{index}", extra_args=extra)
+                    )
+                    for index in range(args.nodes)
+                ]
+                return await _drive(args, nodes, publisher_app, subscriber_app)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _drive(
-    args: argparse.Namespace, engine_process: EngineProcess, pub_app: NewApp, sub_app: NewApp
+    args: argparse.Namespace, nodes: list[EngineProcess], pub_app: NewApp, sub_app: NewApp
 ) -> BenchResult:
     total: int = args.messages
-    engine = client_engine(args.transport, engine_process.port(args.transport))
+    engine = client_engine(args.transport, nodes[0].port(args.transport))
+    other = (
+        client_engine(args.transport, nodes[-1].port(args.transport)) if len(nodes) > 1 else engine
+    )
     try:
         publisher = await engine.create_client(pub_app.app_key)
-        subscriber = await engine.create_client(sub_app.app_key, app_secret_key=sub_app.secret_key)
+        subscriber = await other.create_client(sub_app.app_key, app_secret_key=sub_app.secret_key)
         latencies_ns: list[int] = []
         sent_at: dict[int, int] = {}
         all_in = asyncio.Event()
@@ -229,7 +252,7 @@ async def _drive(
             payload = {"seq": seq, "sent": wall_clock_ms(), "data": filler}
             await publisher.publish("bench/messages", recipients, payload, metadata)
 
-        engine_cpu0 = engine_process.cpu_seconds()
+        engine_cpu0 = sum(node.cpu_seconds() for node in nodes)
         client_cpu0 = time.process_time()
         start = time.perf_counter()
         figures = await publish_load(
@@ -253,12 +276,14 @@ async def _drive(
         end = time.perf_counter()
         show(figures.published, force=True)
         progress.finish()
-        engine_cpu = engine_process.cpu_seconds() - engine_cpu0
+        engine_cpu = sum(node.cpu_seconds() for node in nodes) - engine_cpu0
         client_cpu = time.process_time() - client_cpu0
         duration = end - start
         ordered = sorted(latencies_ns)
         return BenchResult(
             transport=args.transport,
+            store=args.store or "sqlite",
+            nodes=len(nodes),
             messages=total,
             received=len(seen),
             payload_bytes=args.payload_bytes,
@@ -275,6 +300,8 @@ async def _drive(
         )
     finally:
         await close_quietly(engine)
+        if other is not engine:
+            await close_quietly(other)
 
 
 def _print_table(result: BenchResult, out: TextIO) -> None:
@@ -282,6 +309,10 @@ def _print_table(result: BenchResult, out: TextIO) -> None:
     print_rows(
         [
             ("transport", result.transport),
+            (
+                "store",
+                result.store + (f", {result.nodes} engine nodes" if result.nodes > 1 else ""),
+            ),
             ("messages", f"{result.received}/{result.messages} received"),
             ("payload", f"{result.payload_bytes} B JSON, persisted, encrypted, acked"),
             ("target rate", rate),

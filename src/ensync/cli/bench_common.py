@@ -456,17 +456,21 @@ async def bench_store(spec: str | None, root: Path) -> AsyncIterator[str | None]
         return
     from ensync.cli.nats_server import NatsError, nats_cluster
 
-    if spec == "nats":
+    if spec in ("nats", "nats-cluster"):
+        size = 1 if spec == "nats" else 3
         try:
-            async with nats_cluster(root / "nats") as (server,):
-                yield f"{server.url}?namespace=bench"
+            async with nats_cluster(
+                root / "nats", size=size, sync="default" if size == 1 else "always"
+            ) as servers:
+                urls = ",".join(server.url for server in servers)
+                yield f"{urls}?namespace=bench&replicas={size}"
         except NatsError as exc:
             raise BenchError(str(exc)) from exc
         return
     if not spec.startswith(("nats://", "tls://")) or "namespace=" in spec:
         raise BenchError(
-            f"--store {spec!r}: use sqlite, nats, or nats://HOST:PORT[,...] (without a"
-            " namespace: the bench makes its own)"
+            f"--store {spec!r}: use sqlite, nats, nats-cluster, or nats://HOST:PORT[,...]"
+            " (without a namespace: the bench makes its own)"
         )
     url = f"{spec}{'&' if '?' in spec else '?'}namespace=bench{secrets.token_hex(4)}"
     try:
