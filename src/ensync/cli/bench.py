@@ -198,7 +198,10 @@ async def _bench(args: argparse.Namespace) -> BenchResult:
             async with contextlib.AsyncExitStack() as stack:
                 nodes = [
                     await stack.enter_async_context(
-                        running_engine(data_dir / f"node-{index}", extra_args=extra)
+                        running_engine(
+                            data_dir if args.nodes == 1 else data_dir / f"node-{index}",
+                            extra_args=extra,
+                        )
                     )
                     for index in range(args.nodes)
                 ]
