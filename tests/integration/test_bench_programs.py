@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from ensync.cli import bench_backlog, bench_common, bench_compare, bench_peers, bench_soak
+from ensync.cli import (
+    bench_backlog,
+    bench_common,
+    bench_compare,
+    bench_peers,
+    bench_soak,
+    bench_stores,
+)
 from ensync.server.config import EngineConfig
 from tests.support.timing import seconds
 
@@ -199,6 +206,21 @@ def test_bench_runs_engine_nodes_on_nats_jetstream() -> None:
     assert figures["end_to_end_rate"] > 0
 
 
+@pytest.mark.timeout(seconds(300))
+def test_compare_stores_runs_every_store_and_relates_them_to_sqlite() -> None:
+    figures, _ = bench("--compare", "stores", "--messages", "300", "--rounds", "1", timeout_s=280)
+    keys = [setup["key"] for setup in figures["setups"]]
+    assert keys == ["sqlite", "nats", "nats-cluster", "nats-cluster-2"]
+    sqlite, *others = figures["setups"]
+    assert sqlite["ratio_to_sqlite"] == 1.0
+    for setup in others:
+        assert setup["end_to_end_rate"] > 0
+        assert setup["store_cpu_percent"] > 0  # the NATS servers' CPU is counted
+        assert setup["ratio_to_sqlite"] == round(
+            setup["end_to_end_rate"] / sqlite["end_to_end_rate"], 2
+        )
+
+
 def test_bench_refuses_a_store_it_cannot_use() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ensync.cli.main", "bench", "--store", "memory:"],
@@ -234,6 +256,13 @@ def test_bench_programs_refuse_bad_arguments() -> None:
 
 
 def test_bench_modules_declare_their_public_names() -> None:
-    for module in (bench_backlog, bench_common, bench_compare, bench_peers, bench_soak):
+    for module in (
+        bench_backlog,
+        bench_common,
+        bench_compare,
+        bench_peers,
+        bench_soak,
+        bench_stores,
+    ):
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"

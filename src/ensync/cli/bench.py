@@ -36,15 +36,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ensync.cli import bench_backlog, bench_compare, bench_soak
+from ensync.cli import bench_backlog, bench_compare, bench_soak, bench_stores
 from ensync.cli.bench_common import (
     BenchError,
+    BenchStore,
     EngineProcess,
     Progress,
     bar,
     bench_store,
     client_engine,
     close_quietly,
+    cpu_seconds,
     percentile_ms,
     print_rows,
     publish_load,
@@ -78,6 +80,8 @@ class BenchResult:
     latency_max_ms: float
     engine_cpu_percent: float
     client_cpu_percent: float
+    # NATS servers the benchmark started (0 for sqlite, which the engine runs).
+    store_cpu_percent: float = 0.0
 
 
 def add_parser(commands: Any) -> None:
@@ -140,8 +144,10 @@ def add_parser(commands: Any) -> None:
     )
     program.add_argument(
         "--compare",
-        choices=["jetstream"],
-        help="ensync beside NATS JetStream, same machine, same run (needs ensync[bench])",
+        choices=["jetstream", "stores"],
+        help="jetstream: ensync beside NATS JetStream, same machine, same run (needs"
+        " ensync[bench]); stores: the engine on sqlite, on one NATS server, on three"
+        " (replicas 3) and as two nodes on three, same run",
     )
     bench_backlog.add_arguments(bench)
     bench_soak.add_arguments(bench)
@@ -155,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         if (args.messages is not None and args.messages <= 0) or args.payload_bytes <= 0:
             print("ensync bench: --messages and --payload-bytes must be positive", file=sys.stderr)
             return 2
+        if args.compare == "stores":
+            return bench_stores.run(args, _bench)
         return bench_compare.run(args)
     if args.messages is None:
         args.messages = 10_000
@@ -190,11 +198,11 @@ def run(args: argparse.Namespace) -> int:
 async def _bench(args: argparse.Namespace) -> BenchResult:
     data_dir = Path(tempfile.mkdtemp(prefix="ensync-bench-"))
     try:
-        async with bench_store(args.store, data_dir) as store_url:
+        async with bench_store(args.store, data_dir) as store:
             publisher_app, subscriber_app = await register_apps(
-                data_dir, ["bench-publisher", "bench-subscriber"], store_url
+                data_dir, ["bench-publisher", "bench-subscriber"], store.url
             )
-            extra = ["--store", store_url] if store_url is not None else []
+            extra = ["--store", store.url] if store.url is not None else []
             async with contextlib.AsyncExitStack() as stack:
                 nodes = [
                     await stack.enter_async_context(
@@ -205,13 +213,17 @@ async def _bench(args: argparse.Namespace) -> BenchResult:
                     )
                     for index in range(args.nodes)
                 ]
-                return await _drive(args, nodes, publisher_app, subscriber_app)
+                return await _drive(args, nodes, store, publisher_app, subscriber_app)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def _drive(
-    args: argparse.Namespace, nodes: list[EngineProcess], pub_app: NewApp, sub_app: NewApp
+    args: argparse.Namespace,
+    nodes: list[EngineProcess],
+    store: BenchStore,
+    pub_app: NewApp,
+    sub_app: NewApp,
 ) -> BenchResult:
     total: int = args.messages
     engine = client_engine(args.transport, nodes[0].port(args.transport))
@@ -256,6 +268,7 @@ async def _drive(
             await publisher.publish("bench/messages", recipients, payload, metadata)
 
         engine_cpu0 = sum(node.cpu_seconds() for node in nodes)
+        store_cpu0 = sum(cpu_seconds(pid) for pid in store.pids)
         client_cpu0 = time.process_time()
         start = time.perf_counter()
         figures = await publish_load(
@@ -280,6 +293,7 @@ async def _drive(
         show(figures.published, force=True)
         progress.finish()
         engine_cpu = sum(node.cpu_seconds() for node in nodes) - engine_cpu0
+        store_cpu = sum(cpu_seconds(pid) for pid in store.pids) - store_cpu0
         client_cpu = time.process_time() - client_cpu0
         duration = end - start
         ordered = sorted(latencies_ns)
@@ -300,6 +314,7 @@ async def _drive(
             latency_max_ms=percentile_ms(ordered, 1.0),
             engine_cpu_percent=round(100 * engine_cpu / duration, 1),
             client_cpu_percent=round(100 * client_cpu / duration, 1),
+            store_cpu_percent=round(100 * store_cpu / duration, 1),
         )
     finally:
         await close_quietly(engine)
@@ -330,6 +345,11 @@ def _print_table(result: BenchResult, out: TextIO) -> None:
             (
                 "client CPU",
                 f"{result.client_cpu_percent:.0f} % of one core (publisher + subscriber)",
+            ),
+            *(
+                [("NATS CPU", f"{result.store_cpu_percent:.0f} % of one core")]
+                if result.store != "sqlite"
+                else []
             ),
         ],
         out,

@@ -45,6 +45,7 @@ from ensync.websocket import EnSyncEngine as WsEngine
 
 __all__ = [
     "BenchError",
+    "BenchStore",
     "EngineProcess",
     "ErrorTally",
     "Progress",
@@ -445,14 +446,24 @@ def print_rows(rows: Sequence[tuple[str, str]], out: TextIO) -> None:
         out.write(f"{name:<{width}}  {value}\n" if name else "\n")
 
 
+@dataclass(frozen=True, slots=True)
+class BenchStore:
+    """Where a benchmark's engine keeps its data: ``url`` for ``--store``
+    (``None``: sqlite in its data directory), and the pids of the store's
+    own processes (NATS servers the benchmark started), whose CPU counts."""
+
+    url: str | None
+    pids: tuple[int, ...] = ()
+
+
 @contextlib.asynccontextmanager
-async def bench_store(spec: str | None, root: Path) -> AsyncIterator[str | None]:
-    """The store URL a benchmark's engine uses: ``None`` (sqlite in its data
-    directory), a NATS JetStream server started under ``root`` (``"nats"``),
-    or a namespace of its own on the user's NATS (``nats://...``), deleted
-    afterwards."""
+async def bench_store(spec: str | None, root: Path) -> AsyncIterator[BenchStore]:
+    """The store a benchmark's engine uses: sqlite in its data directory
+    (``None``), NATS JetStream servers started under ``root`` (``"nats"``:
+    one; ``"nats-cluster"``: three, replicas 3, fsync always), or a namespace
+    of its own on the user's NATS (``nats://...``), deleted afterwards."""
     if spec is None or spec in ("sqlite", "sqlite:"):
-        yield None
+        yield BenchStore(None)
         return
     from ensync.cli.nats_server import NatsError, nats_cluster
 
@@ -463,7 +474,10 @@ async def bench_store(spec: str | None, root: Path) -> AsyncIterator[str | None]
                 root / "nats", size=size, sync="default" if size == 1 else "always"
             ) as servers:
                 urls = ",".join(server.url for server in servers)
-                yield f"{urls}?namespace=bench&replicas={size}"
+                yield BenchStore(
+                    f"{urls}?namespace=bench&replicas={size}",
+                    tuple(server.pid for server in servers),
+                )
         except NatsError as exc:
             raise BenchError(str(exc)) from exc
         return
@@ -474,7 +488,7 @@ async def bench_store(spec: str | None, root: Path) -> AsyncIterator[str | None]
         )
     url = f"{spec}{'&' if '?' in spec else '?'}namespace=bench{secrets.token_hex(4)}"
     try:
-        yield url
+        yield BenchStore(url)
     finally:
         store = open_store(url, root)
         try:
