@@ -13,7 +13,8 @@ import pytest
 from ensync import ConnectionState, EnSyncConnectionError, EnSyncEngine, EnSyncError, Message
 from ensync.client.grpc_transport import GrpcClientTransport
 from ensync.server.core.errors import ServiceError
-from ensync.testing import TestServer
+from ensync.server.store import StoreError
+from ensync.testing import TestServer, run_engine
 from ensync.websocket import EnSyncEngine as WsEngine
 from tests.support.cli import free_port
 from tests.support.proxy import tcp_proxy
@@ -337,3 +338,32 @@ async def test_the_first_attempt_after_the_engine_is_back_connects(
 
 def failures(caplog: pytest.LogCaptureFixture) -> int:
     return sum("reconnect attempt" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_store_outage_at_connect_is_worth_retrying_not_a_refused_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A replicated store electing a leader fails the key lookup for a moment:
+    # clients must keep trying, not give up as if the key were wrong.
+    async with run_engine() as server:
+        app = await server.create_app("shop")
+
+        async def unavailable(key_hash: bytes) -> None:
+            raise StoreError("no leader yet")
+
+        monkeypatch.setattr(server.engine.store, "get_app_by_key_hash", unavailable)
+        for engine in (
+            EnSyncEngine(server.grpc_url, max_reconnect_attempts=1),
+            WsEngine(server.ws_url, max_reconnect_attempts=1),
+        ):
+            try:
+                with pytest.raises(EnSyncConnectionError, match="storage failed; retry later"):
+                    await engine.create_client(app.app_key)
+            finally:
+                await engine.close()
+        monkeypatch.undo()
+        engine = EnSyncEngine(server.grpc_url)
+        try:
+            assert (await engine.create_client(app.app_key)).client_id
+        finally:
+            await engine.close()

@@ -36,7 +36,7 @@ from ensync.client.transport import (
     WireReplay,
     digits,
 )
-from ensync.protocol.errors import UNKNOWN_SESSION
+from ensync.protocol.errors import STORE_UNAVAILABLE, UNKNOWN_SESSION
 from ensync.protocol.records import from_ws_record
 from ensync.protocol.urls import EngineUrl
 from ensync.protocol.wsclient import (
@@ -198,6 +198,8 @@ class WebSocketClientTransport(SessionObserving):
         )
         reply = await self._request(Conn(app_key), errors.EnSyncAuthError, limited=False)
         if isinstance(reply, Fail):
+            if STORE_UNAVAILABLE in reply.reason:
+                raise errors.EnSyncConnectionError(f"the engine: {reply.reason}")
             raise errors.EnSyncAuthError(f"Authentication failed: {reply.reason}")
         text = reply.text if isinstance(reply, Pass) else ""
         parsed = parse_conn_pass(text)

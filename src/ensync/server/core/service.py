@@ -23,7 +23,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 
-from ensync.protocol.errors import UNKNOWN_SESSION
+from ensync.protocol.errors import STORE_UNAVAILABLE, UNKNOWN_SESSION
 from ensync.protocol.names import allowed
 from ensync.server.config import EngineConfig
 from ensync.server.core import validation
@@ -71,7 +71,7 @@ _UNKNOWN_IDS_KEPT = 10_000
 def storage_failed(exc: StoreError) -> ServiceError:
     """What a client hears when the store failed under its request."""
     log.error("store failed: %s", exc)
-    return ServiceError(ErrorCode.UNAVAILABLE, "storage failed; retry later")
+    return ServiceError(ErrorCode.UNAVAILABLE, STORE_UNAVAILABLE)
 
 
 class Service:
@@ -131,6 +131,8 @@ class Service:
             self.stats.rejected += 1
             self._refusals.note("app key", f"connect: {exc.message}")
             raise
+        except StoreError as exc:
+            raise storage_failed(exc) from exc
         sessions = self.dispatcher.sessions.values()
         clients = sum(1 for s in sessions if s.app.name == app.name)
         if clients >= self.config.max_clients_per_app:

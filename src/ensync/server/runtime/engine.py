@@ -20,6 +20,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
+from ensync.protocol.errors import STORE_UNAVAILABLE
 from ensync.server.config import EngineConfig
 from ensync.server.core.apps import AppRegistry
 from ensync.server.core.dispatch import ClaimRequest, Dispatcher
@@ -297,9 +298,7 @@ class Engine:
             if answer.done():
                 continue
             if result.error is not None:
-                answer.set_exception(
-                    ServiceError(ErrorCode.UNAVAILABLE, "storage failed; retry later")
-                )
+                answer.set_exception(ServiceError(ErrorCode.UNAVAILABLE, STORE_UNAVAILABLE))
             else:
                 answer.set_result(result.idem)
 
@@ -521,8 +520,9 @@ class Engine:
             apps = await self.store.list_apps()
             # Dead letters `ensync dlq redrive` returned from another process.
             redriven = await self.store.adopt_redriven()
-        except StoreError:
-            log.exception("could not re-read the registered apps")
+        except StoreError as exc:
+            # Tried again a quarter of a second later; no traceback for an outage.
+            log.warning("could not re-read the registered apps: %s", exc)
             return
         if redriven:
             log.info("%d redriven dead letters will be delivered again", redriven)

@@ -400,6 +400,9 @@ class GrpcTransport:
         try:
             info = await self._engine.connect(request.access_key, client)
         except ServiceError as exc:
+            if exc.code is ErrorCode.UNAVAILABLE:
+                # Not a refused key: the store failed. A status says "try again".
+                await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
             return pb.ConnectResponse(success=False, error_message=exc.message)
         except Exception:  # isolation boundary: a bug must not become a retryable status
             log.exception("Connect failed")

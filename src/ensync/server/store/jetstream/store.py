@@ -70,6 +70,9 @@ __all__ = ["JetStreamStore"]
 
 log = logging.getLogger(__name__)
 
+# JetStream errors a cluster that is still forming answers: no peers yet for
+# the replicas, no leader yet.
+_NOT_YET = frozenset({10005, 10008, 10023})
 # Partitions claimed from within this long have their leases re-read.
 _ACTIVE_S = 60.0
 
@@ -275,14 +278,22 @@ class JetStreamStore(Apps, Appends, Claims):
             },
         ]
         api = self._check_api()
+        deadline = time.monotonic() + 60.0
         for config in streams:
             config = {**common, **config}
-            try:
-                await api.request(f"$JS.API.STREAM.CREATE.{config['name']}", config)
-            except RejectedError as exc:
-                if exc.code != 10058:  # exists with another configuration
-                    raise
-                await api.request(f"$JS.API.STREAM.UPDATE.{config['name']}", config)
+            while True:
+                try:
+                    await api.request(f"$JS.API.STREAM.CREATE.{config['name']}", config)
+                except RejectedError as exc:
+                    if exc.code == 10058:  # exists with another configuration
+                        await api.request(f"$JS.API.STREAM.UPDATE.{config['name']}", config)
+                    elif exc.code in _NOT_YET and time.monotonic() < deadline:
+                        # A new cluster's servers are still finding each other.
+                        await asyncio.sleep(0.25)
+                        continue
+                    else:
+                        raise
+                break
 
     async def get(self, idem: str) -> StoredMessage | None:
         """The message with this idem, whatever its state, or ``None``."""
