@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ensync.server.store import (
+    Lease,
     MemoryStore,
     MessageState,
     Release,
+    Released,
     Settlement,
     StoreError,
     open_store,
@@ -227,3 +229,30 @@ async def test_sessions_registered_on_one_node_are_found_on_the_other(
     assert await b.find_session("client-2") is None
     assert isinstance(a, SessionRegistry)
     assert not isinstance(MemoryStore(), SessionRegistry)  # one node: nothing to share
+
+
+async def test_more_lease_ends_than_one_atomic_batch_holds(
+    nodes: tuple[JetStreamStore, JetStreamStore],
+) -> None:
+    # A session that ends with a full window releases it all at once; an
+    # engine coalescing acks settles as many. JetStream's atomic batches
+    # hold 1,000 messages.
+    a, _ = nodes
+    total = 1_700
+    await append(a, *(new(f"m-{i}") for i in range(total)))
+    leases: list[Lease] = []
+    while claimed := (await claim(a, limit=400)).leases:
+        leases += claimed
+    assert len(leases) == total
+    released = await a.release(
+        [Release(lease.message.idem, lease.token) for lease in leases[:1_100]],
+        now_ms=T0,
+        policy=POLICY,
+    )
+    assert released == [Released(visible_at_ms=T0)] * 1_100
+    settled = await a.settle(
+        [Settlement(lease.message.idem, MessageState.ACKED) for lease in leases[1_100:]],
+        now_ms=T0,
+    )
+    assert settled == [True] * 600
+    assert await a.backlog() == {RECIPIENT: 1_100}

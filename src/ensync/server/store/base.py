@@ -138,6 +138,23 @@ class NewMessage:
     def partition(self) -> tuple[str, str]:
         return (self.recipient, self.name)
 
+    def numbered(self, block: int, *, persist: bool | None = None) -> StoredMessage:
+        """This message as stored with ``block`` (``persist`` overrides its own)."""
+        return StoredMessage(
+            idem=self.idem,
+            recipient=self.recipient,
+            name=self.name,
+            block=block,
+            payload=self.payload,
+            metadata=self.metadata,
+            sender=self.sender,
+            created_at_ms=self.created_at_ms,
+            payload_metadata=self.payload_metadata,
+            expires_at_ms=self.expires_at_ms,
+            dedupe_key=self.dedupe_key,
+            persist=self.persist if persist is None else persist,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:

@@ -167,19 +167,8 @@ class LocalMessages:
         return [r for r in results if r is not None]
 
     def _number(self, new: NewMessage) -> StoredMessage:
-        block = self._sequencer.number(new.partition)
-        return StoredMessage(
-            idem=new.idem,
-            recipient=new.recipient,
-            name=new.name,
-            block=block,
-            payload=new.payload,
-            metadata=new.metadata,
-            sender=new.sender,
-            created_at_ms=new.created_at_ms,
-            payload_metadata=new.payload_metadata,
-            expires_at_ms=new.expires_at_ms,
-            dedupe_key=new.dedupe_key,
+        return new.numbered(
+            self._sequencer.number(new.partition),
             persist=new.persist and self._durable is not None,
         )
 

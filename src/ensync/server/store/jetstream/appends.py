@@ -177,7 +177,7 @@ class Appends(Common):
                         continue
                 part = names.partition(*new.partition)
                 seq, block = last.get(part, (0, 0))
-                message = _numbered(new, block + 1)
+                message = new.numbered(block + 1)
                 last[part] = (-1, block + 1)
                 out = Out(
                     names.message(part, new.idem),
@@ -290,20 +290,3 @@ class Appends(Common):
                 record = got.json()
                 digest = bytes.fromhex(got.subject.rsplit(".", 1)[1])
                 self._dedupe.put(digest, record["i"], record["b"], record["c"], got.seq)
-
-
-def _numbered(new: NewMessage, block: int) -> StoredMessage:
-    return StoredMessage(
-        idem=new.idem,
-        recipient=new.recipient,
-        name=new.name,
-        block=block,
-        payload=new.payload,
-        metadata=new.metadata,
-        sender=new.sender,
-        created_at_ms=new.created_at_ms,
-        payload_metadata=new.payload_metadata,
-        expires_at_ms=new.expires_at_ms,
-        dedupe_key=new.dedupe_key,
-        persist=new.persist,
-    )

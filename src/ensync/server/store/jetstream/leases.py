@@ -33,6 +33,9 @@ from .records import (
 
 __all__ = ["Leases"]
 
+# Lease ends written per atomic batch: each is at most two messages of it.
+_PER_BATCH = MAX_BATCH // 2 - 1
+
 
 class Leases(Common):
     """Lease ends and settlements of :class:`~ensync.server.store.base.DeliveryState`."""
@@ -88,8 +91,8 @@ class Leases(Common):
                 continue
             seen.add(release.idem)
             plan.append((index, release, part, live))
-        if plan:
-            await self._write_releases(plan, out, now_ms, policy)
+        for start in range(0, len(plan), _PER_BATCH):
+            await self._write_releases(plan[start : start + _PER_BATCH], out, now_ms, policy)
         return [item if item is not None else Released(stale=True) for item in out]
 
     async def _write_releases(
@@ -251,9 +254,11 @@ class Leases(Common):
         for item in settlements:
             if item.state is MessageState.PENDING:
                 raise ValueError("settle() moves a message out of PENDING; use redrive()")
-        return await self._settle_known(
-            [(item.idem, item.state, item.reason) for item in settlements], now_ms
-        )
+        items = [(item.idem, item.state, item.reason) for item in settlements]
+        done: list[bool] = []
+        for start in range(0, len(items), _PER_BATCH):
+            done += await self._settle_known(items[start : start + _PER_BATCH], now_ms)
+        return done
 
     async def _settle_known(
         self, items: Sequence[tuple[str, MessageState, str | None]], now_ms: int
