@@ -64,6 +64,7 @@ class Part:
     loaded: bool = False
     stale: bool = False
     used_at: float = 0.0
+    loaded_at: float = 0.0  # when its leases were last read (monotonic)
     cursor_rev: int = 0  # sequence of the cursor record in NS_STATE
     cursor_seq: int = 0  # the last message handed out for first delivery
     live: dict[str, Live] = field(default_factory=dict)

@@ -83,6 +83,7 @@ class Claims(Leases):
             self._set_live(part, idem, live)
         part.loaded = True
         part.stale = False
+        part.loaded_at = time.monotonic()
 
     async def claim(
         self, recipient: str, name: str, *, limit: int, now_ms: int, policy: DeliveryPolicy

@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 _NOT_YET = frozenset({10005, 10008, 10023})
 # Partitions claimed from within this long have their leases re-read.
 _ACTIVE_S = 60.0
+_REREAD_MAX_S = 10.0
 
 
 class JetStreamStore(Apps, Appends, Claims):
@@ -481,12 +482,24 @@ class JetStreamStore(Apps, Appends, Claims):
 
     async def _refresh_forever(self) -> None:
         """Re-read the leases of partitions claimed from lately: a node that died
-        left leases that run out, and only reading finds them."""
+        left leases that run out, and only reading finds them.
+
+        A partition is read again every quarter of the ack deadline (within
+        ``refresh_s`` and 10 s): a dead node's leases come back a little after
+        they run out, and a thousand busy partitions do not cost a thousand
+        reads every few seconds.
+        """
         while True:
             await asyncio.sleep(self._refresh_s)
             now = time.monotonic()
+            every_s = max(self._refresh_s, min(_REREAD_MAX_S, self._policy.lease_ms / 4000))
             for part in list(self._parts.values()):
-                if not part.loaded or now - part.used_at > _ACTIVE_S or part.lock.locked():
+                if (
+                    not part.loaded
+                    or now - part.used_at > _ACTIVE_S
+                    or now - part.loaded_at < every_s
+                    or part.lock.locked()
+                ):
                     continue
                 try:
                     async with part.lock:
