@@ -281,6 +281,11 @@ class Connection:
                 await transport.close()
                 self._fail(exc)
                 return
+            except asyncio.CancelledError:
+                # Closed mid-connect: the new transport may already hold a
+                # session (and a stream) on the engine; do not leave it open.
+                await transport.close()
+                raise
             self.client_hash = info.client_hash
             self.ack_deadline_ms = info.ack_deadline_ms
             self.max_payload_bytes = info.max_payload_bytes
