@@ -34,7 +34,7 @@ from ensync.client.transport import (
     WireReplay,
     digits,
 )
-from ensync.protocol.errors import STORE_UNAVAILABLE, UNKNOWN_SESSION
+from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import from_replay_json, from_stream_response
 from ensync.protocol.urls import EngineUrl
 
@@ -260,8 +260,6 @@ class GrpcClientTransport(SessionObserving):
             limited=False,
         )
         if not response.success:
-            if STORE_UNAVAILABLE in response.error_message:
-                raise errors.EnSyncConnectionError(f"the engine: {response.error_message}")
             raise errors.EnSyncAuthError(f"Authentication failed: {response.error_message}")
         self._client_id = response.client_id
         self._limiter.resize(max_in_flight(response.server_config))

@@ -20,7 +20,7 @@ from ..base import (
     StoredMessage,
     StoreError,
 )
-from .api import Batch, Got, JetStreamApi, Out, RejectedError
+from .api import Batch, Got, JetStreamApi, Out
 from .records import (
     GONE,
     Live,
@@ -143,21 +143,6 @@ class Common:
                 continue  # the memory-only body did not survive a restart of NATS
             out[idem] = message_from(recipient, name, idem, record, body)
         return out
-
-    async def _publish_acked(self, subject: str, data: bytes) -> int:
-        """A plain publish JetStream acknowledges; its sequence."""
-        nc = self._nc
-        if nc is None:
-            raise StoreError("the JetStream store is not open")
-        try:
-            reply = await nc.request(subject, data, timeout=10)
-        except Exception as exc:
-            raise StoreError(f"writing {subject} failed: {exc!r}") from exc
-        answer = orjson.loads(reply.data)
-        if "error" in answer:
-            error = answer["error"]
-            raise RejectedError(int(error.get("err_code", 0)), str(error.get("description")))
-        return int(answer["seq"])
 
     def _notify(self, key: Key) -> None:
         for listener in list(self._listeners):

@@ -149,11 +149,15 @@ class JetStreamApi:
             )
         except Exception as exc:  # nats raises its own hierarchy; all mean "not done"
             raise StoreError(f"NATS request {subject} failed: {exc!r}") from exc
-        answer = orjson.loads(reply.data) if reply.data else {}
-        error = answer.get("error") if isinstance(answer, dict) else None
-        if error:
-            raise RejectedError(int(error.get("err_code", 0)), str(error.get("description")))
-        return answer
+        return _answer(reply.data)
+
+    async def publish(self, subject: str, data: bytes) -> int:
+        """A plain publish that JetStream acknowledges; its sequence."""
+        try:
+            reply = await self._nc.request(subject, data, timeout=self._timeout_s)
+        except Exception as exc:
+            raise StoreError(f"writing {subject} failed: {exc!r}") from exc
+        return int(_answer(reply.data)["seq"])
 
     async def ready(self, within_s: float) -> None:
         """Wait until JetStream answers (a new cluster elects its leader first).
@@ -273,14 +277,7 @@ class JetStreamApi:
                     await self._nc.publish(out.subject, out.data, headers=headers)
         except Exception as exc:
             raise StoreError(f"writing to JetStream failed: {exc!r}") from exc
-        answer = orjson.loads(reply.data) if reply.data else {}
-        error = answer.get("error")
-        if error:
-            code = int(error.get("err_code", 0))
-            if code == WRONG_LAST_SEQUENCE:
-                raise ConflictError(str(error.get("description")))
-            raise RejectedError(code, str(error.get("description")))
-        return int(answer["seq"])
+        return int(_answer(reply.data)["seq"])
 
     async def delete(self, stream: str, seq: int) -> bool:
         """Remove one stored message; ``False`` if it was not there."""
@@ -291,3 +288,16 @@ class JetStreamApi:
         except RejectedError:
             return False
         return bool(answer.get("success"))
+
+
+def _answer(data: bytes) -> Any:
+    """A JetStream JSON answer, or its error raised: :class:`ConflictError` for
+    a wrong last sequence, :class:`RejectedError` (with the code) otherwise."""
+    answer = orjson.loads(data) if data else {}
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if error:
+        code, description = int(error.get("err_code", 0)), str(error.get("description"))
+        if code == WRONG_LAST_SEQUENCE:
+            raise ConflictError(description)
+        raise RejectedError(code, description)
+    return answer

@@ -158,10 +158,10 @@ class Appends(Common):
             keys: dict[bytes, StoredMessage] = {}
             repeats: list[tuple[tuple[_Job, int, NewMessage], bytes]] = []
             duplicates: dict[tuple[int, int], Appended] = {}
-            last = dict(self._last)
             need = {names.partition(*new.partition) for _, _, new in chunk}
-            await self._know_last(need - last.keys())
-            last = dict(self._last)
+            await self._know_last(need - self._last.keys())
+            # This try's numbering, on a copy of what it needs: a conflict retries afresh.
+            last = {part: self._last[part] for part in need}
             first_in_batch: set[str] = set()
             for record in chunk:
                 job, index, new = record
@@ -208,7 +208,7 @@ class Appends(Common):
                 # Bodies first: a claim that finds the message finds its body.
                 await asyncio.gather(
                     *(
-                        self._publish_acked(names.body(message.idem), body_json(message))
+                        api.publish(names.body(message.idem), body_json(message))
                         for message in volatile
                     )
                 )
