@@ -224,7 +224,7 @@ async def test_sessions_registered_on_one_node_are_found_on_the_other(
 ) -> None:
     a, b = nodes
     record = SessionRecord("id-of-alice", b"key-hash", "client-hash", T0)
-    await a.register_session("client-1", record, ttl_ms=60_000)
+    await a.register_sessions([("client-1", record)], ttl_ms=60_000)
     assert await b.find_session("client-1") == record
     assert await b.find_session("client-2") is None
     assert isinstance(a, SessionRegistry)

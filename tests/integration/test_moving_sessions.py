@@ -76,3 +76,21 @@ async def test_an_id_no_node_issued_or_of_a_revoked_app_is_refused(
         with pytest.raises(AssertionError, match="unknown client_id"):
             await on_second.publish(client_id, "orders/created", alice)
         assert client_id not in second.engine.sessions
+
+
+async def test_a_moved_session_counts_against_the_apps_client_limit(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = jetstream_store(tmp_path)
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(run_engine(store))
+        second = await stack.enter_async_context(run_engine(store, max_clients_per_app=1))
+        alice = await first.create_app("alice")
+        on_first, on_second = Stub(first.grpc_port), Stub(second.grpc_port)
+        stack.push_async_callback(on_first.channel.close)
+        stack.push_async_callback(on_second.channel.close)
+        await on_second.connect(alice)  # the one client the second node allows
+        moved = await on_first.connect(alice)
+        with pytest.raises(AssertionError, match="unknown client_id"):
+            await on_second.publish(moved, "orders/created", alice)
+        assert moved not in second.engine.sessions

@@ -133,8 +133,22 @@ class Service:
             raise
         except StoreError as exc:
             raise storage_failed(exc) from exc
-        sessions = self.dispatcher.sessions.values()
-        clients = sum(1 for s in sessions if s.app.name == app.name)
+        now = self.clock.now_ms()
+        session = self._admit(app, new_client_id(), new_client_hash(), router, now)
+        log.info("client %s of app %s connected", client_tag(session.client_id), app.name)
+        await self.register_sessions([session])
+        return SessionInfo(session.client_id, session.client_hash, app.app_id, app.name)
+
+    def _admit(
+        self,
+        app: AppRecord,
+        client_id: str,
+        client_hash: str,
+        router: SessionRouter,
+        connected_at_ms: int,
+    ) -> Session:
+        """A new session of ``app``, within the app's client limit."""
+        clients = sum(1 for s in self.dispatcher.sessions.values() if s.app.name == app.name)
         if clients >= self.config.max_clients_per_app:
             raise self._over(
                 "clients_per_app",
@@ -143,18 +157,16 @@ class Service:
             )
         now = self.clock.now_ms()
         session = Session(
-            client_id=new_client_id(),
-            client_hash=new_client_hash(),
+            client_id=client_id,
+            client_hash=client_hash,
             app=app,
             router=router,
-            connected_at_ms=now,
+            connected_at_ms=connected_at_ms,
             last_seen_ms=now,
         )
         self.dispatcher.add_session(session, now)
         self.stats.connects += 1
-        log.info("client %s of app %s connected", client_tag(session.client_id), app.name)
-        await self.register_sessions([session])
-        return SessionInfo(session.client_id, session.client_hash, app.app_id, app.name)
+        return session
 
     def registry_ttl_ms(self) -> int:
         """How long a registered session stays valid on other nodes unless renewed."""
@@ -165,23 +177,25 @@ class Service:
         nodes); the runtime renews the active ones well within the TTL."""
         if not isinstance(self.store, SessionRegistry):
             return
-        ttl_ms = self.registry_ttl_ms()
-        for session in sessions:
-            record = SessionRecord(
-                session.app.app_id,
-                session.app.key_hash,
-                session.client_hash,
-                session.connected_at_ms,
+        records = [
+            (
+                session.client_id,
+                SessionRecord(
+                    session.app.app_id,
+                    session.app.key_hash,
+                    session.client_hash,
+                    session.connected_at_ms,
+                ),
             )
-            try:
-                await self.store.register_session(session.client_id, record, ttl_ms)
-            except StoreError as exc:
-                # It works here; only another node could not take it over.
-                log.warning(
-                    "client %s: could not register the session for other nodes: %s",
-                    client_tag(session.client_id),
-                    exc,
-                )
+            for session in sessions
+        ]
+        if not records:
+            return
+        try:
+            await self.store.register_sessions(records, self.registry_ttl_ms())
+        except StoreError as exc:
+            # They work here; only another node could not take them over.
+            log.warning("could not register %d sessions for other nodes: %s", len(records), exc)
 
     async def adopt(self, client_id: str, router: SessionRouter) -> bool:
         """Take over a session another engine node opened (the client was moved
@@ -211,16 +225,10 @@ class Service:
             return False
         if client_id in self.dispatcher.sessions:  # adopted meanwhile
             return True
-        session = Session(
-            client_id=client_id,
-            client_hash=record.client_hash,
-            app=app,
-            router=router,
-            connected_at_ms=record.connected_at_ms,
-            last_seen_ms=now,
-        )
-        self.dispatcher.add_session(session, now)
-        self.stats.connects += 1
+        try:
+            self._admit(app, client_id, record.client_hash, router, record.connected_at_ms)
+        except ServiceError:
+            return False  # the app has as many clients here as it may
         log.info("client %s of app %s moved here", client_tag(client_id), app.name)
         return True
 

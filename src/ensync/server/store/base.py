@@ -428,8 +428,11 @@ class SessionRegistry(Protocol):
     finds the session here and takes it over.
     """
 
-    async def register_session(self, client_id: str, record: SessionRecord, ttl_ms: int) -> None:
-        """Remember a session for ``ttl_ms`` (registering it again renews it)."""
+    async def register_sessions(
+        self, sessions: Sequence[tuple[str, SessionRecord]], ttl_ms: int
+    ) -> None:
+        """Remember sessions (client id, record) for ``ttl_ms``; registering one
+        again renews it."""
 
     async def find_session(self, client_id: str) -> SessionRecord | None:
         """The session registered with this client id, or ``None``."""

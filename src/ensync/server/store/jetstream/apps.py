@@ -7,11 +7,13 @@ Client sessions every node may take over live beside them
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import orjson
 
 from ..base import AppExistsError, AppRecord, SessionRecord, StoreError
 from ._common import RETRIES, Common
-from .api import ConflictError, Out
+from .api import MAX_BATCH, ConflictError, Out
 from .records import app_from_json, app_to_json, is_gone
 
 __all__ = ["Apps"]
@@ -96,19 +98,30 @@ class Apps(Common):
         apps = await self._read_apps()
         return [apps[name] for name in sorted(apps)]
 
-    async def register_session(self, client_id: str, record: SessionRecord, ttl_ms: int) -> None:
-        """Remember a session for ``ttl_ms`` so that any node can take it over."""
+    async def register_sessions(
+        self, sessions: Sequence[tuple[str, SessionRecord]], ttl_ms: int
+    ) -> None:
+        """Remember sessions for ``ttl_ms`` so that any node can take them over
+        (one atomic batch per thousand)."""
         api = self._check_open()
-        data = orjson.dumps(
-            {
-                "app_id": record.app_id,
-                "key_hash": record.key_hash.hex(),
-                "client_hash": record.client_hash,
-                "at": record.connected_at_ms,
-            }
-        )
         ttl_s = max(1, -(-ttl_ms // 1000))
-        await api.atomic([Out(self.names.session(client_id), data, ttl_s=ttl_s)])
+        outs = [
+            Out(
+                self.names.session(client_id),
+                orjson.dumps(
+                    {
+                        "app_id": record.app_id,
+                        "key_hash": record.key_hash.hex(),
+                        "client_hash": record.client_hash,
+                        "at": record.connected_at_ms,
+                    }
+                ),
+                ttl_s=ttl_s,
+            )
+            for client_id, record in sessions
+        ]
+        for start in range(0, len(outs), MAX_BATCH):
+            await api.atomic(outs[start : start + MAX_BATCH])
 
     async def find_session(self, client_id: str) -> SessionRecord | None:
         """The session registered with this client id, if any node made it."""
