@@ -102,7 +102,9 @@ class _BinaryLink:
 
     async def write(self, frame: pb.ClientFrame) -> None:
         try:
-            await asyncio.wait_for(self._ws.send(frame.SerializeToString()), self._timeout)
+            # asyncio.timeout, not wait_for: no task per frame on the hot path.
+            async with asyncio.timeout(self._timeout):
+                await self._ws.send(frame.SerializeToString())
         except (ConnectionClosed, TimeoutError) as exc:
             raise errors.EnSyncConnectionError(f"connection to the engine lost: {exc!r}") from exc
 
@@ -253,7 +255,8 @@ class WebSocketClientTransport(SessionObserving):
             try:
                 # A send waits while the socket's buffer is full; a link that
                 # takes nothing for a whole call timeout is as good as dead.
-                await asyncio.wait_for(self._ws.send(frame), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    await self._ws.send(frame)
             except (ConnectionClosed, TimeoutError) as exc:
                 if seq is not None:
                     self._pending.pop(seq, None)
