@@ -1,7 +1,7 @@
 """Random bytes from the OS, fetched a few kilobytes at a time.
 
-Ids and idempotency keys are made per message; one ``os.urandom`` system
-call per ~400 of them instead of one each. A forked child drops what it
+Ids, idempotency keys and envelope nonces are made per message; one
+``os.urandom`` system call per ~170 of them instead of one each. A forked child drops what it
 inherited, so parent and child never hand out the same bytes.
 """
 

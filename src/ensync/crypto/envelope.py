@@ -36,6 +36,7 @@ import orjson
 from nacl import bindings
 from nacl.exceptions import CryptoError
 
+from ensync._entropy import random_bytes
 from ensync._json import dumps_compact
 from ensync.crypto._base64 import b64decode, b64encode
 from ensync.crypto.keys import _MORE_CACHES as _KEY_CACHES
@@ -175,7 +176,9 @@ class Sealer:
                 self._keys.popitem(last=False)
         else:
             self._keys.move_to_end(recipient_app_id)
-        nonce = bindings.randombytes(NONCE_BYTES)
+        # Nonces need to be unique, not secret: the buffered OS CSPRNG saves
+        # a system call per message.
+        nonce = random_bytes(NONCE_BYTES)
         sealed = bindings.crypto_box_easy_afternm(data, nonce, held[1])
         box = Box(nonce=nonce, ciphertext=sealed, ephemeral_public_key=held[0])
         return _to_wire(_box_json(box, "ciphertext"))
@@ -217,7 +220,7 @@ def seal_hybrid(plaintext: bytes, recipient_app_ids: Sequence[str]) -> str:
     publics = [(app_id, x25519_public(app_id)) for app_id in recipients]
 
     message_key = bindings.randombytes(MESSAGE_KEY_BYTES)
-    nonce = bindings.randombytes(NONCE_BYTES)
+    nonce = random_bytes(NONCE_BYTES)
     sealed = bindings.crypto_secretbox_easy(data, nonce, message_key)
     keys = {
         app_id: _box_json(_box(message_key, public), "encryptedKey") for app_id, public in publics
@@ -348,7 +351,7 @@ def _box(message: bytes, recipient_public: bytes) -> Box:
     # A fresh key pair per box: the envelope carries no sender identity, and
     # reusing the ephemeral secret would link messages to each other.
     ephemeral_public, ephemeral_secret = bindings.crypto_box_keypair()
-    nonce = bindings.randombytes(NONCE_BYTES)
+    nonce = random_bytes(NONCE_BYTES)
     sealed = bindings.crypto_box_easy(message, nonce, recipient_public, ephemeral_secret)
     return Box(nonce=nonce, ciphertext=sealed, ephemeral_public_key=ephemeral_public)
 
