@@ -43,7 +43,9 @@ from ensync.server.core.model import (
 from ensync.server.core.refusals import RefusalLog
 from ensync.server.core.sessions import Session
 from ensync.server.store.base import (
+    AppendDone,
     Appended,
+    AppendsSoon,
     AppRecord,
     DeliveryPolicy,
     MessageState,
@@ -109,6 +111,7 @@ class Service:
         self._refusals = RefusalLog(log, clock.now_ms)
         # Client ids found in no registry lately, with when to ask again.
         self._unknown_ids: dict[str, int] = {}
+        self._appends_soon = store if isinstance(store, AppendsSoon) else None
         self.configure(config)
 
     def configure(self, config: EngineConfig) -> None:
@@ -347,6 +350,32 @@ class Service:
         results = await self.store.append(
             batch, now_ms=now, dedupe_since_ms=now - self.config.dedupe_window_ms
         )
+        self._count(results)
+        return results
+
+    def append_soon(self, batch: Sequence[NewMessage], done: AppendDone) -> bool:
+        """:meth:`append` without a coroutine, when the store can (``done``
+        hears the results, or the StoreError); ``False`` when it cannot.
+
+        Raises:
+            StoreError: the store is not open (``done`` is not called).
+        """
+        store = self._appends_soon
+        if store is None:
+            return False
+
+        def appended(outcome: list[Appended] | StoreError) -> None:
+            if not isinstance(outcome, StoreError):
+                self._count(outcome)
+            done(outcome)
+
+        now = self.clock.now_ms()
+        store.append_soon(
+            batch, now_ms=now, dedupe_since_ms=now - self.config.dedupe_window_ms, done=appended
+        )
+        return True
+
+    def _count(self, results: list[Appended]) -> None:
         for result in results:
             if result.duplicate:
                 self.stats.deduplicated += 1
@@ -354,7 +383,6 @@ class Service:
                 self.stats.published += 1
             else:
                 log.error("store refused a publish: %s", result.error)
-        return results
 
     # ------------------------------------------------------------------ subscribe
 

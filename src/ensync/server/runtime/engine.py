@@ -37,7 +37,14 @@ from ensync.server.core.observers import Observers, ObserverSink
 from ensync.server.core.service import Service, storage_failed
 from ensync.server.core.sessions import Session
 from ensync.server.runtime.clock import Cancellable, Timer, WallClock
-from ensync.server.store.base import NewMessage, Release, SessionRegistry, Store, StoreError
+from ensync.server.store.base import (
+    Appended,
+    NewMessage,
+    Release,
+    SessionRegistry,
+    Store,
+    StoreError,
+)
 
 __all__ = ["Engine"]
 
@@ -275,23 +282,54 @@ class Engine:
 
     def _flush(self) -> None:
         batch, self._batch = self._batch, []
-        if batch:
+        if not batch:
+            return
+        messages = [message for message, _ in batch]
+
+        def appended(outcome: list[Appended] | StoreError) -> None:
+            self._work -= 1
+            if isinstance(outcome, StoreError):
+                self._append_failed(batch, outcome)
+            else:
+                self._answer_appended(batch, outcome)
+
+        # The store on one machine answers from a callback once the commit is
+        # done: no task, and no loop turn between the commit and the answers.
+        self._work += 1
+        try:
+            started = self._service.append_soon(messages, appended)
+        except StoreError as exc:
+            self._work -= 1
+            self._append_failed(batch, exc)
+            return
+        if not started:
+            self._work -= 1
             self._spawn(self._append(batch), "ensync-append", work=True)
 
     async def _append(self, batch: list[tuple[NewMessage, asyncio.Future[str]]]) -> None:
         try:
             results = await self._service.append([message for message, _ in batch])
         except StoreError as exc:
-            failure = storage_failed(exc)
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(failure)
+            self._append_failed(batch, exc)
             return
         except BaseException:
             for _, answer in batch:
                 if not answer.done():
                     answer.set_exception(ServiceError(ErrorCode.UNAVAILABLE, "the engine stopped"))
             raise
+        self._answer_appended(batch, results)
+
+    def _append_failed(
+        self, batch: list[tuple[NewMessage, asyncio.Future[str]]], exc: StoreError
+    ) -> None:
+        failure = storage_failed(exc)
+        for _, answer in batch:
+            if not answer.done():
+                answer.set_exception(failure)
+
+    def _answer_appended(
+        self, batch: list[tuple[NewMessage, asyncio.Future[str]]], results: list[Appended]
+    ) -> None:
         if self.observers:
             self.observers.copy([message for message, _ in batch], results)
         for (_, answer), result in zip(batch, results, strict=True):

@@ -11,11 +11,14 @@ memory backend). One block numbering spans both tables.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .base import (
+    AppendDone,
     Appended,
     Claim,
     DeadRef,
@@ -33,7 +36,7 @@ from .book import LeaseBook, Ref
 from .memlog import MemoryMessages
 from .numbering import DedupeWindow, Sequencer, dedupe_digest
 
-__all__ = ["DurableTable", "LocalMessages"]
+__all__ = ["DurableTable", "InsertDone", "LocalMessages"]
 
 _Key = tuple[str, str]
 # Messages redriven elsewhere taken from the durable table per read.
@@ -45,6 +48,10 @@ class DurableTable(Protocol):
 
     async def insert(self, rows: Sequence[StoredMessage]) -> list[str | None]:
         """Store new rows in one transaction; per row ``None`` or why it failed."""
+        ...
+
+    def insert_soon(self, rows: Sequence[StoredMessage], done: InsertDone) -> None:
+        """:meth:`insert` with the outcome handed to ``done`` on the loop."""
         ...
 
     def note_last_blocks(self, blocks: dict[_Key, int]) -> None:
@@ -95,6 +102,50 @@ def _split(idems: Sequence[str], memory: MemoryMessages) -> tuple[list[int], lis
     return mem, rest
 
 
+InsertDone = Callable[[list[str | None] | StoreError], None]
+"""Hears how :meth:`DurableTable.insert_soon` went."""
+
+
+@dataclass(slots=True)
+class _Appending:
+    """A batch between numbering and its durable write."""
+
+    results: list[Appended | None]
+    rows: list[tuple[int, StoredMessage]] = field(default_factory=list)
+    durable: list[tuple[int, StoredMessage]] = field(default_factory=list)
+    reserved: dict[int, bytes] = field(default_factory=dict)
+    # Records whose idempotency key is being stored by an earlier batch.
+    waiting: list[tuple[int, asyncio.Future[Appended]]] = field(default_factory=list)
+
+
+def _as_duplicate(original: Appended) -> Appended:
+    if original.error is not None:
+        return original
+    return Appended(original.idem, original.block, duplicate=True)
+
+
+def _when_answered(pending: _Appending, done: AppendDone) -> None:
+    """Call ``done`` with the results once every waited-for key is settled."""
+    left = len(pending.waiting)
+
+    def finish() -> None:
+        done([r for r in pending.results if r is not None])
+
+    if not left:
+        finish()
+        return
+
+    def settled(index: int, future: asyncio.Future[Appended]) -> None:
+        nonlocal left
+        pending.results[index] = _as_duplicate(future.result())
+        left -= 1
+        if not left:
+            finish()
+
+    for index, future in pending.waiting:
+        future.add_done_callback(functools.partial(settled, index))
+
+
 class LocalMessages:
     """Messages and deliveries over a memory table and an optional durable one.
 
@@ -119,52 +170,91 @@ class LocalMessages:
         self, batch: Sequence[NewMessage], *, now_ms: int, dedupe_since_ms: int
     ) -> list[Appended]:
         self._check_open()
-        results: list[Appended | None] = [None] * len(batch)
-        waiting: list[tuple[int, asyncio.Future[Appended]]] = []
-        reserved: dict[int, bytes] = {}
-        rows: list[tuple[int, StoredMessage]] = []
+        pending = self._begin_append(batch, dedupe_since_ms)
+        outcome: list[str | None] | StoreError = []
+        if pending.durable:
+            assert self._durable is not None
+            try:
+                outcome = await self._durable.insert([m for _, m in pending.durable])
+            except StoreError as exc:
+                outcome = exc
+        self._end_append(pending, outcome)
+        for index, future in pending.waiting:
+            pending.results[index] = _as_duplicate(await future)
+        return [r for r in pending.results if r is not None]
+
+    def append_soon(
+        self,
+        batch: Sequence[NewMessage],
+        *,
+        now_ms: int,
+        dedupe_since_ms: int,
+        done: AppendDone,
+    ) -> None:
+        """:meth:`append` without a coroutine: ``done`` hears the results on the
+        loop once the batch is durable (the engine's hot path: no task, and
+        no loop turn between the commit and the answers).
+
+        Raises:
+            StoreError: the store is not open (``done`` is not called).
+        """
+        self._check_open()
+        pending = self._begin_append(batch, dedupe_since_ms)
+
+        def inserted(outcome: list[str | None] | StoreError) -> None:
+            self._end_append(pending, outcome)
+            _when_answered(pending, done)
+
+        if not pending.durable:
+            inserted([])
+            return
+        assert self._durable is not None
+        try:
+            self._durable.insert_soon([m for _, m in pending.durable], inserted)
+        except StoreError as exc:
+            inserted(exc)
+
+    def _begin_append(self, batch: Sequence[NewMessage], dedupe_since_ms: int) -> _Appending:
+        """Number the batch and take its idempotency keys: what is decided
+        before the write."""
+        pending = _Appending(results=[None] * len(batch))
         seen_idems: set[str] = set()
         for index, new in enumerate(batch):
             if new.idem in seen_idems or new.idem in self._memory:
-                results[index] = Appended(new.idem, 0, error=f"idem {new.idem!r} is already stored")
+                pending.results[index] = Appended(
+                    new.idem, 0, error=f"idem {new.idem!r} is already stored"
+                )
                 continue
             seen_idems.add(new.idem)
             if new.dedupe_key is not None:
                 digest = dedupe_digest(new.sender, new.recipient, new.dedupe_key)
                 earlier = self._dedupe.lookup(digest, dedupe_since_ms)
                 if isinstance(earlier, Appended):
-                    results[index] = Appended(earlier.idem, earlier.block, duplicate=True)
+                    pending.results[index] = Appended(earlier.idem, earlier.block, duplicate=True)
                     continue
                 if earlier is not None:
-                    waiting.append((index, earlier))
+                    pending.waiting.append((index, earlier))
                     continue
                 self._dedupe.reserve(digest, new.created_at_ms)
-                reserved[index] = digest
-            rows.append((index, self._number(new)))
-        durable = [(i, m) for i, m in rows if m.persist and self._durable is not None]
-        errors: dict[int, str | None] = {}
-        if durable:
-            assert self._durable is not None
-            try:
-                outcome = await self._durable.insert([m for _, m in durable])
-            except StoreError as exc:
-                outcome = [str(exc)] * len(durable)
-            errors = {i: error for (i, _), error in zip(durable, outcome, strict=True)}
-        for index, message in rows:
+                pending.reserved[index] = digest
+            pending.rows.append((index, self._number(new)))
+        durable = self._durable is not None
+        pending.durable = [(i, m) for i, m in pending.rows if m.persist and durable]
+        return pending
+
+    def _end_append(self, pending: _Appending, outcome: list[str | None] | StoreError) -> None:
+        """The durable write is over (``outcome``: per row None or why it
+        failed, or why the whole write failed): settle keys, let messages out."""
+        if isinstance(outcome, StoreError):
+            outcome = [str(outcome)] * len(pending.durable)
+        errors = {i: error for (i, _), error in zip(pending.durable, outcome, strict=True)}
+        for index, message in pending.rows:
             error = errors.get(index)
             result = Appended(message.idem, message.block, error=error)
-            results[index] = result
-            if index in reserved:
-                self._dedupe.settle_reservation(reserved[index], result)
+            pending.results[index] = result
+            if index in pending.reserved:
+                self._dedupe.settle_reservation(pending.reserved[index], result)
             self._let_out(message, stored=error is None)
-        for index, future in waiting:
-            original = await future
-            results[index] = (
-                original
-                if original.error is not None
-                else Appended(original.idem, original.block, duplicate=True)
-            )
-        return [r for r in results if r is not None]
 
     def _number(self, new: NewMessage) -> StoredMessage:
         return new.numbered(

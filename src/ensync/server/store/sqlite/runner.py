@@ -39,7 +39,7 @@ from typing import Any, Literal, TypeVar, cast
 
 from ..base import StoreError
 
-__all__ = ["MIN_SQLITE", "SqliteRunner", "SqliteStoreStatistics"]
+__all__ = ["MIN_SQLITE", "Done", "SqliteRunner", "SqliteStoreStatistics"]
 
 logger = logging.getLogger("ensync.server.store.sqlite")
 
@@ -76,14 +76,21 @@ class SqliteStoreStatistics:
     checkpoints: int
 
 
+Done = Callable[[object, BaseException | None], None]
+"""Hears a write's outcome on the loop: its result, or why it failed."""
+
+# Who waits for a write: a future, or a callback run on the loop (no task).
+_Target = asyncio.Future[Any] | Done
+
+
 @dataclass(slots=True)
 class _Op:
     fn: Callable[[sqlite3.Connection], object]
-    future: asyncio.Future[object]
+    target: _Target
     dispatched: bool = False
 
 
-_Outcome = tuple[asyncio.Future[Any], object, BaseException | None]
+_Outcome = tuple[_Target, object, BaseException | None]
 
 
 class _State(enum.Enum):
@@ -231,6 +238,22 @@ class SqliteRunner:
     async def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` in the next group commit; its result once committed."""
         return await self._write(fn)
+
+    def write_soon(self, fn: Callable[[sqlite3.Connection], object], done: Done) -> None:
+        """Run ``fn`` in the next group commit and call ``done(result, error)``
+        on the loop once committed (or failed): :meth:`write` without a
+        coroutine, for the hot path.
+
+        Raises:
+            StoreError: the store is not open, or broken (``done`` is not called).
+        """
+        self._check_usable()
+        with self._lock:
+            if self._failure is not None:
+                raise StoreError(f"sqlite store {self._path} is broken: its writer stopped") from (
+                    self._failure
+                )
+            self._queue.put(_Op(fn, done))
 
     def write_nowait(self, fn: Callable[[sqlite3.Connection], object], what: str) -> None:
         """Queue ``fn`` for the next group commit without waiting for it
@@ -418,7 +441,7 @@ class SqliteRunner:
             for op in batch:
                 error = StoreError(f"writing {self._path} failed: {exc}")
                 error.__cause__ = exc
-                outcomes.append((op.future, None, error))
+                outcomes.append((op.target, None, error))
         else:
             self._commits += 1
             self._largest_batch = max(self._largest_batch, len(batch))
@@ -445,7 +468,7 @@ class SqliteRunner:
         for op in leftovers:
             error = StoreError(f"sqlite store {self._path} stopped before this write ran")
             error.__cause__ = failure
-            outcomes.append((op.future, None, error))
+            outcomes.append((op.target, None, error))
         self._dispatch(outcomes)
         self._checkpoints_stop.set()
         if self._checkpointer is not None:
@@ -474,13 +497,19 @@ class SqliteRunner:
 
 
 def _resolve(outcomes: list[_Outcome]) -> None:
-    for future, result, error in outcomes:
-        if future.done():  # the caller was cancelled
+    for target, result, error in outcomes:
+        if not isinstance(target, asyncio.Future):
+            try:
+                target(result, error)
+            except Exception:  # isolation boundary: one caller's bug spares the others
+                logger.exception("a write's outcome could not be handed over")
+            continue
+        if target.done():  # the caller was cancelled
             continue
         if error is None:
-            future.set_result(result)
+            target.set_result(result)
         else:
-            future.set_exception(error)
+            target.set_exception(error)
 
 
 def _run_in_savepoint(conn: sqlite3.Connection, op: _Op) -> _Outcome:
@@ -492,15 +521,15 @@ def _run_in_savepoint(conn: sqlite3.Connection, op: _Op) -> _Outcome:
         conn.execute("RELEASE op")
         error = StoreError(f"sqlite write failed: {exc}")
         error.__cause__ = exc
-        return (op.future, None, error)
+        return (op.target, None, error)
     except Exception as exc:
         # Not swallowed: the error goes to the caller of this one operation
         # (AppExistsError, LookupError, an int too large for SQLite, ...).
         conn.execute("ROLLBACK TO op")
         conn.execute("RELEASE op")
-        return (op.future, None, exc)
+        return (op.target, None, exc)
     conn.execute("RELEASE op")
-    return (op.future, result, None)
+    return (op.target, result, None)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -23,11 +23,11 @@ import pathlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import Final, Literal, Self, cast
 
 from ..base import AppRecord, DeadRef, MessageState, StoredMessage, StoreError
 from ..book import Ref
-from ..local import LocalMessages
+from ..local import InsertDone, LocalMessages
 from . import rows
 from .runner import SqliteRunner, SqliteStoreStatistics
 from .schema import prepare
@@ -74,10 +74,28 @@ class _Table:
 
     async def insert(self, batch: Sequence[StoredMessage]) -> list[str | None]:
         errors = await self._runner.write(functools.partial(rows.insert_rows, tuple(batch)))
+        self._cache_stored(batch, errors)
+        return errors
+
+    def insert_soon(self, batch: Sequence[StoredMessage], done: InsertDone) -> None:
+        def written(result: object, error: BaseException | None) -> None:
+            if error is not None:
+                if not isinstance(error, StoreError):
+                    failure = StoreError(f"storing a batch failed: {error}")
+                    failure.__cause__ = error
+                    error = failure
+                done(error)
+                return
+            errors = cast(list[str | None], result)
+            self._cache_stored(batch, errors)
+            done(errors)
+
+        self._runner.write_soon(functools.partial(rows.insert_rows, tuple(batch)), written)
+
+    def _cache_stored(self, batch: Sequence[StoredMessage], errors: list[str | None]) -> None:
         for message, error in zip(batch, errors, strict=True):
             if error is None:
                 self._cache.put(message)
-        return errors
 
     def note_last_blocks(self, blocks: dict[_Key, int]) -> None:
         self._runner.write_nowait(
