@@ -70,7 +70,7 @@ def test_modules_import_only_nacl_json_stdlib_and_errors() -> None:
                         f"{path.name} imports {name}"
                     )
                 else:
-                    codecs = {"nacl", "orjson", "pybase64"}
+                    codecs = {"nacl", "orjson"}
                     assert top in codecs or top in sys.stdlib_module_names, (
                         f"{path.name} imports {name}"
                     )
