@@ -58,7 +58,12 @@ Settled = pb.SessionSettled
 
 
 class FrameLink(Protocol):
-    """What carries a session's frames."""
+    """What carries a session's frames.
+
+    A link may also offer ``push_to(sink)``: it then hands every frame read
+    (``None`` at the end, an exception if it broke) to ``sink`` itself, and
+    the session runs no reader task.
+    """
 
     async def write(self, frame: pb.ClientFrame) -> None:
         """Send one frame; raises `EnSyncConnectionError` if the link broke."""
@@ -183,7 +188,13 @@ class SessionStream:
         self._closed = False
         self._broken: BaseException | None = None
         loop = asyncio.get_running_loop()
-        self._reader = loop.create_task(self._read(), name="ensync-session-reader")
+        self._reader: asyncio.Task[None] | None = None
+        push_to = getattr(link, "push_to", None)
+        if callable(push_to):
+            # The link hands frames over as they are read: no reader task.
+            push_to(self._arrived)
+        else:
+            self._reader = loop.create_task(self._read(), name="ensync-session-reader")
         self._writer = loop.create_task(self._write(), name="ensync-session-writer")
 
     @classmethod
@@ -411,9 +422,10 @@ class SessionStream:
         self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
         self._outbox.put_nowait(None)
         self._link.cancel()
-        for task in (self._reader, self._writer):
+        tasks = [task for task in (self._reader, self._writer) if task is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -505,6 +517,15 @@ class SessionStream:
         except errors.EnSyncConnectionError as exc:
             cause = exc
         self._break(cause)
+
+    def _arrived(self, item: pb.ServerFrame | BaseException | None) -> None:
+        """What a pushing link read: a frame, the end (None), or why it broke."""
+        if isinstance(item, pb.ServerFrame):
+            self._take(item)
+        elif item is None:
+            self._break(errors.EnSyncConnectionError("the engine ended the session"))
+        else:
+            self._break(item)
 
     def _take(self, frame: pb.ServerFrame) -> None:
         for published in frame.published:

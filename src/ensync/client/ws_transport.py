@@ -92,13 +92,36 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+_Arrival = pb.ServerFrame | BaseException | None
+
+
 class _BinaryLink:
-    """The batched session's frames as binary messages on the socket."""
+    """The batched session's frames as binary messages on the socket.
+
+    Frames are read by the transport's reader; once the session has started
+    they are handed to it straight from there (``push_to``), not through a
+    queue and a reader task of the session's own: one loop turn less per
+    frame.
+    """
 
     def __init__(self, ws: ClientConnection, timeout_s: float) -> None:
         self._ws = ws
         self._timeout = timeout_s
-        self.frames: asyncio.Queue[pb.ServerFrame | BaseException | None] = asyncio.Queue()
+        self.frames: asyncio.Queue[_Arrival] = asyncio.Queue()
+        self._sink: Callable[[_Arrival], None] | None = None
+
+    def arrived(self, item: _Arrival) -> None:
+        """A frame, the end of the session (None) or why the link broke."""
+        if self._sink is not None:
+            self._sink(item)
+        else:
+            self.frames.put_nowait(item)
+
+    def push_to(self, sink: Callable[[_Arrival], None]) -> None:
+        """From now on hand every arrival to ``sink`` (those waiting first)."""
+        while not self.frames.empty():
+            sink(self.frames.get_nowait())
+        self._sink = sink
 
     async def write(self, frame: pb.ClientFrame) -> None:
         try:
@@ -115,7 +138,7 @@ class _BinaryLink:
         return item
 
     def cancel(self) -> None:
-        self.frames.put_nowait(None)
+        self.arrived(None)
 
 
 class WebSocketClientTransport(SessionObserving):
@@ -312,8 +335,8 @@ class WebSocketClientTransport(SessionObserving):
                 if not future.done():
                     future.set_exception(errors.EnSyncConnectionError("connection lost"))
             self._pending.clear()
-            if self._link is not None:
-                self._link.frames.put_nowait(cause)
+            if self._link is not None and not cancelled:
+                self._link.arrived(cause)
             if not cancelled:
                 self._report_lost(cause)
 
@@ -324,11 +347,11 @@ class WebSocketClientTransport(SessionObserving):
         try:
             frame = pb.ServerFrame.FromString(data)
         except DecodeError:
-            self._link.frames.put_nowait(
+            self._link.arrived(
                 errors.EnSyncConnectionError("the engine sent an undecodable session frame")
             )
             return
-        self._link.frames.put_nowait(frame)
+        self._link.arrived(frame)
 
     def _handle(self, event: object) -> None:
         if isinstance(event, ReplyFor):

@@ -41,3 +41,21 @@ async def test_a_socket_that_takes_nothing_for_the_timeout_is_a_lost_link() -> N
     link = _BinaryLink(cast(Any, socket), timeout_s=0.05)
     with pytest.raises(errors.EnSyncConnectionError, match="connection to the engine lost"):
         await asyncio.wait_for(link.write(pb.ClientFrame()), 5.0)
+
+
+async def test_frames_read_before_the_session_started_reach_it_first_and_in_order() -> None:
+    link = _BinaryLink(cast(Any, StuckSocket()), timeout_s=1.0)
+    first, second, third = (
+        pb.ServerFrame(published=[pb.SessionPublished(seq=n)]) for n in (1, 2, 3)
+    )
+    link.arrived(first)
+    link.arrived(second)
+    assert await link.read() == first  # the welcome is read, not pushed
+    heard: list[pb.ServerFrame | BaseException | None] = []
+    link.push_to(heard.append)
+    link.arrived(third)
+    broken = errors.EnSyncConnectionError("gone")
+    link.arrived(broken)
+    link.cancel()
+    assert heard == [second, third, broken, None]
+    assert link.frames.empty()
