@@ -13,7 +13,7 @@ import pytest
 
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.store import SqliteStore
-from ensync.server.store.base import Claim, MessageState
+from ensync.server.store.base import Claim, MessageState, StoreError
 from tests.support.clock import FakeClock
 from tests.support.timing import eventually
 from tests.unit.server.engine_support import Factory, World, make_engine, quiet, world
@@ -711,3 +711,38 @@ async def test_a_backed_off_redelivery_comes_with_nothing_else_happening(
         clock.advance(step)
         await quiet(engine)
         assert [d.attempt for d in router.received][-1] == attempts, step
+
+
+async def test_a_store_failure_fails_the_publishes_of_its_batch(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, _ = await world.client(world.alice)
+
+    def broken(*_args: Any, done: Any, **_kwargs: Any) -> None:
+        done(StoreError("disk on fire"))
+
+    monkeypatch.setattr(world.engine.store, "append_soon", broken)
+    with pytest.raises(ServiceError) as refused:
+        await world.publish(alice, world.bob)
+    assert refused.value.code is ErrorCode.UNAVAILABLE
+    monkeypatch.undo()
+    assert await world.publish(alice, world.bob)
+
+
+async def test_a_bug_in_the_append_fails_its_batch_and_the_engine_goes_on(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice, _ = await world.client(world.alice)
+    bob, bob_router = await world.client(world.bob)
+    world.engine.subscribe(bob, "orders/created")
+
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(world.engine.store, "append_soon", broken)
+    with pytest.raises(ServiceError, match="internal error"):
+        await world.publish(alice, world.bob)
+    monkeypatch.undo()
+    idem = await world.publish(alice, world.bob)
+    await eventually(lambda: [d.idem for d in bob_router.received] == [idem])
+    await quiet(world.engine)

@@ -302,6 +302,13 @@ class Engine:
             self._work -= 1
             self._append_failed(batch, exc)
             return
+        except Exception:  # isolation boundary: a bug fails this batch, not the engine
+            self._work -= 1
+            log.exception("appending a batch of publishes failed")
+            for _, answer in batch:
+                if not answer.done():
+                    answer.set_exception(ServiceError(ErrorCode.UNAVAILABLE, "internal error"))
+            return
         if not started:
             self._work -= 1
             self._spawn(self._append(batch), "ensync-append", work=True)
