@@ -45,6 +45,7 @@ Transport = Literal["grpc", "ws"]
 
 # A log record of `ensync serve`: "<date> <time>,<ms> LEVEL logger: text".
 _LOG_RECORD = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) ")
+_ANY_RECORD = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 
 class EngineProcessError(Exception):
@@ -299,8 +300,27 @@ class EngineProcess:
         )
 
     def log_problems(self) -> list[str]:
-        """Records the engine logged at WARNING or above (first line of each)."""
-        return [line for line in self.log_text().splitlines() if _LOG_RECORD.match(line)]
+        """Records the engine logged at WARNING or above: the first line of
+        each and, for one with a traceback, its second line (which task or
+        future, in asyncio's records) and its last (the exception), so a
+        report names the cause without the log."""
+        problems: list[str] = []
+        record: list[str] | None = None  # the problem being read, line by line
+
+        def finish() -> None:
+            if record:
+                extra = [record[1]] if len(record) > 1 else []
+                extra += [record[-1]] if len(record) > 2 else []
+                problems.append(" | ".join([record[0], *(part[:240] for part in extra)]))
+
+        for line in self.log_text().splitlines():
+            if _ANY_RECORD.match(line):
+                finish()
+                record = [line] if _LOG_RECORD.match(line) else None
+            elif record is not None and line.strip():
+                record.append(line.strip())
+        finish()
+        return problems
 
     def log_tail(self, lines: int = 10) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
