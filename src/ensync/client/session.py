@@ -521,7 +521,11 @@ class SessionStream:
     def _arrived(self, item: pb.ServerFrame | BaseException | None) -> None:
         """What a pushing link read: a frame, the end (None), or why it broke."""
         if isinstance(item, pb.ServerFrame):
-            self._take(item)
+            try:
+                self._take(item)
+            except Exception as exc:  # isolation boundary: the link's reader is not ours
+                log.exception("a session frame could not be handled")
+                self._break(errors.EnSyncConnectionError(f"a session frame failed: {exc!r}"))
         elif item is None:
             self._break(errors.EnSyncConnectionError("the engine ended the session"))
         else:
