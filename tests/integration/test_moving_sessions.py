@@ -8,28 +8,39 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from ensync._proto import ensync_pb2 as pb
 from ensync.crypto import open_payload
-from ensync.testing import run_engine
+from ensync.testing import TestServer, run_engine
 from tests.integration.test_grpc_wire import Stub, next_item
 from tests.support.nats import jetstream_store
 
 __all__: list[str] = []
 
 
-async def test_a_client_id_from_one_node_works_on_another(tmp_path: pathlib.Path) -> None:
+@contextlib.asynccontextmanager
+async def two_nodes(
+    tmp_path: pathlib.Path, **second_options: Any
+) -> AsyncIterator[tuple[TestServer, TestServer, Stub, Stub]]:
+    """Two engine nodes on one JetStream store, each with a raw gRPC stub."""
     store = jetstream_store(tmp_path)
     async with contextlib.AsyncExitStack() as stack:
         first = await stack.enter_async_context(run_engine(store))
-        second = await stack.enter_async_context(run_engine(store))
-        alice = await first.create_app("alice")
-        bob = await first.create_app("bob")
+        second = await stack.enter_async_context(run_engine(store, **second_options))
         on_first, on_second = Stub(first.grpc_port), Stub(second.grpc_port)
         stack.push_async_callback(on_first.channel.close)
         stack.push_async_callback(on_second.channel.close)
+        yield first, second, on_first, on_second
+
+
+async def test_a_client_id_from_one_node_works_on_another(tmp_path: pathlib.Path) -> None:
+    async with two_nodes(tmp_path) as (first, second, on_first, on_second):
+        alice = await first.create_app("alice")
+        bob = await first.create_app("bob")
         sender = await on_first.connect(alice)
         receiver = await on_first.connect(bob)
         # Both move to the second node without connecting again.
@@ -59,14 +70,8 @@ async def test_a_client_id_from_one_node_works_on_another(tmp_path: pathlib.Path
 async def test_an_id_no_node_issued_or_of_a_revoked_app_is_refused(
     tmp_path: pathlib.Path,
 ) -> None:
-    store = jetstream_store(tmp_path)
-    async with contextlib.AsyncExitStack() as stack:
-        first = await stack.enter_async_context(run_engine(store))
-        second = await stack.enter_async_context(run_engine(store))
+    async with two_nodes(tmp_path) as (first, second, on_first, on_second):
         alice = await first.create_app("alice")
-        on_first, on_second = Stub(first.grpc_port), Stub(second.grpc_port)
-        stack.push_async_callback(on_first.channel.close)
-        stack.push_async_callback(on_second.channel.close)
         beat = await on_second.call(
             "Heartbeat", pb.HeartbeatRequest(client_id="made-up"), pb.HeartbeatResponse
         )
@@ -81,14 +86,8 @@ async def test_an_id_no_node_issued_or_of_a_revoked_app_is_refused(
 async def test_a_moved_session_counts_against_the_apps_client_limit(
     tmp_path: pathlib.Path,
 ) -> None:
-    store = jetstream_store(tmp_path)
-    async with contextlib.AsyncExitStack() as stack:
-        first = await stack.enter_async_context(run_engine(store))
-        second = await stack.enter_async_context(run_engine(store, max_clients_per_app=1))
+    async with two_nodes(tmp_path, max_clients_per_app=1) as (first, second, on_first, on_second):
         alice = await first.create_app("alice")
-        on_first, on_second = Stub(first.grpc_port), Stub(second.grpc_port)
-        stack.push_async_callback(on_first.channel.close)
-        stack.push_async_callback(on_second.channel.close)
         await on_second.connect(alice)  # the one client the second node allows
         moved = await on_first.connect(alice)
         with pytest.raises(AssertionError, match="unknown client_id"):
