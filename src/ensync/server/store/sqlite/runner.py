@@ -248,12 +248,7 @@ class SqliteRunner:
             StoreError: the store is not open, or broken (``done`` is not called).
         """
         self._check_usable()
-        with self._lock:
-            if self._failure is not None:
-                raise StoreError(f"sqlite store {self._path} is broken: its writer stopped") from (
-                    self._failure
-                )
-            self._queue.put(_Op(fn, done))
+        self._enqueue(_Op(fn, done))
 
     def write_nowait(self, fn: Callable[[sqlite3.Connection], object], what: str) -> None:
         """Queue ``fn`` for the next group commit without waiting for it
@@ -284,14 +279,17 @@ class SqliteRunner:
     async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         loop = self._check_usable()
         future: asyncio.Future[object] = loop.create_future()
+        self._enqueue(_Op(fn, future))
+        # Cancelling the caller does not withdraw the operation: it may still commit.
+        return cast(_T, await future)
+
+    def _enqueue(self, op: _Op) -> None:
         with self._lock:
             if self._failure is not None:
                 raise StoreError(f"sqlite store {self._path} is broken: its writer stopped") from (
                     self._failure
                 )
-            self._queue.put(_Op(fn, future))
-        # Cancelling the caller does not withdraw the operation: it may still commit.
-        return cast(_T, await future)
+            self._queue.put(op)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         loop = self._check_usable()
