@@ -56,6 +56,12 @@ _PRUNE_EVERY_S = 3600.0
 _REFUSALS_LOGGED = 10_000
 
 
+def _fail(batch: list[tuple[NewMessage, asyncio.Future[str]]], error: ServiceError) -> None:
+    for _, answer in batch:
+        if not answer.done():
+            answer.set_exception(error)
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     # A caller that gave up leaves its answer unread: mark it read.
     if not future.cancelled():
@@ -150,9 +156,7 @@ class Engine:
             self._timer.cancel()
         for task in list(self._tasks):
             task.cancel()
-        for _, future in self._batch:
-            if not future.done():
-                future.set_exception(ServiceError(ErrorCode.UNAVAILABLE, "the engine stopped"))
+        _fail(self._batch, ServiceError(ErrorCode.UNAVAILABLE, "the engine stopped"))
         self._batch.clear()
         for _, _, answer in self._acks:
             if not answer.done():
@@ -299,15 +303,12 @@ class Engine:
         try:
             started = self._service.append_soon(messages, appended)
         except StoreError as exc:
-            self._work -= 1
-            self._append_failed(batch, exc)
-            return
+            started = True
+            appended(exc)
         except Exception:  # isolation boundary: a bug fails this batch, not the engine
-            self._work -= 1
             log.exception("appending a batch of publishes failed")
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(ServiceError(ErrorCode.UNAVAILABLE, "internal error"))
+            self._work -= 1
+            _fail(batch, ServiceError(ErrorCode.UNAVAILABLE, "internal error"))
             return
         if not started:
             self._work -= 1
@@ -320,19 +321,14 @@ class Engine:
             self._append_failed(batch, exc)
             return
         except BaseException:
-            for _, answer in batch:
-                if not answer.done():
-                    answer.set_exception(ServiceError(ErrorCode.UNAVAILABLE, "the engine stopped"))
+            _fail(batch, ServiceError(ErrorCode.UNAVAILABLE, "the engine stopped"))
             raise
         self._answer_appended(batch, results)
 
     def _append_failed(
         self, batch: list[tuple[NewMessage, asyncio.Future[str]]], exc: StoreError
     ) -> None:
-        failure = storage_failed(exc)
-        for _, answer in batch:
-            if not answer.done():
-                answer.set_exception(failure)
+        _fail(batch, storage_failed(exc))
 
     def _answer_appended(
         self, batch: list[tuple[NewMessage, asyncio.Future[str]]], results: list[Appended]
