@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import itertools
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -396,6 +397,25 @@ async def test_subscribe_needs_a_secret_key(setup: Setup) -> None:
     with pytest.raises(EnSyncValidationError):
         await client.subscribe("x")
     sub = await client.subscribe("x", app_secret_key=setup.bob.secret_key)
+    assert sub.name == "x"
+
+
+async def test_a_secret_key_of_another_app_is_refused_naming_both_app_ids(setup: Setup) -> None:
+    # Accepted, every message would fail to open ("not sealed for this key")
+    # and stay pending.
+    engine = setup.make_engine()
+    setup.engines.append(engine)
+    with pytest.raises(EnSyncValidationError) as refused:
+        await engine.create_client(setup.alice.app_key, app_secret_key=setup.bob.secret_key)
+    text = str(refused.value)
+    assert setup.bob.app_id in text
+    assert setup.alice.app_id in text
+    assert setup.bob.secret_key not in text
+    assert setup.alice.app_key not in text
+    client = await engine.create_client(setup.alice.app_key)
+    with pytest.raises(EnSyncValidationError, match=re.escape(setup.bob.app_id)):
+        await client.subscribe("x", app_secret_key=setup.bob.secret_key)
+    sub = await client.subscribe("x", app_secret_key=setup.alice.secret_key)
     assert sub.name == "x"
 
 

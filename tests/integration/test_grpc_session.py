@@ -217,7 +217,7 @@ async def test_deliveries_on_the_session_spend_credits(raw: Raw) -> None:
     await subscription.wait_for_connection()
     call = raw.session()
     welcome = await hello(call, receiver, "deliveries")
-    assert list(welcome.capabilities) == ["deliveries", "observe"]
+    assert list(welcome.capabilities) == ["deliveries", "observe", "goodbye"]
     await sending.write(
         pb.ClientFrame(
             publishes=[

@@ -513,21 +513,23 @@ class SessionObserve(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., pattern: _Optional[str] = ..., stop: _Optional[bool] = ...) -> None: ...
 
 class ClientFrame(_message.Message):
-    __slots__ = ("hello", "publishes", "settles", "credits", "observes")
+    __slots__ = ("hello", "publishes", "settles", "credits", "observes", "goodbye")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     PUBLISHES_FIELD_NUMBER: _ClassVar[int]
     SETTLES_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     OBSERVES_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
     hello: SessionHello
     publishes: _containers.RepeatedCompositeFieldContainer[SessionPublish]
     settles: _containers.RepeatedCompositeFieldContainer[SessionSettle]
     credits: _containers.RepeatedCompositeFieldContainer[SessionCredit]
     observes: _containers.RepeatedCompositeFieldContainer[SessionObserve]
-    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., publishes: _Optional[_Iterable[_Union[SessionPublish, _Mapping]]] = ..., settles: _Optional[_Iterable[_Union[SessionSettle, _Mapping]]] = ..., credits: _Optional[_Iterable[_Union[SessionCredit, _Mapping]]] = ..., observes: _Optional[_Iterable[_Union[SessionObserve, _Mapping]]] = ...) -> None: ...
+    goodbye: bool
+    def __init__(self, hello: _Optional[_Union[SessionHello, _Mapping]] = ..., publishes: _Optional[_Iterable[_Union[SessionPublish, _Mapping]]] = ..., settles: _Optional[_Iterable[_Union[SessionSettle, _Mapping]]] = ..., credits: _Optional[_Iterable[_Union[SessionCredit, _Mapping]]] = ..., observes: _Optional[_Iterable[_Union[SessionObserve, _Mapping]]] = ..., goodbye: _Optional[bool] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "published", "settled", "deliveries", "observing", "observed", "observed_missed")
+    __slots__ = ("welcome", "published", "settled", "deliveries", "observing", "observed", "observed_missed", "goodbye")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     SETTLED_FIELD_NUMBER: _ClassVar[int]
@@ -535,6 +537,7 @@ class ServerFrame(_message.Message):
     OBSERVING_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_FIELD_NUMBER: _ClassVar[int]
     OBSERVED_MISSED_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
     welcome: SessionWelcome
     published: _containers.RepeatedCompositeFieldContainer[SessionPublished]
     settled: _containers.RepeatedCompositeFieldContainer[SessionSettled]
@@ -542,4 +545,5 @@ class ServerFrame(_message.Message):
     observing: _containers.RepeatedCompositeFieldContainer[SessionSettled]
     observed: _containers.RepeatedCompositeFieldContainer[MessageStreamResponse]
     observed_missed: int
-    def __init__(self, welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., published: _Optional[_Iterable[_Union[SessionPublished, _Mapping]]] = ..., settled: _Optional[_Iterable[_Union[SessionSettled, _Mapping]]] = ..., deliveries: _Optional[_Iterable[_Union[MessageStreamResponse, _Mapping]]] = ..., observing: _Optional[_Iterable[_Union[SessionSettled, _Mapping]]] = ..., observed: _Optional[_Iterable[_Union[MessageStreamResponse, _Mapping]]] = ..., observed_missed: _Optional[int] = ...) -> None: ...
+    goodbye: bool
+    def __init__(self, welcome: _Optional[_Union[SessionWelcome, _Mapping]] = ..., published: _Optional[_Iterable[_Union[SessionPublished, _Mapping]]] = ..., settled: _Optional[_Iterable[_Union[SessionSettled, _Mapping]]] = ..., deliveries: _Optional[_Iterable[_Union[MessageStreamResponse, _Mapping]]] = ..., observing: _Optional[_Iterable[_Union[SessionSettled, _Mapping]]] = ..., observed: _Optional[_Iterable[_Union[MessageStreamResponse, _Mapping]]] = ..., observed_missed: _Optional[int] = ..., goodbye: _Optional[bool] = ...) -> None: ...

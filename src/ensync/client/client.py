@@ -17,7 +17,7 @@ from ensync.client.observation import Observation
 from ensync.client.subscription import Subscription, open_message, replayed
 from ensync.client.transport import ClientTransport
 from ensync.client.typed import as_payload, check_model
-from ensync.crypto import OpeningKey, is_app_id, opening_key, seal_hybrid
+from ensync.crypto import OpeningKey, is_app_id, opening_key, seal_hybrid, x25519_public
 from ensync.models import Message
 from ensync.protocol.headers import IDEMPOTENCY_HEADER
 from ensync.protocol.names import validate_name, validate_pattern
@@ -25,7 +25,7 @@ from ensync.protocol.names import validate_name, validate_pattern
 if TYPE_CHECKING:
     from ensync.client.engine import BaseEngine
 
-__all__ = ["EnSyncClient"]
+__all__ = ["EnSyncClient", "check_key_owner"]
 
 _METADATA_KEYS = {"persist", "headers", "ttl_ms"}
 
@@ -47,6 +47,23 @@ def _skeleton_type(value: Any) -> str:
     if isinstance(value, str):
         return "string"
     return "array" if isinstance(value, list | tuple) else "object"
+
+
+def check_key_owner(key: OpeningKey, app_id: str | None) -> None:
+    """Refuse a secret key that cannot open what is sealed for ``app_id``.
+
+    Raises:
+        EnSyncValidationError: the key belongs to another app (its messages
+            would never open, and would stay pending). ``app_id`` None: the
+            engine did not say which app connected; nothing is checked.
+    """
+    if app_id is None or x25519_public(app_id) == key.x25519_public:
+        return
+    theirs = f"app id {key.app_id}" if key.app_id else "another app"
+    raise errors.EnSyncValidationError(
+        f"app_secret_key belongs to {theirs}, but app_key connects as app id {app_id}:"
+        " pass the secret key printed with this app's key"
+    )
 
 
 class EnSyncClient:
@@ -403,7 +420,11 @@ class EnSyncClient:
 
     def _opening_key(self, app_secret_key: str | None, verb: str) -> OpeningKey:
         """The key to decrypt with: the one given to ``verb``, else the client's."""
-        key = opening_key(app_secret_key) if app_secret_key is not None else self._secret
+        if app_secret_key is not None:
+            given = opening_key(app_secret_key)
+            check_key_owner(given, self._connection.app_id)
+            return given
+        key = self._secret
         if key is None:
             raise errors.EnSyncValidationError(
                 "no secret key to decrypt messages with: pass app_secret_key to "

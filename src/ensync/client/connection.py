@@ -89,6 +89,8 @@ class Connection:
         self.client_hash = ""
         self.ack_deadline_ms: int | None = None
         self.max_payload_bytes: int | None = None
+        # The connected app's id when the engine says.
+        self.app_id: str | None = None
         # Why the connection failed for good, once it has.
         self.failure: errors.EnSyncError | None = None
         self._failed_listeners: list[Callable[[errors.EnSyncError], None]] = []
@@ -143,6 +145,7 @@ class Connection:
         self.client_hash = info.client_hash
         self.ack_deadline_ms = info.ack_deadline_ms
         self.max_payload_bytes = info.max_payload_bytes
+        self.app_id = info.app_id
         self._install(transport)
         self._heartbeat_task = asyncio.get_running_loop().create_task(
             self._heartbeat(), name="ensync-heartbeat"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ensync import errors
-from ensync.client.client import EnSyncClient
+from ensync.client.client import EnSyncClient, check_key_owner
 from ensync.client.connection import Connection, ConnectionOptions
 from ensync.client.events import EventEmitter, EventName
 from ensync.client.grpc_transport import GrpcClientTransport
@@ -135,7 +135,9 @@ class BaseEngine(ABC):
         Raises:
             EnSyncAuthError: the key was refused.
             EnSyncConnectionError: the engine cannot be reached.
-            EnSyncValidationError: the secret key is malformed.
+            EnSyncValidationError: the secret key is malformed, or belongs
+                to another app than ``app_key`` (every message would then
+                fail to open and stay pending).
         """
         if self._closed:
             raise errors.EnSyncConnectionError("the engine is closed")
@@ -153,6 +155,12 @@ class BaseEngine(ABC):
             home=home,
         )
         await connection.open()
+        if secret is not None:
+            try:
+                check_key_owner(secret, connection.app_id)
+            except errors.EnSyncValidationError:
+                await connection.close()
+                raise
         client = EnSyncClient(self, connection, secret)
         self._clients.append(client)
         return client

@@ -277,6 +277,7 @@ class GrpcClientTransport(SessionObserving):
             response.client_hash,
             digits(config.get("ack_deadline_ms", "")),
             digits(config.get("max_payload_bytes", "")),
+            config.get("app_id") or None,
         )
 
     async def heartbeat(self) -> None:

@@ -46,6 +46,10 @@ SESSION_METHOD = "/ensync.EnSyncSession/Session"
 VERSION = 1
 DELIVERIES = "deliveries"
 OBSERVE = "observe"
+GOODBYE = "goodbye"
+# How long `close` waits for the engine's answer to a goodbye. Past it the
+# client closes anyway; the engine ends the session when heartbeats stop.
+_GOODBYE_WAIT_S = 2.0
 # A frame goes out as soon as it holds this many publishes.
 _EAGER_FLUSH = 128
 # Items the SDK keeps outstanding on one session when the engine does not say.
@@ -165,6 +169,9 @@ class SessionStream:
         self._link = link
         self.deliveries = DELIVERIES in welcome.capabilities
         self.observing = OBSERVE in welcome.capabilities
+        self._says_goodbye = GOODBYE in welcome.capabilities
+        # Set while a goodbye waits for its answer: the end is then expected.
+        self._leaving: asyncio.Future[None] | None = None
         self._observers: dict[str, Observer] = {}
         self._observes: list[pb.SessionObserve] = []
         frame_bytes = welcome.limits.get("max_frame_bytes", "")
@@ -412,9 +419,17 @@ class SessionStream:
         self._flush_soon()
 
     async def close(self) -> None:
-        """End the session (idempotent); calls still waiting fail."""
+        """End the session (idempotent); calls still waiting fail.
+
+        An engine that offers it hears a goodbye first, after what is pending
+        went out: it answers that, then ends the client's session at once
+        (its unsettled deliveries go to other clients now, and the client no
+        longer counts against its app's client limit).
+        """
         if self._closed:
             return
+        if self._says_goodbye and self._broken is None and self._leaving is None:
+            await self._goodbye()
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -426,6 +441,19 @@ class SessionStream:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _goodbye(self) -> None:
+        leaving = self._leaving = asyncio.get_running_loop().create_future()
+        self._flush()
+        self._outbox.put_nowait(pb.ClientFrame(goodbye=True))
+        try:
+            await asyncio.wait_for(asyncio.shield(leaving), _GOODBYE_WAIT_S)
+        except TimeoutError:
+            log.debug("the engine did not answer the goodbye in %g s", _GOODBYE_WAIT_S)
+
+    def _left(self) -> None:
+        if self._leaving is not None and not self._leaving.done():
+            self._leaving.set_result(None)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -507,7 +535,7 @@ class SessionStream:
             while (frame := await self._outbox.get()) is not None:
                 await self._link.write(frame)
         except errors.EnSyncConnectionError as exc:
-            self._break(exc)
+            self._ended(exc)
 
     async def _read(self) -> None:
         cause: BaseException = errors.EnSyncConnectionError("the engine ended the session")
@@ -516,7 +544,7 @@ class SessionStream:
                 self._take(frame)
         except errors.EnSyncConnectionError as exc:
             cause = exc
-        self._break(cause)
+        self._ended(cause)
 
     def _arrived(self, item: pb.ServerFrame | BaseException | None) -> None:
         """What a pushing link read: a frame, the end (None), or why it broke."""
@@ -527,9 +555,16 @@ class SessionStream:
                 log.exception("a session frame could not be handled")
                 self._break(errors.EnSyncConnectionError(f"a session frame failed: {exc!r}"))
         elif item is None:
-            self._break(errors.EnSyncConnectionError("the engine ended the session"))
+            self._ended(errors.EnSyncConnectionError("the engine ended the session"))
         else:
-            self._break(item)
+            self._ended(item)
+
+    def _ended(self, cause: BaseException) -> None:
+        """The link ended or broke: expected after a goodbye, a loss otherwise."""
+        if self._leaving is not None:
+            self._left()
+        else:
+            self._break(cause)
 
     def _take(self, frame: pb.ServerFrame) -> None:
         for published in frame.published:
@@ -540,6 +575,8 @@ class SessionStream:
             self._resolve(answer.seq, answer)
         if frame.observed or frame.observed_missed:
             self._take_observed(frame)
+        if frame.goodbye:
+            self._left()
         if not frame.deliveries:
             return
         now_ms = time.time_ns() // 1_000_000  # once per frame

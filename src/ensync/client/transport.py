@@ -41,6 +41,8 @@ class ConnectInfo:
     ack_deadline_ms: int | None = None
     # The engine's limit on a payload's JSON (before encryption) when it says.
     max_payload_bytes: int | None = None
+    # The connected app's id when the engine says (ensync does).
+    app_id: str | None = None
 
 
 def digits(value: str) -> int | None:

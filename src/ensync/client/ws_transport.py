@@ -15,6 +15,7 @@ Subscribing, pausing and replaying stay text commands.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import ssl
@@ -85,6 +86,15 @@ def max_in_flight(fields: dict[str, str]) -> int:
     if not value.isdigit():
         return DEFAULT_MAX_IN_FLIGHT
     return max(1, int(value) - _RESERVED)
+
+
+def _app_id(hex_text: str) -> str | None:
+    """The app id from the CONN answer's ``appIdHex`` (``None``: not said)."""
+    try:
+        raw = bytes.fromhex(hex_text)
+    except ValueError:
+        return None
+    return base64.b64encode(raw).decode() if raw else None
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -247,6 +257,7 @@ class WebSocketClientTransport(SessionObserving):
             client_hash,
             digits(fields.get("ackDeadlineMs", "")),
             digits(fields.get("maxPayloadBytes", "")),
+            _app_id(fields.get("appIdHex", "")),
         )
 
     async def _request(

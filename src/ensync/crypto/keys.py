@@ -92,11 +92,14 @@ class OpeningKey:
         map_keys: the ``keys`` map entries of a hybrid envelope that name this
             app in some dialect (app id, hex public keys); readers try these
             entries first and then every other one (PROTOCOL.md §4.3).
+        app_id: the app id this secret key belongs to (``None`` for a bare
+            32-byte X25519 secret, which has none).
     """
 
     x25519_secret: bytes = field(repr=False)
     x25519_public: bytes
     map_keys: frozenset[str]
+    app_id: str | None = None
 
 
 def generate_keypair() -> KeyPair:
@@ -312,15 +315,19 @@ def _opening_key_cached(secret: str | bytes) -> OpeningKey:
         _check_secret_length(secret)
         raw = secret
     map_keys: set[str] = set()
+    app_id: str | None = None
     if len(raw) == SECRET_KEY_BYTES:
         seed = raw[:SEED_BYTES]
         # Derive the public key from the seed rather than trusting the stored
         # second half: decryption only ever uses the seed.
         ed_public, _ = bindings.crypto_sign_seed_keypair(seed)
         scalar = bindings.crypto_sign_ed25519_sk_to_curve25519(seed + ed_public)
-        map_keys.update((b64encode(ed_public), ed_public.hex()))
+        app_id = b64encode(ed_public)
+        map_keys.update((app_id, ed_public.hex()))
     else:
         scalar = raw
     public = bindings.crypto_scalarmult_base(scalar)
     map_keys.update((b64encode(public), public.hex()))
-    return OpeningKey(x25519_secret=scalar, x25519_public=public, map_keys=frozenset(map_keys))
+    return OpeningKey(
+        x25519_secret=scalar, x25519_public=public, map_keys=frozenset(map_keys), app_id=app_id
+    )

@@ -65,6 +65,20 @@ class _EngineCollector(Collector):
         for limit in sorted({*_LIMITS, *counts}):
             limits.add_metric([limit], counts.get(limit, 0))
         yield limits
+        health = self._engine.store_health
+        failures = CounterMetricFamily(
+            "ensync_store_failures",
+            "Store operations that failed (the client heard 'retry later'), by operation",
+            labels=["operation"],
+        )
+        for operation, count in sorted(health.failures.items()):
+            failures.add_metric([operation], count)
+        yield failures
+        yield GaugeMetricFamily(
+            "ensync_store_failing",
+            "1 while the store fails writes (the last one failed), else 0",
+            value=0 if health.failing_since_ms is None else 1,
+        )
         gauges = self._engine.statistics()
         yield GaugeMetricFamily(
             "ensync_connected_clients", "Clients with a live session", value=gauges.sessions

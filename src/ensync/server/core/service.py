@@ -23,13 +23,14 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 
-from ensync.protocol.errors import STORE_UNAVAILABLE, UNKNOWN_SESSION
+from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.names import allowed
 from ensync.server.config import EngineConfig
 from ensync.server.core import validation
 from ensync.server.core.apps import AppRegistry
 from ensync.server.core.dispatch import Dispatcher
 from ensync.server.core.errors import ErrorCode, ServiceError
+from ensync.server.core.health import StoreHealth
 from ensync.server.core.ids import client_tag, new_client_hash, new_client_id, new_idem
 from ensync.server.core.limits import RateLimiter
 from ensync.server.core.model import (
@@ -40,8 +41,8 @@ from ensync.server.core.model import (
     SessionInfo,
     SessionRouter,
 )
-from ensync.server.core.refusals import RefusalLog
 from ensync.server.core.sessions import Session
+from ensync.server.core.throttled import ThrottledLog
 from ensync.server.store.base import (
     AppendDone,
     Appended,
@@ -59,7 +60,7 @@ from ensync.server.store.base import (
     StoreError,
 )
 
-__all__ = ["Service", "storage_failed"]
+__all__ = ["Service"]
 
 log = logging.getLogger("ensync.server.core")
 
@@ -68,12 +69,6 @@ _MAX_REASON = 1024
 # A client id no node registered is not looked up again for this long.
 _UNKNOWN_ID_MS = 5_000
 _UNKNOWN_IDS_KEPT = 10_000
-
-
-def storage_failed(exc: StoreError) -> ServiceError:
-    """What a client hears when the store failed under its request."""
-    log.error("store failed: %s", exc)
-    return ServiceError(ErrorCode.UNAVAILABLE, STORE_UNAVAILABLE)
 
 
 class Service:
@@ -108,7 +103,8 @@ class Service:
         )
         self.policy = DeliveryPolicy()
         self._limiter = RateLimiter(config.rate_limit_per_app)
-        self._refusals = RefusalLog(log, clock.now_ms)
+        self._refusals = ThrottledLog(log, clock.now_ms, what="refused")
+        self.store_health = StoreHealth(log, clock.now_ms)
         # Client ids found in no registry lately, with when to ask again.
         self._unknown_ids: dict[str, int] = {}
         self._appends_soon = store if isinstance(store, AppendsSoon) else None
@@ -135,7 +131,7 @@ class Service:
             self._refusals.note("app key", f"connect: {exc.message}")
             raise
         except StoreError as exc:
-            raise storage_failed(exc) from exc
+            raise self.store_health.failed("connect", exc) from exc
         now = self.clock.now_ms()
         session = self._admit(app, new_client_id(), new_client_hash(), router, now)
         log.info("client %s of app %s connected", client_tag(session.client_id), app.name)
@@ -382,7 +378,9 @@ class Service:
             elif result.error is None:
                 self.stats.published += 1
             else:
-                log.error("store refused a publish: %s", result.error)
+                self.store_health.failed("publish", StoreError(result.error))
+        if results and results[-1].error is None:
+            self.store_health.worked()
 
     # ------------------------------------------------------------------ subscribe
 
@@ -450,10 +448,11 @@ class Service:
                 now_ms=self.clock.now_ms(),
             )
         except StoreError as exc:
-            failure = storage_failed(exc)
+            failure = self.store_health.failed("ack", exc, count=len(settle))
             for index in settle.values():
                 outcomes[index] = failure
             return outcomes
+        self.store_health.worked()
         for idem, done in zip(settle, changed, strict=True):
             self.dispatcher.settled(idem)
             if done:
@@ -487,7 +486,7 @@ class Service:
         try:
             changed = await self.store.defer(idem, visible_at, now)
         except StoreError as exc:
-            raise storage_failed(exc) from exc
+            raise self.store_health.failed("defer", exc) from exc
         if not changed:
             raise ServiceError(
                 ErrorCode.FAILED_PRECONDITION, f"message {idem} was settled meanwhile"
@@ -522,7 +521,7 @@ class Service:
         try:
             extended = await self.store.extend(idem, held.token, deadline)
         except StoreError as exc:
-            raise storage_failed(exc) from exc
+            raise self.store_health.failed("extend", exc) from exc
         if not extended:
             raise ServiceError(ErrorCode.FAILED_PRECONDITION, f"message {idem} is not in flight")
         self.dispatcher.extended(idem, deadline)
@@ -547,7 +546,7 @@ class Service:
                 [Release(idem, held.token, failure)], now_ms=self.clock.now_ms(), policy=self.policy
             )
         except StoreError as exc:
-            raise storage_failed(exc) from exc
+            raise self.store_health.failed("release", exc) from exc
         if outcome.stale:
             raise ServiceError(ErrorCode.FAILED_PRECONDITION, f"message {idem} is not in flight")
         if outcome.dead:
@@ -565,7 +564,7 @@ class Service:
                 [release for _, release in releases], now_ms=self.clock.now_ms(), policy=self.policy
             )
         except StoreError as exc:
-            log.error("could not give %d messages back: %s", len(releases), exc)
+            self.store_health.failed("release", exc, count=len(releases))
             return
         for (key, _), outcome in zip(releases, outcomes, strict=True):
             if outcome.dead:
@@ -586,7 +585,7 @@ class Service:
             try:
                 message = await self.store.get(idem)
             except StoreError as exc:
-                raise storage_failed(exc) from exc
+                raise self.store_health.failed("read", exc, write=False) from exc
         if message is None or message.recipient != session.app_id:
             raise ServiceError.not_found(f"message {idem[:64]!r} not found")
         return message
@@ -597,7 +596,7 @@ class Service:
                 [Settlement(idem, state, reason)], now_ms=self.clock.now_ms()
             )
         except StoreError as exc:
-            raise storage_failed(exc) from exc
+            raise self.store_health.failed("settle", exc) from exc
         self.dispatcher.settled(idem)
         return changed
 

@@ -25,6 +25,7 @@ from ensync.server.config import EngineConfig
 from ensync.server.core.apps import AppRegistry
 from ensync.server.core.dispatch import ClaimRequest, Dispatcher
 from ensync.server.core.errors import ErrorCode, ServiceError
+from ensync.server.core.health import StoreHealth
 from ensync.server.core.ids import client_tag
 from ensync.server.core.model import (
     EngineStatistics,
@@ -34,7 +35,7 @@ from ensync.server.core.model import (
     SessionRouter,
 )
 from ensync.server.core.observers import Observers, ObserverSink
-from ensync.server.core.service import Service, storage_failed
+from ensync.server.core.service import Service
 from ensync.server.core.sessions import Session
 from ensync.server.runtime.clock import Cancellable, Timer, WallClock
 from ensync.server.store.base import (
@@ -200,6 +201,11 @@ class Engine:
         return deadline is None or deadline > self.clock.now_ms()
 
     @property
+    def store_health(self) -> StoreHealth:
+        """Whether the store takes writes, and its failures so far."""
+        return self._service.store_health
+
+    @property
     def sessions(self) -> dict[str, Session]:
         """Live sessions by client id (read only)."""
         return self._dispatcher.sessions
@@ -328,7 +334,7 @@ class Engine:
     def _append_failed(
         self, batch: list[tuple[NewMessage, asyncio.Future[str]]], exc: StoreError
     ) -> None:
-        _fail(batch, storage_failed(exc))
+        _fail(batch, self._service.store_health.failed("publish", exc, count=len(batch)))
 
     def _answer_appended(
         self, batch: list[tuple[NewMessage, asyncio.Future[str]]], results: list[Appended]
@@ -526,7 +532,7 @@ class Engine:
                 policy=self._service.policy,
             )
         except StoreError as exc:
-            log.error("claiming messages of %s failed; retrying: %s", name, exc)
+            self._service.store_health.failed("claim", exc)  # and retried
             self._dispatcher.claim_failed(request.key, self.clock.now_ms())
             self._kick()
             return
@@ -563,7 +569,7 @@ class Engine:
             redriven = await self.store.adopt_redriven()
         except StoreError as exc:
             # Tried again a quarter of a second later; no traceback for an outage.
-            log.warning("could not re-read the registered apps: %s", exc)
+            self._service.store_health.failed("read apps", exc, write=False)
             return
         if redriven:
             log.info("%d redriven dead letters will be delivered again", redriven)
@@ -585,8 +591,8 @@ class Engine:
             delay_s = _PRUNE_EVERY_S
             try:
                 await self.store.prune(self.clock.now_ms() - self.config.retention_ms)
-            except StoreError:
-                log.exception("pruning settled messages failed")
+            except StoreError as exc:
+                self._service.store_health.failed("prune", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str, *, work: bool = False) -> None:
         if self._group is None:

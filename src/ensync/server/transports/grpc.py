@@ -40,6 +40,7 @@ from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
 from ensync.server.core.validation import largest_request
 from ensync.server.runtime.engine import Engine
 from ensync.server.transports.go_clients import GoClientWatch
+from ensync.server.transports.listen import bind_failure
 from ensync.server.transports.session import (
     SESSION_SERVICE,
     Refusal,
@@ -224,6 +225,10 @@ class GrpcTransport:
         self.max_streams = max(200, engine.config.max_subscriptions_per_client + 100)
         self._server = grpc.aio.server(
             options=[
+                # grpcio shares a port with any other grpcio server by default:
+                # a second engine on the same --grpc would take half the
+                # clients into another store. A taken port is an error.
+                ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # Bounds what one connection can open at once (a "rapid reset"
@@ -242,7 +247,7 @@ class GrpcTransport:
             ]
         )
         self._clients: dict[str, _Client] = {}
-        self._go = GoClientWatch(self._go_client_gone)
+        self._go = GoClientWatch(self._client_gone)
         handlers = [self._handlers()]
         if session:  # ensync's own batched stream; official clients never call it
             handlers.append(self._session_handlers())
@@ -251,12 +256,14 @@ class GrpcTransport:
 
     async def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
-        if self._credentials is None:
-            self.port = self._server.add_insecure_port(self._address)
-        else:
-            self.port = self._server.add_secure_port(self._address, self._credentials)
-        if self.port == 0:
-            raise OSError(f"cannot listen for gRPC on {self._address}")
+        try:
+            if self._credentials is None:
+                self.port = self._server.add_insecure_port(self._address)
+            else:
+                self.port = self._server.add_secure_port(self._address, self._credentials)
+        except RuntimeError as exc:  # grpcio's only word for a failed bind
+            host, _, port = self._address.rpartition(":")
+            raise bind_failure("gRPC", "--grpc", host.strip("[]"), int(port), exc) from exc
         await self._server.start()
         return self.port
 
@@ -314,6 +321,7 @@ class GrpcTransport:
             self._attach_session,
             self._detach_session,
             max_frame_bytes=self._message_limit - 64 * 1024,
+            leave=self._client_gone,
         )
 
     def _attach_session(self, client_id: str, outbox: SessionOutbox) -> bool:
@@ -514,7 +522,8 @@ class GrpcTransport:
             )
         self._engine.routes_changed(client.client_id)
 
-    def _go_client_gone(self, client_id: str) -> None:
+    def _client_gone(self, client_id: str) -> None:
+        """A client that said goodbye, or a Go client whose streams all ended."""
         client = self._clients.pop(client_id, None)
         if client is None or client.closed:
             return

@@ -25,6 +25,7 @@ from websockets.http11 import Request, Response
 from ensync.server.core.validation import largest_request
 from ensync.server.metrics import CONTENT_TYPE, render_metrics
 from ensync.server.runtime.engine import Engine
+from ensync.server.transports.listen import bind_failure
 from ensync.server.transports.websocket import WebSocketTransport
 
 __all__ = ["HttpListener"]
@@ -83,7 +84,18 @@ class HttpListener:
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port."""
-        self._server = await serve(
+        try:
+            self._server = await self._serve()
+        except OSError as exc:
+            what = "HTTP" if self._websocket else "metrics"
+            flag = "--http" if self._websocket else "--metrics"
+            raise bind_failure(what, flag, self._host, self._port, exc) from exc
+        sockets = list(self._server.sockets)
+        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        return self.port
+
+    async def _serve(self) -> Server:
+        return await serve(
             self.websocket.handle,
             self._host,
             self._port,
@@ -99,9 +111,6 @@ class HttpListener:
             compression=None,
             ssl=self._ssl,
         )
-        sockets = list(self._server.sockets)
-        self.port = sockets[0].getsockname()[1] if sockets else self._port
-        return self.port
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting connections, let each connection finish the commands
@@ -122,12 +131,28 @@ class HttpListener:
             return _response(http.HTTPStatus.NOT_FOUND, b"no WebSocket here\n", "text/plain")
         path = request.path.split("?", 1)[0]
         if path == "/healthz":
-            gauges = dataclasses.asdict(self._engine.statistics())
-            body = json.dumps({"status": "ok", **gauges}) + "\n"
-            return _response(http.HTTPStatus.OK, body.encode(), "application/json")
+            return self._health()
         if path == "/metrics" and self._metrics:
             return _response(http.HTTPStatus.OK, await render_metrics(self._engine), CONTENT_TYPE)
         return _response(http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+    def _health(self) -> Response:
+        """200 and "ok" while the store takes writes; 503 while it fails them,
+        so that a load balancer sends clients to a node whose store works."""
+        gauges = dataclasses.asdict(self._engine.statistics())
+        store = self._engine.store_health
+        if store.failing_since_ms is None:
+            body = {"status": "ok", **gauges}
+            status = http.HTTPStatus.OK
+        else:
+            body = {
+                "status": "store failing",
+                "store_error": store.last_error,
+                "store_failing_since_ms": store.failing_since_ms,
+                **gauges,
+            }
+            status = http.HTTPStatus.SERVICE_UNAVAILABLE
+        return _response(status, (json.dumps(body) + "\n").encode(), "application/json")
 
 
 def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Response:

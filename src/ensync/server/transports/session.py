@@ -10,7 +10,10 @@ connection that sent ``CONN`` (a :class:`SessionPeer` hides the difference):
 * engine → client: the welcome, publish and settlement results, and — when
   the client asked for the ``deliveries`` capability — its deliveries;
 * observations (``observe`` capability): copies of the app's new messages
-  for a client that watches without taking (core/observers.py).
+  for a client that watches without taking (core/observers.py);
+* a goodbye (``goodbye`` capability): the client is closing for good, so its
+  session ends as soon as what it started is answered. A stream that just
+  ends only detaches: the client may resume on another stream or node.
 
 A reader takes frames as they come and starts each item; a writer sends
 whatever results and deliveries are ready in one frame, so a busy client
@@ -38,6 +41,7 @@ from ensync.server.runtime.engine import Engine
 
 __all__ = [
     "DELIVERIES",
+    "GOODBYE",
     "OBSERVE",
     "SESSION_SERVICE",
     "SESSION_VERSION",
@@ -53,6 +57,7 @@ SESSION_SERVICE = "ensync.EnSyncSession"
 SESSION_VERSION = 1
 DELIVERIES = "deliveries"
 OBSERVE = "observe"
+GOODBYE = "goodbye"
 # Most items the engine puts in one frame (the rest go in the next).
 MAX_ITEMS_PER_FRAME = 1024
 # Most items a client may have started and not yet answered on one session;
@@ -202,11 +207,13 @@ async def serve_session(
     detach: Callable[[str, SessionOutbox], None],
     *,
     max_frame_bytes: int,
+    leave: Callable[[str], None],
 ) -> None:
     """Run one session stream until either side ends it.
 
     ``attach(client_id, outbox)`` binds the session to a connected client
-    (``False``: no such client); ``detach`` undoes it when the stream ends.
+    (``False``: no such client); ``detach`` undoes it when the stream ends;
+    ``leave(client_id)`` ends the client's session after a goodbye.
     """
     try:
         first = await anext(frames)
@@ -225,7 +232,7 @@ async def serve_session(
     client_id = hello.client_id
     welcome = pb.SessionWelcome(
         version=min(SESSION_VERSION, hello.version or SESSION_VERSION),
-        capabilities=[DELIVERIES, OBSERVE] if outbox.deliveries_on else [OBSERVE],
+        capabilities=[DELIVERIES, OBSERVE, GOODBYE] if outbox.deliveries_on else [OBSERVE, GOODBYE],
         limits={
             "max_items_per_frame": str(MAX_ITEMS_PER_FRAME),
             "max_outstanding": str(MAX_OUTSTANDING),
@@ -245,6 +252,11 @@ async def serve_session(
             await session.drain()
             while (frame := outbox.frame()) is not None:
                 await peer.send(frame)
+            if session.goodbye:
+                # Over before the client hears it: a client that reads the
+                # answer may count on its session being gone.
+                leave(client_id)
+                await peer.send(pb.ServerFrame(goodbye=True))
     finally:
         for task in (reader, ended):
             task.cancel()
@@ -268,6 +280,7 @@ class _Session:
         self._pending: set[asyncio.Future[Any]] = set()
         self._room = asyncio.Event()
         self._room.set()
+        self.goodbye = False
 
     async def read_loop(self, frames: AsyncIterator[pb.ClientFrame]) -> None:
         async for frame in frames:
@@ -295,6 +308,9 @@ class _Session:
                 # nothing the engine waits for: no claim for them.
                 if unblocked:
                     self._engine.routes_changed(self._client_id)
+            if frame.goodbye:
+                self.goodbye = True
+                return  # answered like a half-close, then the session ends
             while self._outbox.outstanding >= MAX_OUTSTANDING:
                 self._room.clear()
                 await self._room.wait()

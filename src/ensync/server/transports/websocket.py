@@ -30,6 +30,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from ensync._proto import ensync_pb2 as pb
+from ensync.crypto.keys import decode_app_id
 from ensync.protocol.records import ReplayInfo, to_ws_record
 from ensync.protocol.wscodec import (
     Ack,
@@ -283,6 +284,7 @@ class _Connection:
                 self._attach,
                 self._detach,
                 max_frame_bytes=self._session_frame_bytes,
+                leave=self._engine.disconnect,
             )
         except ConnectionClosed:
             pass
@@ -459,6 +461,8 @@ class _Connection:
                 extra={
                     "ackDeadlineMs": str(self._engine.config.ack_deadline_ms),
                     "maxPayloadBytes": str(self._engine.config.max_payload_bytes),
+                    # Hex: official parsers cut values at "=" (PROTOCOL.md §3.6).
+                    "appIdHex": decode_app_id(info.app_id).hex(),
                     # Our SDK keeps fewer requests than this on the wire.
                     "maxOutstanding": str(self._max_outstanding),
                     **({"session": str(SESSION_VERSION)} if self._session_frame_bytes else {}),

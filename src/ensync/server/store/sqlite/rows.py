@@ -40,6 +40,7 @@ __all__ = [
     "record_attempts",
     "redrive",
     "reschedule_many",
+    "roll_back_to",
     "settle_many",
     "take_redriven",
     "update_app",
@@ -345,14 +346,14 @@ def insert_rows(rows: Sequence[StoredMessage], conn: sqlite3.Connection) -> list
         # and takes back the GIL once, not once per row.
         conn.executemany(_INSERT_MESSAGE, [_row(first + i, m) for i, m in enumerate(rows)])
         conn.executemany(_INSERT_BODY, [_body(first + i, m) for i, m in enumerate(rows)])
-    except (sqlite3.Error, OverflowError):
-        conn.execute("ROLLBACK TO batch")
+    except (sqlite3.Error, OverflowError) as exc:
+        roll_back_to("batch", exc, conn)
         for index, m in enumerate(rows):
             conn.execute("SAVEPOINT one")
             try:
                 _insert_one(conn, first + index, m)
             except (sqlite3.Error, OverflowError) as exc:
-                conn.execute("ROLLBACK TO one")
+                roll_back_to("one", exc, conn)
                 errors[index] = _row_error(m, exc)
             conn.execute("RELEASE one")
     conn.execute("RELEASE batch")
@@ -363,6 +364,15 @@ def insert_rows(rows: Sequence[StoredMessage], conn: sqlite3.Connection) -> list
     # Same transaction as the rows: last_block can never lag what is stored.
     note_last_blocks(stored, conn)
     return errors
+
+
+def roll_back_to(savepoint: str, exc: BaseException, conn: sqlite3.Connection) -> None:
+    """Undo the work since ``savepoint`` after ``exc``; raises ``exc`` itself
+    when SQLite already rolled the whole transaction back (a full disk, an
+    I/O error): then the batch is lost, and ``exc`` says why."""
+    if not conn.in_transaction:
+        raise exc
+    conn.execute(f"ROLLBACK TO {savepoint}")
 
 
 def note_last_blocks(blocks: dict[tuple[str, str], int], conn: sqlite3.Connection) -> None:

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
 from ..base import StoreError
+from .rows import roll_back_to
 
 __all__ = ["MIN_SQLITE", "Done", "SqliteRunner", "SqliteStoreStatistics"]
 
@@ -515,7 +516,7 @@ def _run_in_savepoint(conn: sqlite3.Connection, op: _Op) -> _Outcome:
     try:
         result = op.fn(conn)
     except sqlite3.Error as exc:
-        conn.execute("ROLLBACK TO op")
+        roll_back_to("op", exc, conn)
         conn.execute("RELEASE op")
         error = StoreError(f"sqlite write failed: {exc}")
         error.__cause__ = exc
@@ -523,7 +524,7 @@ def _run_in_savepoint(conn: sqlite3.Connection, op: _Op) -> _Outcome:
     except Exception as exc:
         # Not swallowed: the error goes to the caller of this one operation
         # (AppExistsError, LookupError, an int too large for SQLite, ...).
-        conn.execute("ROLLBACK TO op")
+        roll_back_to("op", exc, conn)
         conn.execute("RELEASE op")
         return (op.target, None, exc)
     conn.execute("RELEASE op")
