@@ -1,21 +1,23 @@
 """A tour of the SDK: one app sending messages to itself.
 
-ENSYNC_APP_KEY=... ENSYNC_SECRET_KEY=... ENSYNC_APP_ID=... python examples/tour.py
+ENSYNC_APP_KEY=... ENSYNC_SECRET_KEY=... python examples/tour.py
 """
 
 import asyncio
 import os
 
 from ensync import EnSyncEngine, Message
+from ensync.crypto import decode_secret_key, keypair_from_seed
 
 
 async def main() -> None:
     engine = EnSyncEngine(os.environ.get("ENSYNC_URL", "grpc://localhost:50051"))
-    me = os.environ["ENSYNC_APP_ID"]
+    secret_key = os.environ["ENSYNC_SECRET_KEY"]
+    # A secret key from `ensync app create` is the key pair's seed, then its
+    # public half: the app id, which the tour therefore need not be given.
+    me = keypair_from_seed(decode_secret_key(secret_key)[:32]).app_id
     try:
-        client = await engine.create_client(
-            os.environ["ENSYNC_APP_KEY"], app_secret_key=os.environ["ENSYNC_SECRET_KEY"]
-        )
+        client = await engine.create_client(os.environ["ENSYNC_APP_KEY"], app_secret_key=secret_key)
 
         # Handlers (plain or async) get every message; it is acked once they return.
         handled: asyncio.Queue[Message] = asyncio.Queue()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import pathlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
+import orjson
 import pytest
 
 from ensync.server.store import (
@@ -21,7 +23,16 @@ from ensync.server.store import (
     open_store,
 )
 from ensync.server.store.base import SessionRecord, SessionRegistry
-from ensync.server.store.jetstream import JetStreamStore
+from ensync.server.store.jetstream import JetStreamStore, StreamConfigError, appends
+from ensync.server.store.jetstream._common import (
+    CONFLICT_PAUSE_CAP_S,
+    CONFLICT_PAUSE_FIRST_S,
+    RETRIES,
+    conflict_pause_s,
+)
+from ensync.server.store.jetstream.api import ConflictError, Out, RejectedError, _answer
+from ensync.server.store.jetstream.records import Names
+from ensync.server.store.jetstream.streams import stream_configs, stream_problems
 from tests.conformance.stores import NAME, POLICY, RECIPIENT, T0, app, append, claim, idems, new
 from tests.support.nats import namespace_for, nats_url
 from tests.support.timing import eventually
@@ -256,3 +267,133 @@ async def test_more_lease_ends_than_one_atomic_batch_holds(
     )
     assert settled == [True] * 600
     assert await a.backlog() == {RECIPIENT: 1_100}
+
+
+# --- conflicts on replicated streams ------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [10071, 10163, 10164])
+def test_every_answer_that_an_expectation_failed_is_a_conflict(code: int) -> None:
+    # 10071 from one server; 10164 (and 10163 while a write to the subject is
+    # still being replicated) from a replicated stream.
+    answer = orjson.dumps({"error": {"code": 400, "err_code": code, "description": "wrong"}})
+    with pytest.raises(ConflictError) as raised:
+        _answer(answer)
+    assert raised.value.code == code
+
+
+def test_other_refusals_are_not_conflicts() -> None:
+    answer = orjson.dumps({"error": {"code": 400, "err_code": 10201, "description": "dup"}})
+    with pytest.raises(RejectedError, match=r"\(10201\): dup"):
+        _answer(answer)
+
+
+async def test_an_append_that_always_conflicts_gives_up_after_a_bounded_number_of_tries(
+    nodes: tuple[JetStreamStore, JetStreamStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch that expects on one subject twice is answered 10164 every time.
+    a, _ = nodes
+    api = a._check_open()
+    tries: list[int] = []
+    pauses: list[int] = []
+
+    async def conflicting(messages: Sequence[Out]) -> int:
+        tries.append(len(messages))
+        raise ConflictError(10164, "wrong last sequence")
+
+    async def pause(attempt: int) -> None:
+        pauses.append(attempt)
+
+    monkeypatch.setattr(api, "atomic", conflicting)
+    monkeypatch.setattr(appends, "pause_after_conflict", pause)
+    (result,) = await append(a, new("m-1"))
+    assert result.error is not None
+    assert "kept conflicting" in result.error
+    assert len(tries) == RETRIES
+    assert pauses == list(range(RETRIES))
+
+
+def test_pauses_after_conflicts_are_random_and_grow_to_a_cap() -> None:
+    for attempt in range(12):
+        window = min(CONFLICT_PAUSE_CAP_S, CONFLICT_PAUSE_FIRST_S * 2**attempt)
+        pauses = [conflict_pause_s(attempt) for _ in range(50)]
+        assert all(0 <= pause <= window for pause in pauses)
+        assert len(set(pauses)) > 1
+    assert conflict_pause_s(40) <= CONFLICT_PAUSE_CAP_S
+
+
+# --- streams: created when absent, never changed -----------------------------------
+
+
+async def _stream_config(store: JetStreamStore, stream: str) -> dict[str, Any]:
+    info = await store._check_open().request(f"$JS.API.STREAM.INFO.{stream}")
+    config: dict[str, Any] = info["config"]
+    return config
+
+
+async def test_open_never_changes_an_existing_stream_and_names_what_differs(
+    tmp_path: pathlib.Path,
+) -> None:
+    url = f"{nats_url()}?namespace={namespace_for(tmp_path)}"
+    first = open_store(url, tmp_path)
+    assert isinstance(first, JetStreamStore)
+    await first.open()
+    try:
+        names = first.names
+        # A URL that asks for other replicas than the streams have is refused.
+        three = open_store(url + "&replicas=3", tmp_path)
+        with pytest.raises(StreamConfigError) as refused:
+            await three.open()
+        assert str(refused.value).startswith(
+            f"streams {names.messages}, {names.volatile}, {names.state}, {names.apps},"
+            f" {names.counts} have 1 replica, this store URL asks for 3:"
+            " add ?replicas=1 to the store URL"
+        )
+        assert (await _stream_config(first, names.state))["num_replicas"] == 1
+        # An operator's limit is neither undone nor accepted silently.
+        state = await _stream_config(first, names.state)
+        await first._check_open().request(
+            f"$JS.API.STREAM.UPDATE.{names.state}", {**state, "max_age": 3600 * 10**9}
+        )
+        again = open_store(url, tmp_path)
+        with pytest.raises(StreamConfigError) as differs:
+            await again.open()
+        assert f"stream {names.state}: max_age is 3600 s, ensync needs no limit" in str(
+            differs.value
+        )
+        assert "ensync never changes an existing stream" in str(differs.value)
+        assert (await _stream_config(first, names.state))["max_age"] == 3600 * 10**9
+        # Set back, the streams are used as they are, with or without ?replicas=1.
+        await first._check_open().request(f"$JS.API.STREAM.UPDATE.{names.state}", state)
+        for same in (url, url + "&replicas=1"):
+            store = open_store(same, tmp_path)
+            await store.open()
+            await store.close()
+    finally:
+        await first.close()
+
+
+def test_a_mismatch_of_replicas_says_what_the_url_should_say() -> None:
+    names = Names("prod")
+    configs = stream_configs(names)
+    found = {config["name"]: {**config, "num_replicas": 3} for config in configs}
+    message = stream_problems(configs, found, 1)
+    assert message.startswith(
+        "streams PROD_MESSAGES, PROD_VOLATILE, PROD_STATE, PROD_APPS, PROD_COUNTS have"
+        " 3 replicas, this store URL asks for 1: add ?replicas=3 to the store URL"
+    )
+    assert "nats stream edit PROD_MESSAGES --replicas 1" in message
+    assert stream_problems(configs, found, 3) == ""
+    assert stream_problems(configs, found, None) == ""  # no ?replicas: as they are
+    one = {names.state: {**found[names.state], "num_replicas": 1}}
+    assert stream_problems(configs, one, 3).startswith(
+        "stream PROD_STATE has 1 replica, this store URL asks for 3: add ?replicas=1"
+    )
+    lacking = {names.apps: {**found[names.apps], "subjects": [], "allow_atomic": False}}
+    assert stream_problems(configs, lacking, None) == (
+        "existing streams are not configured as ensync needs them (stream PROD_APPS:"
+        " subjects lack prod.app.>; allow_atomic is false, ensync needs true). ensync never"
+        " changes an existing stream: set these back with the NATS CLI (nats stream edit"
+        " PROD_APPS ...), delete the streams if their data can go, or use another namespace"
+        " (?namespace=NAME)"
+    )

@@ -37,6 +37,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from pathlib import Path
 import pytest
 
 from ensync.testing import TestServer, run_engine
+from ensync.testing.process import dies_with_parent
 from tests.support.leaks import record_text
 from tests.support.timing import seconds
 
@@ -262,7 +264,7 @@ async def _run(
     argv: list[str], cwd: Path, env: dict[str, str], timeout_s: float
 ) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
-        *argv,
+        *dies_with_parent(argv),
         cwd=cwd,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
@@ -298,6 +300,12 @@ async def test_program_block(block: Block, engine: TestServer, tmp_path: Path) -
     code, output = await _run([sys.executable, str(program)], tmp_path, env, seconds(50))
     record_text(f"the program at {block.where}", output)
     assert code == 0, f"the program at {block.where} failed ({code}):\n{output}"
+    # A reader runs a page's blocks one after another with one app: a message
+    # that a block left unsettled would reach the next block before its own.
+    deadline = time.monotonic() + seconds(2)
+    while left := (await engine.engine.store.backlog()).get(app.app_id, 0):
+        assert time.monotonic() < deadline, f"the program at {block.where} left {left} unsettled"
+        await asyncio.sleep(0.05)
 
 
 @pytest.mark.parametrize("block", PYTEST_BLOCKS, ids=[block.where for block in PYTEST_BLOCKS])

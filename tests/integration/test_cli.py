@@ -14,6 +14,7 @@ import pytest
 
 from ensync import EnSyncAuthError, EnSyncEngine, Message
 from ensync.crypto import decode_app_id, decode_secret_key
+from ensync.testing.process import dies_with_parent
 from tests.support.cli import Serving, ensync, free_port, serve, wait_listening
 from tests.support.timing import eventually, seconds
 
@@ -245,18 +246,14 @@ async def test_sigterm_shuts_down_cleanly(serving: Serving) -> None:
 async def test_json_logs_and_one_start_up_line(tmp_path: Path) -> None:
     grpc_port = free_port()
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ensync",
-        "serve",
-        "--data",
-        str(tmp_path),
-        "--grpc",
-        f"127.0.0.1:{grpc_port}",
-        "--http",
-        f"127.0.0.1:{free_port()}",
-        "--log-format",
-        "json",
+        *dies_with_parent(
+            [
+                sys.executable,
+                *("-m", "ensync", "serve", "--data", str(tmp_path)),
+                *("--grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{free_port()}"),
+                *("--log-format", "json"),
+            ]
+        ),
         stderr=asyncio.subprocess.PIPE,
     )
     try:

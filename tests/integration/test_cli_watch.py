@@ -4,9 +4,11 @@ serving engine, run as real processes."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 
 from ensync import EnSyncClient, EnSyncEngine, Message
+from ensync.testing.process import dies_with_parent
 from tests.support.cli import Serving, ensync, serve
 from tests.support.timing import eventually, seconds
 
@@ -61,8 +64,9 @@ async def test_tail_prints_new_messages_and_takes_none(
     got: list[Message] = []
     (await receiver.subscribe("orders/created")).on(got.append)
     tail = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "ensync.cli.main", "tail", "orders/*", "--json", "--count", "2"),
+        *dies_with_parent(
+            [sys.executable, "-m", "ensync.cli.main", "tail", "orders/*", "--json", "--count", "2"]
+        ),
         env={**os.environ, **keys(serving, warehouse)},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -87,8 +91,7 @@ async def test_tail_prints_new_messages_and_takes_none(
     assert got[0].attempt == 1
     # For a terminal: one readable line per message.
     text = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *("-m", "ensync.cli.main", "tail", "#", "--count", "1"),
+        *dies_with_parent([sys.executable, "-m", "ensync.cli.main", "tail", "#", "--count", "1"]),
         env={**os.environ, **keys(serving, warehouse)},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -99,6 +102,11 @@ async def test_tail_prints_new_messages_and_takes_none(
     out, _ = await asyncio.wait_for(text.communicate(), seconds(30))
     assert f"  billing/paid  {idem}  from " in out.decode()
     assert out.decode().rstrip().endswith('{"id": 4}')
+
+
+def test_tail_says_it_sees_one_node_of_a_cluster() -> None:
+    shown = " ".join(ensync("tail", "--help").stdout.split())
+    assert "only the messages published through the node it is connected to" in shown
 
 
 def test_tail_and_replay_name_what_is_missing(serving: Serving) -> None:
@@ -120,9 +128,11 @@ async def test_replay_prints_a_message_again(serving: Serving, engine: EnSyncEng
     receiver = await consumer(engine, warehouse)
     got: list[Message] = []
     (await receiver.subscribe("orders/created")).on(got.append)
+    before_ms = int(time.time() * 1000)
     idem = await sender.publish(
         "orders/created", [warehouse["app_id"]], {"id": 7}, {"headers": {"source": "shop"}}
     )
+    after_ms = int(time.time() * 1000)
     await eventually(lambda: len(got) == 1)
     env = keys(serving, warehouse)
     await eventually(
@@ -131,14 +141,18 @@ async def test_replay_prints_a_message_again(serving: Serving, engine: EnSyncEng
     shown = json.loads(ensync("replay", idem, "--json", env=env).stdout)
     assert (shown["idem"], shown["name"], shown["payload"]) == (idem, "orders/created", {"id": 7})
     assert shown["headers"]["source"] == "shop"
+    assert before_ms <= shown["timestamp"] <= after_ms  # when it was published
     text = ensync("replay", idem, env=env)
     assert 'payload:          {"id": 7}' in text.stdout
+    logged = datetime.datetime.fromtimestamp(shown["timestamp"] / 1000)
+    assert f"timestamp:        {logged:%Y-%m-%d %H:%M:%S}." in text.stdout
     sealed = json.loads(
         ensync("replay", idem, "--json", env={**env, "ENSYNC_SECRET_KEY": ""}).stdout
     )
     assert "payload" not in sealed  # without the secret key: metadata only
     assert sealed["envelope_bytes"] > 0
     assert sealed["metadata"]["headers"]["source"] == "shop"
+    assert sealed["timestamp"] == shown["timestamp"]
     # A replay delivers nothing again.
     await asyncio.sleep(0.3)
     assert len(got) == 1

@@ -1,5 +1,5 @@
 """``ensync dev-cluster``: NATS servers and engine nodes that work together,
-and that all stop on Ctrl-C."""
+that all stop on Ctrl-C, and that die with it when it is killed hard."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ensync import EnSyncEngine, Message
+from tests.support.processes import alive, descendants
 from tests.support.timing import eventually, seconds
 
 __all__: list[str] = []
@@ -64,6 +66,36 @@ async def test_dev_cluster_serves_apps_on_every_node_and_stops_on_ctrl_c() -> No
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_dev_cluster_killed_hard_takes_its_children_along(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "ensync.cli.main", "dev-cluster", "--nodes", "2", "--nats", "3", "--json"),
+        *("--dir", str(tmp_path / "cluster")),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    children: set[int] = set()
+    try:
+        assert process.stdout is not None
+        await asyncio.wait_for(process.stdout.readline(), seconds(120))  # all running
+        children = await asyncio.to_thread(descendants, process.pid)
+        assert len(children) == 5  # 3 NATS servers, 2 engine nodes
+        process.kill()  # as a test timing out does: no chance to stop anything
+        await process.wait()
+        await eventually(
+            lambda: not any(alive(pid) for pid in children),
+            timeout_s=5,
+            what="the children of a killed dev-cluster to die",
+        )
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for pid in children:  # this test fails without leaving them behind
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_dev_cluster_refuses_bad_sizes() -> None:

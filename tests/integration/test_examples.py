@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ensync.testing import TestServer, run_engine
+from ensync.testing.process import dies_with_parent
 from tests.support.timing import seconds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,8 +43,7 @@ async def test_the_quickstart_subscriber_prints_what_the_publisher_sends(
     warehouse = await server.create_app("warehouse")
     shop = await server.create_app("shop")
     subscriber = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(EXAMPLES / "subscriber.py"),
+        *dies_with_parent([sys.executable, str(EXAMPLES / "subscriber.py")]),  # runs until Ctrl-C
         env=environment(
             server, ENSYNC_APP_KEY=warehouse.app_key, ENSYNC_SECRET_KEY=warehouse.secret_key
         ),
@@ -78,12 +78,8 @@ async def test_the_tour_runs_every_verb(server: TestServer) -> None:
     toured = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, str(EXAMPLES / "tour.py")],
-        env=environment(
-            server,
-            ENSYNC_APP_KEY=app.app_key,
-            ENSYNC_SECRET_KEY=app.secret_key,
-            ENSYNC_APP_ID=app.app_id,
-        ),
+        # The two keys `ensync app create` prints are all it needs.
+        env=environment(server, ENSYNC_APP_KEY=app.app_key, ENSYNC_SECRET_KEY=app.secret_key),
         capture_output=True,
         text=True,
         timeout=seconds(60),

@@ -4,6 +4,7 @@ node is delivered on another, and a node's death loses nothing confirmed."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import pathlib
@@ -16,8 +17,10 @@ from typing import Any
 import pytest
 
 from ensync import EnSyncEngine, Message
-from ensync.cli.nats_server import nats_server_binary
-from ensync.testing.process import EngineProcess, running_engine
+from ensync.cli.nats_server import nats_cluster, nats_server_binary
+from ensync.server.store import open_store
+from ensync.server.store.jetstream import JetStreamStore
+from ensync.testing.process import EngineProcess, dies_with_parent, running_engine
 from tests.support.cli import ensync, free_port
 from tests.support.nats import namespace_for, nats_url
 from tests.support.timing import eventually, seconds
@@ -93,6 +96,63 @@ async def test_a_message_published_on_one_node_is_delivered_on_another(
         assert b.log_problems() == []
 
 
+async def test_a_command_with_a_one_host_url_leaves_a_clusters_replicas_alone(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with nats_cluster(tmp_path / "nats", size=3) as servers:
+        cluster = ",".join(server.url for server in servers) + "?replicas=3"
+        one_host = servers[0].url
+        data = str(tmp_path / "cli")
+        made = await asyncio.to_thread(
+            ensync, "app", "create", "shop", "--json", "--store", cluster, "--data", data
+        )
+        assert made.returncode == 0, made.stderr
+        # Without ?replicas, a command uses the streams as they are.
+        listing = await asyncio.to_thread(
+            ensync, "app", "list", "--json", "--store", one_host, "--data", data
+        )
+        assert listing.returncode == 0, listing.stderr
+        assert [app["name"] for app in json.loads(listing.stdout)] == ["shop"]
+        assert await replicas_of_streams(one_host) == [3] * 5
+        # A node whose URL asks for other replicas is refused, and says what to write.
+        refused = await asyncio.to_thread(
+            ensync,
+            "serve",
+            "--store",
+            one_host + "?replicas=1",
+            "--data",
+            str(tmp_path / "node"),
+            "--grpc",
+            f"127.0.0.1:{free_port()}",
+            "--http",
+            f"127.0.0.1:{free_port()}",
+        )
+        assert refused.returncode == 1
+        assert "Traceback" not in refused.stderr
+        assert (
+            "ensync: cannot serve: streams ENSYNC_MESSAGES, ENSYNC_VOLATILE, ENSYNC_STATE,"
+            " ENSYNC_APPS, ENSYNC_COUNTS have 3 replicas, this store URL asks for 1:"
+            " add ?replicas=3 to the store URL"
+        ) in refused.stderr
+        assert await replicas_of_streams(one_host) == [3] * 5
+
+
+async def replicas_of_streams(url: str) -> list[int]:
+    store = open_store(url, pathlib.Path("."))
+    assert isinstance(store, JetStreamStore)
+    await store.open()
+    try:
+        names = store.names
+        streams = (names.messages, names.volatile, names.state, names.apps, names.counts)
+        api = store._check_open()
+        return [
+            (await api.request(f"$JS.API.STREAM.INFO.{stream}"))["config"]["num_replicas"]
+            for stream in streams
+        ]
+    finally:
+        await store.close()
+
+
 def test_a_bad_store_url_is_refused_before_connecting(tmp_path: pathlib.Path) -> None:
     done = ensync(
         "app", "list", "--store", "nats://127.0.0.1:1?replicas=2", "--data", str(tmp_path)
@@ -109,7 +169,9 @@ def test_a_nats_that_would_refuse_large_messages_is_named_at_start(
     port = free_port()
     with (tmp_path / "plain.log").open("wb") as log:
         plain = subprocess.Popen(
-            [nats_server_binary(), "-js", "-sd", str(tmp_path / "js"), "-p", str(port)],
+            dies_with_parent(
+                [nats_server_binary(), "-js", "-sd", str(tmp_path / "js"), "-p", str(port)]
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

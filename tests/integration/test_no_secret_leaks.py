@@ -26,7 +26,7 @@ from websockets.asyncio.client import connect
 from ensync import EnSyncAuthError, EnSyncError, EnSyncMessageError, Message
 from ensync import EnSyncEngine as GrpcEngine
 from ensync.client.engine import BaseEngine
-from ensync.crypto import generate_keypair
+from ensync.crypto import generate_keypair, seal
 from ensync.server.core.apps import NewApp
 from ensync.server.core.ids import new_app_key
 from ensync.testing import TestServer, run_engine
@@ -191,14 +191,16 @@ async def test_an_undecryptable_message_reports_neither_key_nor_payload(
     try:
         with capture_logs() as logs:
             alice = await sender.create_client(apps.alice.app_key)
-            bob = await receiver.create_client(apps.bob.app_key)
-            # bob decrypts with carol's secret key: every message fails to open.
-            subscription = await bob.subscribe(
-                "leaks/undecryptable", app_secret_key=apps.carol.secret_key
-            )
+            bob = await receiver.create_client(apps.bob.app_key, app_secret_key=apps.bob.secret_key)
+            subscription = await bob.subscribe("leaks/undecryptable")
             opened: list[Message] = []
             subscription.on(opened.append)  # a consumer, so messages are taken up
-            await alice.publish("leaks/undecryptable", [apps.bob.app_id], {"secret": marker})
+            # Sealed for carol but sent to bob (the SDK would seal it for bob):
+            # bob's key cannot open it.
+            sealed = seal(json.dumps({"secret": marker}).encode(), apps.carol.app_id)
+            await server.engine.publish(
+                alice.client_id, "leaks/undecryptable", sealed, apps.bob.app_id, "{}"
+            )
             await eventually(
                 lambda: any(isinstance(e, EnSyncMessageError) for e in reported),
                 what="the decryption failure to be reported",

@@ -101,7 +101,11 @@ async def test_deliveries_move_to_the_session_and_spend_credits(server: TestServ
     await frame(sender)
     receiver, receiver_id, _ = await conn(server, bob)
     await receiver.send(hello(receiver_id, "deliveries"))
-    assert list((await frame(receiver)).welcome.capabilities) == ["deliveries", "observe", "goodbye"]
+    assert list((await frame(receiver)).welcome.capabilities) == [
+        "deliveries",
+        "observe",
+        "goodbye",
+    ]
     await receiver.send(f"SUB;CLIENT_ID=:{receiver_id};EVENT_NAME=:{NAME}")
     assert await text(receiver) == "+PASS:subscribed"
     await sender.send(publishes(bob, range(1, 4)))

@@ -1,5 +1,5 @@
 """The ``ensync`` command line as a test runs it: one-shot commands and a
-serving engine in a child process."""
+serving engine in a child process (which dies with the test process)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from ensync.testing.process import dies_with_parent
 from tests.support.timing import seconds
 
 __all__ = ["Serving", "ensync", "free_port", "serve", "start_serve", "wait_listening"]
@@ -65,17 +66,14 @@ async def start_serve(
 ) -> asyncio.subprocess.Process:
     """``ensync serve`` over ``data`` on the given loopback ports, listening."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "ensync.cli.main",
-        "serve",
-        "--data",
-        str(data),
-        "--grpc",
-        f"127.0.0.1:{grpc_port}",
-        "--http",
-        f"127.0.0.1:{http_port}",
-        *options,
+        *dies_with_parent(
+            [
+                sys.executable,
+                *("-m", "ensync.cli.main", "serve", "--data", str(data)),
+                *("--grpc", f"127.0.0.1:{grpc_port}", "--http", f"127.0.0.1:{http_port}"),
+                *options,
+            ]
+        ),
         stderr=asyncio.subprocess.PIPE,
     )
     try:

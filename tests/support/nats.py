@@ -1,5 +1,6 @@
 """One nats-server with JetStream for the whole test session, started on
-first use and stopped at exit; each store gets a namespace of its own."""
+first use and stopped at exit (or killed with the session's process); each
+store gets a namespace of its own."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import subprocess
 import sysconfig
 import tempfile
 import time
+
+from ensync.testing.process import dies_with_parent
 
 __all__ = ["jetstream_store", "namespace_for", "nats_url"]
 
@@ -45,7 +48,9 @@ def nats_url() -> str:
     )
     with (root / "nats.log").open("wb") as log:
         process = subprocess.Popen(
-            [_binary(), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT
+            dies_with_parent([_binary(), "-c", str(config)]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     deadline = time.monotonic() + 30
     while True:

@@ -61,7 +61,7 @@ from ensync.cli.bench_peers import (
 from ensync.cli.nats_server import NatsError, NatsServer, Sync, nats_server_binary
 from ensync.crypto import generate_keypair
 from ensync.server.core.apps import NewApp
-from ensync.testing.process import cpu_seconds
+from ensync.testing.process import cpu_seconds, dies_with_parent
 
 __all__ = [
     "DEFAULT_MESSAGES",
@@ -275,10 +275,7 @@ class _Peer:
     async def start(cls, spec: PeerSpec, log: Path) -> _Peer:
         with log.open("ab") as sink:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "ensync.cli.bench_peers",
-                spec.to_json(),
+                *dies_with_parent([sys.executable, "-m", "ensync.cli.bench_peers", spec.to_json()]),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=sink,
             )

@@ -58,7 +58,8 @@ def add_tail(commands: Any, env: Callable[[str, str], str]) -> None:
         help="print an app's new messages as they arrive, without taking them",
         description="Print each new message of the app whose name matches PATTERN, decrypted, "
         "as it is stored. It only watches: the app's subscribers get every message as before, "
-        "and nothing is acked. Ctrl-C stops.",
+        "and nothing is acked. On engine nodes sharing a NATS store it shows only the messages "
+        "published through the node it is connected to (--url), not the others'. Ctrl-C stops.",
     )
     parser.add_argument(
         "pattern", metavar="PATTERN", help="a name or pattern: orders/created, orders/*, '#'"
@@ -210,6 +211,8 @@ def replay(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(fields))
             return
+        if fields["timestamp"]:  # for a reader: the local time, to the millisecond
+            fields["timestamp"] = _local_time(fields["timestamp"], "%Y-%m-%d %H:%M:%S.%f")
         for key, value in fields.items():
             print(f"{key + ':':18}{value if isinstance(value, str) else json.dumps(value)}")
 
@@ -261,13 +264,14 @@ def _fields(message: Message) -> dict[str, Any]:
     }
 
 
+def _local_time(ms: int, pattern: str) -> str:
+    """``ms`` since the epoch in local time; ``pattern`` ends with ``%f``, cut to ms."""
+    return datetime.datetime.fromtimestamp(ms / 1000).strftime(pattern)[:-3]
+
+
 def _line(message: Message) -> str:
     """One message for a terminal: time, name, idem, sender, payload."""
-    when = (
-        datetime.datetime.fromtimestamp(message.timestamp / 1000).strftime("%H:%M:%S.%f")[:-3]
-        if message.timestamp
-        else "-"
-    )
+    when = _local_time(message.timestamp, "%H:%M:%S.%f") if message.timestamp else "-"
     return (
         f"{when}  {message.message_name}  {message.idem}  from {message.sender[:12]}…  "
         f"{json.dumps(message.payload)}"

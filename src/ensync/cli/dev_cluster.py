@@ -5,7 +5,8 @@ It starts ``--nats`` NATS servers that replicate each other (JetStream with
 ``sync_interval: always``: a write is on disk on a quorum before it is
 confirmed), then ``--nodes`` engine nodes over them on loopback ports,
 registers the apps named with ``--app``, prints the URLs and the apps'
-credentials, and stops everything on Ctrl-C (or SIGTERM).
+credentials, and stops everything on Ctrl-C (or SIGTERM). Killed hard, it
+takes them along all the same (on Linux): each dies with its parent.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
     names = args.app or ["dev"]
     try:
         return asyncio.run(_run(args, names))
-    except (NatsError, EngineProcessError, StoreError, ValueError) as exc:
+    except BrokenPipeError:
+        raise  # the reader of the output left: the entry point ends quietly
+    except (NatsError, EngineProcessError, StoreError, ValueError, OSError) as exc:
         print(f"ensync dev-cluster: {exc}", file=sys.stderr)
         return 1
 

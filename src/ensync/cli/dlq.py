@@ -1,7 +1,8 @@
 """``ensync dlq list | show | redrive``: the dead letters, in the store.
 
 Like ``ensync app``, these work on the data directory (``--data`` /
-``--store``), beside a running engine or offline. A running engine delivers
+``--store``), beside a running engine or offline, and refuse a directory
+that holds no store rather than make an empty one. A running engine delivers
 redriven messages again within a second (it reads what another process
 redrove when it re-reads the apps).
 """
@@ -18,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from ensync import EnSyncError
-from ensync.cli.stores import store_options
+from ensync.cli.stores import missing_store, store_options, unserved_database
 from ensync.crypto import open_payload
 from ensync.protocol.names import matches, validate_pattern
-from ensync.server.datadir import engine_holding
 from ensync.server.runtime.clock import wall_clock_ms
-from ensync.server.store import open_store, sqlite_file
+from ensync.server.store import open_store
 from ensync.server.store.base import AppRecord, DeadRef, Store, StoredMessage, StoreError
 
 __all__ = ["add_dlq"]
@@ -84,9 +84,13 @@ def _run(args: argparse.Namespace, work: Callable[[Store], Any]) -> int:
     async def go() -> int:
         try:
             store = open_store(args.store, Path(args.data), **store_options(args))
+            missing = missing_store(args)
         except ValueError as exc:
             print(f"ensync: {exc}", file=sys.stderr)
             return 2
+        if missing is not None:
+            print(f"ensync: {missing}", file=sys.stderr)
+            return 1
         await store.open()
         try:
             code: int = await work(store)
@@ -187,8 +191,7 @@ def _redrive(args: argparse.Namespace) -> int:
         print(
             f"redrove {redriven} dead letters" + (f" ({gone} were no longer dead)" if gone else "")
         )
-        database = sqlite_file(args.store, Path(args.data))
-        if database is not None and engine_holding(database) is None:
+        if unserved_database(args) is not None:
             print("no engine serves this store now: they are delivered when one starts")
         return 0
 

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
-from ensync.testing.process import free_ports
+from ensync.testing.process import dies_with_parent, free_ports
 
 __all__ = ["NatsError", "NatsServer", "Sync", "nats_cluster", "nats_server_binary"]
 
@@ -125,8 +125,9 @@ class NatsServer:
         config.write_text(self._config())
         log = self.log_path.open("ab")
         try:
+            # No server outlives a parent killed hard (a test that timed out).
             self._process = await asyncio.create_subprocess_exec(
-                self.binary, "-c", str(config), stdout=log, stderr=log
+                *dies_with_parent([self.binary, "-c", str(config)]), stdout=log, stderr=log
             )
         finally:
             log.close()

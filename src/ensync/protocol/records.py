@@ -8,14 +8,15 @@ conversions here, used by the engine's transports and by the SDK alike.
 
 Replay information travels inside the metadata, under
 ``$internal.replay_info`` (``isReplayed``, ``replayTimestamp``,
-``wasAcknowledged``), in both transports (docs/protocol.md).
+``wasAcknowledged``), in both transports (docs/protocol.md); on gRPC, whose
+messages carry no time, also ``loggedAt``, when the message was logged.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from ensync._proto import ensync_pb2 as pb
 from ensync.protocol.wscodec import Record
@@ -75,15 +76,21 @@ def metadata_object(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def with_replay_info(metadata: dict[str, Any], info: ReplayInfo) -> dict[str, Any]:
-    """``metadata`` with the replay information added under ``$internal``."""
+def with_replay_info(
+    metadata: dict[str, Any], info: ReplayInfo, *, logged_at_ms: int = 0
+) -> dict[str, Any]:
+    """``metadata`` with the replay information added under ``$internal``
+    (and ``logged_at_ms``, when the message was logged, unless 0)."""
     internal = metadata.get("$internal")
     internal = dict(internal) if isinstance(internal, dict) else {}
-    internal["replay_info"] = {
+    replay_info: dict[str, Any] = {
         "isReplayed": True,
         "replayTimestamp": info.replayed_at_ms,
         "wasAcknowledged": info.was_acknowledged,
     }
+    if logged_at_ms:
+        replay_info["loggedAt"] = logged_at_ms
+    internal["replay_info"] = replay_info
     return {**metadata, "$internal": internal}
 
 
@@ -97,9 +104,21 @@ def split_replay_info(metadata: dict[str, Any]) -> tuple[dict[str, Any], ReplayI
         return own, None
     stamp = info.get("replayTimestamp")
     return own, ReplayInfo(
-        replayed_at_ms=stamp if isinstance(stamp, int) and not isinstance(stamp, bool) else None,
+        replayed_at_ms=stamp if _is_int(stamp) else None,
         was_acknowledged=bool(info.get("wasAcknowledged", False)),
     )
+
+
+def _logged_at(metadata: dict[str, Any]) -> int:
+    """``loggedAt`` of the replay information in ``metadata``; 0 if none."""
+    internal = metadata.get("$internal")
+    info = internal.get("replay_info") if isinstance(internal, dict) else None
+    stamp = info.get("loggedAt") if isinstance(info, dict) else None
+    return stamp if _is_int(stamp) and stamp > 0 else 0
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- WebSocket ----------------------------------------------------------------
@@ -177,8 +196,11 @@ def from_stream_response(
 def replay_json(delivery: Delivery, info: ReplayInfo, *, event_names: bool) -> str:
     """Replay's ``message_data`` for clients that parse it as JSON
     (PROTOCOL.md §2.7): exactly the stream message's fields, snake_case,
-    ``metadata`` a JSON *string* carrying the replay information."""
-    metadata = with_replay_info(metadata_object(delivery.metadata), info)
+    ``metadata`` a JSON *string* carrying the replay information and, since
+    the message has no time field (PROTOCOL.md §2.8), when it was logged."""
+    metadata = with_replay_info(
+        metadata_object(delivery.metadata), info, logged_at_ms=delivery.created_at_ms
+    )
     prefix = "event" if event_names else "message"
     return json.dumps(
         {
@@ -203,7 +225,8 @@ def from_replay_json(text: str, *, name: str, idem: str) -> tuple[Delivery, Repl
     data = json.loads(text)
     if not isinstance(data, dict):
         raise ValueError("message_data is not a JSON object")
-    metadata, info = split_replay_info(metadata_object(str(data.get("metadata") or "")))
+    sent = metadata_object(str(data.get("metadata") or ""))
+    metadata, info = split_replay_info(sent)
     try:
         block = int(data.get("partition_block") or 0)
     except (TypeError, ValueError) as exc:
@@ -215,6 +238,6 @@ def from_replay_json(text: str, *, name: str, idem: str) -> tuple[Delivery, Repl
         payload=str(data.get("payload") or ""),
         metadata=json.dumps(metadata, separators=(",", ":")),
         sender=str(data.get("sender") or ""),
-        created_at_ms=0,
+        created_at_ms=_logged_at(sent),  # 0 from an engine that does not say
     )
     return delivery, info

@@ -93,11 +93,15 @@ class EngineLock:
 
 def engine_holding(database: Path) -> str | None:
     """The pid (as text, ``""`` if unknown) of the engine serving ``database``,
-    or ``None`` if no engine holds it."""
+    or ``None`` if no engine holds it.
+
+    Raises:
+        OSError: the lock file is there but cannot be read (permissions).
+    """
     try:
         fd = os.open(_lock_path(database), os.O_RDONLY)
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # no lock file, or no directory for one: no engine
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

@@ -4,8 +4,10 @@
 fixed loopback ports, so an engine that is killed (SIGKILL) and started
 again is found where it was. Each incarnation's output goes to its own log
 file (never to a pipe nobody reads, which would stall the engine once
-full). It also reads the process's memory, open files and CPU time from
-/proc (Linux), for the benchmarks.
+full), and it dies with the process that started it (`dies_with_parent`),
+so a test or a benchmark killed hard leaves no engine behind. It also reads
+the process's memory, open files and CPU time from /proc (Linux), for the
+benchmarks.
 
 For example:
 
@@ -34,6 +36,7 @@ __all__ = [
     "ProcessMemory",
     "Transport",
     "cpu_seconds",
+    "dies_with_parent",
     "fd_kinds",
     "free_ports",
     "open_fds",
@@ -50,6 +53,54 @@ _ANY_RECORD = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 
 class EngineProcessError(Exception):
     """The engine process did not start, or did not stop, as asked."""
+
+
+# Run between this process and the program (``python -I -S -c``, a few ms):
+# it asks the kernel for SIGKILL when its parent dies (prctl(2)
+# PR_SET_PDEATHSIG, which exec keeps), then becomes the program, same pid.
+# A preexec_fn would do that in the child itself, but only after a real
+# fork() of this process, and grpc's threads do not survive one: children
+# crashed (SIGSEGV) before they ran. Python ignores SIGPIPE and SIGXFSZ; the
+# program gets them back as they should be.
+_LAUNCHER = """
+import ctypes, os, signal, sys
+PR_SET_PDEATHSIG = 1
+parent, program = int(sys.argv[1]), sys.argv[2:]
+ulong = ctypes.c_ulong
+ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, ulong(signal.SIGKILL), ulong(0), ulong(0), ulong(0))
+if os.getppid() != parent:  # the parent died before that took effect
+    os._exit(1)
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+try:
+    os.execvp(program[0], program)
+except OSError as exc:
+    sys.stderr.write(f"cannot run {program[0]}: {exc}\\n")
+    os._exit(127)
+"""
+
+
+def dies_with_parent(argv: Sequence[str]) -> list[str]:
+    """The command line that runs ``argv`` so that it dies with this process.
+
+    On Linux the program asks the kernel (``prctl(PR_SET_PDEATHSIG)``) for
+    SIGKILL when its parent ends, however it ends: a parent killed with
+    SIGKILL (a test that timed out, a ``dev-cluster`` killed hard) takes its
+    children along instead of leaving them to run on. Elsewhere ``argv`` is
+    returned as it is, and a child outlives a parent that had no chance to
+    stop it.
+
+    For example::
+
+        await asyncio.create_subprocess_exec(*dies_with_parent(["nats-server", "-js"]))
+
+    Start it from a thread that lives as long as the child should (the event
+    loop's, or the one that waits for it): the kernel watches the thread
+    that started the child, not the whole process.
+    """
+    if not sys.platform.startswith("linux") or not sys.executable:
+        return list(argv)
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *argv]
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,19 +250,16 @@ class EngineProcess:
         self.incarnations += 1
         path = self.log_path()
         path.parent.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable,
+            *("-m", "ensync.cli.main", "serve", "--data", str(self.data)),
+            *("--grpc", f"127.0.0.1:{self.grpc_port}"),
+            *("--http", f"127.0.0.1:{self.http_port}"),
+            *self._serve_args,
+        ]
         with path.open("ab") as log:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "ensync.cli.main",
-                "serve",
-                "--data",
-                str(self.data),
-                "--grpc",
-                f"127.0.0.1:{self.grpc_port}",
-                "--http",
-                f"127.0.0.1:{self.http_port}",
-                *self._serve_args,
+                *dies_with_parent(argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

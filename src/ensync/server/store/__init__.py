@@ -10,7 +10,10 @@ when named):
 ``sqlite:///abs/path.db``      :class:`SqliteStore` at ``/abs/path.db``
 ``nats://HOST:PORT[,...]``     :class:`JetStreamStore` on those NATS servers
                                (``tls://`` for TLS; ``?replicas=3`` and
-                               ``?namespace=NAME`` options)
+                               ``?namespace=NAME`` options: replicas of the
+                               streams it creates, and that existing ones
+                               must have; without it, existing streams are
+                               used as they are)
 =============================  ==============================================
 """
 
@@ -143,8 +146,9 @@ def _jetstream(url: str, creds: pathlib.Path | None, tls_ca: pathlib.Path | None
         raise ValueError(
             f"store URL {url!r}: unknown option {unknown[0]!r} (known: replicas, namespace)"
         )
-    replicas = options.get("replicas", ["1"])[-1]
-    if replicas not in ("1", "3", "5"):
+    # Without ?replicas, existing streams are used as they are (see jetstream.streams).
+    replicas = options.get("replicas", [None])[-1]
+    if replicas not in (None, "1", "3", "5"):
         raise ValueError(f"store URL {url!r}: replicas must be 1, 3 or 5, not {replicas!r}")
     if importlib.util.find_spec("nats") is None:
         raise ValueError("the NATS JetStream store needs nats-py: pip install 'ensync[cluster]'")
@@ -153,7 +157,7 @@ def _jetstream(url: str, creds: pathlib.Path | None, tls_ca: pathlib.Path | None
     return JetStreamStore(
         servers,
         namespace=options.get("namespace", ["ensync"])[-1],
-        replicas=int(replicas),
+        replicas=int(replicas) if replicas is not None else None,
         creds=str(creds) if creds is not None else None,
         tls_ca=str(tls_ca) if tls_ca is not None else None,
     )

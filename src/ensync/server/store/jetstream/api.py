@@ -4,7 +4,7 @@ nats-py's JetStream helpers await one reply per published message and know
 nothing of atomic batches or batched direct gets; the backend needs both,
 so it speaks the JetStream API subjects itself:
 
-* ``$JS.API.STREAM.CREATE`` / ``UPDATE`` / ``INFO`` / ``MSG.DELETE``;
+* ``$JS.API.STREAM.CREATE`` / ``INFO`` / ``DELETE`` / ``MSG.DELETE``;
 * ``$JS.API.DIRECT.GET.<stream>`` with ``batch`` / ``multi_last``: many
   stored messages in one request, streamed back and ended by a ``204``
   status message;
@@ -31,6 +31,16 @@ from ..base import StoreError
 if TYPE_CHECKING:
     from nats.aio.client import Client
     from nats.aio.msg import Msg
+    from nats.errors import Error as NatsError
+else:
+    try:
+        from nats.errors import Error as NatsError
+    except ModuleNotFoundError:
+        # Without the cluster extra no NATS store can be opened (open_store
+        # says so); the engine still imports this package.
+        class NatsError(Exception):
+            """Stands in for nats-py's error root."""
+
 
 __all__ = [
     "Batch",
@@ -45,14 +55,26 @@ EXPECT = "Nats-Expected-Last-Subject-Sequence"
 EXPECT_FILTER = "Nats-Expected-Last-Subject-Sequence-Subject"
 TTL = "Nats-TTL"
 # JetStream error codes the backend acts on.
-WRONG_LAST_SEQUENCE = 10071
+STREAM_NAME_IN_USE = 10058  # a stream of that name exists, configured otherwise
 STREAM_NOT_FOUND = 10059
+# An expected last sequence that did not hold: someone wrote first. A single
+# server says 10071 (with the sequence it found); a replicated stream says
+# 10164 (the same, without it), or 10163 when a write to the subject is
+# still being replicated and the last sequence is not known yet. 10164 also
+# answers a batch that expects on one subject twice, which no retry mends:
+# every retry is bounded.
+CONFLICTS = frozenset({10071, 10163, 10164})
 # Atomic batches hold at most this many messages (the server's default limit).
 MAX_BATCH = 1000
 
 
 class ConflictError(StoreError):
-    """An expected last sequence did not match: someone wrote first."""
+    """An expected last sequence did not hold: someone wrote first (or is
+    writing). Read again, wait a little and retry, a bounded number of times."""
+
+    def __init__(self, code: int, description: str) -> None:
+        super().__init__(f"JetStream refused the write ({code}): {description}")
+        self.code = code
 
 
 class RejectedError(StoreError):
@@ -147,7 +169,7 @@ class JetStreamApi:
             reply = await self._nc.request(
                 subject, payload, timeout=timeout_s if timeout_s is not None else self._timeout_s
             )
-        except Exception as exc:  # nats raises its own hierarchy; all mean "not done"
+        except NatsError as exc:  # timeouts, no responders, connection closed: not done
             raise StoreError(f"NATS request {subject} failed: {exc!r}") from exc
         return _answer(reply.data)
 
@@ -245,8 +267,9 @@ class JetStreamApi:
         others are the ones before it).
 
         Raises:
-            ConflictError: an expected last sequence did not match.
+            ConflictError: an expected last sequence did not hold.
             RejectedError: another refusal (too large, duplicate id, ...).
+            StoreError: NATS did not take or answer the batch.
         """
         if not messages:
             raise ValueError("an atomic batch holds at least one message")
@@ -275,7 +298,7 @@ class JetStreamApi:
                     )
                 else:
                     await self._nc.publish(out.subject, out.data, headers=headers)
-        except Exception as exc:
+        except NatsError as exc:
             raise StoreError(f"writing to JetStream failed: {exc!r}") from exc
         return int(_answer(reply.data)["seq"])
 
@@ -292,12 +315,13 @@ class JetStreamApi:
 
 def _answer(data: bytes) -> Any:
     """A JetStream JSON answer, or its error raised: :class:`ConflictError` for
-    a wrong last sequence, :class:`RejectedError` (with the code) otherwise."""
+    an expected last sequence that did not hold (:data:`CONFLICTS`),
+    :class:`RejectedError` (with the code) otherwise."""
     answer = orjson.loads(data) if data else {}
     error = answer.get("error") if isinstance(answer, dict) else None
     if error:
         code, description = int(error.get("err_code", 0)), str(error.get("description"))
-        if code == WRONG_LAST_SEQUENCE:
-            raise ConflictError(description)
+        if code in CONFLICTS:
+            raise ConflictError(code, description)
         raise RejectedError(code, description)
     return answer

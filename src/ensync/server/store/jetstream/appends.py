@@ -3,7 +3,9 @@
 Concurrent ``append`` calls share one write; a write is an atomic batch in
 which the first message of each partition expects the partition's last
 sequence and each idempotency key record expects its subject empty (or
-the expired record it replaces). A conflict re-reads those and tries again.
+the expired record it replaces). A conflict (another node appended to the
+partition first, or is appending) re-reads those and tries again after a
+short random pause, at most ``RETRIES`` times.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..numbering import dedupe_digest
 from ._common import (
     RETRIES,
     Common,
+    pause_after_conflict,
 )
 from .api import MAX_BATCH, ConflictError, Out, RejectedError
 from .records import (
@@ -152,7 +155,7 @@ class Appends(Common):
         api = self._check_api()
         names = self.names
         refreshed = False
-        for _ in range(RETRIES):
+        for attempt in range(RETRIES):
             outs: list[Out] = []
             placed: list[tuple[tuple[_Job, int, NewMessage], StoredMessage, int]] = []
             keys: dict[bytes, StoredMessage] = {}
@@ -220,6 +223,8 @@ class Appends(Common):
             try:
                 last_seq = await api.atomic(outs)
             except ConflictError:
+                # The pause first: what the other node is writing lands before the re-read.
+                await pause_after_conflict(attempt)
                 await self._refresh_append(chunk)
                 refreshed = True
                 continue

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import orjson
 
 from ..base import AppExistsError, AppRecord, SessionRecord, StoreError
-from ._common import RETRIES, Common
+from ._common import RETRIES, Common, pause_after_conflict
 from .api import MAX_BATCH, ConflictError, Out
 from .records import app_from_json, app_to_json, is_gone
 
@@ -37,7 +37,7 @@ class Apps(Common):
 
     async def _write_app(self, app: AppRecord, *, create: bool) -> None:
         api = self._check_open()
-        for _ in range(RETRIES):
+        for attempt in range(RETRIES):
             await self._read_apps(force=True)
             old = self._apps.get(app.name)
             if create and old is not None:
@@ -66,6 +66,7 @@ class Apps(Common):
                     ]
                 )
             except ConflictError:
+                await pause_after_conflict(attempt)
                 continue
             self._apps[app.name] = app
             return

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import random
 import time
 from dataclasses import replace
 
@@ -26,9 +25,9 @@ from ..base import (
 from ..book import limit_reason
 from ._common import (
     PAGE,
-    RETRIES,
     Part,
     new_token,
+    pause_after_conflict,
 )
 from .api import ConflictError, Out
 from .leases import Leases
@@ -43,6 +42,9 @@ __all__ = ["Claims"]
 
 # Most messages one claim writes (an atomic batch holds at most MAX_BATCH).
 _CLAIM_MAX = 400
+# A claim that keeps colliding gives up sooner than other writes: it returns
+# nothing and comes back a moment later (the other node took what was there).
+_CLAIM_TRIES = 8
 
 
 class Claims(Leases):
@@ -100,18 +102,19 @@ class Claims(Leases):
             if not part.loaded or part.stale:
                 await self._load(part)
             try:
-                for attempt in range(RETRIES):
+                for attempt in range(_CLAIM_TRIES):
                     candidates: list[str] = []
                     try:
                         return await self._claim_once(
                             part, min(limit, _CLAIM_MAX), now_ms, policy, candidates
                         )
                     except ConflictError:
-                        # Another node claimed first: read what it did, then try again
-                        # a moment later (two nodes retrying in step would collide again).
+                        # Another node claimed first (or is claiming): a moment later
+                        # (two nodes retrying in step would collide again), read what
+                        # it did and try again.
+                        await pause_after_conflict(attempt)
                         await self._load(part)
                         await self._learn(part, candidates)
-                        await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
             except BaseException:
                 part.stale = True  # what the claim took off the schedule is read again
                 raise

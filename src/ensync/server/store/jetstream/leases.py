@@ -1,8 +1,9 @@
 """Leases and settlements: extend, release, defer, settle.
 
 Every write expects the revision of the message's state subjects; if
-another node wrote first, the message is read again (or the lease is
-stale: it was not this node's any more).
+another node wrote first (or is writing), the message is read again after
+a short random pause, at most ``RETRIES`` times (or the lease is stale: it
+was not this node's any more).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ._common import (
     Common,
     Key,
     Part,
+    pause_after_conflict,
 )
 from .api import MAX_BATCH, ConflictError, Out
 from .records import (
@@ -184,7 +186,7 @@ class Leases(Common):
         any lease on it; ``False`` if it is unknown or settled."""
         api = self._check_open()
         names = self.names
-        for _ in range(RETRIES):
+        for attempt in range(RETRIES):
             found = await self._locate(idem)
             if found is None:
                 return False
@@ -213,6 +215,7 @@ class Leases(Common):
                 )
             except ConflictError:
                 self._drop_live(idem)
+                await pause_after_conflict(attempt)
                 continue
             self._set_live(part, idem, later)
             if visible_at_ms <= now_ms:
@@ -300,7 +303,7 @@ class Leases(Common):
         self, idem: str, state: MessageState, reason: str | None, now_ms: int
     ) -> bool:
         api = self._check_api()
-        for _ in range(RETRIES):
+        for attempt in range(RETRIES):
             found = await self._locate(idem)
             if found is None:
                 return False
@@ -312,6 +315,7 @@ class Leases(Common):
             except ConflictError:
                 self._drop_live(idem)  # read it again
                 part.stale = True
+                await pause_after_conflict(attempt)
                 continue
             self._settled_here([(idem, part)])
             return True

@@ -19,7 +19,12 @@ index of the partitions it claims from. What makes several nodes safe:
   they serve every few seconds (a node that died leaves leases that run
   out).
 
-A write that conflicts re-reads what it expected and tries again.
+A write that conflicts (JetStream answers 10071, or on replicated streams
+10164 or 10163: :data:`.api.CONFLICTS`) re-reads what it expected and tries
+again after a short random pause, a bounded number of times.
+
+:meth:`JetStreamStore.open` creates the streams that do not exist and
+never changes one that does (:mod:`.streams`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from .records import (
     Names,
     is_gone,
 )
+from .streams import ensure_streams
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -67,9 +73,6 @@ __all__ = ["JetStreamStore"]
 
 log = logging.getLogger(__name__)
 
-# JetStream errors a cluster that is still forming answers: no peers yet for
-# the replicas, no leader yet.
-_NOT_YET = frozenset({10005, 10008, 10023})
 # Partitions claimed from within this long have their leases re-read.
 _ACTIVE_S = 60.0
 _REREAD_MAX_S = 10.0
@@ -87,8 +90,12 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
         servers: NATS URLs; the client fails over between them.
         namespace: prefix of every stream and subject (several ensync
             installations may share a NATS account under different ones).
-        replicas: copies JetStream keeps of each stream (1, 3 or 5);
-            applied when the streams are created.
+        replicas: copies JetStream keeps of each stream (1, 3 or 5) when
+            :meth:`open` creates them; existing streams must have as many.
+            ``None``: streams are created with the replicas of those that
+            exist (1 if none does), and existing ones are used as they are.
+            :meth:`open` never changes an existing stream (see
+            :mod:`.streams`).
         creds: a NATS credentials file.
         tls_ca: a CA bundle to verify the servers with (``tls://`` URLs).
         node: this instance's name in logs and notifications.
@@ -99,7 +106,7 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
         servers: Sequence[str],
         *,
         namespace: str = "ensync",
-        replicas: int = 1,
+        replicas: int | None = None,
         creds: str | None = None,
         tls_ca: str | None = None,
         node: str | None = None,
@@ -107,7 +114,7 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
     ) -> None:
         if not servers:
             raise ValueError("JetStreamStore needs at least one NATS URL")
-        if replicas not in (1, 3, 5):
+        if replicas not in (None, 1, 3, 5):
             raise ValueError(f"replicas must be 1, 3 or 5, not {replicas}")
         self.names = Names(namespace)
         self._servers = list(servers)
@@ -130,9 +137,12 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
         self._refresher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        """Connect and create the streams if they do not exist.
+        """Connect, create the streams that do not exist and check those that do.
 
         Raises:
+            StreamConfigError: an existing stream has other replicas than
+                asked for, or is not configured as the backend needs; the
+                message says what differs and what to do. Nothing was changed.
             StoreError: opened before, NATS unreachable, or JetStream refused
                 the streams (the message says why).
         """
@@ -170,7 +180,7 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
         self._api = JetStreamApi(self._nc)
         try:
             await self._api.start()
-            await self._ensure_streams()
+            await ensure_streams(self._api, self.names, self._replicas)
             await self._nc.subscribe(self.names.ready, cb=self._on_ready)
         except BaseException:
             await self._nc.close()
@@ -230,68 +240,6 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
                 await api.request(f"$JS.API.STREAM.DELETE.{stream}")
         self._parts.clear()
         self._where.clear()
-
-    async def _ensure_streams(self) -> None:
-        await self._check_api().ready(within_s=60.0)
-        names = self.names
-        ns = names.ns
-        common = {"num_replicas": self._replicas, "allow_direct": True}
-        streams: list[dict[str, Any]] = [
-            {
-                "name": names.messages,
-                "subjects": [f"{ns}.m.>", f"{ns}.k.>"],
-                "storage": "file",
-                "allow_atomic": True,
-                "allow_msg_ttl": True,
-                "duplicate_window": 120 * 10**9,
-            },
-            {
-                "name": names.volatile,
-                "subjects": [f"{ns}.v.>"],
-                "storage": "memory",
-                "max_msgs_per_subject": 1,
-            },
-            {
-                "name": names.state,
-                "subjects": [f"{ns}.c.>", f"{ns}.l.>", f"{ns}.x.>", f"{ns}.d.>"],
-                "storage": "file",
-                "max_msgs_per_subject": 1,
-                "allow_atomic": True,
-                "allow_msg_ttl": True,
-            },
-            {
-                "name": names.apps,
-                "subjects": [f"{ns}.app.>"],
-                "storage": "file",
-                "max_msgs_per_subject": 1,
-                "allow_atomic": True,
-                "allow_msg_ttl": True,  # client sessions expire
-            },
-            {
-                "name": names.counts,
-                "subjects": [f"{ns}.n.>"],
-                "storage": "file",
-                "max_msgs_per_subject": 1,
-                "allow_msg_counter": True,
-            },
-        ]
-        api = self._check_api()
-        deadline = time.monotonic() + 60.0
-        for config in streams:
-            config = {**common, **config}
-            while True:
-                try:
-                    await api.request(f"$JS.API.STREAM.CREATE.{config['name']}", config)
-                except RejectedError as exc:
-                    if exc.code == 10058:  # exists with another configuration
-                        await api.request(f"$JS.API.STREAM.UPDATE.{config['name']}", config)
-                    elif exc.code in _NOT_YET and time.monotonic() < deadline:
-                        # A new cluster's servers are still finding each other.
-                        await asyncio.sleep(0.25)
-                        continue
-                    else:
-                        raise
-                break
 
     async def get(self, idem: str) -> StoredMessage | None:
         """The message with this idem, whatever its state, or ``None``."""
