@@ -298,13 +298,15 @@ class Arena:
         self.notes: list[str] = []
 
     @classmethod
-    async def open(cls, root: Path) -> Arena:
+    async def open(cls, root: Path, *, open_files: int | None = None) -> Arena:
+        """Start the engine (with ``open_files`` as its open-files limit, if
+        given) and the steady traffic."""
         data = root / "data"
         names = ("hostile", "sink", "steady-tx", "steady-rx")
         # One after the other: concurrent `ensync app create` on a fresh data
         # directory can fail with "database is locked" on a loaded machine.
         keys = [await create_app(data, name) for name in names]
-        engine = ObservedEngine(data, root / "logs", SERVE_ARGS)
+        engine = ObservedEngine(data, root / "logs", SERVE_ARGS, open_files=open_files)
         arena = cls(engine, dict(zip(names, keys, strict=True)))
         try:
             await engine.start()

@@ -13,12 +13,20 @@ each hostile input got a sane answer (the attack's *violations*).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import resource
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from ensync import EnSyncEngine as GrpcEngine
+from ensync import EnSyncError
+from ensync.server.config import EngineConfig
+from ensync.websocket import EnSyncEngine as WsEngine
 from tests.hostile import absurd, garbage, load, malformed
 from tests.hostile.common import Findings
 from tests.hostile.harness import Arena, LoggedTraceback, grpc_decode_error
@@ -155,7 +163,7 @@ async def test_non_finite_numbers_never_reach_subscribers_as_invalid_json(arena:
 @pytest.mark.timeout(seconds(120))
 async def test_thousands_of_connections_opened_and_dropped(arena: Arena) -> None:
     """2,000 WebSocket CONN + abrupt close, 1,000 gRPC channels that Connect
-    and vanish, 400 idle connections: afterwards every session is collected
+    and vanish, 200 idle connections: afterwards every session is collected
     and memory and descriptors are back near the baseline."""
     findings = await load.churn_connections(arena)
     await conclude(arena, findings)
@@ -172,3 +180,56 @@ async def test_flood_from_one_app(arena: Arena) -> None:
     heals that without losing a message, so it is noted, not failed."""
     findings = await load.flood_from_one_app(arena)
     await conclude(arena, findings, steady_reconnects_allowed=True)
+
+
+# The engine's default handshake deadline (ensync serve --handshake-timeout-ms).
+HANDSHAKE_S = EngineConfig().handshake_timeout_ms / 1000
+ENGINE_OPEN_FILES = 1024
+FLOOD = 1200
+
+
+@pytest.mark.timeout(seconds(120))
+async def test_a_connection_flood_holds_no_descriptors_the_clients_need(tmp_path: Path) -> None:
+    """With 1,024 open files, 1,200 silent gRPC connections and 1,200
+    unfinished HTTP requests from one address: the steady pairs lose nothing
+    and each publish is answered within 1 s, the flood is closed within the
+    handshake deadline, the log stays short, and new clients connect at once
+    afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * FLOOD + 512  # this process holds the flood's ends
+    if soft < wanted:
+        assert hard >= wanted, f"the test needs {wanted} open files here; the hard limit is {hard}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    arena = await Arena.open(tmp_path, open_files=ENGINE_OPEN_FILES)
+    try:
+        await arena.take_baseline()
+        flood = await load.connection_flood(arena, FLOOD)
+        findings = Findings()
+        for kind, lifetimes in sorted(flood.lifetimes_s.items()):
+            findings.notes.append(
+                f"{kind}: {len(lifetimes)} closed, {sum(t < 0.5 for t in lifetimes)} at once,"
+                f" the last after {max(lifetimes):.1f} s"
+            )
+            late = [t for t in lifetimes if t > HANDSHAKE_S + 2]
+            if late:
+                findings.violation(f"{len(late)} {kind} connections lived past the deadline")
+        if len(flood.log_lines) >= 100:
+            findings.violation(f"the flood wrote {len(flood.log_lines)} log lines")
+        findings.notes += [line[:200] for line in flood.log_lines[:10]]
+        slowest = max(arena.steady.latencies_s)
+        if slowest >= 1.0:
+            findings.violation(f"a steady publish took {slowest:.2f} s")
+        for make in (GrpcEngine, WsEngine):
+            sdk = make(arena.engine.grpc_url if make is GrpcEngine else arena.engine.ws_url)
+            started = time.monotonic()
+            try:
+                await asyncio.wait_for(sdk.create_client(arena.hostile.app_key), 1.0)
+            except (TimeoutError, EnSyncError) as exc:
+                findings.violation(f"a new {make.__module__} client could not connect: {exc!r}")
+            else:
+                findings.notes.append(f"new client in {time.monotonic() - started:.3f} s")
+            finally:
+                await sdk.close()
+        await conclude(arena, findings)
+    finally:
+        await arena.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 from ensync._version import __version__
 from ensync.cli.stores import store_options
 from ensync.server.config import EngineConfig, ServerConfig
+from ensync.server.openfiles import open_files_limit, raise_open_files_limit
 from ensync.server.serving import running_server
 from ensync.server.store.base import StoreError
 
@@ -62,6 +63,25 @@ ENGINE_FLAGS: list[tuple[str, int, int, str]] = [
     ("retention-ms", _DEFAULTS.retention_ms, 1, "keep settled messages this long for replay"),
     ("dedupe-window-ms", _DEFAULTS.dedupe_window_ms, 1, "remember idempotency keys this long"),
     ("ws-ping-interval-ms", _DEFAULTS.ws_ping_interval_ms, 1, "WebSocket keep-alive interval"),
+    (
+        "handshake-timeout-ms",
+        _DEFAULTS.handshake_timeout_ms,
+        100,
+        "close connections that have not connected a client in this time",
+    ),
+    (
+        "max-connections",
+        _DEFAULTS.max_connections,
+        0,
+        "most connections on the gRPC listener, and on the HTTP ones together"
+        " (0: from the open-files limit)",
+    ),
+    (
+        "max-connections-per-address",
+        _DEFAULTS.max_connections_per_address,
+        1,
+        "most HTTP/WebSocket connections from one client address",
+    ),
 ]
 
 
@@ -148,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ensync: {exc}", file=sys.stderr)
         return 2
+    # Every connection holds a descriptor: take all the system allows.
+    raise_open_files_limit()
     try:
         return asyncio.run(_serve(config))
     except (ValueError, OSError, StoreError) as exc:
@@ -165,7 +187,8 @@ async def _serve(config: ServerConfig) -> int:
         http_host = config.http_address.rsplit(":", 1)[0]
         metrics = f", metrics on {server.metrics_listener}" if server.metrics_listener else ""
         log.info(
-            "ensync %s serving gRPC on %s:%d, HTTP on %s:%d%s (%s; data: %s)",
+            "ensync %s serving gRPC on %s:%d, HTTP on %s:%d%s (%s; data: %s;"
+            " open files: %d, connections: %d per listener)",
             __version__,
             config.grpc_address.rsplit(":", 1)[0],
             server.grpc_port,
@@ -174,6 +197,8 @@ async def _serve(config: ServerConfig) -> int:
             metrics,
             scheme,
             config.data_dir,
+            open_files_limit(),
+            server.engine.config.max_connections,
         )
         await stop.wait()
         log.info("shutting down")

@@ -48,6 +48,14 @@ class EngineConfig:
         max_subscriptions_per_client: most names one client may subscribe to.
         rate_limit_per_app: requests per second an app may make (token bucket,
             bursts up to one second's worth); 0 turns the limit off.
+        handshake_timeout_ms: a connection that has not completed its
+            handshake in this time is closed (gRPC: the HTTP/2 preface and
+            settings; WebSocket: the upgrade, then a ``CONN`` with a valid key).
+        max_connections: most connections on the gRPC listener, and most on
+            the HTTP listeners together; 0 derives it from the open-files
+            limit (see `connection_budget`).
+        max_connections_per_address: most connections from one client
+            address on the HTTP listeners.
     """
 
     ack_deadline_ms: int = 30_000
@@ -71,6 +79,9 @@ class EngineConfig:
     max_clients_per_app: int = 1_000
     max_subscriptions_per_client: int = 100
     rate_limit_per_app: int = 20_000
+    handshake_timeout_ms: int = 5_000
+    max_connections: int = 0
+    max_connections_per_address: int = 256
 
 
 @dataclass(frozen=True, slots=True)

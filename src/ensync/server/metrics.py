@@ -43,6 +43,8 @@ _LIMITS = (
     "clients_per_app",
     "subscriptions_per_client",
     "request_rate",
+    "connections",
+    "connections_per_address",
 )
 
 

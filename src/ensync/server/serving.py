@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from ensync.server.config import EngineConfig, ServerConfig
+from ensync.server.core.throttled import ThrottledLog
 from ensync.server.core.validation import largest_request
 from ensync.server.datadir import EngineLock, loose_permissions
+from ensync.server.openfiles import RESERVED_FILES, caps_fit, max_connections, open_files_limit
 from ensync.server.runtime.engine import Engine
 from ensync.server.store import open_store, sqlite_file
 from ensync.server.store.base import Store
 from ensync.server.store.jetstream import JetStreamStore
+from ensync.server.transports.gate import ConnectionGate
 from ensync.server.transports.grpc import GrpcTransport
 from ensync.server.transports.http import HttpListener
 
@@ -135,8 +140,9 @@ async def _serving(
     http_host: str,
     http_port: int,
 ) -> AsyncIterator[RunningServer]:
-    engine = Engine(store, config.engine)
+    engine = Engine(store, _with_connection_caps(config.engine))
     credentials, ssl_context = _tls(config)
+    gate = ConnectionGate(engine)
     grpc_transport = GrpcTransport(
         engine,
         f"{grpc_host}:{grpc_port}",
@@ -151,12 +157,18 @@ async def _serving(
         ssl_context=ssl_context,
         session=config.sessions,
         metrics=separate is None,
+        gate=gate,
     )
     metrics_listener: HttpListener | None = None
     metrics_host = ""
     if separate is not None:
         metrics_host, metrics_port = parse_address(separate, what="metrics")
-        metrics_listener = HttpListener(engine, metrics_host, metrics_port, websocket=False)
+        metrics_listener = HttpListener(
+            engine, metrics_host, metrics_port, websocket=False, gate=gate
+        )
+    loop = asyncio.get_running_loop()
+    earlier_handler = loop.get_exception_handler()
+    loop.set_exception_handler(_AcceptFailures(engine, earlier_handler))
     try:
         await engine.start()
         bound_grpc = await grpc_transport.start()
@@ -185,6 +197,51 @@ async def _serving(
             *([metrics_listener.stop()] if metrics_listener is not None else []),
         )
         await engine.stop()
+        loop.set_exception_handler(earlier_handler)
+
+
+def _with_connection_caps(config: EngineConfig) -> EngineConfig:
+    """``config`` with ``max_connections`` set (derived when 0); warns when
+    the caps do not fit the open-files limit."""
+    limit = open_files_limit()
+    caps = dataclasses.replace(config, max_connections=max_connections(config.max_connections))
+    if not caps_fit(caps.max_connections, limit):
+        log.warning(
+            "--max-connections %d on each of the gRPC and HTTP listeners does not fit the"
+            " open-files limit of %d (%d kept for the store and the rest): raise the limit"
+            " (ulimit -n) or lower --max-connections",
+            caps.max_connections,
+            limit,
+            RESERVED_FILES,
+        )
+    return caps
+
+
+class _AcceptFailures:
+    """The event loop's exception handler while the engine serves.
+
+    Out of descriptors, asyncio reports each failed ``accept()`` with a
+    traceback (thousands a minute in a connection flood): say it once a
+    second with a count instead, and keep serving the connections there are.
+    Everything else goes to the handler there was before.
+    """
+
+    def __init__(self, engine: Engine, earlier: Callable[..., object] | None) -> None:
+        self._earlier = earlier
+        self._lines = ThrottledLog(log, engine.clock.now_ms, what="accept failed")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        error = context.get("exception")
+        if isinstance(error, OSError) and context.get("message", "").startswith("socket.accept()"):
+            self._lines.note(
+                "out of resources",
+                f"{error.strerror or error}: new connections wait until some close"
+                " (raise the open-files limit, or lower --max-connections)",
+            )
+        elif self._earlier is not None:
+            self._earlier(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
 
 def _check_message_room(store: JetStreamStore, engine: EngineConfig) -> None:

@@ -80,6 +80,15 @@ except OSError as exc:
 """
 
 
+# Sets the open-files limit, then becomes the program (same pid).
+_LIMIT_FILES = """
+import os, resource, sys
+limit, program = int(sys.argv[1]), sys.argv[2:]
+resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+os.execvp(program[0], program)
+"""
+
+
 def dies_with_parent(argv: Sequence[str]) -> list[str]:
     """The command line that runs ``argv`` so that it dies with this process.
 
@@ -185,6 +194,8 @@ class EngineProcess:
         serve_args: extra ``ensync serve`` flags, e.g. ``["--ack-deadline-ms", "1000"]``.
         log_name: the first incarnation's log file name.
         start_timeout_s: how long an incarnation may take to listen.
+        open_files: the engine's open-files limit, soft and hard (as
+            ``ulimit -n`` sets it); ``None``: this process's.
     """
 
     def __init__(
@@ -195,6 +206,7 @@ class EngineProcess:
         *,
         log_name: str = "engine.log",
         start_timeout_s: float = 120.0,
+        open_files: int | None = None,
     ) -> None:
         self.data = data
         self.logs = logs if logs is not None else data
@@ -202,6 +214,7 @@ class EngineProcess:
         self._serve_args = list(serve_args)
         self._log_name = log_name
         self._start_timeout_s = start_timeout_s
+        self._open_files = open_files
         self._process: asyncio.subprocess.Process | None = None
         self.incarnations = 0
 
@@ -257,6 +270,8 @@ class EngineProcess:
             *("--http", f"127.0.0.1:{self.http_port}"),
             *self._serve_args,
         ]
+        if self._open_files is not None:
+            argv = [sys.executable, "-I", "-S", "-c", _LIMIT_FILES, str(self._open_files), *argv]
         with path.open("ab") as log:
             self._process = await asyncio.create_subprocess_exec(
                 *dies_with_parent(argv),

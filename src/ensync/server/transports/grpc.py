@@ -38,6 +38,7 @@ from ensync.protocol.records import ReplayInfo, replay_json, to_stream_response
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
 from ensync.server.core.validation import largest_request
+from ensync.server.openfiles import max_connections
 from ensync.server.runtime.engine import Engine
 from ensync.server.transports.go_clients import GoClientWatch
 from ensync.server.transports.listen import bind_failure
@@ -229,6 +230,15 @@ class GrpcTransport:
                 # a second engine on the same --grpc would take half the
                 # clients into another store. A taken port is an error.
                 ("grpc.so_reuseport", 0),
+                # A connection that has not sent the HTTP/2 preface and its
+                # settings in time is closed; past the cap, new connections
+                # are closed at once (grpcio counts them; it has no cap per
+                # address).
+                ("grpc.server_handshake_timeout_ms", engine.config.handshake_timeout_ms),
+                (
+                    "grpc.max_allowed_incoming_connections",
+                    max_connections(engine.config.max_connections),
+                ),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # Bounds what one connection can open at once (a "rapid reset"

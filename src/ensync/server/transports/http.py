@@ -25,6 +25,7 @@ from websockets.http11 import Request, Response
 from ensync.server.core.validation import largest_request
 from ensync.server.metrics import CONTENT_TYPE, render_metrics
 from ensync.server.runtime.engine import Engine
+from ensync.server.transports.gate import ConnectionGate
 from ensync.server.transports.listen import bind_failure
 from ensync.server.transports.websocket import WebSocketTransport
 
@@ -47,6 +48,8 @@ class HttpListener:
         session: serve ensync's batched session in binary frames.
         websocket: accept WebSocket upgrades (off: a metrics listener).
         metrics: serve ``/metrics`` (its labels name every app).
+        gate: the connection caps this listener shares with the engine's
+            other HTTP listeners (default: caps of its own).
     """
 
     def __init__(
@@ -61,6 +64,7 @@ class HttpListener:
         session: bool = True,
         websocket: bool = True,
         metrics: bool = True,
+        gate: ConnectionGate | None = None,
     ) -> None:
         self._engine = engine
         self._host = host
@@ -77,6 +81,7 @@ class HttpListener:
         self._websocket = websocket
         self._metrics = metrics
         self._ssl = ssl_context
+        self._gate = gate or ConnectionGate(engine)
         self.websocket = WebSocketTransport(
             engine, max_frame_bytes=self._max_frame, session=session
         )
@@ -100,6 +105,13 @@ class HttpListener:
             self._host,
             self._port,
             process_request=self._process_request,
+            create_connection=self._gate.connection_class(),
+            # An upgrade (or a plain request) not sent in time is not waited for.
+            open_timeout=self._engine.config.handshake_timeout_ms / 1000,
+            # asyncio's default of 100 pending connects overflows in a burst
+            # of new clients (a reconnect storm, a flood): their SYNs are
+            # dropped and retried seconds later.
+            backlog=1024,
             server_header="ensync",
             max_size=self._max_frame,
             ping_interval=self._ping_interval_s,

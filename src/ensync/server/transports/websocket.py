@@ -179,7 +179,11 @@ class _Connection:
     # ------------------------------------------------------------------ driving
 
     async def run(self) -> None:
-        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(self._write_loop())
+        # A socket that never connects a client holds a descriptor for nothing.
+        handshake_s = self._engine.config.handshake_timeout_ms / 1000
+        deadline = loop.call_later(handshake_s, self._check_connected, handshake_s)
         try:
             async for frame in self._ws:
                 if isinstance(frame, bytes):
@@ -196,6 +200,7 @@ class _Connection:
         except ConnectionClosed:
             pass
         finally:
+            deadline.cancel()
             self._closed = True
             self._idle.set()  # nothing more will be answered: wake a shutdown
             self._session.close()
@@ -206,6 +211,10 @@ class _Connection:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(writer, *self._tasks, return_exceptions=True)
+
+    def _check_connected(self, waited_s: float) -> None:
+        if self._client_id is None and not self._closed:
+            self._spawn(self._ws.close(1008, f"no valid CONN within {waited_s:g} s"))
 
     async def _write_loop(self) -> None:
         while True:
