@@ -11,10 +11,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ensync.server.core.apps import AppRegistry, NewApp
+from ensync.server.runtime.clock import wall_clock_ms
+from ensync.server.store import open_store
 from ensync.testing.process import EngineProcess
 from tests.support.timing import seconds
 
-__all__ = ["AppKeys", "EngineProcess", "create_app", "integrity_check"]
+__all__ = [
+    "AppKeys",
+    "EngineProcess",
+    "create_app",
+    "integrity_check",
+    "register_shop_and_warehouse",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +60,17 @@ async def create_app(data: Path, name: str) -> AppKeys:
     assert process.returncode == 0, f"ensync app create {name} failed: {err.decode()}"
     fields = json.loads(out)
     return AppKeys(fields["name"], fields["app_key"], fields["app_id"], fields["secret_key"])
+
+
+async def register_shop_and_warehouse(store_url: str, root: Path) -> tuple[NewApp, NewApp]:
+    """Register the apps ``shop`` and ``warehouse`` in a store (a cluster's)."""
+    store = open_store(store_url, root)
+    await store.open()
+    try:
+        registry = AppRegistry(store, wall_clock_ms, cache_ms=0)
+        return await registry.create("shop"), await registry.create("warehouse")
+    finally:
+        await store.close()
 
 
 def integrity_check(db: Path) -> list[str]:

@@ -27,11 +27,9 @@ from pathlib import Path
 import pytest
 
 from ensync import EnSyncClient, EnSyncEngine, EnSyncError, Message
-from ensync.cli.nats_server import nats_cluster
-from ensync.server.core.apps import AppRegistry, NewApp
-from ensync.server.runtime.clock import wall_clock_ms
-from ensync.server.store import open_store
+from ensync.testing.nats_server import nats_cluster
 from ensync.testing.process import EngineProcess
+from tests.faults.engine_process import register_shop_and_warehouse
 from tests.support.timing import eventually, seconds
 
 __all__: list[str] = []
@@ -43,22 +41,12 @@ PER_PUBLISHER = 300
 IN_FLIGHT = 64
 
 
-async def register(store_url: str, root: Path) -> tuple[NewApp, NewApp]:
-    store = open_store(store_url, root)
-    await store.open()
-    try:
-        registry = AppRegistry(store, wall_clock_ms, cache_ms=0)
-        return await registry.create("shop"), await registry.create("warehouse")
-    finally:
-        await store.close()
-
-
 async def test_two_busy_nodes_on_one_partition_fail_no_publish_and_share_no_message(
     tmp_path: Path,
 ) -> None:
     async with nats_cluster(tmp_path / "nats", size=3, sync="always") as servers:
         store = ",".join(server.url for server in servers) + "?replicas=3"
-        shop, warehouse = await register(store, tmp_path)
+        shop, warehouse = await register_shop_and_warehouse(store, tmp_path)
         nodes = [
             EngineProcess(tmp_path / f"node-{i}", serve_args=["--store", store]) for i in (1, 2)
         ]

@@ -27,7 +27,7 @@ def refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
 async def test_refusals_are_logged_once_a_second_per_kind(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="ensync.server.core")
+    caplog.set_level(logging.WARNING, logger="ensync.server")
     async with run_engine(max_metadata_bytes=100) as server:
         alice = await server.create_app("alice")
         engine = EnSyncEngine(server.grpc_url, max_reconnect_attempts=1)
@@ -70,7 +70,7 @@ async def _max_pages(server: TestServer, pages: int | None) -> None:
 async def test_a_full_store_shows_in_health_and_metrics_and_logs_once_a_second(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ensync.server.core")
+    caplog.set_level(logging.INFO, logger="ensync.server")
     async with run_engine("sqlite:") as server:
         alice = await server.create_app("alice")
         engine = EnSyncEngine(server.grpc_url)

@@ -82,7 +82,7 @@ async def server() -> AsyncIterator[TestServer]:
 async def test_a_refused_subscribe_from_a_go_client_waits_a_second(
     server: TestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ensync.server.core")
+    caplog.set_level(logging.INFO, logger="ensync.server")
     go = Raw(server, GO_AGENT)
     other = Raw(server, "grpc-python/1.66.0")
     go_id = await go.connect(await server.create_app("gopher"))

@@ -20,7 +20,7 @@ from ensync.protocol.urls import EngineUrl, parse_engine_url
 
 __all__ = ["BaseEngine", "EnSyncEngine", "show_sdk_logs"]
 
-log = logging.getLogger("ensync.client")
+log = logging.getLogger(__name__)
 
 
 def _positive_ms(name: str, value: object, *, zero_ok: bool = False) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any, Protocol, Self, TypeGuard
 
 from ensync._proto import ensync_pb2 as pb
 from ensync.protocol.wscodec import Record
@@ -24,6 +24,7 @@ from ensync.protocol.wscodec import Record
 __all__ = [
     "Delivery",
     "ReplayInfo",
+    "Stored",
     "from_replay_json",
     "from_stream_response",
     "from_ws_record",
@@ -34,6 +35,28 @@ __all__ = [
     "to_ws_record",
     "with_replay_info",
 ]
+
+
+class Stored(Protocol):
+    """A message as an engine's store keeps it: what a :class:`Delivery` is
+    made from (the engine's ``StoredMessage``)."""
+
+    @property
+    def idem(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def block(self) -> int: ...
+    @property
+    def payload(self) -> str: ...
+    @property
+    def metadata(self) -> str: ...
+    @property
+    def sender(self) -> str: ...
+    @property
+    def created_at_ms(self) -> int: ...
+    @property
+    def attempts(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +77,21 @@ class Delivery:
     sender: str
     created_at_ms: int
     attempt: int = 1
+
+    @classmethod
+    def from_stored(cls, message: Stored, *, attempt: int | None = None) -> Self:
+        """The delivery of a stored message; ``attempt`` defaults to the
+        message's count of deliveries (0 for an observed copy)."""
+        return cls(
+            idem=message.idem,
+            name=message.name,
+            block=message.block,
+            payload=message.payload,
+            metadata=message.metadata,
+            sender=message.sender,
+            created_at_ms=message.created_at_ms,
+            attempt=message.attempts if attempt is None else attempt,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -322,18 +322,7 @@ class Dispatcher:
         self._stats.delivered += 1
         if message.attempts > 1:
             self._stats.redelivered += 1
-        sink.push(
-            Delivery(
-                idem=message.idem,
-                name=message.name,
-                block=message.block,
-                payload=message.payload,
-                metadata=message.metadata,
-                sender=message.sender,
-                created_at_ms=message.created_at_ms,
-                attempt=message.attempts,
-            )
-        )
+        sink.push(Delivery.from_stored(message))
 
     def _free(self, held: Held) -> None:
         # No claim is marked here: a partition whose last claim was cut short

@@ -62,7 +62,7 @@ from ensync.server.store.base import (
 
 __all__ = ["Service"]
 
-log = logging.getLogger("ensync.server.core")
+log = logging.getLogger(__name__)
 
 _IDEM = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_REASON = 1024
@@ -501,7 +501,7 @@ class Service:
         session = self.session(client_id)
         message = await self._find(session, idem)
         return ReplayResult(
-            delivery=_delivery(message),
+            delivery=Delivery.from_stored(message),
             replayed_at_ms=self.clock.now_ms(),
             was_acknowledged=message.state is MessageState.ACKED,
         )
@@ -615,16 +615,3 @@ class Service:
         self.stats.denied += 1
         self._refusals.note("denied", message)
         return ServiceError.denied(message)
-
-
-def _delivery(message: StoredMessage) -> Delivery:
-    return Delivery(
-        idem=message.idem,
-        name=message.name,
-        block=message.block,
-        payload=message.payload,
-        metadata=message.metadata,
-        sender=message.sender,
-        created_at_ms=message.created_at_ms,
-        attempt=message.attempts,
-    )

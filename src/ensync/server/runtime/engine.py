@@ -49,7 +49,7 @@ from ensync.server.store.base import (
 
 __all__ = ["Engine"]
 
-log = logging.getLogger("ensync.server.core")
+log = logging.getLogger(__name__)
 
 # Settled messages are pruned this often (and soon after start).
 _PRUNE_EVERY_S = 3600.0
