@@ -28,14 +28,15 @@ run: $(STAMP)
 	$(BIN)/ensync serve
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples tools
+	$(BIN)/ruff format --check src tests examples tools
 	$(BIN)/lint-imports
 
 types: $(STAMP)
 	$(BIN)/mypy
 
 # The documentation site, into site/ (git-ignored); a warning fails the build.
+# On the way, docs/architecture.md gets its module map (tools/module_map.py).
 # NO_MKDOCS_2_WARNING: mkdocs-material's notice about its successor, not about our pages.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet

@@ -9,7 +9,7 @@ import itertools
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from ensync import (
 )
 from ensync.client.engine import BaseEngine
 from ensync.server.core.apps import NewApp
+from ensync.server.core.calls import Settle, SettleKind
 from ensync.server.store.base import StoredMessage
 from ensync.testing import TestServer, run_engine
 from ensync.websocket import EnSyncEngine as WsEngine
@@ -143,15 +144,15 @@ async def test_sync_and_async_handlers_and_the_remover(setup: Setup) -> None:
         async_got.append(message)
 
     acks: list[str] = []
-    engine = setup.server.engine
-    real_ack = engine.ack_soon
+    ops = setup.server.engine.operations
+    real_settle = ops.settle
 
-    # Every transport's acks pass through ack_soon (ack awaits it).
-    def counting_ack(client_id: str, idem: str) -> asyncio.Future[None]:
-        acks.append(idem)
-        return real_ack(client_id, idem)
+    # Every transport's acks pass through the operations' settle.
+    def counting_settle(calls: Sequence[Settle]) -> list[asyncio.Future[int | None]]:
+        acks.extend(call.idem for call in calls if call.kind is SettleKind.ACK)
+        return real_settle(calls)
 
-    engine.ack_soon = counting_ack  # type: ignore[method-assign]
+    ops.settle = counting_settle  # type: ignore[method-assign]
     remove = sub.on(sync_handler)
     sub.on(async_handler)
     first = await alice.publish("x", [setup.bob.app_id], {"i": 1})

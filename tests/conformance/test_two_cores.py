@@ -23,6 +23,7 @@ from ensync.server.runtime.engine import Engine
 from ensync.server.store import Store
 from tests.conformance.stores import BACKENDS, Backend
 from tests.support.clock import FakeClock
+from tests.support.engine_calls import Calls
 from tests.support.timing import eventually
 from tests.unit.server.fakes import FakeRouter, envelope
 
@@ -43,7 +44,7 @@ class Cluster:
     async def publish(self, core: Engine, client_id: str, i: int, key: str | None = None) -> str:
         headers = {IDEMPOTENCY_HEADER: key} if key is not None else {}
         metadata = json.dumps({"persist": True, "headers": headers})
-        return await core.publish(
+        return await Calls(core).publish(
             client_id, NAME, envelope(self.bob.app_id), self.bob.app_id, metadata
         )
 
@@ -70,11 +71,11 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> Asy
 
 async def test_no_message_is_delivered_to_two_clients_at_once(cluster: Cluster) -> None:
     on_a, on_b = FakeRouter(), FakeRouter()
-    first = await cluster.a.connect(cluster.bob.app_key, on_a)
-    second = await cluster.b.connect(cluster.bob.app_key, on_b)
-    cluster.a.subscribe(first.client_id, NAME)
-    cluster.b.subscribe(second.client_id, NAME)
-    publisher = await cluster.a.connect(cluster.alice.app_key, FakeRouter())
+    first = await Calls(cluster.a).connect(cluster.bob.app_key, on_a)
+    second = await Calls(cluster.b).connect(cluster.bob.app_key, on_b)
+    Calls(cluster.a).subscribe(first.client_id, NAME)
+    Calls(cluster.b).subscribe(second.client_id, NAME)
+    publisher = await Calls(cluster.a).connect(cluster.alice.app_key, FakeRouter())
     sent = [await cluster.publish(cluster.a, publisher.client_id, i) for i in range(200)]
 
     def delivered() -> list[str]:
@@ -92,8 +93,8 @@ async def test_no_message_is_delivered_to_two_clients_at_once(cluster: Cluster) 
 
 
 async def test_no_block_number_is_given_twice(cluster: Cluster) -> None:
-    via_a = await cluster.a.connect(cluster.alice.app_key, FakeRouter())
-    via_b = await cluster.b.connect(cluster.alice.app_key, FakeRouter())
+    via_a = await Calls(cluster.a).connect(cluster.alice.app_key, FakeRouter())
+    via_b = await Calls(cluster.b).connect(cluster.alice.app_key, FakeRouter())
     idems = await asyncio.gather(
         *(
             cluster.publish(core, client.client_id, i)
@@ -110,8 +111,8 @@ async def test_no_block_number_is_given_twice(cluster: Cluster) -> None:
 
 
 async def test_a_publish_retried_through_another_core_is_stored_once(cluster: Cluster) -> None:
-    via_a = await cluster.a.connect(cluster.alice.app_key, FakeRouter())
-    via_b = await cluster.b.connect(cluster.alice.app_key, FakeRouter())
+    via_a = await Calls(cluster.a).connect(cluster.alice.app_key, FakeRouter())
+    via_b = await Calls(cluster.b).connect(cluster.alice.app_key, FakeRouter())
     original = await cluster.publish(cluster.a, via_a.client_id, 1, key="retry-me")
     retried = await cluster.publish(cluster.b, via_b.client_id, 1, key="retry-me")
     assert retried == original
@@ -121,16 +122,16 @@ async def test_a_publish_retried_through_another_core_is_stored_once(cluster: Cl
 
 async def test_a_lease_held_by_a_vanished_core_comes_back_to_the_other(cluster: Cluster) -> None:
     on_a, on_b = FakeRouter(), FakeRouter()
-    first = await cluster.a.connect(cluster.bob.app_key, on_a)
-    cluster.a.subscribe(first.client_id, NAME)
-    publisher = await cluster.b.connect(cluster.alice.app_key, FakeRouter())
+    first = await Calls(cluster.a).connect(cluster.bob.app_key, on_a)
+    Calls(cluster.a).subscribe(first.client_id, NAME)
+    publisher = await Calls(cluster.b).connect(cluster.alice.app_key, FakeRouter())
     idem = await cluster.publish(cluster.b, publisher.client_id, 1)
     await eventually(lambda: [d.idem for d in on_a.received] == [idem], what="delivery on a")
     # Core a stops answering (its client's lease stays in the store); b's
     # client takes the message once the lease ran out.
     on_a.open = False
-    second = await cluster.b.connect(cluster.bob.app_key, on_b)
-    cluster.b.subscribe(second.client_id, NAME)
+    second = await Calls(cluster.b).connect(cluster.bob.app_key, on_b)
+    Calls(cluster.b).subscribe(second.client_id, NAME)
     cluster.clock.advance(1_000)
     await eventually(lambda: [d.idem for d in on_b.received] == [idem], what="redelivery on b")
     assert on_b.received[0].attempt == 2

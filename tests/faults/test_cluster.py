@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from ensync import EnSyncEngine, EnSyncError, Message
-from ensync.testing.nats_server import nats_cluster
 from ensync.protocol.headers import IDEMPOTENCY_HEADER
+from ensync.testing.nats_server import nats_cluster
 from ensync.testing.process import EngineProcess
 from tests.faults.engine_process import register_shop_and_warehouse
 from tests.support.timing import eventually, seconds

@@ -14,13 +14,20 @@ from typing import Any
 
 import pytest
 
-from ensync.cli import (
-    bench_backlog,
-    bench_common,
-    bench_compare,
-    bench_peers,
-    bench_soak,
-    bench_stores,
+from ensync.bench import (
+    backlog,
+    backlog_report,
+    common,
+    compare,
+    compare_figures,
+    display,
+    fill,
+    peers,
+    soak,
+    soak_ledger,
+    soak_report,
+    stores,
+    throughput,
 )
 from ensync.server.config import EngineConfig
 from tests.support.timing import seconds
@@ -63,7 +70,7 @@ def test_backlog_reports_memory_throughput_and_a_slow_consumer() -> None:
     assert figures["pending_at_start"] == 2000
     assert 0 < figures["rss_after_start_mb"] <= figures["peak_rss_mb"]
     assert figures["peak_rss_after_publish_mb"] <= figures["peak_rss_mb"]
-    assert figures["peak_rss_target_mb"] == bench_backlog.PEAK_RSS_TARGET_MB
+    assert figures["peak_rss_target_mb"] == backlog.PEAK_RSS_TARGET_MB
     assert figures["peak_rss_ok"] == (figures["peak_rss_mb"] < 300)
     assert len(figures["rounds"]) == 2
     for key in ("empty_publish", "backlog_publish"):
@@ -164,9 +171,9 @@ def test_compare_runs_every_setup_and_relates_their_figures() -> None:
     assert figures["nats_server"].startswith("nats-server")
     assert figures["in_flight"] == 256
     throughput = {row["key"]: row for row in figures["throughput"]}
-    assert set(throughput) == {setup.key for setup in bench_compare.THROUGHPUT_SETUPS}
+    assert set(throughput) == {setup.key for setup in compare_figures.THROUGHPUT_SETUPS}
     latency = {row["key"]: row for row in figures["latency"]}
-    assert set(latency) == {setup.key for setup in bench_compare.LATENCY_SETUPS}
+    assert set(latency) == {setup.key for setup in compare_figures.LATENCY_SETUPS}
     for row in [*throughput.values(), *latency.values()]:
         assert row["complete"] is True, row["key"]
         assert row["runs"] == 1
@@ -187,15 +194,15 @@ def test_compare_runs_every_setup_and_relates_their_figures() -> None:
 
 
 def test_compare_peer_reports_round_trip() -> None:
-    spec = bench_peers.PeerSpec(
+    spec = peers.PeerSpec(
         system="nats", role="publish", mode="latency", messages=1, payload_bytes=1024,
         url="nats://127.0.0.1:1", recipient_app_id="a", recipient_secret="s",
     )  # fmt: skip
-    assert bench_peers.PeerSpec.from_json(spec.to_json()) == spec
+    assert peers.PeerSpec.from_json(spec.to_json()) == spec
     report = {"received": 3, "duplicates": 0, "last_ns": 5, "latency_p50_ms": 1.0,
               "latency_p90_ms": 1.0, "latency_p99_ms": 2.0, "latency_max_ms": 2.0,
               "cpu_s": 0.1, "extra": "ignored"}  # fmt: skip
-    assert bench_peers.SubscriberFigures.from_report(report).received == 3
+    assert peers.SubscriberFigures.from_report(report).received == 3
 
 
 @pytest.mark.timeout(seconds(180))
@@ -257,12 +264,19 @@ def test_bench_programs_refuse_bad_arguments() -> None:
 
 def test_bench_modules_declare_their_public_names() -> None:
     for module in (
-        bench_backlog,
-        bench_common,
-        bench_compare,
-        bench_peers,
-        bench_soak,
-        bench_stores,
+        backlog,
+        backlog_report,
+        common,
+        compare,
+        compare_figures,
+        display,
+        fill,
+        peers,
+        soak,
+        soak_ledger,
+        soak_report,
+        stores,
+        throughput,
     ):
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from ensync import EnSyncEngine, Message
-from ensync.cli.nats_server import nats_cluster, nats_server_binary
 from ensync.server.store import open_store
 from ensync.server.store.jetstream import JetStreamStore
+from ensync.testing.nats_server import nats_cluster, nats_server_binary
 from ensync.testing.process import EngineProcess, dies_with_parent, running_engine
 from tests.support.cli import ensync, free_port
 from tests.support.nats import namespace_for, nats_url

@@ -32,6 +32,7 @@ from ensync.server.core.ids import new_app_key
 from ensync.testing import TestServer, run_engine
 from ensync.websocket import EnSyncEngine as WsEngine
 from tests.faults.engine_process import EngineProcess, create_app
+from tests.support.engine_calls import Calls
 from tests.support.leaks import (
     LeakWatch,
     Needle,
@@ -198,7 +199,7 @@ async def test_an_undecryptable_message_reports_neither_key_nor_payload(
             # Sealed for carol but sent to bob (the SDK would seal it for bob):
             # bob's key cannot open it.
             sealed = seal(json.dumps({"secret": marker}).encode(), apps.carol.app_id)
-            await server.engine.publish(
+            await Calls(server.engine).publish(
                 alice.client_id, "leaks/undecryptable", sealed, apps.bob.app_id, "{}"
             )
             await eventually(

@@ -12,6 +12,7 @@ import pytest
 
 from ensync import ConnectionState, EnSyncConnectionError, EnSyncEngine, EnSyncError, Message
 from ensync.client.grpc_transport import GrpcClientTransport
+from ensync.server.core.calls import Subscribe
 from ensync.server.core.errors import ServiceError
 from ensync.server.store import StoreError
 from ensync.testing import TestServer, run_engine
@@ -195,10 +196,10 @@ async def test_a_refused_resubscribe_fails_loudly(
             client = await engine.create_client(bob.app_key, app_secret_key=bob.secret_key)
             await client.subscribe("x")
 
-            def refuse(client_id: str, name: str) -> None:
-                raise ServiceError.invalid(f"subscriptions to {name!r} are closed")
+            def refuse(call: Subscribe) -> None:
+                raise ServiceError.invalid(f"subscriptions to {call.name!r} are closed")
 
-            monkeypatch.setattr(server.engine, "subscribe", refuse)
+            monkeypatch.setattr(server.engine.operations, "subscribe", refuse)
             await proxy.cut()
             proxy.restore()
             await eventually(lambda: client.state is ConnectionState.FAILED, timeout_s=10)

@@ -320,14 +320,14 @@ async def test_official_heartbeats_are_answered(
     setup: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     beats: list[tuple[str, bool]] = []
-    heartbeat = setup.server.engine.heartbeat
+    heartbeat = setup.server.engine.operations.heartbeat
 
     def spy(client_id: str) -> bool:
         alive = heartbeat(client_id)
         beats.append((client_id, alive))
         return alive
 
-    monkeypatch.setattr(setup.server.engine, "heartbeat", spy)
+    monkeypatch.setattr(setup.server.engine.operations, "heartbeat", spy)
     async with official_grpc_client(setup.server, setup.bob, heartbeat_ms=150) as bob:
         # The client's loop would stop for good at its first failed call, and
         # a live client must be answered success=true (PROTOCOL.md §2.6).

@@ -371,7 +371,9 @@ class RecordCollector(logging.Handler):
             return
         try:
             text = self.format(record)
-        except Exception:  # a malformed record: report it as logging does, keep going
+        # Isolation boundary, as in logging.Handler.emit: a malformed record
+        # (any exception from its arguments) is reported, and logging goes on.
+        except Exception:  # noqa: BLE001
             self.handleError(record)
             return
         self.records.append((self.current_test, record.name, record.levelname, text))

@@ -14,74 +14,25 @@ Two longer programs share the command:
 
 * ``--backlog N``: engine memory and publish throughput with N pending
   messages, and memory under a consumer slower than the publishers
-  (see :mod:`ensync.cli.bench_backlog`);
+  (see :mod:`ensync.bench.backlog`);
 * ``--soak MINUTES``: a mixed load with every verb and reconnecting
   clients, watching the engine's memory and open files
-  (see :mod:`ensync.cli.bench_soak`);
+  (see :mod:`ensync.bench.soak`);
 * ``--compare jetstream``: ensync beside NATS JetStream, publisher and
-  subscriber in processes of their own (see :mod:`ensync.cli.bench_compare`).
+  subscriber in processes of their own (see :mod:`ensync.bench.compare`).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import json
-import shutil
 import sys
-import tempfile
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-from ensync.cli import bench_backlog, bench_compare, bench_soak, bench_stores
-from ensync.cli.bench_common import (
-    BenchError,
-    BenchStore,
-    EngineProcess,
-    Progress,
-    bar,
-    bench_store,
-    client_engine,
-    close_quietly,
-    cpu_seconds,
-    percentile_ms,
-    print_rows,
-    publish_load,
-    register_apps,
-    running_engine,
-)
-from ensync.models import Message
-from ensync.server.core.apps import NewApp
-from ensync.server.runtime.clock import wall_clock_ms
+from ensync.bench import backlog, compare, soak, stores, throughput
 
-__all__ = ["BenchResult", "add_parser", "run"]
+__all__ = ["add_parser", "run"]
 
-
-@dataclass(frozen=True, slots=True)
-class BenchResult:
-    """The figures one run produced."""
-
-    transport: str
-    store: str
-    nodes: int
-    messages: int
-    received: int
-    payload_bytes: int
-    target_rate: float
-    duration_s: float
-    publish_rate: float
-    end_to_end_rate: float
-    latency_p50_ms: float
-    latency_p90_ms: float
-    latency_p99_ms: float
-    latency_max_ms: float
-    engine_cpu_percent: float
-    client_cpu_percent: float
-    # NATS servers the benchmark started (0 for sqlite, which the engine runs).
-    store_cpu_percent: float = 0.0
+DEFAULT_MESSAGES = 10_000
 
 
 def add_parser(commands: Any) -> None:
@@ -97,7 +48,7 @@ def add_parser(commands: Any) -> None:
         type=int,
         default=None,
         help="messages to send (10000); with --backlog: per throughput round;"
-        f" with --compare: per throughput run ({bench_compare.DEFAULT_MESSAGES})",
+        f" with --compare: per throughput run ({compare.DEFAULT_MESSAGES})",
     )
     bench.add_argument(
         "--rounds",
@@ -135,9 +86,9 @@ def add_parser(commands: Any) -> None:
         "--backlog",
         type=int,
         nargs="?",
-        const=bench_backlog.DEFAULT_BACKLOG,
+        const=backlog.DEFAULT_BACKLOG,
         metavar="N",
-        help=f"deep-backlog program with N pending messages ({bench_backlog.DEFAULT_BACKLOG})",
+        help=f"deep-backlog program with N pending messages ({backlog.DEFAULT_BACKLOG})",
     )
     program.add_argument(
         "--soak", type=float, metavar="MINUTES", help="mixed-load soak for MINUTES (may be 0.5)"
@@ -149,208 +100,147 @@ def add_parser(commands: Any) -> None:
         " ensync[bench]); stores: the engine on sqlite, on one NATS server, on three"
         " (replicas 3) and as two nodes on three, same run",
     )
-    bench_backlog.add_arguments(bench)
-    bench_soak.add_arguments(bench)
-    bench_compare.add_arguments(bench)
+    _add_backlog_options(bench)
+    _add_soak_options(bench)
+    _add_compare_options(bench)
     bench.set_defaults(run=run)
+
+
+def _add_backlog_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("--backlog options")
+    group.add_argument(
+        "--backlog-fill",
+        choices=["store", "engine"],
+        default="store",
+        help="write the backlog into the store before the engine starts (store, fast)"
+        " or publish it through an engine (engine, slow)",
+    )
+    group.add_argument(
+        "--backlog-partitions", type=int, default=2, help="partitions of the backlog (2)"
+    )
+    group.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=60.0,
+        help="length of the slow-consumer phase; 0 skips it (60)",
+    )
+    group.add_argument(
+        "--slow-handler-ms",
+        type=float,
+        default=10.0,
+        help="the slow subscriber's handler sleeps this long per message (10)",
+    )
+
+
+def _add_soak_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("--soak options")
+    group.add_argument(
+        "--soak-rate",
+        type=float,
+        default=soak.DEFAULT_SOAK_RATE,
+        help=f"messages/s published in all ({soak.DEFAULT_SOAK_RATE:g})",
+    )
+    group.add_argument(
+        "--churn-seconds",
+        type=float,
+        default=0,
+        help="clients restarted and links cut this often (default: 20 s, less for short soaks)",
+    )
+    group.add_argument(
+        "--soak-ack-deadline-ms",
+        type=int,
+        default=3_000,
+        help="the engine's ack deadline during the soak (3000)",
+    )
+    group.add_argument(
+        "--soak-drain-seconds",
+        type=float,
+        default=360.0,
+        help="after the load, wait this long at most for every message to be settled;"
+        " covers the engine's longest redelivery backoff (360)",
+    )
+    group.add_argument(
+        "--soak-session-timeout-ms",
+        type=int,
+        default=5_000,
+        help="the engine's session timeout during the soak, so that the sessions of"
+        " closed gRPC clients are gone before the end (5000)",
+    )
+
+
+def _add_compare_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("--compare options")
+    group.add_argument(
+        "--latency-messages",
+        type=int,
+        default=compare.DEFAULT_LATENCY_MESSAGES,
+        help=f"messages per latency run, at 1,000/s ({compare.DEFAULT_LATENCY_MESSAGES})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the flags chose and print its figures; returns the exit code."""
+    if args.compare is None and args.messages is None:
+        args.messages = DEFAULT_MESSAGES
+    problem = _argument_problem(args)
+    if problem is not None:
+        print(f"ensync bench: {problem}", file=sys.stderr)
+        return 2
+    if args.compare == "stores":
+        return stores.run(args)
+    if args.compare == "jetstream":
+        return compare.run(args)
+    if args.backlog is not None:
+        return backlog.run(args)
+    if args.soak is not None:
+        return soak.run(args)
+    return throughput.run(args)
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, said as ``ensync bench: ...`` says it; ``None``: nothing."""
     if args.compare is not None:
         if (args.messages is not None and args.messages <= 0) or args.payload_bytes <= 0:
-            print("ensync bench: --messages and --payload-bytes must be positive", file=sys.stderr)
-            return 2
+            return "--messages and --payload-bytes must be positive"
         if args.compare == "stores":
-            return bench_stores.run(args, _bench)
-        return bench_compare.run(args)
-    if args.messages is None:
-        args.messages = 10_000
+            return "--rounds must be positive" if args.rounds <= 0 else None
+        if args.latency_messages <= 0 or args.rounds <= 0:
+            return "--latency-messages and --rounds must be positive"
+        return None
     for name in ("messages", "payload_bytes", "concurrency", "rounds"):
         if getattr(args, name) <= 0:
-            print(f"ensync bench: --{name.replace('_', '-')} must be positive", file=sys.stderr)
-            return 2
+            return f"--{name.replace('_', '-')} must be positive"
     if args.rate < 0:
-        print("ensync bench: --rate must be 0 or more", file=sys.stderr)
-        return 2
+        return "--rate must be 0 or more"
     if args.store is not None and (args.backlog is not None or args.soak is not None):
-        print("ensync bench: --store goes with the throughput program only", file=sys.stderr)
-        return 2
+        return "--store goes with the throughput program only"
     if args.nodes < 1 or (args.nodes > 1 and not str(args.store).startswith("nats")):
-        print("ensync bench: --nodes above 1 needs a nats store (--store nats)", file=sys.stderr)
-        return 2
+        return "--nodes above 1 needs a nats store (--store nats)"
     if args.backlog is not None:
-        return bench_backlog.run(args)
+        return _backlog_problem(args)
     if args.soak is not None:
-        return bench_soak.run(args)
-    try:
-        result = asyncio.run(_bench(args))
-    except BenchError as exc:
-        print(f"ensync bench: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(asdict(result)))
-    else:
-        _print_table(result, sys.stdout)
-    return 0 if result.received == result.messages else 1
+        return _soak_problem(args)
+    return None
 
 
-async def _bench(args: argparse.Namespace) -> BenchResult:
-    data_dir = Path(tempfile.mkdtemp(prefix="ensync-bench-"))
-    try:
-        async with bench_store(args.store, data_dir) as store:
-            publisher_app, subscriber_app = await register_apps(
-                data_dir, ["bench-publisher", "bench-subscriber"], store.url
-            )
-            extra = ["--store", store.url] if store.url is not None else []
-            async with contextlib.AsyncExitStack() as stack:
-                nodes = [
-                    await stack.enter_async_context(
-                        running_engine(
-                            data_dir if args.nodes == 1 else data_dir / f"node-{index}",
-                            extra_args=extra,
-                        )
-                    )
-                    for index in range(args.nodes)
-                ]
-                return await _drive(args, nodes, store, publisher_app, subscriber_app)
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+def _backlog_problem(args: argparse.Namespace) -> str | None:
+    checks = [
+        (args.backlog >= 1, "--backlog must be positive"),
+        (args.backlog_partitions >= 1, "--backlog-partitions must be positive"),
+        (args.rounds >= 1, "--rounds must be positive"),
+        (args.slow_seconds >= 0, "--slow-seconds must be 0 or more"),
+        (args.slow_handler_ms >= 0, "--slow-handler-ms must be 0 or more"),
+    ]
+    return next((problem for ok, problem in checks if not ok), None)
 
 
-async def _drive(
-    args: argparse.Namespace,
-    nodes: list[EngineProcess],
-    store: BenchStore,
-    pub_app: NewApp,
-    sub_app: NewApp,
-) -> BenchResult:
-    total: int = args.messages
-    engine = client_engine(args.transport, nodes[0].port(args.transport))
-    other = (
-        client_engine(args.transport, nodes[-1].port(args.transport)) if len(nodes) > 1 else engine
-    )
-    try:
-        publisher = await engine.create_client(pub_app.app_key)
-        subscriber = await other.create_client(sub_app.app_key, app_secret_key=sub_app.secret_key)
-        latencies_ns: list[int] = []
-        sent_at: dict[int, int] = {}
-        all_in = asyncio.Event()
-        seen: set[int] = set()
-
-        def handle(message: Message) -> None:
-            arrived = time.perf_counter_ns()
-            seq = message.payload["seq"]
-            if seq in seen:
-                return  # a redelivery: count each message once
-            seen.add(seq)
-            latencies_ns.append(arrived - sent_at[seq])
-            if len(seen) == total:
-                all_in.set()
-
-        subscription = await subscriber.subscribe("bench/messages")
-        subscription.on(handle)
-        filler = "x" * max(0, args.payload_bytes - 60)
-        recipients = [sub_app.app_id]
-        metadata = {"persist": True, "headers": {}}
-        progress = Progress()
-
-        def show(published: int, force: bool = False) -> None:
-            progress.show(
-                f"{bar(len(seen) / total)} published {published}/{total}"
-                f"  received {len(seen)}/{total}",
-                force=force,
-            )
-
-        async def publish_one(seq: int) -> None:
-            sent_at[seq] = time.perf_counter_ns()
-            payload = {"seq": seq, "sent": wall_clock_ms(), "data": filler}
-            await publisher.publish("bench/messages", recipients, payload, metadata)
-
-        engine_cpu0 = sum(node.cpu_seconds() for node in nodes)
-        store_cpu0 = sum(cpu_seconds(pid) for pid in store.pids)
-        client_cpu0 = time.process_time()
-        start = time.perf_counter()
-        figures = await publish_load(
-            publish_one,
-            count=total,
-            concurrency=args.concurrency,
-            rate=args.rate,
-            on_progress=lambda published, _failed: show(published),
-        )
-        if figures.failed:
-            raise BenchError(f"{figures.failed} publishes failed")
-        publish_done = time.perf_counter()
-        timeout_s = 30.0 + total / 500
-        while not all_in.is_set():
-            try:
-                await asyncio.wait_for(all_in.wait(), 0.2)
-            except TimeoutError:
-                if time.perf_counter() - publish_done > timeout_s:
-                    break
-            show(figures.published)
-        end = time.perf_counter()
-        show(figures.published, force=True)
-        progress.finish()
-        engine_cpu = sum(node.cpu_seconds() for node in nodes) - engine_cpu0
-        store_cpu = sum(cpu_seconds(pid) for pid in store.pids) - store_cpu0
-        client_cpu = time.process_time() - client_cpu0
-        duration = end - start
-        ordered = sorted(latencies_ns)
-        return BenchResult(
-            transport=args.transport,
-            store=args.store or "sqlite",
-            nodes=len(nodes),
-            messages=total,
-            received=len(seen),
-            payload_bytes=args.payload_bytes,
-            target_rate=args.rate,
-            duration_s=round(duration, 3),
-            publish_rate=round(figures.published / (publish_done - start), 1),
-            end_to_end_rate=round(len(seen) / duration, 1),
-            latency_p50_ms=percentile_ms(ordered, 0.50),
-            latency_p90_ms=percentile_ms(ordered, 0.90),
-            latency_p99_ms=percentile_ms(ordered, 0.99),
-            latency_max_ms=percentile_ms(ordered, 1.0),
-            engine_cpu_percent=round(100 * engine_cpu / duration, 1),
-            client_cpu_percent=round(100 * client_cpu / duration, 1),
-            store_cpu_percent=round(100 * store_cpu / duration, 1),
-        )
-    finally:
-        await close_quietly(engine)
-        if other is not engine:
-            await close_quietly(other)
-
-
-def _print_table(result: BenchResult, out: TextIO) -> None:
-    rate = f"{result.target_rate:g}/s" if result.target_rate else "as fast as possible"
-    print_rows(
-        [
-            ("transport", result.transport),
-            (
-                "store",
-                result.store + (f", {result.nodes} engine nodes" if result.nodes > 1 else ""),
-            ),
-            ("messages", f"{result.received}/{result.messages} received"),
-            ("payload", f"{result.payload_bytes} B JSON, persisted, encrypted, acked"),
-            ("target rate", rate),
-            ("duration", f"{result.duration_s:.2f} s"),
-            ("publish rate", f"{result.publish_rate:,.0f} msg/s"),
-            ("end-to-end rate", f"{result.end_to_end_rate:,.0f} msg/s"),
-            ("latency p50", f"{result.latency_p50_ms:.2f} ms"),
-            ("latency p90", f"{result.latency_p90_ms:.2f} ms"),
-            ("latency p99", f"{result.latency_p99_ms:.2f} ms"),
-            ("latency max", f"{result.latency_max_ms:.2f} ms"),
-            ("engine CPU", f"{result.engine_cpu_percent:.0f} % of one core"),
-            (
-                "client CPU",
-                f"{result.client_cpu_percent:.0f} % of one core (publisher + subscriber)",
-            ),
-            *(
-                [("NATS CPU", f"{result.store_cpu_percent:.0f} % of one core")]
-                if result.store != "sqlite"
-                else []
-            ),
-        ],
-        out,
-    )
+def _soak_problem(args: argparse.Namespace) -> str | None:
+    if args.soak <= 0 or args.soak_rate <= 0 or args.churn_seconds < 0:
+        return "--soak and --soak-rate must be positive"
+    if (
+        args.soak_ack_deadline_ms <= 0
+        or args.soak_session_timeout_ms <= 0
+        or args.soak_drain_seconds < 0
+    ):
+        return "the --soak-* options must be positive"
+    return None

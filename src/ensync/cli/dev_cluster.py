@@ -23,10 +23,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ensync.cli.nats_server import NatsError, NatsServer, nats_cluster
 from ensync.server.core.apps import AppRegistry, NewApp
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store import StoreError, open_store
+from ensync.testing.nats_server import NatsError, NatsServer, nats_cluster
 from ensync.testing.process import EngineProcess, EngineProcessError
 
 __all__ = ["ClusterInfo", "add_parser", "run"]

@@ -20,7 +20,7 @@ from ensync.server.store.base import StoreError
 
 __all__ = ["ENGINE_FLAGS", "engine_config", "parse_backoff", "run"]
 
-log = logging.getLogger("ensync.serve")
+log = logging.getLogger(__name__)
 
 _DEFAULTS = EngineConfig()
 

@@ -42,24 +42,30 @@ class TestServer:
 
     @property
     def engine(self) -> Engine:
+        """The engine serving (for what a test checks inside it)."""
         return self.server.engine
 
     @property
     def grpc_port(self) -> int:
+        """The port of the gRPC listener."""
         return self.server.grpc_port
 
     @property
     def grpc_url(self) -> str:
+        """``grpc://127.0.0.1:<grpc port>``, for `EnSyncEngine`."""
         return f"grpc://127.0.0.1:{self.server.grpc_port}"
 
     @property
     def grpcs_url(self) -> str:
-        """The TLS URL (when served with ``tls=``); the name in the test
-        certificate is ``localhost``."""
+        """The TLS URL (when served with ``tls=``).
+
+        The name in the test certificate is ``localhost``.
+        """
         return f"grpcs://localhost:{self.server.grpc_port}"
 
     @property
     def wss_url(self) -> str:
+        """The WebSocket TLS URL (when served with ``tls=``), on ``localhost``."""
         return f"wss://localhost:{self.server.http_port}"
 
     @property
@@ -74,6 +80,7 @@ class TestServer:
 
     @property
     def http_port(self) -> int:
+        """The port of the HTTP listener: WebSocket, ``/healthz``, ``/metrics``."""
         return self.server.http_port
 
     async def create_app(self, name: str) -> NewApp:

@@ -143,8 +143,11 @@ def open_fds(pid: int) -> int:
 
 
 def fd_kinds(pid: int) -> dict[str, int]:
-    """Open file descriptors of ``pid`` by kind: ``socket``, ``pipe``, ``anon_inode``
-    or the file's name (``ensync.db-wal``)."""
+    """Open file descriptors of ``pid`` by kind.
+
+    A kind is ``socket``, ``pipe``, ``anon_inode`` or the file's name
+    (``ensync.db-wal``).
+    """
     kinds: Counter[str] = Counter()
     try:
         entries = os.listdir(f"/proc/{pid}/fd")
@@ -220,22 +223,31 @@ class EngineProcess:
 
     @property
     def grpc_url(self) -> str:
+        """``grpc://127.0.0.1:<grpc port>``."""
         return f"grpc://127.0.0.1:{self.grpc_port}"
 
     @property
     def ws_url(self) -> str:
+        """``ws://127.0.0.1:<http port>`` (the SDK adds ``/message``)."""
         return f"ws://127.0.0.1:{self.http_port}"
 
     @property
     def db(self) -> Path:
+        """The sqlite file in the data directory."""
         return self.data / "ensync.db"
 
     @property
     def running(self) -> bool:
+        """Whether an incarnation is running now."""
         return self._process is not None and self._process.returncode is None
 
     @property
     def pid(self) -> int:
+        """The process id of the current (or last) incarnation.
+
+        Raises:
+            EngineProcessError: the engine was never started.
+        """
         if self._process is None:
             raise EngineProcessError("the engine was never started")
         return self._process.pid
@@ -341,15 +353,19 @@ class EngineProcess:
     # ------------------------------------------------------------------ readings
 
     def memory(self) -> ProcessMemory:
+        """The engine's resident and peak memory now."""
         return process_memory(self.pid)
 
     def open_fds(self) -> int:
+        """How many file descriptors the engine has open now."""
         return open_fds(self.pid)
 
     def cpu_seconds(self) -> float:
+        """CPU time (user + system) the engine used so far, in seconds."""
         return cpu_seconds(self.pid)
 
     def log_text(self, incarnation: int | None = None) -> str:
+        """The log of an incarnation (the current one by default); empty if there is none."""
         path = self.log_path(incarnation)
         try:
             return path.read_text(errors="replace")
@@ -357,16 +373,19 @@ class EngineProcess:
             return ""
 
     def all_logs(self) -> str:
+        """The logs of every incarnation, each under a heading."""
         return "".join(
             f"--- engine incarnation {n} ---\n{self.log_text(n)}"
             for n in range(1, self.incarnations + 1)
         )
 
     def log_problems(self) -> list[str]:
-        """Records the engine logged at WARNING or above: the first line of
-        each and, for one with a traceback, its second line (which task or
-        future, in asyncio's records) and its last (the exception), so a
-        report names the cause without the log."""
+        """Records the engine logged at WARNING or above, one line each.
+
+        A line is the record's first line and, for one with a traceback, its
+        second line (which task or future, in asyncio's records) and its last
+        (the exception), so a report names the cause without the log.
+        """
         problems: list[str] = []
         record: list[str] | None = None  # the problem being read, line by line
 
@@ -386,6 +405,7 @@ class EngineProcess:
         return problems
 
     def log_tail(self, lines: int = 10) -> str:
+        """The last ``lines`` lines of the current incarnation's log."""
         return "\n".join(self.log_text().splitlines()[-lines:])
 
 

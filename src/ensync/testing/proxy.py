@@ -1,5 +1,6 @@
-"""A TCP proxy that tests and benchmarks can cut, stall and restore, to
-break clients' links for real.
+"""A TCP proxy that tests and benchmarks can cut, stall and restore.
+
+It breaks clients' links for real, where the operating system sees it.
 
 For example:
 
@@ -40,12 +41,17 @@ class TcpProxy:
         self._flowing.set()
 
     async def start(self) -> None:
+        """Listen on a free loopback port (then in :attr:`port`)."""
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def cut(self, down_s: float | None = None) -> None:
-        """Abort every link and refuse new connections; with ``down_s``,
-        restore after that long."""
+        """Abort every link and refuse new connections.
+
+        Args:
+            down_s: restore after that long; ``None``: stay cut until
+                :meth:`restore`.
+        """
         self._open = False
         for ours, theirs in list(self._links):
             ours.transport.abort()
@@ -68,6 +74,7 @@ class TcpProxy:
         self._flowing.clear()
 
     async def stop(self) -> None:
+        """Cut every link and stop listening."""
         await self.cut()
         if self._server is not None:
             self._server.close()

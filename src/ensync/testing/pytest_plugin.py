@@ -76,7 +76,10 @@ async def ensync_engine() -> AsyncIterator[TestServer]:
 async def ensync_app(
     ensync_engine: TestServer,
 ) -> AsyncIterator[Callable[..., Awaitable[AppClient]]]:
-    """``await ensync_app("shop")``: a new app with a connected client."""
+    """A factory of apps, each with a connected client.
+
+    In a test: ``app = await ensync_app("shop")``.
+    """
     from ensync import EnSyncEngine
     from ensync.websocket import EnSyncEngine as WsEngine
 

@@ -95,7 +95,9 @@ async def run(package: str, make_driver: Callable[[Any], Driver], lifetime_s: fl
     try:
         async with lifetime:
             await _serve(driver)
-    except Exception as error:  # any failure ends the driver with a report
+    # Isolation boundary: whatever the official client raises ends the driver
+    # with a report the test reads, never with a bare traceback.
+    except Exception as error:  # noqa: BLE001
         if lifetime.expired():
             emit("fatal", error=f"lifetime of {lifetime_s} s exceeded", error_type="Timeout")
         else:

@@ -25,8 +25,7 @@ from ensync.crypto import (
     x25519_secret,
 )
 from ensync.errors import EnSyncMessageError, EnSyncValidationError
-
-from ._support import rewrap, unwrap
+from tests.unit.crypto._support import rewrap, unwrap
 
 __all__: list[str] = []
 

@@ -21,8 +21,7 @@ from ensync.crypto.keys import (
     x25519_secret,
 )
 from ensync.errors import EnSyncValidationError
-
-from ._support import InvalidAppIdVector, KeyPairVector, load_vectors
+from tests.unit.crypto._support import InvalidAppIdVector, KeyPairVector, load_vectors
 
 __all__: list[str] = []
 

@@ -12,8 +12,7 @@ import json
 from typing import TypedDict
 
 from ensync.crypto import KeyPair, Sealer, keypair_from_seed, seal, seal_hybrid
-
-from ._support import VECTORS_PATH, run_node
+from tests.unit.crypto._support import VECTORS_PATH, run_node
 
 __all__: list[str] = []
 

@@ -12,8 +12,7 @@ from hypothesis import strategies as st
 
 from ensync.crypto import keypair_from_seed, open_payload, seal, seal_hybrid
 from ensync.errors import EnSyncMessageError
-
-from ._support import rewrap, unwrap
+from tests.unit.crypto._support import rewrap, unwrap
 
 __all__: list[str] = []
 

@@ -13,8 +13,13 @@ import pytest
 from ensync.crypto import envelope_kind, open_payload, parse_envelope
 from ensync.crypto.envelope import HybridEnvelope
 from ensync.errors import EnSyncMessageError
-
-from ._support import EnvelopeVector, HybridVector, KeyPairVector, load_vectors, unwrap
+from tests.unit.crypto._support import (
+    EnvelopeVector,
+    HybridVector,
+    KeyPairVector,
+    load_vectors,
+    unwrap,
+)
 
 __all__: list[str] = []
 

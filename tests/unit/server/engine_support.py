@@ -15,6 +15,7 @@ from ensync.server.runtime.engine import Engine
 from ensync.server.store import MemoryStore
 from ensync.server.store.base import Store
 from tests.support.clock import FakeClock
+from tests.support.engine_calls import Calls
 from tests.unit.server.fakes import FakeRouter, envelope
 
 __all__ = ["Factory", "World", "make_engine", "quiet", "world"]
@@ -71,7 +72,7 @@ class World:
 
     async def client(self, app: NewApp, router: FakeRouter | None = None) -> tuple[str, FakeRouter]:
         router = router or FakeRouter()
-        info = await self.engine.connect(app.app_key, router)
+        info = await Calls(self.engine).connect(app.app_key, router)
         return info.client_id, router
 
     async def publish(
@@ -81,7 +82,9 @@ class World:
         name: str = "orders/created",
         metadata: str = '{"persist":true,"headers":{}}',
     ) -> str:
-        return await self.engine.publish(client_id, name, envelope(to.app_id), to.app_id, metadata)
+        return await Calls(self.engine).publish(
+            client_id, name, envelope(to.app_id), to.app_id, metadata
+        )
 
     async def advance(self, ms: int) -> None:
         """Let ``ms`` pass, then wait until everything it caused is done."""

@@ -52,5 +52,15 @@ class ServiceError(Exception):
         return cls(ErrorCode.NOT_FOUND, message)
 
     @classmethod
+    def internal(cls) -> ServiceError:
+        """Our bug, not the caller's: it hears no more than that (the log has it)."""
+        return cls(ErrorCode.UNAVAILABLE, "internal error")
+
+    @classmethod
+    def stopped(cls) -> ServiceError:
+        """The engine stopped before the call was answered."""
+        return cls(ErrorCode.UNAVAILABLE, "the engine stopped")
+
+    @classmethod
     def unauthenticated(cls, message: str) -> ServiceError:
         return cls(ErrorCode.UNAUTHENTICATED, message)

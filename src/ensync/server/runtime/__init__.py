@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .clock import Cancellable, Timer, WallClock, wall_clock_ms
-from .engine import Engine
+from ensync.server.runtime.clock import Cancellable, Timer, WallClock, wall_clock_ms
+from ensync.server.runtime.engine import Engine
+from ensync.server.runtime.operations import Operations
 
-__all__ = ["Cancellable", "Engine", "Timer", "WallClock", "wall_clock_ms"]
+__all__ = ["Cancellable", "Engine", "Operations", "Timer", "WallClock", "wall_clock_ms"]

@@ -25,7 +25,7 @@ import pathlib
 import urllib.parse
 from typing import TYPE_CHECKING, Any
 
-from .base import (
+from ensync.server.store.base import (
     Appended,
     AppExistsError,
     AppRecord,
@@ -46,9 +46,9 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from .jetstream import JetStreamStore
-    from .memory import MemoryStore, MemoryStoreStatistics
-    from .sqlite import SqliteStore, SqliteStoreStatistics
+    from ensync.server.store.jetstream import JetStreamStore
+    from ensync.server.store.memory import MemoryStore, MemoryStoreStatistics
+    from ensync.server.store.sqlite import SqliteStore, SqliteStoreStatistics
 
 __all__ = [
     "AppExistsError",
@@ -78,11 +78,11 @@ __all__ = [
 ]
 
 _LAZY = {
-    "JetStreamStore": ".jetstream",
-    "MemoryStore": ".memory",
-    "MemoryStoreStatistics": ".memory",
-    "SqliteStore": ".sqlite",
-    "SqliteStoreStatistics": ".sqlite",
+    "JetStreamStore": "ensync.server.store.jetstream",
+    "MemoryStore": "ensync.server.store.memory",
+    "MemoryStoreStatistics": "ensync.server.store.memory",
+    "SqliteStore": "ensync.server.store.sqlite",
+    "SqliteStoreStatistics": "ensync.server.store.sqlite",
 }
 _DEFAULT_SQLITE_FILE = "ensync.db"
 _NATS_SCHEMES = ("nats://", "tls://")
@@ -93,7 +93,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module, __name__), name)
+    return getattr(importlib.import_module(module), name)
 
 
 def open_store(
@@ -116,11 +116,11 @@ def open_store(
     scheme, colon, rest = url.partition(":")
     scheme = scheme.lower()
     if scheme == "memory" and (not colon or rest == ""):
-        from .memory import MemoryStore
+        from ensync.server.store.memory import MemoryStore
 
         return MemoryStore()
     if scheme == "sqlite" and colon:
-        from .sqlite import SqliteStore
+        from ensync.server.store.sqlite import SqliteStore
 
         return SqliteStore(_sqlite_path(url, rest, data_dir))
     if url.lower().startswith(_NATS_SCHEMES):
@@ -152,7 +152,7 @@ def _jetstream(url: str, creds: pathlib.Path | None, tls_ca: pathlib.Path | None
         raise ValueError(f"store URL {url!r}: replicas must be 1, 3 or 5, not {replicas!r}")
     if importlib.util.find_spec("nats") is None:
         raise ValueError("the NATS JetStream store needs nats-py: pip install 'ensync[cluster]'")
-    from .jetstream import JetStreamStore
+    from ensync.server.store.jetstream import JetStreamStore
 
     return JetStreamStore(
         servers,

@@ -10,6 +10,10 @@ what each concern needs:
 * :class:`DeliveryState` — who may deliver what: claims with a lease,
   extension, release, deferral, settlement.
 
+Where each of these calls (and time passing) takes a message is one table,
+:mod:`ensync.server.store.lifecycle`, which the local backends follow and a
+conformance test walks on every backend.
+
 Every backend (``memory``, ``sqlite``, and ``jetstream``) passes the
 conformance suite in ``tests/conformance/test_store.py`` unchanged,
 including its tests with two engine cores over one store instance.

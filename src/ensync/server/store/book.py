@@ -7,6 +7,9 @@ tables) answers the reads and makes the durable writes. The book lives in
 the store, so every engine core that shares the store instance shares it:
 two cores can never lease the same message at once.
 
+Where a claim, a release, a lapse or a deferral takes a message is decided
+by :mod:`ensync.server.store.lifecycle`; the book carries it out.
+
 Per partition, invariants between calls:
 
 * every pending message that is claimable now is leased, in ``retry`` or
@@ -30,7 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from .base import (
+from ensync.server.store import lifecycle
+from ensync.server.store.base import (
     Claim,
     DeliveryPolicy,
     Lease,
@@ -40,19 +44,17 @@ from .base import (
     Released,
     StoredMessage,
 )
+from ensync.server.store.lifecycle import Event, Phase, limit_reason
 
+# limit_reason lives in lifecycle; the JetStream backend imports it from here.
 __all__ = ["Backing", "LeaseBook", "Ref", "limit_reason"]
 
 _Key = tuple[str, str]
+# What a claim that does not lease a message settles it as.
+_SETTLED_AS = {Phase.DEAD: MessageState.DEAD, Phase.EXPIRED: MessageState.EXPIRED}
 
 # Windows untouched for this long, with nothing leased, are dropped.
 _IDLE_WINDOW_MS = 60_000
-
-
-def limit_reason(attempts: int, failure: str | None) -> str:
-    """The dead-letter reason when the delivery limit is reached."""
-    reason = f"delivery limit reached: {attempts} attempts without a settlement"
-    return reason + (f" (last: {failure})" if failure else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,43 +76,35 @@ class Backing(Protocol):
 
     def released_upto(self, key: _Key) -> int:
         """Every block up to this one has been appended (or failed) for good."""
-        ...
 
     async def page(
         self, key: _Key, after_block: int, upto_block: int, now_ms: int, limit: int
     ) -> list[Ref]:
         """Pending, claimable-now messages with ``after_block < block <= upto_block``,
         in block order."""
-        ...
 
     async def due(
         self, key: _Key, since_ms: int, until_ms: int, max_block: int, limit: int
     ) -> list[Ref]:
         """Pending messages that became claimable in ``(since_ms, until_ms]``
         with ``block <= max_block``, soonest first."""
-        ...
 
     async def next_due(self, key: _Key, after_ms: int) -> int | None:
         """The soonest time after ``after_ms`` a pending message becomes claimable."""
-        ...
 
     async def load(self, idems: Sequence[str]) -> dict[str, StoredMessage]:
         """Whole records (payloads included) of these idems."""
-        ...
 
     async def settle_many(
         self, items: Sequence[tuple[str, MessageState, str | None]], now_ms: int
     ) -> list[bool]:
         """Durably settle pending messages; ``False`` for those no longer pending."""
-        ...
 
     async def reschedule_many(self, items: Sequence[tuple[str, int, int | None]]) -> list[bool]:
         """Durably set ``(idem, visible_at_ms, attempts or None)`` of pending messages."""
-        ...
 
     def record_attempts(self, updates: Sequence[tuple[str, int]]) -> None:
         """Remember attempt counts, best effort (not awaited)."""
-        ...
 
 
 @dataclass(eq=False, slots=True)
@@ -120,7 +114,7 @@ class _Lease:
     token: int
     attempts: int
     deadline_ms: int
-    grace_ms: int  # the backoff after a failed delivery: claimable at deadline + grace
+    grace_ms: int  # lifecycle.lapse_after_ms: the lease lapses at deadline + grace
 
     @property
     def expires_at_ms(self) -> int:
@@ -230,11 +224,6 @@ class LeaseBook:
         """Whether ``idem`` is leased or queued in a window."""
         return idem in self._leases or idem in self._where
 
-    def lease_of(self, idem: str) -> tuple[int, int] | None:
-        """(token, attempts) of the lease on ``idem``, if any."""
-        lease = self._leases.get(idem)
-        return (lease.token, lease.attempts) if lease is not None else None
-
     def held_attempts(self) -> list[tuple[str, int]]:
         """``(idem, attempts)`` of every lease: what a clean shutdown records
         (a claim itself does not write the count, to keep it off the commit
@@ -307,16 +296,19 @@ class LeaseBook:
             del self._leases[release.idem]
             window = self._windows[lease.key]
             window.leased -= 1
-            attempts = lease.attempts if release.delivered else max(0, lease.attempts - 1)
-            if release.delivered and attempts >= policy.max_deliveries:
-                dead.append(
-                    (release.idem, MessageState.DEAD, limit_reason(attempts, release.failure))
-                )
+            outcome = lifecycle.on_release(
+                lease.attempts,
+                failure=release.failure,
+                delivered=release.delivered,
+                now_ms=now_ms,
+                policy=policy,
+            )
+            attempts, visible_at = outcome.attempts, outcome.visible_at_ms
+            if outcome.phase is Phase.DEAD:
+                dead.append((release.idem, MessageState.DEAD, outcome.reason))
                 out.append(Released(dead=True))
                 continue
-            delay = policy.backoff_after(attempts) if release.failure is not None else 0
-            visible_at = now_ms + delay
-            if delay > 0:
+            if outcome.phase is Phase.DEFERRED:
                 later.setdefault(lease.key, []).append((release.idem, visible_at, attempts))
             else:
                 self._enqueue(lease.key, window, replace(lease.ref, attempts=attempts, exact=True))
@@ -338,14 +330,14 @@ class LeaseBook:
         key = lease.key if lease is not None else self._where.get(idem)
         if key is None:
             message = (await self._backing.load([idem])).get(idem)
-            if message is None or message.state is not MessageState.PENDING:
+            if message is None or not lifecycle.allows(message.state, Event.DEFER):
                 return False
             key = message.partition
         self.forget(idem)
         if key not in self._windows:
             self._windows[key] = _Window(due_mark=now_ms, last_used_ms=now_ms)
         (changed,) = await self._reschedule(key, [(idem, visible_at_ms, attempts)])
-        if changed and visible_at_ms <= now_ms:
+        if changed and lifecycle.on_defer(visible_at_ms, now_ms) is Phase.PENDING:
             loaded = (await self._backing.load([idem])).get(idem)
             if loaded is not None:
                 self.returned(loaded)
@@ -388,10 +380,11 @@ class LeaseBook:
                 continue
             del self._leases[idem]
             window.leased -= 1
-            if lease.attempts >= policy.max_deliveries:
-                reason = limit_reason(lease.attempts, "ack deadline passed")
-                settlements.append((idem, MessageState.DEAD, reason))
+            outcome = lifecycle.on_lapse(lease.attempts, now_ms, policy)
+            if outcome.phase is Phase.DEAD:
+                settlements.append((idem, MessageState.DEAD, outcome.reason))
             else:
+                # PENDING at once, its count unchanged (the claim counted it).
                 self._enqueue(key, window, replace(lease.ref, attempts=lease.attempts, exact=True))
                 counted.append((idem, lease.attempts))
         if counted:
@@ -445,16 +438,13 @@ class LeaseBook:
                 continue  # left the window meanwhile
             del window.queued[ref.idem]
             self._where.pop(ref.idem, None)
-            if ref.expires_at_ms is not None and ref.expires_at_ms <= now_ms:
-                settlements.append((ref.idem, MessageState.EXPIRED, "ttl expired"))
-            elif ref.attempts >= policy.max_deliveries:
-                settlements.append(
-                    (ref.idem, MessageState.DEAD, limit_reason(ref.attempts, "ack deadline passed"))
-                )
-            else:
+            phase, reason = lifecycle.on_claim(ref.attempts, ref.expires_at_ms, now_ms, policy)
+            if phase is Phase.LEASED:
                 window.claiming.add(ref.idem)
                 self._where[ref.idem] = key
                 taken.append(ref)
+            else:
+                settlements.append((ref.idem, _SETTLED_AS[phase], reason))
         return taken
 
     def _lease(
@@ -466,14 +456,15 @@ class LeaseBook:
         now_ms: int,
         policy: DeliveryPolicy,
     ) -> Lease:
-        attempts = (ref.attempts if ref.exact else max(ref.attempts, message.attempts)) + 1
+        counted = ref.attempts if ref.exact else max(ref.attempts, message.attempts)
+        attempts = lifecycle.claimed_attempts(counted)
         lease = _Lease(
             key=key,
             ref=ref,
             token=next(self._tokens),
             attempts=attempts,
             deadline_ms=now_ms + policy.lease_ms,
-            grace_ms=policy.backoff_after(attempts),
+            grace_ms=lifecycle.lapse_after_ms(attempts, policy),
         )
         self._leases[ref.idem] = lease
         window.leased += 1

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .base import (
+from ensync.server.store import lifecycle
+from ensync.server.store.base import (
     AppendDone,
     Appended,
     Claim,
@@ -32,9 +33,9 @@ from .base import (
     StoredMessage,
     StoreError,
 )
-from .book import LeaseBook, Ref
-from .memlog import MemoryMessages
-from .numbering import DedupeWindow, Sequencer, dedupe_digest
+from ensync.server.store.book import LeaseBook, Ref
+from ensync.server.store.memlog import MemoryMessages
+from ensync.server.store.numbering import DedupeWindow, Sequencer, dedupe_digest
 
 __all__ = ["DurableTable", "InsertDone", "LocalMessages"]
 
@@ -373,8 +374,7 @@ class LocalMessages:
     async def settle(self, settlements: Sequence[Settlement], *, now_ms: int) -> list[bool]:
         self._check_open()
         for item in settlements:
-            if item.state is MessageState.PENDING:
-                raise ValueError("settle() moves a message out of PENDING; use redrive()")
+            lifecycle.settling(item.state)  # ValueError for PENDING
         for item in settlements:
             self._book.forget(item.idem)
         return await self.settle_many([(s.idem, s.state, s.reason) for s in settlements], now_ms)

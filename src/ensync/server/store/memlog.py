@@ -25,8 +25,10 @@ import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .base import DeadRef, MessageState, StoredMessage
-from .book import Ref
+from ensync.server.store import lifecycle
+from ensync.server.store.base import DeadRef, MessageState, StoredMessage
+from ensync.server.store.book import Ref
+from ensync.server.store.lifecycle import Event
 
 __all__ = ["MemoryMessages"]
 
@@ -97,7 +99,7 @@ class MemoryMessages:
 
     def settle(self, idem: str, state: MessageState, at_ms: int, reason: str | None) -> bool:
         entry = self._entries.get(idem)
-        if entry is None or entry.message.state is not MessageState.PENDING:
+        if entry is None or not lifecycle.allows(entry.message.state, lifecycle.settling(state)):
             return False
         message = entry.message
         self._unlist_pending(message)
@@ -112,9 +114,10 @@ class MemoryMessages:
         return True
 
     def reschedule(self, idem: str, visible_at_ms: int, attempts: int | None = None) -> bool:
-        """Set when a pending message is claimable (and its attempt count)."""
+        """Set when a pending message is claimable (and its attempt count): a
+        deferral, or a release that waits out the backoff."""
         entry = self._entries.get(idem)
-        if entry is None or entry.message.state is not MessageState.PENDING:
+        if entry is None or not lifecycle.allows(entry.message.state, Event.DEFER):
             return False
         changes: dict[str, int] = {"visible_at_ms": visible_at_ms}
         if attempts is not None:
@@ -131,17 +134,18 @@ class MemoryMessages:
 
     def redrive(self, idem: str, now_ms: int) -> StoredMessage | None:
         entry = self._entries.get(idem)
-        if entry is None or entry.message.state is not MessageState.DEAD:
+        if entry is None or not lifecycle.allows(entry.message.state, Event.REDRIVE):
             return None
         old = entry.message
         dead = self._dead.get(old.recipient, [])
         index = bisect.bisect_left(dead, self._dead_key(old))
         if index < len(dead) and dead[index][3] == idem:
             del dead[index]
+        outcome = lifecycle.redriven(now_ms)
         entry.message = dataclasses.replace(
             old,
             state=MessageState.PENDING,
-            attempts=0,
+            attempts=outcome.attempts,
             visible_at_ms=now_ms,
             settled_at_ms=None,
             dead_reason=None,
@@ -155,7 +159,7 @@ class MemoryMessages:
             at_ms, _, idem = heapq.heappop(self._settled)
             entry = self._entries.get(idem)
             # A redriven message left this heap's entry behind: skip it.
-            if entry is None or entry.message.state is MessageState.PENDING:
+            if entry is None or not lifecycle.allows(entry.message.state, Event.PRUNE):
                 continue
             if entry.message.settled_at_ms != at_ms:
                 continue

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
-from .base import AppExistsError, AppRecord, StoreError
-from .local import LocalMessages
+from ensync.server.store.base import AppExistsError, AppRecord, StoreError
+from ensync.server.store.local import LocalMessages
 
 __all__ = ["MemoryStore", "MemoryStoreStatistics"]
 

@@ -12,7 +12,7 @@ import hashlib
 from collections import OrderedDict
 from typing import Generic, TypeVar
 
-from .base import Appended
+from ensync.server.store.base import Appended
 
 __all__ = ["DedupeWindow", "Sequencer", "dedupe_digest"]
 

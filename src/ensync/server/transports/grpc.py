@@ -35,11 +35,22 @@ from ensync._proto import ensync_pb2 as pb
 from ensync.protocol.agents import is_go_client, reads_oldest_stream_only, wants_bare_replay
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import ReplayInfo, replay_json, to_stream_response
+from ensync.server.core.calls import (
+    Pause,
+    Publish,
+    Replay,
+    Resume,
+    Settle,
+    SettleKind,
+    Subscribe,
+    Unsubscribe,
+)
 from ensync.server.core.errors import ErrorCode, ServiceError
 from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
 from ensync.server.core.validation import largest_request
 from ensync.server.openfiles import max_connections
 from ensync.server.runtime.engine import Engine
+from ensync.server.runtime.operations import Operations
 from ensync.server.transports.go_clients import GoClientWatch
 from ensync.server.transports.listen import bind_failure
 from ensync.server.transports.session import (
@@ -215,6 +226,7 @@ class GrpcTransport:
         session: bool = True,
     ) -> None:
         self._engine = engine
+        self._ops = engine.operations
         self._address = address
         self._credentials = credentials
         # Sized for the largest envelope an allowed payload makes, so that
@@ -336,19 +348,19 @@ class GrpcTransport:
 
     def _attach_session(self, client_id: str, outbox: SessionOutbox) -> bool:
         client = self._clients.get(client_id)
-        if client is None or client.closed or self._engine.sessions.get(client_id) is None:
+        if client is None or client.closed or not self._ops.has_session(client_id):
             return False
         if client.session is not None:
             client.session.close()  # a newer session stream replaces the older
         client.session = outbox
-        self._engine.routes_changed(client_id)
+        self._ops.routes_changed(client_id)
         return True
 
     def _detach_session(self, client_id: str, outbox: SessionOutbox) -> None:
         client = self._clients.get(client_id)
         if client is not None and client.session is outbox:
             client.session = None
-            self._engine.routes_changed(client_id)
+            self._ops.routes_changed(client_id)
 
     def _unary(
         self,
@@ -381,7 +393,7 @@ class GrpcTransport:
         if client is not None or not client_id:
             return client
         client = _Client(client_id=client_id, user_agent=_user_agent(context))
-        if not await self._engine.adopt(client_id, client):
+        if not await self._ops.adopt(client_id, client):
             return None
         return self._clients.setdefault(client_id, client)
 
@@ -397,7 +409,7 @@ class GrpcTransport:
                 client = self._clients.get(request.client_id)
                 if client is not None:
                     client.event_generation = True
-            call = _Call(self._engine, request, _user_agent(context), event)
+            call = _Call(self._ops, request, _user_agent(context), event)
             try:
                 text, fields = await verb.run(call)
             except ServiceError as exc:
@@ -416,7 +428,7 @@ class GrpcTransport:
     ) -> pb.ConnectResponse:
         client = _Client(client_id="", user_agent=_user_agent(context))
         try:
-            info = await self._engine.connect(request.access_key, client)
+            info = await self._ops.connect(request.access_key, client)
         except ServiceError as exc:
             if exc.code is ErrorCode.UNAVAILABLE:
                 # Not a refused key: the store failed. A status says "try again".
@@ -449,7 +461,7 @@ class GrpcTransport:
     async def _heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any], _: bool
     ) -> pb.HeartbeatResponse:
-        alive = self._engine.heartbeat(request.client_id)
+        alive = self._ops.heartbeat(request.client_id)
         if not alive:
             self._clients.pop(request.client_id, None)
             self._go.forget(request.client_id)
@@ -465,19 +477,20 @@ class GrpcTransport:
         arrived_s = time.monotonic()
         user_agent = _user_agent(context)
         if isinstance(request, _Undecodable):
-            self._engine.refused_subscribe("", "", request.reason)
+            self._ops.refused_subscribe(Subscribe("", ""), request.reason)
             if is_go_client(user_agent):
                 await self._go.pace_refusal(arrived_s)
             if not reads_oldest_stream_only(user_agent):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             return
         client = await self._known(request.client_id, context)
+        call = Subscribe(request.client_id, request.message_name)
         try:
             if client is None or client.closed:
                 unknown = f"{UNKNOWN_SESSION}: connect first"
-                self._engine.refused_subscribe(request.client_id, request.message_name, unknown)
+                self._ops.refused_subscribe(call, unknown)
                 raise ServiceError.unauthenticated(unknown)
-            self._engine.subscribe(request.client_id, request.message_name)
+            self._ops.subscribe(call)
         except ServiceError as exc:
             if is_go_client(user_agent):
                 # It would subscribe again at once, forever (go_clients.py).
@@ -498,7 +511,7 @@ class GrpcTransport:
             # Headers go out at once so that clients waiting for the stream
             # to be accepted need not wait for the first message.
             await context.send_initial_metadata(())
-            self._engine.routes_changed(client.client_id)
+            self._ops.routes_changed(client.client_id)
             while True:
                 delivery = await stream.queue.get()
                 if delivery is None:
@@ -522,7 +535,7 @@ class GrpcTransport:
             # client is gone (PROTOCOL.md §2.5 rule 5).
             client.close()
             self._clients.pop(client.client_id, None)
-            self._engine.disconnect(client.client_id)
+            self._ops.gone(client.client_id)
             return
         if client.go:
             session = self._engine.sessions.get(client.client_id)
@@ -530,7 +543,7 @@ class GrpcTransport:
             self._go.stream_ended(
                 client.client_id, streams_left=len(client.streams), unexpected=cancelled and held
             )
-        self._engine.routes_changed(client.client_id)
+        self._ops.routes_changed(client.client_id)
 
     def _client_gone(self, client_id: str) -> None:
         """A client that said goodbye, or a Go client whose streams all ended."""
@@ -538,14 +551,14 @@ class GrpcTransport:
         if client is None or client.closed:
             return
         client.close()
-        self._engine.disconnect(client_id)
+        self._ops.gone(client_id)
 
 
 @dataclass(frozen=True, slots=True)
 class _Call:
-    """One verb call: the engine, the request and who asked."""
+    """One verb call: the operations, the request and who asked."""
 
-    engine: Engine
+    ops: Operations
     request: Any
     user_agent: str
     event: bool
@@ -576,65 +589,66 @@ class _Verb:
 
 async def _publish(call: _Call) -> tuple[str, dict[str, Any]]:
     r = call.request
-    idem = await call.engine.publish(
-        r.client_id,
-        r.message_name,
-        r.payload,
-        r.delivery_to,
-        r.metadata,
-        r.payload_metadata if r.HasField("payload_metadata") else None,
+    payload_metadata = r.payload_metadata if r.HasField("payload_metadata") else None
+    publish = Publish(
+        r.client_id, r.message_name, r.payload, r.delivery_to, r.metadata, payload_metadata
     )
-    return "", {"message_idem": idem}
+    (answer,) = await call.ops.publish([publish])
+    return "", {"message_idem": await answer}
+
+
+async def _settle(call: _Call, kind: SettleKind, **fields: Any) -> int | None:
+    r = call.request
+    (answer,) = call.ops.settle([Settle(r.client_id, r.message_idem, kind, **fields)])
+    return await answer
 
 
 async def _unsubscribe(call: _Call) -> tuple[str, dict[str, Any]]:
     # Streams stay open (PROTOCOL.md §2.5 rule 3): only the name set changes.
-    was = call.engine.unsubscribe(call.request.client_id, call.request.message_name)
+    was = call.ops.unsubscribe(Unsubscribe(call.request.client_id, call.request.message_name))
     return ("unsubscribed" if was else "was not subscribed"), {}
 
 
 async def _ack(call: _Call) -> tuple[str, dict[str, Any]]:
-    await call.engine.ack(call.request.client_id, call.request.message_idem)
+    await _settle(call, SettleKind.ACK)
     return "acknowledged", {}
 
 
 async def _defer(call: _Call) -> tuple[str, dict[str, Any]]:
     r = call.request
-    when = await call.engine.defer(r.client_id, r.message_idem, r.delay_ms, r.reason)
+    when = await _settle(call, SettleKind.DEFER, delay_ms=r.delay_ms, reason=r.reason)
     return "deferred", {"delivery_time": when}
 
 
 async def _discard(call: _Call) -> tuple[str, dict[str, Any]]:
-    r = call.request
-    await call.engine.discard(r.client_id, r.message_idem, r.reason)
+    await _settle(call, SettleKind.DISCARD, reason=call.request.reason)
     return "discarded", {}
 
 
 async def _replay(call: _Call) -> tuple[str, dict[str, Any]]:
-    result = await call.engine.replay(call.request.client_id, call.request.message_idem)
+    result = await call.ops.replay(Replay(call.request.client_id, call.request.message_idem))
     data = replay_message_data(result, user_agent=call.user_agent, event_names=call.event)
     return "replayed", {"message_data": data}
 
 
 async def _pause(call: _Call) -> tuple[str, dict[str, Any]]:
     r = call.request
-    call.engine.pause(r.client_id, r.message_name, r.reason)
+    call.ops.pause(Pause(r.client_id, r.message_name, r.reason))
     return "paused", {}
 
 
 async def _continue(call: _Call) -> tuple[str, dict[str, Any]]:
-    call.engine.resume(call.request.client_id, call.request.message_name)
+    call.ops.resume(Resume(call.request.client_id, call.request.message_name))
     return "continued", {}
 
 
 async def _extend(call: _Call) -> tuple[str, dict[str, Any]]:
-    deadline = await call.engine.extend(call.request.client_id, call.request.message_idem)
+    deadline = await _settle(call, SettleKind.EXTEND)
     return "extended", {"deadline": deadline}
 
 
 async def _release(call: _Call) -> tuple[str, dict[str, Any]]:
-    r = call.request
-    when = await call.engine.release(r.client_id, r.message_idem, r.reason)
+    when = await _settle(call, SettleKind.RELEASE, reason=call.request.reason)
     if when is None:
         return "dead-lettered", {}
     return "released", {"delivery_time": when}

@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
 
 from ensync._proto import ensync_pb2 as pb
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import to_stream_response
+from ensync.server.core.calls import Observe, Publish, Settle, SettleKind
 from ensync.server.core.errors import ServiceError
 from ensync.server.core.model import Delivery
 from ensync.server.runtime.engine import Engine
@@ -250,8 +252,11 @@ async def serve_session(
         if reader.done():
             reader.result()  # a client that half-closed: answer what it started
             await session.drain()
-            while (frame := outbox.frame()) is not None:
-                await peer.send(frame)
+            # The writer sends what is left, then ends: a stream takes one
+            # write at a time (grpcio fails a second with TOO_MANY_OPERATIONS).
+            outbox.closed = True
+            outbox.ready.set()
+            await writer
             if session.goodbye:
                 # Over before the client hears it: a client that reads the
                 # answer may count on its session being gone.
@@ -266,17 +271,16 @@ async def serve_session(
         engine.observers.drop_sink(outbox)
         detach(client_id, outbox)
         writer.cancel()
-        await session.close()
         await asyncio.gather(writer, return_exceptions=True)
 
 
 class _Session:
     def __init__(self, engine: Engine, client_id: str, outbox: SessionOutbox) -> None:
-        self._engine = engine
+        self._ops = engine.operations
         self._client_id = client_id
         self._outbox = outbox
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Publishes and acks answered from callbacks: a half-close waits for them.
+        # Publishes and settlements answered from callbacks: a half-close
+        # waits for them.
         self._pending: set[asyncio.Future[Any]] = set()
         self._room = asyncio.Event()
         self._room.set()
@@ -284,15 +288,12 @@ class _Session:
 
     async def read_loop(self, frames: AsyncIterator[pb.ClientFrame]) -> None:
         async for frame in frames:
-            for publish in frame.publishes:
-                self._outbox.outstanding += 1
-                await self._publish(publish)
-            for settle in frame.settles:
-                self._outbox.outstanding += 1
-                if settle.kind == pb.SETTLE_ACK:
-                    self._ack(settle.seq, settle.message_idem)
-                else:
-                    self._spawn(self._settle(settle))
+            if frame.publishes:
+                self._outbox.outstanding += len(frame.publishes)
+                await self._publish(frame.publishes)
+            if frame.settles:
+                self._outbox.outstanding += len(frame.settles)
+                self._settle(frame.settles)
             for observe in frame.observes:
                 self._outbox.outstanding += 1
                 self._observe(observe)
@@ -307,7 +308,7 @@ class _Session:
                 # Credits topping up a name that still had some change
                 # nothing the engine waits for: no claim for them.
                 if unblocked:
-                    self._engine.routes_changed(self._client_id)
+                    self._ops.routes_changed(self._client_id)
             if frame.goodbye:
                 self.goodbye = True
                 return  # answered like a half-close, then the session ends
@@ -317,13 +318,8 @@ class _Session:
 
     async def drain(self) -> None:
         """The client half-closed: let what it started finish and be answered."""
-        if self._tasks or self._pending:
-            await asyncio.gather(*self._tasks, *self._pending, return_exceptions=True)
-
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def write_loop(self, peer: SessionPeer) -> None:
         outbox = self._outbox
@@ -334,24 +330,27 @@ class _Session:
             if outbox.outstanding < MAX_OUTSTANDING:
                 self._room.set()
 
-    async def _publish(self, item: pb.SessionPublish) -> None:
-        seq = item.seq
-        try:
-            answer = await self._engine.accept_publish(
-                self._client_id,
-                item.message_name,
-                item.payload,
-                item.delivery_to,
-                item.metadata,
-                item.payload_metadata if item.HasField("payload_metadata") else None,
-            )
-        except ServiceError as exc:
-            self._outbox.answer_publish(
-                pb.SessionPublished(seq=seq, success=False, error_message=exc.message)
-            )
-            return
-        self._pending.add(answer)
-        answer.add_done_callback(lambda done: self._published(seq, done))
+    async def _publish(self, items: Sequence[pb.SessionPublish]) -> None:
+        client = self._client_id
+        answers = await self._ops.publish(
+            [
+                Publish(
+                    client,
+                    item.message_name,
+                    item.payload,
+                    item.delivery_to,
+                    item.metadata,
+                    item.payload_metadata if item.HasField("payload_metadata") else None,
+                )
+                for item in items
+            ]
+        )
+        for item, answer in zip(items, answers, strict=True):
+            if answer.done():
+                self._published(item.seq, answer)
+            else:
+                self._pending.add(answer)
+                answer.add_done_callback(functools.partial(self._published, item.seq))
 
     def _published(self, seq: int, answer: asyncio.Future[str]) -> None:
         self._pending.discard(answer)
@@ -362,68 +361,59 @@ class _Session:
             result = pb.SessionPublished(seq=seq, success=True, message_idem=answer.result())
         self._outbox.answer_publish(result)
 
+    def _settle(self, items: Sequence[pb.SessionSettle]) -> None:
+        calls: list[Settle] = []
+        seqs: list[int] = []
+        for item in items:
+            kind = _KINDS.get(item.kind)
+            if kind is None:
+                self._outbox.answer_settle(
+                    pb.SessionSettled(
+                        seq=item.seq, success=False, message=f"unknown settle kind {item.kind}"
+                    )
+                )
+                continue
+            seqs.append(item.seq)
+            calls.append(
+                Settle(
+                    self._client_id,
+                    item.message_idem,
+                    kind,
+                    name=item.message_name or None,
+                    delay_ms=item.delay_ms,
+                    reason=item.reason,
+                )
+            )
+        for seq, answer in zip(seqs, self._ops.settle(calls), strict=True):
+            self._pending.add(answer)
+            answer.add_done_callback(functools.partial(self._settled, seq))
+
+    def _settled(self, seq: int, answer: asyncio.Future[int | None]) -> None:
+        self._pending.discard(answer)
+        refusal = _refusal(answer, "a settlement")
+        if refusal is not None:
+            result = pb.SessionSettled(seq=seq, success=False, message=refusal)
+        else:
+            result = pb.SessionSettled(seq=seq, success=True, time_ms=answer.result() or 0)
+        self._outbox.answer_settle(result)
+
     def _observe(self, item: pb.SessionObserve) -> None:
         try:
-            if item.stop:
-                self._engine.unobserve(self._client_id, item.pattern, self._outbox)
-            else:
-                self._engine.observe(self._client_id, item.pattern, self._outbox)
+            self._ops.observe(Observe(self._client_id, item.pattern, item.stop), self._outbox)
         except ServiceError as exc:
             result = pb.SessionSettled(seq=item.seq, success=False, message=exc.message)
         else:
             result = pb.SessionSettled(seq=item.seq, success=True)
         self._outbox.answer_observe(result)
 
-    def _ack(self, seq: int, idem: str) -> None:
-        # The common settlement, answered from a callback: no task per ack.
-        try:
-            answer = self._engine.ack_soon(self._client_id, idem)
-        except ServiceError as exc:
-            self._outbox.answer_settle(
-                pb.SessionSettled(seq=seq, success=False, message=exc.message)
-            )
-            return
-        self._pending.add(answer)
-        answer.add_done_callback(lambda done: self._acked(seq, done))
 
-    def _acked(self, seq: int, answer: asyncio.Future[None]) -> None:
-        self._pending.discard(answer)
-        refusal = _refusal(answer, "an ack")
-        self._outbox.answer_settle(
-            pb.SessionSettled(seq=seq, success=refusal is None, message=refusal or "")
-        )
-
-    async def _settle(self, item: pb.SessionSettle) -> None:
-        engine, client, idem = self._engine, self._client_id, item.message_idem
-        kind = item.kind
-        time_ms = 0
-        try:
-            if kind == pb.SETTLE_DEFER:
-                time_ms = await engine.defer(client, idem, item.delay_ms, item.reason)
-            elif kind == pb.SETTLE_DISCARD:
-                await engine.discard(client, idem, item.reason)
-            elif kind == pb.SETTLE_EXTEND:
-                time_ms = await engine.extend(client, idem)
-            elif kind == pb.SETTLE_RELEASE:
-                time_ms = await engine.release(client, idem, item.reason) or 0
-            else:
-                raise ServiceError.invalid(f"unknown settle kind {kind}")
-        except ServiceError as exc:
-            result = pb.SessionSettled(seq=item.seq, success=False, message=exc.message)
-        except Exception:  # isolation boundary: a bug must not end the session
-            log.exception("a session settlement failed")
-            result = pb.SessionSettled(seq=item.seq, success=False, message="internal error")
-        else:
-            result = pb.SessionSettled(seq=item.seq, success=True, time_ms=time_ms)
-        self._outbox.answer_settle(result)
-
-    def _spawn(self, work: Awaitable[None]) -> None:
-        async def run() -> None:
-            await work
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+_KINDS = {
+    pb.SETTLE_ACK: SettleKind.ACK,
+    pb.SETTLE_DEFER: SettleKind.DEFER,
+    pb.SETTLE_DISCARD: SettleKind.DISCARD,
+    pb.SETTLE_EXTEND: SettleKind.EXTEND,
+    pb.SETTLE_RELEASE: SettleKind.RELEASE,
+}
 
 
 def _refusal(answer: asyncio.Future[Any], what: str) -> str | None:

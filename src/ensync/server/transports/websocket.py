@@ -53,6 +53,8 @@ from ensync.protocol.wscodec import (
     Unsub,
 )
 from ensync.protocol.wssession import Incoming, ServerSession, ServerState
+from ensync.server.core import calls
+from ensync.server.core.calls import SettleKind
 from ensync.server.core.errors import ServiceError
 from ensync.server.core.model import Delivery
 from ensync.server.runtime.engine import Engine
@@ -131,6 +133,7 @@ class _Connection:
         session_frame_bytes: int,
     ) -> None:
         self._engine = engine
+        self._ops = engine.operations
         self._ws = websocket
         self._max_outstanding = max_outstanding
         # 0: no batched session on this connection.
@@ -206,7 +209,7 @@ class _Connection:
             self._session.close()
             await self._end_batched_session()
             if self._client_id is not None:
-                self._engine.disconnect(self._client_id)
+                self._ops.gone(self._client_id)
             writer.cancel()
             for task in list(self._tasks):
                 task.cancel()
@@ -293,7 +296,7 @@ class _Connection:
                 self._attach,
                 self._detach,
                 max_frame_bytes=self._session_frame_bytes,
-                leave=self._engine.disconnect,
+                leave=self._ops.gone,
             )
         except ConnectionClosed:
             pass
@@ -320,21 +323,17 @@ class _Connection:
         raise ConnectionClosed(None, None)
 
     def _attach(self, client_id: str, outbox: SessionOutbox) -> bool:
-        if (
-            self._closed
-            or client_id != self._client_id
-            or self._engine.sessions.get(client_id) is None
-        ):
+        if self._closed or client_id != self._client_id or not self._ops.has_session(client_id):
             return False
         self._outbox = outbox
-        self._engine.routes_changed(client_id)
+        self._ops.routes_changed(client_id)
         return True
 
     def _detach(self, client_id: str, outbox: SessionOutbox) -> None:
         if self._outbox is outbox:
             self._outbox = None
             if not self._closed:
-                self._engine.routes_changed(client_id)
+                self._ops.routes_changed(client_id)
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         async def run() -> None:
@@ -375,7 +374,7 @@ class _Connection:
             await self._run(item.seq, item.request)
 
     async def _run(self, seq: int, request: Request) -> None:
-        engine = self._engine
+        ops = self._ops
         try:
             if isinstance(request, Conn):
                 await self._connect(seq, request)
@@ -387,43 +386,55 @@ class _Connection:
                 return
             client = request.client_id
             if isinstance(request, Sub):
-                engine.subscribe(client, request.name)
+                ops.subscribe(calls.Subscribe(client, request.name))
                 name = request.name
 
                 def start_pushing() -> None:
                     self._ready_names.add(name)
-                    engine.routes_changed(client)
+                    ops.routes_changed(client)
 
                 self._reply(seq, Pass("subscribed"), on_sent=start_pushing)
             elif isinstance(request, Unsub):
-                engine.unsubscribe(client, request.name)
+                ops.unsubscribe(calls.Unsubscribe(client, request.name))
                 self._ready_names.discard(request.name)
                 self._reply(seq, Pass("unsubscribed"))
             elif isinstance(request, Pause):
-                engine.pause(client, request.name, request.reason)
+                ops.pause(calls.Pause(client, request.name, request.reason))
                 self._reply(seq, Pass("paused"))
             elif isinstance(request, Continue):
-                engine.resume(client, request.name)
+                ops.resume(calls.Resume(client, request.name))
                 self._reply(seq, Pass("continued"))
             elif isinstance(request, Ack):
-                self._answer(seq, lambda: self._done(engine.ack(client, request.idem), "acked"))
+                acked = self._settle(calls.Settle(client, request.idem))
+                self._answer(seq, lambda: self._done(acked, "acked"))
             elif isinstance(request, Discard):
-                call = engine.discard(client, request.idem, request.reason)
-                self._answer(seq, lambda: self._done(call, "discarded"))
+                discarded = self._settle(
+                    calls.Settle(client, request.idem, SettleKind.DISCARD, reason=request.reason)
+                )
+                self._answer(seq, lambda: self._done(discarded, "discarded"))
             elif isinstance(request, Defer):
-                deferred = engine.defer(client, request.idem, request.delay_ms, request.reason)
+                deferred = self._settle(
+                    calls.Settle(
+                        client,
+                        request.idem,
+                        SettleKind.DEFER,
+                        delay_ms=request.delay_ms,
+                        reason=request.reason,
+                    )
+                )
                 self._answer(seq, lambda: self._value(deferred))
             elif isinstance(request, Rollback):
                 # "Rollback" gives the message back unsettled: delivered again
                 # after the redelivery backoff (at once the first time).
-                released = engine.release(
-                    client, request.idem, request.reason or "rolled back by the client"
+                reason = request.reason or "rolled back by the client"
+                released = self._settle(
+                    calls.Settle(client, request.idem, SettleKind.RELEASE, reason=reason)
                 )
                 self._answer(seq, lambda: self._released(released))
             elif isinstance(request, Replay):
                 self._answer(seq, lambda: self._replay(client, request.idem))
             elif isinstance(request, Extend):
-                extended = engine.extend(client, request.idem)
+                extended = self._settle(calls.Settle(client, request.idem, SettleKind.EXTEND))
                 self._answer(seq, lambda: self._value(extended))
             else:  # pragma: no cover - the codec produces nothing else
                 self._reply(seq, Fail(f"unsupported command {type(request).__name__}"))
@@ -433,13 +444,17 @@ class _Connection:
             log.exception("WebSocket command failed")
             self._reply(seq, Fail("internal error"))
 
+    def _settle(self, call: calls.Settle) -> asyncio.Future[int | None]:
+        (answer,) = self._ops.settle([call])
+        return answer
+
     @staticmethod
-    async def _done(call: Awaitable[None], text: str) -> Pass:
+    async def _done(call: Awaitable[int | None], text: str) -> Pass:
         await call
         return Pass(text)
 
     @staticmethod
-    async def _value(call: Awaitable[int]) -> Pass:
+    async def _value(call: Awaitable[int | None]) -> Pass:
         return Pass(str(await call))
 
     @staticmethod
@@ -448,13 +463,13 @@ class _Connection:
         return Pass("dead-lettered" if when is None else str(when))
 
     async def _replay(self, client: str, idem: str) -> Replayed:
-        result = await self._engine.replay(client, idem)
+        result = await self._ops.replay(calls.Replay(client, idem))
         info = ReplayInfo(result.replayed_at_ms, result.was_acknowledged)
         return Replayed(to_ws_record(result.delivery, info))
 
     async def _connect(self, seq: int, request: Conn) -> None:
         try:
-            info = await self._engine.connect(request.access_key, self)
+            info = await self._ops.connect(request.access_key, self)
         except ServiceError as exc:
             # The socket stays open after a refused CONN (PROTOCOL.md §3.6).
             more = self._session.conn_refused(seq, exc.message)
@@ -481,17 +496,20 @@ class _Connection:
         await self._dispatch(more)
 
     async def _publish(self, seq: int, request: Pub) -> None:
-        try:
-            commit = await self._engine.accept_publish(
-                request.client_id,
-                request.name,
-                request.payload,
-                request.delivery_to,
-                request.metadata,
-                request.payload_metadata,
-            )
-        except ServiceError as exc:
-            self._reply(seq, Fail(exc.message))
+        (commit,) = await self._ops.publish(
+            [
+                calls.Publish(
+                    request.client_id,
+                    request.name,
+                    request.payload,
+                    request.delivery_to,
+                    request.metadata,
+                    request.payload_metadata,
+                )
+            ]
+        )
+        if commit.done() and isinstance(refused := commit.exception(), ServiceError):
+            self._reply(seq, Fail(refused.message))  # at once: no task for a refusal
             return
 
         async def committed() -> Pass:

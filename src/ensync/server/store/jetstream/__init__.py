@@ -1,6 +1,6 @@
 """The NATS JetStream backend (``--store nats://...``); needs ``ensync[cluster]``."""
 
-from .store import JetStreamStore
-from .streams import StreamConfigError
+from ensync.server.store.jetstream.store import JetStreamStore
+from ensync.server.store.jetstream.streams import StreamConfigError
 
 __all__ = ["JetStreamStore", "StreamConfigError"]

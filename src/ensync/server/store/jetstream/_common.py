@@ -14,21 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..base import (
+from ensync.server.store.base import (
     DeliveryPolicy,
     MessageState,
     ReadyListener,
     StoredMessage,
     StoreError,
 )
-from .api import Batch, Got, JetStreamApi, Out
-from .records import (
-    GONE,
-    Live,
-    Names,
-    message_from,
-    settled_json,
-)
+from ensync.server.store.jetstream.api import Batch, Got, JetStreamApi, NatsError, Out
+from ensync.server.store.jetstream.records import GONE, Live, Names, message_from, settled_json
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -46,7 +40,7 @@ __all__ = [
     "quiet",
 ]
 
-log = logging.getLogger("ensync.server.store.jetstream")
+log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 # Tombstones of state subjects vanish after this long.
@@ -188,7 +182,7 @@ class Common:
             return
         try:
             await nc.request(subject, b"", timeout=10, headers={"Nats-Incr": f"{delta:+d}"})
-        except Exception as exc:
+        except NatsError as exc:  # timeouts, no responders, connection closed
             log.warning("could not count pending messages on %s: %r", subject, exc)
 
     def _part(self, key: Key) -> Part:

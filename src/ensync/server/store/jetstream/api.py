@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..base import StoreError
+from ensync.server.store.base import StoreError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -47,6 +47,7 @@ __all__ = [
     "ConflictError",
     "Got",
     "JetStreamApi",
+    "NatsError",
     "Out",
     "RejectedError",
 ]
@@ -177,7 +178,7 @@ class JetStreamApi:
         """A plain publish that JetStream acknowledges; its sequence."""
         try:
             reply = await self._nc.request(subject, data, timeout=self._timeout_s)
-        except Exception as exc:
+        except NatsError as exc:  # timeouts, no responders, connection closed: not done
             raise StoreError(f"writing {subject} failed: {exc!r}") from exc
         return int(_answer(reply.data)["seq"])
 
@@ -208,7 +209,7 @@ class JetStreamApi:
             msg = await self._nc.request(
                 f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(query), timeout=self._timeout_s
             )
-        except Exception as exc:
+        except NatsError as exc:
             raise StoreError(f"reading {stream} failed: {exc!r}") from exc
         headers = msg.headers or {}
         status = headers.get("Status")
@@ -226,9 +227,7 @@ class JetStreamApi:
         try:
             await self._nc.publish(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(query), reply=token)
             await asyncio.wait_for(collector.done, self._timeout_s)
-        except StoreError:
-            raise
-        except Exception as exc:
+        except (NatsError, TimeoutError) as exc:  # the publish failed, or no end of batch came
             raise StoreError(f"reading {stream} failed: {exc!r}") from exc
         finally:
             self._waiting.pop(token, None)

@@ -18,23 +18,11 @@ from dataclasses import dataclass, replace
 
 import orjson
 
-from ..base import (
-    Appended,
-    NewMessage,
-    StoredMessage,
-    StoreError,
-)
-from ..numbering import dedupe_digest
-from ._common import (
-    RETRIES,
-    Common,
-    pause_after_conflict,
-)
-from .api import MAX_BATCH, ConflictError, Out, RejectedError
-from .records import (
-    body_json,
-    message_json,
-)
+from ensync.server.store.base import Appended, NewMessage, StoredMessage, StoreError
+from ensync.server.store.jetstream._common import RETRIES, Common, pause_after_conflict
+from ensync.server.store.jetstream.api import MAX_BATCH, ConflictError, Out, RejectedError
+from ensync.server.store.jetstream.records import body_json, message_json
+from ensync.server.store.numbering import dedupe_digest
 
 __all__ = ["Appends"]
 

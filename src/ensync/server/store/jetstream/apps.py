@@ -11,10 +11,10 @@ from collections.abc import Sequence
 
 import orjson
 
-from ..base import AppExistsError, AppRecord, SessionRecord, StoreError
-from ._common import RETRIES, Common, pause_after_conflict
-from .api import MAX_BATCH, ConflictError, Out
-from .records import app_from_json, app_to_json, is_gone
+from ensync.server.store.base import AppExistsError, AppRecord, SessionRecord, StoreError
+from ensync.server.store.jetstream._common import RETRIES, Common, pause_after_conflict
+from ensync.server.store.jetstream.api import MAX_BATCH, ConflictError, Out
+from ensync.server.store.jetstream.records import app_from_json, app_to_json, is_gone
 
 __all__ = ["Apps"]
 

@@ -15,28 +15,12 @@ from dataclasses import replace
 
 import orjson
 
-from ..base import (
-    Claim,
-    DeliveryPolicy,
-    Lease,
-    MessageState,
-    StoredMessage,
-)
-from ..book import limit_reason
-from ._common import (
-    PAGE,
-    Part,
-    new_token,
-    pause_after_conflict,
-)
-from .api import ConflictError, Out
-from .leases import Leases
-from .records import (
-    Live,
-    is_gone,
-    message_from,
-    settled_json,
-)
+from ensync.server.store.base import Claim, DeliveryPolicy, Lease, MessageState, StoredMessage
+from ensync.server.store.book import limit_reason
+from ensync.server.store.jetstream._common import PAGE, Part, new_token, pause_after_conflict
+from ensync.server.store.jetstream.api import ConflictError, Out
+from ensync.server.store.jetstream.leases import Leases
+from ensync.server.store.jetstream.records import Live, is_gone, message_from, settled_json
 
 __all__ = ["Claims"]
 

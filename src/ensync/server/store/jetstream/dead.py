@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from ..base import DeadRef, MessageState, StoredMessage
-from ._common import TOMBSTONE_TTL_S, Common
-from .api import ConflictError, Out
-from .records import GONE, Live, is_gone
+from ensync.server.store.base import DeadRef, MessageState, StoredMessage
+from ensync.server.store.jetstream._common import TOMBSTONE_TTL_S, Common
+from ensync.server.store.jetstream.api import ConflictError, Out
+from ensync.server.store.jetstream.records import GONE, Live, is_gone
 
 __all__ = ["DeadLetters"]
 

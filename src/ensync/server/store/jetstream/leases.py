@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from ..base import (
+from ensync.server.store.base import (
     DeliveryPolicy,
     MessageState,
     Release,
@@ -19,19 +19,10 @@ from ..base import (
     Settlement,
     StoreError,
 )
-from ..book import limit_reason
-from ._common import (
-    RETRIES,
-    Common,
-    Key,
-    Part,
-    pause_after_conflict,
-)
-from .api import MAX_BATCH, ConflictError, Out
-from .records import (
-    Live,
-    is_gone,
-)
+from ensync.server.store.book import limit_reason
+from ensync.server.store.jetstream._common import RETRIES, Common, Key, Part, pause_after_conflict
+from ensync.server.store.jetstream.api import MAX_BATCH, ConflictError, Out
+from ensync.server.store.jetstream.records import Live, is_gone
 
 __all__ = ["Leases"]
 

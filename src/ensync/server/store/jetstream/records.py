@@ -46,7 +46,7 @@ from typing import Any
 
 import orjson
 
-from ..base import AppRecord, DeliveryPolicy, MessageState, StoredMessage
+from ensync.server.store.base import AppRecord, DeliveryPolicy, MessageState, StoredMessage
 
 __all__ = [
     "Live",

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..base import (
+from ensync.server.store.base import (
     AppRecord,
     DeliveryPolicy,
     MessageState,
@@ -49,21 +49,14 @@ from ..base import (
     StoredMessage,
     StoreError,
 )
-from ._common import (
-    PAGE,
-    Key,
-    Part,
-)
-from .api import Got, JetStreamApi, RejectedError
-from .appends import Appends
-from .apps import Apps
-from .claims import Claims
-from .dead import DeadLetters
-from .records import (
-    Names,
-    is_gone,
-)
-from .streams import ensure_streams
+from ensync.server.store.jetstream._common import PAGE, Key, Part
+from ensync.server.store.jetstream.api import Got, JetStreamApi, NatsError, RejectedError
+from ensync.server.store.jetstream.appends import Appends
+from ensync.server.store.jetstream.apps import Apps
+from ensync.server.store.jetstream.claims import Claims
+from ensync.server.store.jetstream.dead import DeadLetters
+from ensync.server.store.jetstream.records import Names, is_gone
+from ensync.server.store.jetstream.streams import ensure_streams
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -172,7 +165,7 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
             options["tls"] = ssl.create_default_context(cafile=self._tls_ca)
         try:
             self._nc = await nats.connect(**options)
-        except Exception as exc:
+        except (NatsError, OSError, TimeoutError) as exc:  # what nats-py's connect raises
             self._state = "closed"
             raise StoreError(f"cannot reach NATS at {', '.join(self._servers)}: {exc!r}") from exc
         # A few tries per server to connect; once connected, it never stops trying.
@@ -315,8 +308,7 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
                         continue
                     if record["at"] >= settled_before_ms:
                         break
-                    await self._prune_one(got, record, lasts)
-                    removed += 1
+                    removed += await self._prune_one(got, record, lasts)
                 else:
                     if len(page) == PAGE:
                         seq = page[-1].seq + 1
@@ -324,7 +316,8 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
                 break
         return removed
 
-    async def _prune_one(self, got: Got, record: dict[str, Any], lasts: dict[str, int]) -> None:
+    async def _prune_one(self, got: Got, record: dict[str, Any], lasts: dict[str, int]) -> int:
+        """Delete one settled message, its state and its body; 0 if it stays."""
         api = self._check_api()
         _, recipient, name, idem = self.names.split(got.subject)
         part = self.names.partition(recipient, name)
@@ -333,13 +326,17 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
                 self.names.messages, {"last_by_subj": self.names.messages_of(part)}
             )
             lasts[part] = last.seq if last is not None else 0
-        if record["q"] != lasts[part]:
-            # The last message of a partition stays: the numbering goes on from it.
-            await api.delete(self.names.messages, record["q"])
+        if record["q"] == lasts[part]:
+            # The last message of a partition stays, settled, with its state
+            # (without it a claim would take it for pending): the numbering
+            # goes on from it. It goes once a later message is stored.
+            return 0
+        await api.delete(self.names.messages, record["q"])
         await api.delete(self.names.state, got.seq)
         body = await api.get_one(self.names.volatile, {"last_by_subj": self.names.body(idem)})
         if body is not None:
             await api.delete(self.names.volatile, body.seq)
+        return 1
 
     async def _refresh_forever(self) -> None:
         """Re-read the leases of partitions claimed from lately: a node that died

@@ -26,9 +26,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ..base import StoreError
-from .api import STREAM_NAME_IN_USE, STREAM_NOT_FOUND, JetStreamApi, RejectedError
-from .records import Names
+from ensync.server.store.base import StoreError
+from ensync.server.store.jetstream.api import (
+    STREAM_NAME_IN_USE,
+    STREAM_NOT_FOUND,
+    JetStreamApi,
+    RejectedError,
+)
+from ensync.server.store.jetstream.records import Names
 
 __all__ = ["StreamConfigError", "ensure_streams", "stream_configs", "stream_problems"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .runner import SqliteStoreStatistics
-from .schema import SCHEMA_VERSION
-from .store import SqliteStore
+from ensync.server.store.sqlite.runner import SqliteStoreStatistics
+from ensync.server.store.sqlite.schema import SCHEMA_VERSION
+from ensync.server.store.sqlite.store import SqliteStore
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore", "SqliteStoreStatistics"]

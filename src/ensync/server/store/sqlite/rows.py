@@ -4,6 +4,9 @@ They run on the writer thread (writes, inside the writer's transaction) or
 on a reader thread; none of them commits. ``fetchall()`` everywhere: it
 steps each statement to the end, so a read connection never keeps an old
 snapshot open between calls.
+
+Writes that move a message between stored states (settle, reschedule,
+redrive, prune) take their guard on ``state`` from the lifecycle table.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ..base import AppExistsError, AppRecord, DeadRef, MessageState, StoredMessage
-from ..book import Ref
+from ensync.server.store import lifecycle
+from ensync.server.store.base import AppExistsError, AppRecord, DeadRef, MessageState, StoredMessage
+from ensync.server.store.book import Ref
+from ensync.server.store.lifecycle import Event
 
 __all__ = [
     "any_redriven",
@@ -42,6 +47,7 @@ __all__ = [
     "reschedule_many",
     "roll_back_to",
     "settle_many",
+    "state_guard",
     "take_redriven",
     "update_app",
 ]
@@ -56,8 +62,27 @@ _APP_COLUMNS: Final = (
     "name, app_id, key_hash, created_at_ms, revoked, publish_rules, subscribe_rules"
 )
 _REF_COLUMNS: Final = "idem, block, attempts, expires_at_ms, visible_at_ms"
-_PENDING: Final = int(MessageState.PENDING)
-_DEAD: Final = int(MessageState.DEAD)
+
+
+def state_guard(event: Event) -> str:
+    """``event``'s condition on ``state``, from the lifecycle table, as a literal
+    (SQLite matches partial indexes only on literals): ``state != N`` when it
+    moves every state but N (the form of the index ``messages_settled``)."""
+    states = sorted(lifecycle.stored_sources(event))
+    others = sorted(set(MessageState).difference(states))
+    if len(others) == 1:
+        return f"state != {int(others[0])}"
+    return f"state IN ({', '.join(str(int(state)) for state in states)})"
+
+
+_SETTLE_GUARD: Final = {
+    int(state): state_guard(lifecycle.settling(state))
+    for state in MessageState
+    if state is not MessageState.PENDING
+}
+_RESCHEDULE_GUARD: Final = state_guard(Event.DEFER)
+_REDRIVE_GUARD: Final = state_guard(Event.REDRIVE)
+_PRUNE_GUARD: Final = state_guard(Event.PRUNE)
 # SQLite allows 32766 host parameters; stay far below.
 _IN_CHUNK: Final = 500
 
@@ -402,7 +427,7 @@ def settle_many(
                 row[0]
                 for row in conn.execute(
                     "UPDATE messages SET state = ?, settled_at_ms = ?, dead_reason = ?"
-                    f" WHERE state = 0 AND idem IN ({marks}) RETURNING idem",
+                    f" WHERE {_SETTLE_GUARD[code]} AND idem IN ({marks}) RETURNING idem",
                     (code, now_ms, reason, *chunk),
                 )
             )
@@ -419,8 +444,8 @@ def reschedule_many(
     return [
         conn.execute(
             "UPDATE messages SET visible_at_ms = ?, attempts = coalesce(?, attempts)"
-            " WHERE idem = ? AND state = ?",
-            (visible_at, attempts, idem, _PENDING),
+            f" WHERE idem = ? AND {_RESCHEDULE_GUARD}",
+            (visible_at, attempts, idem),
         ).rowcount
         == 1
         for idem, visible_at, attempts in items
@@ -435,10 +460,11 @@ def record_attempts(updates: Sequence[tuple[str, int]], conn: sqlite3.Connection
 
 
 def redrive(idem: str, now_ms: int, conn: sqlite3.Connection) -> StoredMessage | None:
+    outcome = lifecycle.redriven(now_ms)
     changed = conn.execute(
-        "UPDATE messages SET state = ?, attempts = 0, visible_at_ms = ?,"
-        " settled_at_ms = NULL, dead_reason = NULL WHERE idem = ? AND state = ?",
-        (_PENDING, now_ms, idem, _DEAD),
+        "UPDATE messages SET state = ?, attempts = ?, visible_at_ms = ?,"
+        f" settled_at_ms = NULL, dead_reason = NULL WHERE idem = ? AND {_REDRIVE_GUARD}",
+        (int(MessageState.PENDING), outcome.attempts, now_ms, idem),
     ).rowcount
     if changed != 1:
         return None
@@ -456,14 +482,16 @@ def take_redriven(limit: int, conn: sqlite3.Connection) -> list[StoredMessage]:
     idems = [idem for (idem,) in conn.execute("SELECT idem FROM redriven LIMIT ?", (limit,))]
     conn.executemany("DELETE FROM redriven WHERE idem = ?", [(idem,) for idem in idems])
     found = load(idems, conn)
-    return [m for idem in idems if (m := found.get(idem)) is not None and m.state == _PENDING]
+    pending = MessageState.PENDING
+    return [m for idem in idems if (m := found.get(idem)) is not None and m.state is pending]
 
 
 def prune_chunk(settled_before_ms: int, limit: int, conn: sqlite3.Connection) -> int:
-    # "state != ?" would not match the partial index's "state != 0".
+    # A literal guard ("state != 0"): a parameter would not match the
+    # partial index messages_settled.
     removed = conn.execute(
         "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages"
-        " WHERE state != 0 AND settled_at_ms < ? LIMIT ?) RETURNING seq",
+        f" WHERE {_PRUNE_GUARD} AND settled_at_ms < ? LIMIT ?) RETURNING seq",
         (settled_before_ms, limit),
     ).fetchall()
     conn.executemany("DELETE FROM bodies WHERE id = ?", removed)

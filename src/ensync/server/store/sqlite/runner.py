@@ -37,12 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar, cast
 
-from ..base import StoreError
-from .rows import roll_back_to
+from ensync.server.store.base import StoreError
+from ensync.server.store.sqlite.rows import roll_back_to
 
 __all__ = ["MIN_SQLITE", "Done", "SqliteRunner", "SqliteStoreStatistics"]
 
-logger = logging.getLogger("ensync.server.store.sqlite")
+logger = logging.getLogger(__name__)
 
 MIN_SQLITE = (3, 35, 0)
 
@@ -521,8 +521,9 @@ def _run_in_savepoint(conn: sqlite3.Connection, op: _Op) -> _Outcome:
         error = StoreError(f"sqlite write failed: {exc}")
         error.__cause__ = exc
         return (op.target, None, error)
-    except Exception as exc:
-        # Not swallowed: the error goes to the caller of this one operation
+    except Exception as exc:  # noqa: BLE001
+        # Isolation boundary: one operation's error is its caller's, not the
+        # writer's. Not swallowed: it goes to the caller of this one operation
         # (AppExistsError, LookupError, an int too large for SQLite, ...).
         roll_back_to("op", exc, conn)
         conn.execute("RELEASE op")

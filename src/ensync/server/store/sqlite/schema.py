@@ -31,11 +31,11 @@ import pathlib
 import sqlite3
 from typing import Final
 
-from ..base import StoreError
+from ensync.server.store.base import StoreError
 
 __all__ = ["SCHEMA_VERSION", "prepare"]
 
-logger = logging.getLogger("ensync.server.store.sqlite")
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION: Final = 5
 

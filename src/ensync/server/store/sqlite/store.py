@@ -25,12 +25,12 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Final, Literal, Self, cast
 
-from ..base import AppRecord, DeadRef, MessageState, StoredMessage, StoreError
-from ..book import Ref
-from ..local import InsertDone, LocalMessages
-from . import rows
-from .runner import SqliteRunner, SqliteStoreStatistics
-from .schema import prepare
+from ensync.server.store.base import AppRecord, DeadRef, MessageState, StoredMessage, StoreError
+from ensync.server.store.book import Ref
+from ensync.server.store.local import InsertDone, LocalMessages
+from ensync.server.store.sqlite import rows
+from ensync.server.store.sqlite.runner import SqliteRunner, SqliteStoreStatistics
+from ensync.server.store.sqlite.schema import prepare
 
 __all__ = ["SqliteStore"]
 

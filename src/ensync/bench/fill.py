@@ -12,16 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ensync.cli.bench_common import (
+from ensync.bench.common import (
     BenchError,
-    Progress,
-    bar,
     client_engine,
     close_quietly,
     mb,
     publish_load,
     running_engine,
 )
+from ensync.bench.display import Progress, bar
 from ensync.client.client import EnSyncClient
 from ensync.crypto import seal
 from ensync.server.core.apps import NewApp

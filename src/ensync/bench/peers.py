@@ -25,8 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ensync.cli.bench_common import client_engine, close_quietly, percentile_ms
+from ensync.bench.common import client_engine, close_quietly, percentile_ms
 from ensync.crypto import Sealer, open_payload
+from ensync.errors import EnSyncError
 from ensync.models import Message
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.testing.process import Transport
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the peer ``argv[0]`` (a :class:`PeerSpec` as JSON) describes."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m ensync.cli.bench_peers SPEC_JSON", file=sys.stderr)
+        print("usage: python -m ensync.bench.peers SPEC_JSON", file=sys.stderr)
         return 2
     spec = PeerSpec.from_json(args[0])
     figures: PublisherFigures | SubscriberFigures
@@ -224,13 +225,14 @@ async def _publish_ensync(spec: PeerSpec) -> PublisherFigures:
             await client.publish(ENSYNC_NAME, recipients, body.make(seq), metadata)
 
         _ready()
-        return await _drive(spec, send)
+        return await _drive(spec, send, (EnSyncError,))
     finally:
         await close_quietly(sdk)
 
 
 async def _publish_nats(spec: PeerSpec) -> PublisherFigures:
     import nats  # optional: the bench extra
+    from nats.errors import Error as NatsError
 
     connection = await nats.connect(spec.url)
     try:
@@ -243,7 +245,7 @@ async def _publish_nats(spec: PeerSpec) -> PublisherFigures:
             async def send(seq: int) -> None:
                 await stream.publish(NATS_SUBJECT, encode(body.make(seq)))
 
-            return await _drive(spec, send)
+            return await _drive(spec, send, (NatsError,))
         # Full speed: publish_async keeps up to `in_flight` unconfirmed.
         cpu0 = time.process_time()
         start = time.monotonic_ns()
@@ -280,9 +282,15 @@ def _nats_encoder(spec: PeerSpec) -> Callable[[dict[str, Any]], bytes]:
     return encode
 
 
-async def _drive(spec: PeerSpec, send: Callable[[int], Awaitable[None]]) -> PublisherFigures:
+async def _drive(
+    spec: PeerSpec,
+    send: Callable[[int], Awaitable[None]],
+    failures: tuple[type[Exception], ...],
+) -> PublisherFigures:
     """Throughput: ``in_flight`` sends at a time. Latency: one at a time on a
-    schedule of ``rate`` per second (a late send delays the schedule)."""
+    schedule of ``rate`` per second (a late send delays the schedule). A send
+    that raises one of ``failures`` (the system's own errors) is counted as
+    failed; anything else is a bug of the peer and ends it."""
     cpu0 = time.process_time()
     calls = array("q")
     failed = 0
@@ -297,7 +305,7 @@ async def _drive(spec: PeerSpec, send: Callable[[int], Awaitable[None]]) -> Publ
             began = time.monotonic_ns()
             try:
                 await send(seq)
-            except Exception:  # a failed publish is counted, not fatal
+            except failures:  # a failed publish is counted, not fatal
                 failed += 1
             else:
                 calls.append(time.monotonic_ns() - began)
@@ -313,7 +321,7 @@ async def _drive(spec: PeerSpec, send: Callable[[int], Awaitable[None]]) -> Publ
                 began = time.monotonic_ns()
                 try:
                     await send(seq)
-                except Exception:  # a failed publish is counted, not fatal
+                except failures:  # a failed publish is counted, not fatal
                     failed += 1
                 else:
                     calls.append(time.monotonic_ns() - began)

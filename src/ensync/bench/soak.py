@@ -34,17 +34,15 @@ import shutil
 import sys
 import tempfile
 import time
-import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ensync.cli.bench_common import (
+from ensync.bench.common import (
     BenchError,
     EngineProcess,
     ErrorTally,
-    Progress,
     ResourceSampler,
     Transport,
     client_engine,
@@ -52,79 +50,30 @@ from ensync.cli.bench_common import (
     fd_kinds,
     http_get,
     mb,
+    pending_messages,
     publish_load,
     register_apps,
     running_engine,
 )
-from ensync.cli.bench_soak_report import SoakResult, SoakSample, describe_stuck, print_table
+from ensync.bench.display import Progress
+from ensync.bench.soak_ledger import SoakLedger
+from ensync.bench.soak_report import SoakResult, SoakSample, print_table
 from ensync.client.client import EnSyncClient
 from ensync.client.engine import BaseEngine
-from ensync.client.subscription import Subscription
 from ensync.errors import EnSyncError
-from ensync.models import Message
 from ensync.server.core.apps import NewApp
-from ensync.server.store.base import MessageState
 from ensync.server.store.sqlite import SqliteStore
 from ensync.testing.proxy import TcpProxy
 
-__all__ = ["DEFAULT_SOAK_RATE", "SoakResult", "SoakSample", "add_arguments", "run"]
+__all__ = ["DEFAULT_SOAK_RATE", "SoakResult", "SoakSample", "run"]
 
 DEFAULT_SOAK_RATE = 200.0
 _NAMES = ("soak/a", "soak/b")
 _METADATA = {"persist": True, "headers": {}}
-# Out of 100, by a hash of the message key: what its first delivery gets.
-_VERBS = (("ack", 80), ("defer", 8), ("discard", 5), ("replay", 5), ("ignore", 2))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``--soak`` on the ``bench`` parser."""
-    group = parser.add_argument_group("--soak options")
-    group.add_argument(
-        "--soak-rate",
-        type=float,
-        default=DEFAULT_SOAK_RATE,
-        help=f"messages/s published in all ({DEFAULT_SOAK_RATE:g})",
-    )
-    group.add_argument(
-        "--churn-seconds",
-        type=float,
-        default=0,
-        help="clients restarted and links cut this often (default: 20 s, less for short soaks)",
-    )
-    group.add_argument(
-        "--soak-ack-deadline-ms",
-        type=int,
-        default=3_000,
-        help="the engine's ack deadline during the soak (3000)",
-    )
-    group.add_argument(
-        "--soak-drain-seconds",
-        type=float,
-        default=360.0,
-        help="after the load, wait this long at most for every message to be settled;"
-        " covers the engine's longest redelivery backoff (360)",
-    )
-    group.add_argument(
-        "--soak-session-timeout-ms",
-        type=int,
-        default=5_000,
-        help="the engine's session timeout during the soak, so that the sessions of"
-        " closed gRPC clients are gone before the end (5000)",
-    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the soak and print its figures; returns 1 if a message was not accounted for."""
-    if args.soak <= 0 or args.soak_rate <= 0 or args.churn_seconds < 0:
-        print("ensync bench: --soak and --soak-rate must be positive", file=sys.stderr)
-        return 2
-    if (
-        args.soak_ack_deadline_ms <= 0
-        or args.soak_session_timeout_ms <= 0
-        or args.soak_drain_seconds < 0
-    ):
-        print("ensync bench: the --soak-* options must be positive", file=sys.stderr)
-        return 2
     # The SDK warns on every lost link; the soak cuts links on purpose and
     # counts the disconnects itself.
     logging.getLogger("ensync").setLevel(logging.ERROR)
@@ -138,15 +87,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_table(result, sys.stdout)
     return 0 if result.all_accounted else 1
-
-
-def _verb_for(key: str) -> str:
-    point = zlib.crc32(key.encode()) % 100
-    for verb, share in _VERBS:
-        if point < share:
-            return verb
-        point -= share
-    return "ack"
 
 
 async def _soak(args: argparse.Namespace) -> SoakResult:
@@ -181,7 +121,7 @@ class _Consumer:
 
 
 class _Soak:
-    """The load, the churn and the bookkeeping of one soak run."""
+    """The load, the churn and the engine's readings of one soak run."""
 
     def __init__(
         self,
@@ -200,13 +140,8 @@ class _Soak:
         self.churn_s = args.churn_seconds or max(1.0, min(20.0, self.duration_s / 5))
         self.filler = "x" * max(0, args.payload_bytes - 40)
         self.errors = ErrorTally()
-        self.verbs: Counter[str] = Counter()
+        self.ledger = SoakLedger(publisher.app_id, self.filler, self.errors)
         self.churn: Counter[str] = Counter()
-        self.published: dict[str, str] = {}  # key -> idem, publish confirmed
-        self.uncertain: set[str] = set()  # the publish call failed
-        self._deliveries: Counter[str] = Counter()
-        self.settled: dict[str, str] = {}  # key -> "acked" | "discarded"
-        self.unknown: set[str] = set()
         self.samples: list[SoakSample] = []
         self.readings: dict[str, tuple[int, int]] = {}  # (rss bytes, fds) by moment
         self.engine_counters: dict[str, int] = {}
@@ -254,7 +189,8 @@ class _Soak:
                 self._publish_loop("g", lambda: grpc_publisher, stop),
                 self._publish_loop("w", self._current_ws_publisher, stop),
             ]
-            async with ResourceSampler(self.engine.pid, 2.0, lambda: len(self.published)) as s:
+            published = self.ledger.published
+            async with ResourceSampler(self.engine.pid, 2.0, lambda: len(published)) as s:
                 load = asyncio.gather(*loads)
                 await self._watch(s, stop)
                 rates = await load
@@ -302,6 +238,7 @@ class _Soak:
         next_churn = start + self.churn_s
         next_minute = start + 60.0
         churn_task: asyncio.Task[None] | None = None
+        ledger = self.ledger
         while (now := time.perf_counter()) < start + self.duration_s:
             if "start" not in self.readings and now - start >= warmup_s:
                 self._read("start")
@@ -313,7 +250,7 @@ class _Soak:
                 self._minute_sample((now - start) / 60)
             self.progress.show(
                 f"soak {now - start:,.0f}/{self.duration_s:,.0f} s  published"
-                f" {len(self.published):,}  settled {len(self.settled):,}  errors"
+                f" {len(ledger.published):,}  settled {len(ledger.settled):,}  errors"
                 f" {self.errors.total}  engine RSS {mb(sampler.samples[-1].rss_bytes):,.1f} MB"
                 f" fds {sampler.samples[-1].fds}"
             )
@@ -329,8 +266,8 @@ class _Soak:
             minute=round(minute, 2),
             rss_mb=mb(memory.rss_bytes),
             fds=self.engine.open_fds(),
-            published=len(self.published),
-            settled=len(self.settled),
+            published=len(self.ledger.published),
+            settled=len(self.ledger.settled),
         )
         self.samples.append(sample)
         self.progress.note(
@@ -348,7 +285,7 @@ class _Soak:
         start = time.perf_counter()
         empty_readings = 0
         while time.perf_counter() - start < limit_s:
-            left = sum(1 for key in self.published if key not in self.settled)
+            left = self.ledger.unsettled
             self.progress.show(f"draining: {left:,} messages not settled yet")
             if left == 0:
                 break
@@ -363,17 +300,10 @@ class _Soak:
 
     async def _engine_backlog(self) -> int | None:
         try:
-            text = await http_get(self.engine.http_port, "/metrics")
+            return await pending_messages(self.engine.http_port)
         except (OSError, BenchError) as exc:
             self.errors.add(exc, "metrics")
             return None
-        return int(
-            sum(
-                float(line.rsplit(maxsplit=1)[1])
-                for line in text.splitlines()
-                if line.startswith("ensync_backlog{")
-            )
-        )
 
     # ------------------------------------------------------------------ publishing
 
@@ -389,9 +319,9 @@ class _Soak:
             try:
                 idem = await client().publish(name, [recipient], payload, _METADATA)
             except EnSyncError:
-                self.uncertain.add(key)  # it may or may not have been stored
+                self.ledger.uncertain.add(key)  # it may or may not have been stored
                 raise
-            self.published[key] = idem
+            self.ledger.published[key] = idem
 
         figures = await publish_load(
             publish, stop=stop, rate=self.args.soak_rate / 2, errors=self.errors
@@ -432,7 +362,7 @@ class _Soak:
         client = await consumer.sdk.create_client(app.app_key, app_secret_key=app.secret_key)
         for name in _NAMES:
             subscription = await client.subscribe(name, auto_ack=False)
-            subscription.on(self._handler(subscription))
+            subscription.on(self.ledger.handler(subscription))
 
     async def _churn_once(self) -> None:
         """One round of churn: a consumer replaced, links cut, the WS publisher replaced."""
@@ -449,66 +379,6 @@ class _Soak:
             await self._new_ws_publisher()
         except EnSyncError as exc:
             self.errors.add(exc, "churn")
-
-    def _handler(self, sub: Subscription) -> Callable[[Message], Awaitable[None]]:
-        async def handle(message: Message) -> None:
-            payload = message.payload
-            key = payload.get("key") if isinstance(payload, dict) else None
-            self.verbs["delivered"] += 1
-            if not isinstance(key, str) or message.sender != self.publisher.app_id:
-                self.verbs["corrupt"] += 1
-                return
-            if key not in self.published and key not in self.uncertain:
-                # The publish call may still be on its way back.
-                self.unknown.add(key)
-            if payload.get("data") != self.filler:
-                self.verbs["corrupt"] += 1
-            if key in self.settled:
-                self.verbs["delivered_after_settled"] += 1
-            self._deliveries[key] += 1
-            # The first delivery gets the key's verb; a later one (after a
-            # defer, an ignore or a lost link) is acked.
-            verb = _verb_for(key) if self._deliveries[key] == 1 else "ack"
-            if self._deliveries[key] > 1:
-                self.verbs["redelivered"] += 1
-            try:
-                await self._apply(sub, message, key, verb)
-            except EnSyncError as exc:
-                self.errors.add(exc, verb)
-
-        return handle
-
-    async def _apply(self, sub: Subscription, message: Message, key: str, verb: str) -> None:
-        idem = message.idem
-        if verb == "ack":
-            await sub.ack(idem, message.block)
-            self.settled[key] = "acked"
-        elif verb == "defer":
-            await sub.defer(idem, 200 + zlib.crc32(idem.encode()) % 1800, "soak")
-        elif verb == "discard":
-            await sub.discard(idem, "soak")
-            self.settled[key] = "discarded"
-        elif verb == "replay":
-            before = await sub.replay(idem)
-            self._check_replay(before, key, acked=False)
-            await sub.ack(idem, message.block)
-            self.settled[key] = "acked"
-            after = await sub.replay(idem)
-            self._check_replay(after, key, acked=True)
-            self.verbs["replay"] += 2
-            verb = "ack"
-        self.verbs[verb] += 1
-
-    def _check_replay(self, replayed: Message, key: str, *, acked: bool) -> None:
-        info = replayed.replay_info
-        payload = replayed.payload
-        if (
-            info is None
-            or info.was_acknowledged is not acked
-            or not isinstance(payload, dict)
-            or payload.get("key") != key
-        ):
-            self.verbs["replay_mismatch"] += 1
 
     # ------------------------------------------------------------------ the engine's view
 
@@ -538,24 +408,11 @@ class _Soak:
         store = SqliteStore(db_path)
         await store.open()
         try:
-            settled_in_store = 0
-            stuck: list[str] = []
-            for key, idem in self.published.items():
-                if key in self.settled:
-                    continue
-                stored = await store.get(idem)
-                if stored is not None and stored.state is not MessageState.PENDING:
-                    settled_in_store += 1
-                else:
-                    stuck.append(describe_stuck(key, idem, stored))
-            store_pending = sum((await store.backlog()).values())
-            dead: Counter[str] = Counter()
-            for app in self.recipients:
-                for message in await store.list_dead(app.app_id, 10_000_000):
-                    dead[(message.dead_reason or "").split(":", 1)[0]] += 1
+            accounting = await self.ledger.account(store, self.recipients)
         finally:
             await store.close()
-        unknown = {k for k in self.unknown if k not in self.published and k not in self.uncertain}
+        ledger, stuck = self.ledger, accounting.stuck
+        unknown = ledger.unknown_keys()
         problems = self.engine.log_problems()
         idle_start, start = self.readings["idle_start"], self.readings.get("start", (0, 0))
         end_load, idle_end = self.readings["end_load"], self.readings["idle_end"]
@@ -576,22 +433,22 @@ class _Soak:
             peak_rss_mb=mb(self.peak_rss),
             fd_kinds=self.fd_kinds,
             samples=self.samples,
-            published=len(self.published),
+            published=len(ledger.published),
             publish_failed=self.publish_failed,
             publish_rate=self.publish_rate,
-            verbs=dict(sorted(self.verbs.items())),
+            verbs=dict(sorted(ledger.verbs.items())),
             engine_counters=self.engine_counters,
             churn=dict(sorted(self.churn.items())),
-            acked=sum(1 for v in self.settled.values() if v == "acked"),
-            discarded=sum(1 for v in self.settled.values() if v == "discarded"),
-            settled_per_store_only=settled_in_store,
+            acked=ledger.count_settled("acked"),
+            discarded=ledger.count_settled("discarded"),
+            settled_per_store_only=accounting.settled_in_store,
             stuck=len(stuck),
             stuck_examples=stuck[:10],
             unknown_keys=len(unknown),
-            store_pending=store_pending,
-            dead_letters=dict(dead),
+            store_pending=accounting.store_pending,
+            dead_letters=accounting.dead_letters,
             engine_end=self.engine_end,
-            all_accounted=not stuck and not unknown and store_pending == 0,
+            all_accounted=not stuck and not unknown and accounting.store_pending == 0,
             errors=self.errors.as_dict(),
             engine_problem_count=len(problems),
             engine_problems=problems[:20],

@@ -1,0 +1,1 @@
+"""Helpers of the repository's own tooling (the documentation build); not shipped."""
