@@ -76,7 +76,7 @@ class Engine:
         self._housekeeping = Housekeeping(
             self._service, self.clock, lambda: self._config, self._kick
         )
-        self._service.on_apps_changed = lambda: self._spawn(
+        self._service.admission.on_apps_changed = lambda: self._spawn(
             self._housekeeping.refresh_apps(), "ensync-apps-now"
         )
         self._running = False
@@ -135,7 +135,7 @@ class Engine:
         if not self._running:
             return
         for session in list(self._dispatcher.sessions.values()):
-            self._service.end_session(session)
+            self._service.admission.end_session(session)
         releases = self._dispatcher.take_releases()
         if releases:
             await self._service.release_many(releases)

@@ -64,7 +64,7 @@ class Housekeeping:
             return
         if redriven:
             log.info("%d redriven dead letters will be delivered again", redriven)
-        self._service.apps_changed(apps)
+        self._service.admission.apps_changed(apps)
         self._changed()
 
     async def _refresh_apps_forever(self) -> None:
@@ -78,10 +78,10 @@ class Housekeeping:
         # Sessions other nodes may take over stay registered while they live
         # here (the session sweep ends silent ones): renewed well within
         # their time to live.
-        service = self._service
+        admission = self._service.admission
         while True:
-            await asyncio.sleep(service.registry_ttl_ms() / 3000)
-            await service.register_sessions(list(service.dispatcher.sessions.values()))
+            await asyncio.sleep(admission.registry_ttl_ms() / 3000)
+            await admission.register_sessions(list(admission.dispatcher.sessions.values()))
 
     async def _prune_forever(self) -> None:
         delay_s = min(_PRUNE_EVERY_S, max(0.05, self._config().session_timeout_ms / 3000))

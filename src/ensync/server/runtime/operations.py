@@ -67,6 +67,7 @@ class Operations:
         self, service: Service, observers: Observers, *, spawn: Spawn, changed: Callable[[], None]
     ) -> None:
         self._service = service
+        self._admission = service.admission
         self._observers = observers
         self._spawn = spawn
         self._changed = changed
@@ -93,32 +94,32 @@ class Operations:
 
     async def connect(self, app_key: str, router: SessionRouter) -> SessionInfo:
         """Authenticate an app key and open a session routed through ``router``."""
-        info = await self._service.connect(app_key, router)
+        info = await self._admission.connect(app_key, router)
         self._changed()
         return info
 
     async def adopt(self, client_id: str, router: SessionRouter) -> bool:
         """Take over a session another node opened (a store shared by several
         nodes); ``True`` if ``client_id`` is a session here now."""
-        adopted = await self._service.adopt(client_id, router)
+        adopted = await self._admission.adopt(client_id, router)
         if adopted:
             self._changed()
         return adopted
 
     def heartbeat(self, client_id: str) -> bool:
         """Keep a session alive; ``False`` if the client id is unknown."""
-        return self._service.heartbeat(client_id)
+        return self._admission.heartbeat(client_id)
 
     def gone(self, client_id: str) -> None:
         """The client is gone (it said goodbye, or its connection ended for
         good): its session ends and what it held is delivered again."""
-        self._service.disconnect(client_id)
+        self._admission.disconnect(client_id)
         self._changed()
 
     def routes_changed(self, client_id: str) -> None:
         """A transport opened or closed an outbox of this client, or the
         client granted credit: its deliveries may flow differently."""
-        self._service.routes_changed(client_id)
+        self._admission.routes_changed(client_id)
         self._changed()
 
     # ------------------------------------------------------------------ publish
@@ -275,7 +276,7 @@ class Operations:
         """Copy the app's new messages matching the pattern to ``sink``
         without leasing them (core/observers.py); with ``stop``, end that
         (``False`` if there was no such observation)."""
-        session = self._service.session(call.client_id)
+        session = self._admission.session(call.client_id)
         if call.stop:
             return self._observers.unobserve(session, call.pattern, sink)
         self._observers.observe(session, call.pattern, sink)

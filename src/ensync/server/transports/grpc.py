@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -32,26 +32,19 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
 from ensync._proto import ensync_pb2 as pb
-from ensync.protocol.agents import is_go_client, reads_oldest_stream_only, wants_bare_replay
+from ensync.protocol.agents import is_go_client, reads_oldest_stream_only
 from ensync.protocol.errors import UNKNOWN_SESSION
-from ensync.protocol.records import ReplayInfo, replay_json, to_stream_response
+from ensync.protocol.records import to_stream_response
 from ensync.server.core.calls import (
-    Pause,
-    Publish,
-    Replay,
-    Resume,
-    Settle,
-    SettleKind,
     Subscribe,
-    Unsubscribe,
 )
 from ensync.server.core.errors import ErrorCode, ServiceError
-from ensync.server.core.model import Delivery, DeliverySink, ReplayResult
 from ensync.server.core.validation import largest_request
 from ensync.server.openfiles import max_connections
 from ensync.server.runtime.engine import Engine
-from ensync.server.runtime.operations import Operations
 from ensync.server.transports.go_clients import GoClientWatch
+from ensync.server.transports.grpc_clients import Client, Stream
+from ensync.server.transports.grpc_verbs import VERBS, Call, Verb
 from ensync.server.transports.listen import bind_failure
 from ensync.server.transports.session import (
     SESSION_SERVICE,
@@ -60,7 +53,7 @@ from ensync.server.transports.session import (
     serve_session,
 )
 
-__all__ = ["GrpcTransport", "replay_message_data"]
+__all__ = ["GrpcTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +81,6 @@ def _user_agent(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return ""
 
 
-def replay_message_data(result: ReplayResult, *, user_agent: str, event_names: bool) -> str:
-    """What Replay's ``message_data`` carries for this client (PROTOCOL.md §2.7):
-    the bare payload for the official Python client, which decrypts the field
-    directly; for every other client a JSON object shaped like a stream
-    message, the replay information inside its ``metadata`` string."""
-    if wants_bare_replay(user_agent):
-        return result.delivery.payload
-    info = ReplayInfo(result.replayed_at_ms, result.was_acknowledged)
-    return replay_json(result.delivery, info, event_names=event_names)
-
-
 @dataclass(frozen=True, slots=True)
 class _Undecodable:
     """A request body that is not the protobuf message it should be."""
@@ -119,71 +101,6 @@ def _decoder(message_type: type[_Req]) -> Callable[[bytes], _Req | _Undecodable]
             return _Undecodable(f"the request is not a valid {name}")
 
     return decode
-
-
-@dataclass(eq=False, slots=True)
-class _Stream:
-    """One open Subscribe stream and its outbox."""
-
-    name: str
-    queue: asyncio.Queue[Delivery | None] = field(default_factory=asyncio.Queue)
-
-    def push(self, delivery: Delivery) -> None:
-        self.queue.put_nowait(delivery)
-
-    def room(self, name: str, held: int, window: int) -> int:
-        return window - held
-
-    def end(self) -> None:
-        self.queue.put_nowait(None)
-
-
-@dataclass(eq=False, slots=True)
-class _Client:
-    """The transport's view of one client id: its streams, in opening order."""
-
-    client_id: str
-    user_agent: str
-    streams: list[_Stream] = field(default_factory=list)
-    # An Event-generation call marks an older grpc-js client, which reads
-    # every stream it opens: route per name for it (PROTOCOL.md §2.5).
-    event_generation: bool = False
-    closed: bool = False
-    # ensync's session stream, when the client opened one (session.py).
-    session: SessionOutbox | None = None
-
-    @property
-    def go(self) -> bool:
-        return is_go_client(self.user_agent)
-
-    @property
-    def oldest_stream_only(self) -> bool:
-        return reads_oldest_stream_only(self.user_agent) and not self.event_generation
-
-    def sink_for(self, name: str) -> DeliverySink | None:
-        if self.closed:
-            return None
-        session = self.session
-        if session is not None and session.deliveries_on:
-            return session
-        if not self.streams:
-            return None
-        if self.oldest_stream_only:
-            return self.streams[0]
-        for stream in self.streams:
-            if stream.name == name:
-                return stream
-        return None
-
-    def is_attached(self) -> bool:
-        return bool(self.streams) or self.session is not None
-
-    def close(self) -> None:
-        self.closed = True
-        for stream in self.streams:
-            stream.end()
-        if self.session is not None:
-            self.session.close()
 
 
 class _SessionPeer:
@@ -268,7 +185,7 @@ class GrpcTransport:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ]
         )
-        self._clients: dict[str, _Client] = {}
+        self._clients: dict[str, Client] = {}
         self._go = GoClientWatch(self._client_gone)
         handlers = [self._handlers()]
         if session:  # ensync's own batched stream; official clients never call it
@@ -311,7 +228,7 @@ class GrpcTransport:
                 response_serializer=pb.MessageStreamResponse.SerializeToString,
             ),
         }
-        for verb in _VERBS:
+        for verb in VERBS:
             for method, event in verb.methods():
                 handlers[method] = self._unary(verb.request, self._verb_handler(verb), event)
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
@@ -386,19 +303,19 @@ class GrpcTransport:
 
     async def _known(
         self, client_id: str, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> _Client | None:
+    ) -> Client | None:
         """The client with this id; one another node connected is taken over
         (a load balancer moved it here), if the store is shared."""
         client = self._clients.get(client_id)
         if client is not None or not client_id:
             return client
-        client = _Client(client_id=client_id, user_agent=_user_agent(context))
+        client = Client(client_id=client_id, user_agent=_user_agent(context))
         if not await self._ops.adopt(client_id, client):
             return None
         return self._clients.setdefault(client_id, client)
 
     def _verb_handler(
-        self, verb: _Verb
+        self, verb: Verb
     ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any], bool], Awaitable[ProtoMessage]]:
         async def handle(
             request: Any, context: grpc.aio.ServicerContext[Any, Any], event: bool
@@ -409,7 +326,7 @@ class GrpcTransport:
                 client = self._clients.get(request.client_id)
                 if client is not None:
                     client.event_generation = True
-            call = _Call(self._ops, request, _user_agent(context), event)
+            call = Call(self._ops, request, _user_agent(context), event)
             try:
                 text, fields = await verb.run(call)
             except ServiceError as exc:
@@ -426,7 +343,7 @@ class GrpcTransport:
     async def _connect(
         self, request: pb.ConnectRequest, context: grpc.aio.ServicerContext[Any, Any], _: bool
     ) -> pb.ConnectResponse:
-        client = _Client(client_id="", user_agent=_user_agent(context))
+        client = Client(client_id="", user_agent=_user_agent(context))
         try:
             info = await self._ops.connect(request.access_key, client)
         except ServiceError as exc:
@@ -504,7 +421,7 @@ class GrpcTransport:
             return
         if client.go:
             self._go.saw_call(client.client_id)
-        stream = _Stream(request.message_name)
+        stream = Stream(request.message_name)
         client.streams.append(stream)
         cancelled = False
         try:
@@ -523,7 +440,7 @@ class GrpcTransport:
         finally:
             self._stream_closed(client, stream, cancelled=cancelled)
 
-    def _stream_closed(self, client: _Client, stream: _Stream, *, cancelled: bool) -> None:
+    def _stream_closed(self, client: Client, stream: Stream, *, cancelled: bool) -> None:
         was_oldest = bool(client.streams) and client.streams[0] is stream
         if stream in client.streams:
             client.streams.remove(stream)
@@ -552,138 +469,3 @@ class GrpcTransport:
             return
         client.close()
         self._ops.gone(client_id)
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    """One verb call: the operations, the request and who asked."""
-
-    ops: Operations
-    request: Any
-    user_agent: str
-    event: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Verb:
-    """One unary method (in both generations where it has two): how to run it
-    and which response carries the answer. Failures are ``success=false`` with
-    the reason in ``message`` (never a status clients retry, PROTOCOL.md §2.3)."""
-
-    name: str
-    request: type[ProtoMessage]
-    response: Callable[..., ProtoMessage]
-    run: Callable[[_Call], Awaitable[tuple[str, dict[str, Any]]]]
-    # The method names, Message and Event generation ("{}" is the generation).
-    pattern: str
-    generations: bool = True
-
-    def methods(self) -> list[tuple[str, bool]]:
-        if not self.generations:
-            return [(self.pattern, False)]
-        return [
-            (self.pattern.format("Message"), False),
-            (self.pattern.format("Event"), True),
-        ]
-
-
-async def _publish(call: _Call) -> tuple[str, dict[str, Any]]:
-    r = call.request
-    payload_metadata = r.payload_metadata if r.HasField("payload_metadata") else None
-    publish = Publish(
-        r.client_id, r.message_name, r.payload, r.delivery_to, r.metadata, payload_metadata
-    )
-    (answer,) = await call.ops.publish([publish])
-    return "", {"message_idem": await answer}
-
-
-async def _settle(call: _Call, kind: SettleKind, **fields: Any) -> int | None:
-    r = call.request
-    (answer,) = call.ops.settle([Settle(r.client_id, r.message_idem, kind, **fields)])
-    return await answer
-
-
-async def _unsubscribe(call: _Call) -> tuple[str, dict[str, Any]]:
-    # Streams stay open (PROTOCOL.md §2.5 rule 3): only the name set changes.
-    was = call.ops.unsubscribe(Unsubscribe(call.request.client_id, call.request.message_name))
-    return ("unsubscribed" if was else "was not subscribed"), {}
-
-
-async def _ack(call: _Call) -> tuple[str, dict[str, Any]]:
-    await _settle(call, SettleKind.ACK)
-    return "acknowledged", {}
-
-
-async def _defer(call: _Call) -> tuple[str, dict[str, Any]]:
-    r = call.request
-    when = await _settle(call, SettleKind.DEFER, delay_ms=r.delay_ms, reason=r.reason)
-    return "deferred", {"delivery_time": when}
-
-
-async def _discard(call: _Call) -> tuple[str, dict[str, Any]]:
-    await _settle(call, SettleKind.DISCARD, reason=call.request.reason)
-    return "discarded", {}
-
-
-async def _replay(call: _Call) -> tuple[str, dict[str, Any]]:
-    result = await call.ops.replay(Replay(call.request.client_id, call.request.message_idem))
-    data = replay_message_data(result, user_agent=call.user_agent, event_names=call.event)
-    return "replayed", {"message_data": data}
-
-
-async def _pause(call: _Call) -> tuple[str, dict[str, Any]]:
-    r = call.request
-    call.ops.pause(Pause(r.client_id, r.message_name, r.reason))
-    return "paused", {}
-
-
-async def _continue(call: _Call) -> tuple[str, dict[str, Any]]:
-    call.ops.resume(Resume(call.request.client_id, call.request.message_name))
-    return "continued", {}
-
-
-async def _extend(call: _Call) -> tuple[str, dict[str, Any]]:
-    deadline = await _settle(call, SettleKind.EXTEND)
-    return "extended", {"deadline": deadline}
-
-
-async def _release(call: _Call) -> tuple[str, dict[str, Any]]:
-    when = await _settle(call, SettleKind.RELEASE, reason=call.request.reason)
-    if when is None:
-        return "dead-lettered", {}
-    return "released", {"delivery_time": when}
-
-
-def _publish_response(*, success: bool, message: str, **fields: Any) -> ProtoMessage:
-    # Publish answers in error_message, not message (PROTOCOL.md §2.2).
-    return pb.PublishMessageResponse(success=success, error_message=message, **fields)
-
-
-_VERBS = (
-    _Verb("Publish", pb.PublishMessageRequest, _publish_response, _publish, "Publish{}"),
-    _Verb(
-        "Unsubscribe",
-        pb.UnsubscribeRequest,
-        pb.UnsubscribeResponse,
-        _unsubscribe,
-        "Unsubscribe",
-        generations=False,
-    ),
-    _Verb("Acknowledge", pb.AcknowledgeRequest, pb.AcknowledgeResponse, _ack, "Acknowledge{}"),
-    _Verb("Defer", pb.DeferRequest, pb.DeferResponse, _defer, "Defer{}"),
-    _Verb("Discard", pb.DiscardRequest, pb.DiscardResponse, _discard, "Discard{}"),
-    _Verb("Replay", pb.ReplayRequest, pb.ReplayResponse, _replay, "Replay{}"),
-    _Verb("Pause", pb.PauseRequest, pb.PauseResponse, _pause, "Pause{}s"),
-    _Verb("Continue", pb.ContinueRequest, pb.ContinueResponse, _continue, "Continue{}s"),
-    _Verb(
-        "Extend", pb.ExtendRequest, pb.ExtendResponse, _extend, "ExtendMessage", generations=False
-    ),
-    _Verb(
-        "Release",
-        pb.ReleaseRequest,
-        pb.ReleaseResponse,
-        _release,
-        "ReleaseMessage",
-        generations=False,
-    ),
-)

@@ -20,16 +20,13 @@ frame is still answered ``-FAIL:``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any
 
-from google.protobuf.message import DecodeError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from ensync._proto import ensync_pb2 as pb
 from ensync.crypto.keys import decode_app_id
 from ensync.protocol.records import ReplayInfo, to_ws_record
 from ensync.protocol.wscodec import (
@@ -60,10 +57,9 @@ from ensync.server.core.model import Delivery
 from ensync.server.runtime.engine import Engine
 from ensync.server.transports.session import (
     SESSION_VERSION,
-    Refusal,
     SessionOutbox,
-    serve_session,
 )
+from ensync.server.transports.ws_binary import BinarySession
 
 __all__ = ["WebSocketTransport", "delivery_record"]
 
@@ -138,11 +134,7 @@ class _Connection:
         self._max_outstanding = max_outstanding
         # 0: no batched session on this connection.
         self._session_frame_bytes = session_frame_bytes
-        # The batched session, once a hello started it: its frames, its
-        # outbox (also the delivery sink when it carries deliveries), its task.
-        self._frames: asyncio.Queue[pb.ClientFrame | None] | None = None
-        self._outbox: SessionOutbox | None = None
-        self._session_task: asyncio.Task[None] | None = None
+        self._binary = BinarySession(engine, websocket, self._owner, session_frame_bytes)
         self._session = ServerSession()
         self._ready_names: set[str] = set()
         self._client_id: str | None = None
@@ -159,7 +151,7 @@ class _Connection:
     def sink_for(self, name: str) -> _Connection | SessionOutbox | None:
         if self._closed or name not in self._ready_names:
             return None
-        outbox = self._outbox
+        outbox = self._binary.outbox
         return outbox if outbox is not None and outbox.deliveries_on else self
 
     def push(self, delivery: Delivery) -> None:
@@ -175,8 +167,7 @@ class _Connection:
     def close(self) -> None:
         """The engine ended this client's session: close the socket."""
         self._closed = True
-        if self._outbox is not None:
-            self._outbox.close()
+        self._binary.close_outbox()
         self._spawn(self._ws.close(1008, "session ended by the engine"))
 
     # ------------------------------------------------------------------ driving
@@ -190,7 +181,8 @@ class _Connection:
         try:
             async for frame in self._ws:
                 if isinstance(frame, bytes):
-                    await self._binary(frame)
+                    if not await self._binary.receive(frame, hello_ok=not self._draining):
+                        self._session.receive_binary(frame)  # -FAIL:, as text says
                 elif self._draining:
                     for item in self._session.receive_text(frame):
                         self._reply(item.seq, Fail("the engine is shutting down"))
@@ -207,13 +199,17 @@ class _Connection:
             self._closed = True
             self._idle.set()  # nothing more will be answered: wake a shutdown
             self._session.close()
-            await self._end_batched_session()
+            await self._binary.end()
             if self._client_id is not None:
                 self._ops.gone(self._client_id)
             writer.cancel()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(writer, *self._tasks, return_exceptions=True)
+
+    def _owner(self) -> str | None:
+        """The client this connection connected, while it is open."""
+        return None if self._closed else self._client_id
 
     def _check_connected(self, waited_s: float) -> None:
         if self._client_id is None and not self._closed:
@@ -250,90 +246,6 @@ class _Connection:
             log.warning("closing a WebSocket with commands still in progress")
         if not self._closed:
             await self._ws.close(1001, "the engine is shutting down")
-
-    # ------------------------------------------------------------------ batched session
-
-    async def _binary(self, data: bytes) -> None:
-        """A binary message: a session frame, or (for anyone else) a refused command."""
-        if self._frames is not None:
-            try:
-                frame = pb.ClientFrame.FromString(data)
-            except DecodeError:
-                await self._ws.close(1007, "undecodable session frame")
-                return
-            await self._frames.put(frame)  # bounded: a busy session stops the reading
-            return
-        hello = self._hello(data)
-        if hello is None:
-            self._session.receive_binary(data)  # -FAIL:, as the text protocol says
-            return
-        self._frames = asyncio.Queue(maxsize=4)
-        self._frames.put_nowait(hello)
-        self._session_task = asyncio.get_running_loop().create_task(self._serve_session())
-
-    def _hello(self, data: bytes) -> pb.ClientFrame | None:
-        if not self._session_frame_bytes or self._client_id is None or self._draining:
-            return None
-        try:
-            frame = pb.ClientFrame.FromString(data)
-        except DecodeError:
-            return None
-        return frame if frame.HasField("hello") else None
-
-    async def _serve_session(self) -> None:
-        frames = self._frames
-        assert frames is not None
-
-        async def incoming() -> Any:
-            while (frame := await frames.get()) is not None:
-                yield frame
-
-        try:
-            await serve_session(
-                self._engine,
-                incoming(),
-                self,
-                self._attach,
-                self._detach,
-                max_frame_bytes=self._session_frame_bytes,
-                leave=self._ops.gone,
-            )
-        except ConnectionClosed:
-            pass
-        except Exception:  # isolation boundary: the session's bug, not the socket's
-            log.exception("the batched session of a WebSocket failed")
-            await self._ws.close(1011, "session failed")
-
-    async def _end_batched_session(self) -> None:
-        if self._outbox is not None:
-            self._outbox.close()
-        if self._frames is not None:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._frames.put_nowait(None)
-        if self._session_task is not None:
-            await asyncio.gather(self._session_task, return_exceptions=True)
-
-    # SessionPeer: the session's frames are binary messages on this socket.
-
-    async def send(self, frame: pb.ServerFrame) -> None:
-        await self._ws.send(frame.SerializeToString())
-
-    async def refuse(self, why: Refusal, text: str) -> NoReturn:
-        await self._ws.close(1008, text[:120])
-        raise ConnectionClosed(None, None)
-
-    def _attach(self, client_id: str, outbox: SessionOutbox) -> bool:
-        if self._closed or client_id != self._client_id or not self._ops.has_session(client_id):
-            return False
-        self._outbox = outbox
-        self._ops.routes_changed(client_id)
-        return True
-
-    def _detach(self, client_id: str, outbox: SessionOutbox) -> None:
-        if self._outbox is outbox:
-            self._outbox = None
-            if not self._closed:
-                self._ops.routes_changed(client_id)
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         async def run() -> None:

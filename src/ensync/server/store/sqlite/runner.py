@@ -35,10 +35,17 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Literal, TypeVar, cast
 
 from ensync.server.store.base import StoreError
-from ensync.server.store.sqlite.rows import roll_back_to
+from ensync.server.store.sqlite.ops import (
+    Done,
+    Op,
+    Outcome,
+    resolve,
+    rollback,
+    run_in_savepoint,
+)
 
 __all__ = ["MIN_SQLITE", "Done", "SqliteRunner", "SqliteStoreStatistics"]
 
@@ -75,23 +82,6 @@ class SqliteStoreStatistics:
     queued: int
     read_connections: int
     checkpoints: int
-
-
-Done = Callable[[object, BaseException | None], None]
-"""Hears a write's outcome on the loop: its result, or why it failed."""
-
-# Who waits for a write: a future, or a callback run on the loop (no task).
-_Target = asyncio.Future[Any] | Done
-
-
-@dataclass(slots=True)
-class _Op:
-    fn: Callable[[sqlite3.Connection], object]
-    target: _Target
-    dispatched: bool = False
-
-
-_Outcome = tuple[_Target, object, BaseException | None]
 
 
 class _State(enum.Enum):
@@ -151,7 +141,7 @@ class SqliteRunner:
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
         self._stop_requested = False
-        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
         self._readers = concurrent.futures.ThreadPoolExecutor(
             max_workers=readers, thread_name_prefix="ensync-sqlite-read"
         )
@@ -249,7 +239,7 @@ class SqliteRunner:
             StoreError: the store is not open, or broken (``done`` is not called).
         """
         self._check_usable()
-        self._enqueue(_Op(fn, done))
+        self._enqueue(Op(fn, done))
 
     def write_nowait(self, fn: Callable[[sqlite3.Connection], object], what: str) -> None:
         """Queue ``fn`` for the next group commit without waiting for it
@@ -260,7 +250,7 @@ class SqliteRunner:
         future.add_done_callback(lambda done: _log_failure(done, what))
         with self._lock:
             if self._failure is None and not self._stop_requested:
-                self._queue.put(_Op(fn, future))
+                self._queue.put(Op(fn, future))
 
     async def read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn`` on a read connection."""
@@ -280,11 +270,11 @@ class SqliteRunner:
     async def _write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         loop = self._check_usable()
         future: asyncio.Future[object] = loop.create_future()
-        self._enqueue(_Op(fn, future))
+        self._enqueue(Op(fn, future))
         # Cancelling the caller does not withdraw the operation: it may still commit.
         return cast(_T, await future)
 
-    def _enqueue(self, op: _Op) -> None:
+    def _enqueue(self, op: Op) -> None:
         with self._lock:
             if self._failure is not None:
                 raise StoreError(f"sqlite store {self._path} is broken: its writer stopped") from (
@@ -352,7 +342,7 @@ class SqliteRunner:
 
     def _writer_main(self, ready: asyncio.Future[object]) -> None:
         conn: sqlite3.Connection | None = None
-        batch: list[_Op] = []
+        batch: list[Op] = []
         failure: BaseException | None = None
         open_error: StoreError | None = None
         try:
@@ -407,7 +397,7 @@ class SqliteRunner:
         finally:
             conn.close()
 
-    def _run_next_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> bool:
+    def _run_next_batch(self, conn: sqlite3.Connection, batch: list[Op]) -> bool:
         """Wait for work, run one batch into ``batch``; ``False`` once told to stop."""
         first = self._queue.get()
         if first is None:
@@ -425,17 +415,17 @@ class SqliteRunner:
         self._run_batch(conn, batch)
         return True
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        outcomes: list[_Outcome] = []
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Op]) -> None:
+        outcomes: list[Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
-                outcomes.append(_run_in_savepoint(conn, op))
+                outcomes.append(run_in_savepoint(conn, op))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             # BEGIN, a savepoint or COMMIT failed (busy, disk full, I/O): the
             # whole batch is lost, so every caller hears about it.
-            _rollback(conn)
+            rollback(conn)
             outcomes = []
             for op in batch:
                 error = StoreError(f"writing {self._path} failed: {exc}")
@@ -450,7 +440,7 @@ class SqliteRunner:
         self._dispatch(outcomes)
 
     def _finish_writer(
-        self, conn: sqlite3.Connection | None, batch: list[_Op], failure: BaseException | None
+        self, conn: sqlite3.Connection | None, batch: list[Op], failure: BaseException | None
     ) -> None:
         with self._lock:
             if failure is not None:
@@ -463,7 +453,7 @@ class SqliteRunner:
                     break
                 if op is not None:
                     leftovers.append(op)
-        outcomes: list[_Outcome] = []
+        outcomes: list[Outcome] = []
         for op in leftovers:
             error = StoreError(f"sqlite store {self._path} stopped before this write ran")
             error.__cause__ = failure
@@ -484,62 +474,15 @@ class SqliteRunner:
         if self._stopped is not None:
             self._dispatch([(self._stopped, None, None)])
 
-    def _dispatch(self, outcomes: list[_Outcome]) -> None:
+    def _dispatch(self, outcomes: list[Outcome]) -> None:
         if not outcomes:
             return
         assert self._loop is not None  # set before the writer starts
         try:
-            self._loop.call_soon_threadsafe(_resolve, outcomes)
+            self._loop.call_soon_threadsafe(resolve, outcomes)
         except RuntimeError:
             # The loop is closed: nobody is left awaiting these futures.
             logger.debug("event loop closed; %d results of %s dropped", len(outcomes), self._path)
-
-
-def _resolve(outcomes: list[_Outcome]) -> None:
-    for target, result, error in outcomes:
-        if not isinstance(target, asyncio.Future):
-            try:
-                target(result, error)
-            except Exception:  # isolation boundary: one caller's bug spares the others
-                logger.exception("a write's outcome could not be handed over")
-            continue
-        if target.done():  # the caller was cancelled
-            continue
-        if error is None:
-            target.set_result(result)
-        else:
-            target.set_exception(error)
-
-
-def _run_in_savepoint(conn: sqlite3.Connection, op: _Op) -> _Outcome:
-    conn.execute("SAVEPOINT op")
-    try:
-        result = op.fn(conn)
-    except sqlite3.Error as exc:
-        roll_back_to("op", exc, conn)
-        conn.execute("RELEASE op")
-        error = StoreError(f"sqlite write failed: {exc}")
-        error.__cause__ = exc
-        return (op.target, None, error)
-    except Exception as exc:  # noqa: BLE001
-        # Isolation boundary: one operation's error is its caller's, not the
-        # writer's. Not swallowed: it goes to the caller of this one operation
-        # (AppExistsError, LookupError, an int too large for SQLite, ...).
-        roll_back_to("op", exc, conn)
-        conn.execute("RELEASE op")
-        return (op.target, None, exc)
-    conn.execute("RELEASE op")
-    return (op.target, result, None)
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    if not conn.in_transaction:
-        return
-    try:
-        conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        # SQLite may already have rolled back on its own (e.g. after an I/O error).
-        logger.warning("rollback failed", exc_info=True)
 
 
 def _log_failure(future: asyncio.Future[object], what: str) -> None:
