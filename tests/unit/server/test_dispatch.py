@@ -86,7 +86,7 @@ class Core:
     def tick(self, now_ms: int) -> list[tuple[tuple[str, str], Release]]:
         self.now = now_ms
         self.dispatcher.tick(now_ms)
-        return self.dispatcher.take_releases()
+        return self.dispatcher.leases.take_releases()
 
 
 def message(idem: str, attempts: int = 1) -> StoredMessage:
@@ -136,7 +136,7 @@ def test_claimed_messages_go_round_robin() -> None:
     core.deliver("m-1", "m-2", "m-3", "m-4", "m-5")
     assert received(a) == ["m-1", "m-3", "m-5"]
     assert received(b) == ["m-2", "m-4"]
-    assert core.dispatcher.in_flight == 5
+    assert len(core.dispatcher.leases) == 5
     assert core.stats.delivered == 5
 
 
@@ -157,7 +157,7 @@ def test_the_window_bounds_claims_and_a_freed_slot_claims_again() -> None:
     core.answer(request, "m-1", "m-2", "m-3", "m-4")
     # Full: the partition stays marked but is not claimed.
     assert core.claims() == []
-    core.dispatcher.settled("m-2")
+    core.dispatcher.leases.settled("m-2")
     # No notify needed: answered in full, the partition is still marked.
     assert core.claims() == [ClaimRequest(KEY, 1)]
 
@@ -197,10 +197,10 @@ def test_leases_for_a_subscriber_that_left_go_back_uncounted() -> None:
     (request,) = core.claims()
     core.dispatcher.unsubscribe(a, NAME)
     leases = core.answer(request, "m-1", "m-2")
-    assert core.dispatcher.take_releases() == [
+    assert core.dispatcher.leases.take_releases() == [
         (KEY, Release(lease.message.idem, lease.token, delivered=False)) for lease in leases
     ]
-    assert core.dispatcher.in_flight == 0
+    assert len(core.dispatcher.leases) == 0
 
 
 def test_leases_beyond_the_room_left_go_back_uncounted() -> None:
@@ -208,8 +208,10 @@ def test_leases_beyond_the_room_left_go_back_uncounted() -> None:
     core.subscriber("a", FakeRouter(FakeSink(credits=1)))
     (request,) = core.claims()
     _, second = core.answer(request, "m-1", "m-2")
-    assert core.dispatcher.take_releases() == [(KEY, Release("m-2", second.token, delivered=False))]
-    assert core.dispatcher.held("m-1") is not None
+    assert core.dispatcher.leases.take_releases() == [
+        (KEY, Release("m-2", second.token, delivered=False))
+    ]
+    assert core.dispatcher.leases.get("m-1") is not None
 
 
 def test_a_delivery_carries_the_message_and_its_attempt() -> None:
@@ -237,7 +239,7 @@ def test_a_lease_past_its_deadline_goes_back_as_a_failure() -> None:
     assert core.tick(held.deadline_ms) == [
         (KEY, Release("m-1", held.token, failure="ack deadline passed"))
     ]
-    assert core.dispatcher.held("m-1") is None
+    assert core.dispatcher.leases.get("m-1") is None
     assert a.subscriptions[NAME].in_flight == set()
 
 
@@ -245,7 +247,7 @@ def test_an_extended_lease_goes_back_at_its_new_deadline_only() -> None:
     core = Core()
     core.subscriber("a")
     (held,) = core.deliver("m-1")
-    core.dispatcher.extended("m-1", held.deadline_ms + 500)
+    core.dispatcher.leases.extended("m-1", held.deadline_ms + 500)
     assert core.dispatcher.next_deadline() == held.deadline_ms + 500  # the old entry is stale
     assert core.tick(held.deadline_ms) == []
     (released,) = core.tick(held.deadline_ms + 500)
@@ -256,27 +258,27 @@ def test_a_settled_lease_never_goes_back() -> None:
     core = Core()
     core.subscriber("a")
     (held,) = core.deliver("m-1")
-    core.dispatcher.settled("m-1")
-    core.dispatcher.settled("m-1")  # twice, or a lease of another core: nothing
-    core.dispatcher.extended("m-1", held.deadline_ms + 5)  # too late: nothing
+    core.dispatcher.leases.settled("m-1")
+    core.dispatcher.leases.settled("m-1")  # twice, or a lease of another core: nothing
+    core.dispatcher.leases.extended("m-1", held.deadline_ms + 5)  # too late: nothing
     assert core.dispatcher.next_deadline() == T0 + SWEEP_MS  # only the sweep is left
     assert core.tick(held.deadline_ms + 5) == []
-    assert core.dispatcher.in_flight == 0
+    assert len(core.dispatcher.leases) == 0
 
 
 def test_give_back_hands_the_lease_to_the_caller() -> None:
     core = Core()
     a = core.subscriber("a")
     (held,) = core.deliver("m-1")
-    given = core.dispatcher.give_back("m-1")
+    given = core.dispatcher.leases.give_back("m-1")
     assert given is not None
     assert (given.token, given.recipient, given.subscription) == (
         held.token,
         APP.app_id,
         a.subscriptions[NAME],
     )
-    assert core.dispatcher.give_back("m-1") is None
-    assert core.dispatcher.take_releases() == []  # the caller releases it
+    assert core.dispatcher.leases.give_back("m-1") is None
+    assert core.dispatcher.leases.take_releases() == []  # the caller releases it
     assert core.tick(held.deadline_ms) == []
 
 
@@ -288,7 +290,7 @@ def test_pause_gives_leases_back_at_once_and_continue_claims_again() -> None:
     a = core.subscriber("a")
     one, two = core.deliver("m-1", "m-2")
     core.dispatcher.pause(a, NAME, "maintenance")
-    assert sorted(core.dispatcher.take_releases(), key=lambda r: r[1].idem) == [
+    assert sorted(core.dispatcher.leases.take_releases(), key=lambda r: r[1].idem) == [
         (KEY, Release("m-1", one.token)),
         (KEY, Release("m-2", two.token)),
     ]
@@ -316,7 +318,7 @@ def test_a_closed_outbox_gives_leases_back_and_a_reopened_one_claims() -> None:
     (held,) = core.deliver("m-1")
     router.open = False
     core.dispatcher.routes_changed(a)
-    assert core.dispatcher.take_releases() == [(KEY, Release("m-1", held.token))]
+    assert core.dispatcher.leases.take_releases() == [(KEY, Release("m-1", held.token))]
     assert core.claims() == []  # no outbox, no room
     router.open = True
     core.dispatcher.routes_changed(a)
@@ -329,7 +331,7 @@ def test_ending_a_session_gives_its_leases_back_and_drops_its_partitions() -> No
     (held,) = core.deliver("m-1")
     core.dispatcher.end_session(a)
     core.dispatcher.end_session(a)  # once is enough
-    assert core.dispatcher.take_releases() == [(KEY, Release("m-1", held.token))]
+    assert core.dispatcher.leases.take_releases() == [(KEY, Release("m-1", held.token))]
     assert core.dispatcher.sessions == {}
     assert core.dispatcher.gauges() == (0, 0, 0)
     assert not core.dispatcher.unsubscribe(a, NAME)
@@ -348,7 +350,7 @@ def test_the_sweep_ends_silent_detached_sessions_only() -> None:
     core = Core(QUICK)
     silent = core.subscriber("silent", FakeRouter(attached=False))
     (held,) = core.deliver("m-1")
-    core.dispatcher.extended("m-1", T0 + 60_000)
+    core.dispatcher.leases.extended("m-1", T0 + 60_000)
     core.subscriber("live")  # attached: stays however long it is quiet
     seen = core.connect("seen", FakeRouter(attached=False))
     assert core.dispatcher.next_deadline() == T0 + QUICK_SWEEP_MS
@@ -457,5 +459,5 @@ def test_many_deadlines_at_once_all_go_back(holders: int) -> None:
     assert sorted(release.token for _, release in released) == sorted(
         lease.token for lease in leases
     )
-    assert core.dispatcher.in_flight == 0
+    assert len(core.dispatcher.leases) == 0
     assert core.claims() == [ClaimRequest(KEY, holders * CONFIG.window)]

@@ -7,7 +7,8 @@ Inputs are method calls carrying ``now`` (epoch ms); outputs are
   never blocks, and the in-flight window bounds it);
 * :meth:`Dispatcher.claims` — partitions to claim from the store, with how
   many messages the subscribers can take;
-* :meth:`Dispatcher.take_releases` — leases to hand back to the store;
+* ``leases.take_releases()`` — leases to hand back to the store
+  (:mod:`ensync.server.core.leases`);
 * :meth:`Dispatcher.next_deadline` — when to call :meth:`Dispatcher.tick`.
 
 Invariants between calls:
@@ -20,22 +21,22 @@ Invariants between calls:
   what its sink allows: ensync's session stream, whose client keeps the
   leases of buffered messages, takes ``session_window``).
 
-The heap holds lease deadlines, partition wake-ups (a deferral or backoff
-ends) and the periodic session sweep; stale entries are skipped lazily.
+One heap (:mod:`ensync.server.core.timeline`) holds lease deadlines,
+partition wake-ups (a deferral or backoff ends) and the periodic session
+sweep; stale entries are skipped lazily.
 """
 
 from __future__ import annotations
 
-import enum
-import heapq
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ensync.server.config import EngineConfig
+from ensync.server.core.leases import Held, Leases
 from ensync.server.core.model import Delivery, EngineStats
 from ensync.server.core.sessions import Session, Subscription
-from ensync.server.store.base import Claim, Lease, Release, StoredMessage
+from ensync.server.core.timeline import Due, LeaseDue, Ref, Timeline
+from ensync.server.store.base import Claim, Lease, Release
 
 __all__ = ["ClaimRequest", "Dispatcher", "Held"]
 
@@ -46,42 +47,12 @@ _MAX_CLAIM = 256
 _CLAIM_RETRY_MS = 1_000
 
 
-class _Due(enum.IntEnum):
-    LEASE = 0
-    WAKE = 1
-    SWEEP = 2
-
-
-@dataclass(frozen=True, slots=True)
-class _LeaseDue:
-    idem: str
-    token: int
-    deadline_ms: int
-
-
-_Ref = _LeaseDue | tuple[str, str] | None
-
-
 @dataclass(frozen=True, slots=True)
 class ClaimRequest:
     """Claim up to ``limit`` messages of partition ``key`` for this core."""
 
     key: _Key
     limit: int
-
-
-@dataclass(eq=False, slots=True)
-class Held:
-    """A lease this core holds for one of its subscriptions."""
-
-    subscription: Subscription
-    message: StoredMessage
-    token: int
-    deadline_ms: int
-
-    @property
-    def recipient(self) -> str:
-        return self.message.recipient
 
 
 @dataclass(eq=False, slots=True)
@@ -114,12 +85,11 @@ class Dispatcher:
         self._stats = stats
         self.sessions: dict[str, Session] = {}
         self._partitions: dict[_Key, _Partition] = {}
-        self._held: dict[str, Held] = {}
         self._claiming: set[_Key] = set()
-        self._releases: list[tuple[_Key, Release]] = []
         self._closed: list[Session] = []
-        self._heap: list[tuple[int, int, _Due, _Ref]] = []
-        self._seq = itertools.count()
+        self._timeline = Timeline()
+        # The leases this core holds (settle, extend, give back, releases).
+        self.leases = Leases(self._timeline)
         self._sweep_ms = max(50, min(config.session_timeout_ms // 3, 10_000))
         self._sweep_at: int | None = None
 
@@ -134,7 +104,7 @@ class Dispatcher:
         self.sessions[session.client_id] = session
         if self._sweep_at is None:
             self._sweep_at = now_ms + self._sweep_ms
-            self._push(self._sweep_at, _Due.SWEEP, None)
+            self._timeline.push(self._sweep_at, Due.SWEEP, None)
 
     def end_session(self, session: Session) -> None:
         """Drop a session: its leases go back (delivered again at once)."""
@@ -218,7 +188,7 @@ class Dispatcher:
             if sub is None:
                 # The subscriber left while the store answered: give it back.
                 release = Release(lease.message.idem, lease.token, delivered=False)
-                self._releases.append((key, release))
+                self.leases.release(key, release)
                 continue
             self._deliver(sub, lease)
         if partition is None:
@@ -234,34 +204,7 @@ class Dispatcher:
         if partition is not None:
             self._wake(key, partition, now_ms + _CLAIM_RETRY_MS)
 
-    # ------------------------------------------------------------------ leases
-
-    def held(self, idem: str) -> Held | None:
-        return self._held.get(idem)
-
-    def settled(self, idem: str) -> None:
-        """The message was settled or deferred: its lease, if ours, is over."""
-        held = self._held.pop(idem, None)
-        if held is not None:
-            self._free(held)
-
-    def extended(self, idem: str, deadline_ms: int) -> None:
-        held = self._held.get(idem)
-        if held is not None:
-            held.deadline_ms = deadline_ms
-            self._push(deadline_ms, _Due.LEASE, _LeaseDue(idem, held.token, deadline_ms))
-
-    def give_back(self, idem: str) -> Held | None:
-        """Stop holding a lease the client hands back; the caller releases it."""
-        held = self._held.pop(idem, None)
-        if held is not None:
-            self._free(held)
-        return held
-
-    def take_releases(self) -> list[tuple[_Key, Release]]:
-        """Leases to hand back, with their partitions."""
-        releases, self._releases = self._releases, []
-        return releases
+    # ------------------------------------------------------------------ time
 
     def wake(self, key: _Key, at_ms: int) -> None:
         """Claim the partition again at ``at_ms`` (a deferral or backoff ends then)."""
@@ -269,42 +212,28 @@ class Dispatcher:
         if partition is not None:
             self._wake(key, partition, at_ms)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._held)
-
     def gauges(self) -> tuple[int, int, int]:
         """(partitions, claiming, partitions waiting for a wake-up)."""
         waiting = sum(1 for p in self._partitions.values() if p.wake_at_ms is not None)
         return len(self._partitions), len(self._claiming), waiting
 
-    # ------------------------------------------------------------------ time
-
     def next_deadline(self) -> int | None:
-        self._drop_stale()
-        return self._heap[0][0] if self._heap else None
+        """When :meth:`tick` has something to do next."""
+        return self._timeline.first(self._live)
 
     def tick(self, now_ms: int) -> None:
         """Everything due at ``now_ms``: leases past their deadline go back
         (they failed), waiting partitions are claimed again, silent sessions
         expire."""
-        while self._heap and self._heap[0][0] <= now_ms:
-            when, _, kind, ref = heapq.heappop(self._heap)
-            if isinstance(ref, _LeaseDue):
-                held = self._held.get(ref.idem)
-                if not self._current(held, ref):
-                    continue
-                assert held is not None
-                del self._held[ref.idem]
-                self._free(held)
-                failed = Release(ref.idem, ref.token, failure="ack deadline passed")
-                self._releases.append((held.message.partition, failed))
+        for when, kind, ref in self._timeline.pop_due(now_ms):
+            if isinstance(ref, LeaseDue):
+                self.leases.lapse(ref)
             elif isinstance(ref, tuple):
                 partition = self._partitions.get(ref)
                 if partition is not None and partition.wake_at_ms == when:
                     partition.wake_at_ms = None
                     partition.dirty = True
-            elif kind is _Due.SWEEP:
+            elif kind is Due.SWEEP:
                 self._sweep(now_ms)
 
     # ------------------------------------------------------------------ internals
@@ -313,31 +242,19 @@ class Dispatcher:
         message = lease.message
         sink = sub.session.router.sink_for(sub.name)
         assert sink is not None  # pick() checked it
-        held = Held(sub, message, lease.token, lease.deadline_ms)
-        self._held[message.idem] = held
-        sub.in_flight.add(message.idem)
-        self._push(
-            lease.deadline_ms, _Due.LEASE, _LeaseDue(message.idem, lease.token, lease.deadline_ms)
-        )
+        self.leases.hold(sub, lease)
         self._stats.delivered += 1
         if message.attempts > 1:
             self._stats.redelivered += 1
         sink.push(Delivery.from_stored(message))
 
-    def _free(self, held: Held) -> None:
-        # No claim is marked here: a partition whose last claim was cut short
-        # by room is still dirty (claims() skips it without clearing), and
-        # one whose last claim found fewer than asked has nothing to claim
-        # until the store notifies. Marking on every ack cost an empty claim
-        # per message.
-        held.subscription.in_flight.discard(held.message.idem)
-
     def _give_back_all(self, sub: Subscription) -> None:
-        for idem in list(sub.in_flight):
-            held = self._held.pop(idem, None)
-            if held is not None:
-                self._releases.append((held.message.partition, Release(idem, held.token)))
-        sub.in_flight.clear()
+        # A settled lease marks no claim (leases.settled): a partition whose
+        # last claim was cut short by room is still dirty (claims() skips it
+        # without clearing), and one whose last claim found fewer than asked
+        # has nothing to claim until the store notifies. Marking on every
+        # ack cost an empty claim per message. Leases given back do mark.
+        self.leases.give_back_all(sub)
         self._mark(sub.session.app_id, sub.name)
 
     def _detach(self, sub: Subscription) -> None:
@@ -360,7 +277,7 @@ class Dispatcher:
         if partition.wake_at_ms is not None and partition.wake_at_ms <= at_ms:
             return
         partition.wake_at_ms = at_ms
-        self._push(at_ms, _Due.WAKE, key)
+        self._timeline.push(at_ms, Due.WAKE, key)
 
     def _sweep(self, now_ms: int) -> None:
         timeout = self._config.session_timeout_ms
@@ -371,27 +288,15 @@ class Dispatcher:
                 self._closed.append(session)
         if self.sessions:
             self._sweep_at = now_ms + self._sweep_ms
-            self._push(self._sweep_at, _Due.SWEEP, None)
+            self._timeline.push(self._sweep_at, Due.SWEEP, None)
         else:
             self._sweep_at = None
 
-    @staticmethod
-    def _current(held: Held | None, ref: _LeaseDue) -> bool:
-        return held is not None and held.token == ref.token and held.deadline_ms == ref.deadline_ms
-
-    def _push(self, when_ms: int, kind: _Due, ref: _Ref) -> None:
-        heapq.heappush(self._heap, (when_ms, next(self._seq), kind, ref))
-
-    def _drop_stale(self) -> None:
-        while self._heap:
-            when, _, _, ref = self._heap[0]
-            if isinstance(ref, _LeaseDue):
-                if self._current(self._held.get(ref.idem), ref):
-                    return
-            elif isinstance(ref, tuple):
-                partition = self._partitions.get(ref)
-                if partition is not None and partition.wake_at_ms == when:
-                    return
-            else:
-                return
-            heapq.heappop(self._heap)
+    def _live(self, when: int, ref: Ref) -> bool:
+        """Whether a deadline still holds (a lease's, or a partition's wake-up)."""
+        if isinstance(ref, LeaseDue):
+            return self.leases.current(ref)
+        if isinstance(ref, tuple):
+            partition = self._partitions.get(ref)
+            return partition is not None and partition.wake_at_ms == when
+        return True

@@ -260,7 +260,7 @@ class Service:
             return outcomes
         self.store_health.worked()
         for idem, done in zip(settle, changed, strict=True):
-            self.dispatcher.settled(idem)
+            self.dispatcher.leases.settled(idem)
             if done:
                 self.stats.acked += 1
         return outcomes
@@ -297,7 +297,7 @@ class Service:
             raise ServiceError(
                 ErrorCode.FAILED_PRECONDITION, f"message {idem} was settled meanwhile"
             )
-        self.dispatcher.settled(idem)
+        self.dispatcher.leases.settled(idem)
         self.dispatcher.wake(message.partition, visible_at)
         self.stats.deferred += 1
         return visible_at
@@ -319,7 +319,7 @@ class Service:
         handler runs, so the message is not delivered a second time.
         """
         session = self.admission.session(client_id)
-        held = self.dispatcher.held(idem)
+        held = self.dispatcher.leases.get(idem)
         if held is None or held.recipient != session.app_id:
             await self._find(session, idem)  # "not found" unless it is the caller's
             raise ServiceError(ErrorCode.FAILED_PRECONDITION, f"message {idem} is not in flight")
@@ -330,7 +330,7 @@ class Service:
             raise self.store_health.failed("extend", exc) from exc
         if not extended:
             raise ServiceError(ErrorCode.FAILED_PRECONDITION, f"message {idem} is not in flight")
-        self.dispatcher.extended(idem, deadline)
+        self.dispatcher.leases.extended(idem, deadline)
         return deadline
 
     async def release(self, client_id: str, idem: str, reason: str) -> int | None:
@@ -341,11 +341,11 @@ class Service:
         becomes visible again (epoch ms), or ``None`` if it was dead-lettered.
         """
         session = self.admission.session(client_id)
-        held = self.dispatcher.held(idem)
+        held = self.dispatcher.leases.get(idem)
         if held is None or held.recipient != session.app_id:
             await self._find(session, idem)
             raise ServiceError(ErrorCode.FAILED_PRECONDITION, f"message {idem} is not in flight")
-        self.dispatcher.give_back(idem)
+        self.dispatcher.leases.give_back(idem)
         failure = reason[:_MAX_REASON] or "released by the client"
         try:
             (outcome,) = await self.store.release(
@@ -383,7 +383,7 @@ class Service:
     async def _find(self, session: Session, idem: str) -> StoredMessage:
         """The caller's message with this idem. Another app's message is "not
         found" exactly like a missing one, so nothing leaks (DESIGN.md §6)."""
-        held = self.dispatcher.held(idem)
+        held = self.dispatcher.leases.get(idem)
         if held is not None and held.recipient == session.app_id:
             return held.message
         message: StoredMessage | None = None
@@ -403,5 +403,5 @@ class Service:
             )
         except StoreError as exc:
             raise self.store_health.failed("settle", exc) from exc
-        self.dispatcher.settled(idem)
+        self.dispatcher.leases.settled(idem)
         return changed

@@ -136,7 +136,7 @@ class Engine:
             return
         for session in list(self._dispatcher.sessions.values()):
             self._service.admission.end_session(session)
-        releases = self._dispatcher.take_releases()
+        releases = self._dispatcher.leases.take_releases()
         if releases:
             await self._service.release_many(releases)
         self._running = False
@@ -168,7 +168,7 @@ class Engine:
         return EngineStatistics(
             buffered=buffered,
             sessions=len(self._dispatcher.sessions),
-            in_flight=self._dispatcher.in_flight,
+            in_flight=len(self._dispatcher.leases),
             partitions=partitions,
             claiming=claiming,
             deferred=waiting,
@@ -205,7 +205,7 @@ class Engine:
         for session in self._dispatcher.take_closed():
             log.info("client %s expired", client_tag(session.client_id))
             session.router.close()
-        releases = self._dispatcher.take_releases()
+        releases = self._dispatcher.leases.take_releases()
         if releases:
             self._spawn(self._release(releases), "ensync-release", work=True)
         for request in list(self._dispatcher.claims()):
@@ -246,7 +246,7 @@ class Engine:
             self._dispatcher.claim_failed(request.key, self.clock.now_ms())
             raise
         self._dispatcher.claimed(request.key, request.limit, claim, self.clock.now_ms())
-        releases = self._dispatcher.take_releases()
+        releases = self._dispatcher.leases.take_releases()
         if releases:
             await self._service.release_many(releases)
         self._kick()

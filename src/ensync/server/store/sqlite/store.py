@@ -257,7 +257,7 @@ class SqliteStore(LocalMessages):
             self._check_open()
             held = self._book.held_attempts()
             if held:
-                self.record_attempts(held)
+                self._tables.record_attempts(held)
         await self._runner.close()
 
     async def __aenter__(self) -> Self:
