@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ensync.client.engine import BaseEngine
+from ensync.client.engine import NetworkEngine
 from ensync.client.transport import ClientTransport
 from ensync.client.ws_transport import WebSocketClientTransport
 from ensync.protocol.urls import EngineUrl
@@ -21,7 +21,7 @@ from ensync.protocol.urls import EngineUrl
 __all__ = ["EnSyncEngine"]
 
 
-class EnSyncEngine(BaseEngine):
+class EnSyncEngine(NetworkEngine):
     """The EnSync engine over WebSocket.
 
     Args:

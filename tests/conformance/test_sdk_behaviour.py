@@ -1,17 +1,23 @@
-"""Every SDK verb through a real engine on loopback, once per transport."""
+"""Every SDK verb through a real engine, once per transport.
+
+Over loopback for the network transports, and once more over the in-memory
+transport of ``ensync.testing`` (the engine in this process, no socket).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import pydantic
 import pytest
@@ -30,23 +36,35 @@ from ensync import (
 from ensync.client.engine import BaseEngine
 from ensync.server.core.apps import NewApp
 from ensync.server.core.calls import Settle, SettleKind
+from ensync.server.runtime.engine import Engine
 from ensync.server.store.base import StoredMessage
-from ensync.testing import TestServer, run_engine
+from ensync.server.store.memory import MemoryStore
+from ensync.testing import MemoryEngine, run_engine, run_memory_engine
 from ensync.websocket import EnSyncEngine as WsEngine
 from tests.support.timing import eventually, seconds
 
 # gRPC twice: over the batched session stream, and against an engine without
-# it (the SDK falls back to unary calls).
-TRANSPORTS = ["grpc", "grpc-unary", "ws", "ws-text"]
+# it (the SDK falls back to unary calls); WebSocket likewise; and in memory.
+TRANSPORTS = ["grpc", "grpc-unary", "ws", "ws-text", "memory"]
+
+
+class Server(Protocol):
+    """The engine under test: served on loopback, or in memory."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+    async def create_app(self, name: str) -> NewApp: ...
 
 
 @dataclass
 class Setup:
-    server: TestServer
+    server: Server
     make_engine: Callable[..., BaseEngine]
     alice: NewApp
     bob: NewApp
     engines: list[BaseEngine]
+    transport: str
 
     async def connect(self, app: NewApp, **options: Any) -> EnSyncClient:
         engine = self.make_engine(**options)
@@ -54,25 +72,37 @@ class Setup:
         return await engine.create_client(app.app_key, app_secret_key=app.secret_key)
 
 
-@pytest.fixture(params=TRANSPORTS)
-async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
+@contextlib.asynccontextmanager
+async def serving(transport: str) -> AsyncIterator[tuple[Server, Callable[..., BaseEngine]]]:
+    """The engine for ``transport``, and how to make SDK engines that reach it."""
+    if transport == "memory":
+        async with run_memory_engine(ack_deadline_ms=600) as in_memory:
+            yield in_memory, functools.partial(MemoryEngine, in_memory.engine)
+        return
     async with run_engine(
-        ack_deadline_ms=600, sessions=request.param not in ("grpc-unary", "ws-text")
+        ack_deadline_ms=600, sessions=transport not in ("grpc-unary", "ws-text")
     ) as server:
 
         def make(**options: Any) -> BaseEngine:
-            if request.param.startswith("ws"):
+            if transport.startswith("ws"):
                 if "heartbeat_interval" in options:
                     options["ping_interval"] = options.pop("heartbeat_interval")
                 return WsEngine(server.ws_url, **options)
             return EnSyncEngine(server.grpc_url, **options)
 
+        yield server, make
+
+
+@pytest.fixture(params=TRANSPORTS)
+async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
+    async with serving(request.param) as (server, make):
         state = Setup(
             server,
             make,
             await server.create_app("alice"),
             await server.create_app("bob"),
             [],
+            request.param,
         )
         try:
             yield state
@@ -366,11 +396,14 @@ async def test_wrong_key_and_missing_engine(setup: Setup) -> None:
     await setup.server.engine.apps.revoke("bob")
     with pytest.raises(EnSyncAuthError):
         await engine.create_client(setup.bob.app_key)
-    nowhere = (
-        WsEngine("ws://127.0.0.1:1", call_timeout=2000)
-        if isinstance(engine, WsEngine)
-        else EnSyncEngine("grpc://127.0.0.1:1", call_timeout=2000)
-    )
+    nowhere: BaseEngine
+    if setup.transport == "memory":
+        # In memory, "no engine there" is a core that is not running.
+        nowhere = MemoryEngine(Engine(MemoryStore()), call_timeout=2000)
+    elif isinstance(engine, WsEngine):
+        nowhere = WsEngine("ws://127.0.0.1:1", call_timeout=2000)
+    else:
+        nowhere = EnSyncEngine("grpc://127.0.0.1:1", call_timeout=2000)
     with pytest.raises(EnSyncConnectionError) as failed:
         await nowhere.create_client(setup.alice.app_key)
     assert failed.value.name in ("EnSyncConnectionError", "EnSyncTimeoutError")
@@ -683,3 +716,48 @@ async def test_settling_in_a_loop_body_is_not_undone_by_auto_ack(setup: Setup) -
             continue
         break
     assert attempts == [1, 2]
+
+
+def _sdk_code(task: asyncio.Task[Any]) -> bool:
+    """Whether ``task`` runs the SDK's code (the client, or the in-memory transport)."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    filename = code.co_filename if code is not None else ""
+    return "/ensync/client/" in filename or filename.endswith("/ensync/testing/memory.py")
+
+
+async def test_closing_an_engine_leaves_no_task_behind(setup: Setup) -> None:
+    before = asyncio.all_tasks()
+    engine = setup.make_engine()
+    heard: list[EnSyncError] = []
+
+    async def listener(error: EnSyncError) -> None:  # runs as a task of the engine
+        heard.append(error)
+        await asyncio.sleep(60)
+
+    engine.on("error", listener)
+    alice = await engine.create_client(setup.alice.app_key, app_secret_key=setup.alice.secret_key)
+    bob = await engine.create_client(setup.bob.app_key, app_secret_key=setup.bob.secret_key)
+    handled, iterated = await bob.subscribe("handled"), await bob.subscribe("iterated")
+    started = asyncio.Event()
+
+    async def slow(message: Message) -> None:  # holds its message past the ack deadline
+        started.set()
+        if message.payload["i"] == 0 and message.attempt == 1:
+            raise ValueError("handler failed")  # reported, and the message given back
+        await asyncio.sleep(60)
+
+    handled.on(slow)
+    for i in range(2):
+        await alice.publish("handled", [setup.bob.app_id], {"i": i})
+    await alice.publish("iterated", [setup.bob.app_id], {"i": 0})
+    async for _ in iterated:
+        break
+    await asyncio.wait_for(started.wait(), seconds(5))
+    await eventually(lambda: bool(heard))
+    # Something of everything runs now: connections, links, the handler, the
+    # lease keeper, a listener of the engine's.
+    assert any(_sdk_code(task) for task in asyncio.all_tasks() - before)
+    await bob.close(drain_timeout_s=0.1)  # the handler in hand is cancelled
+    await engine.close()  # closes alice, and the listener
+    left = [task for task in asyncio.all_tasks() - before if not task.done() and _sdk_code(task)]
+    assert left == []

@@ -150,7 +150,7 @@ async def test_refused_streams_are_sent_again_not_read_as_a_lost_link() -> None:
         # Bounds sized for another engine: this one refuses well below them.
         transport._limiter.resize(1000)
         lost: list[BaseException] = []
-        transport.on_lost(lost.append)
+        transport._lost = lost.append  # what connect() would install (not called here)
         recipient = generate_keypair().app_id
         envelope = seal(b"{}", recipient)
         crowded.answered = 0

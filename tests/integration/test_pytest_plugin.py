@@ -34,6 +34,17 @@ APP_TESTS = textwrap.dedent(
 
 
     @pytest.mark.asyncio
+    async def test_a_client_in_memory_shares_the_engine(ensync_app):
+        shop = await ensync_app("shop", transport="memory")
+        warehouse = await ensync_app("warehouse")
+        sub = await warehouse.client.subscribe("orders/created")
+        await shop.client.publish("orders/created", [warehouse.app_id], {"id": 2})
+        async for message in sub:
+            assert (message.payload, message.sender) == ({"id": 2}, shop.app_id)
+            break
+
+
+    @pytest.mark.asyncio
     async def test_every_test_gets_a_fresh_engine(ensync_engine, ensync_app):
         first = await ensync_app()
         assert first.name == "app-1"
@@ -94,4 +105,4 @@ def test_the_fixtures_need_only_ensync_pytest_and_pytest_asyncio(tmp_path: Path)
         assert f"{absent}==" not in installed
     project = application(tmp_path)
     out = run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", cwd=project)
-    assert "2 passed" in out
+    assert f"{APP_TESTS.count('async def test_')} passed" in out

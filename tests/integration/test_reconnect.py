@@ -243,6 +243,7 @@ async def test_calls_cut_off_by_a_reconnect_fail_as_connection_errors() -> None:
     """A call in flight when its transport is replaced raises EnSyncConnectionError,
     never a bare CancelledError."""
     from ensync.client.grpc_transport import GrpcClientTransport as Transport
+    from ensync.client.transport import SettleKind, Settlement
     from ensync.protocol.urls import parse_engine_url
 
     accepted: list[asyncio.StreamWriter] = []
@@ -255,7 +256,8 @@ async def test_calls_cut_off_by_a_reconnect_fail_as_connection_errors() -> None:
     port = server.sockets[0].getsockname()[1]
     transport = Transport(parse_engine_url(f"grpc://127.0.0.1:{port}"), call_timeout_s=10)
     try:
-        pending = asyncio.create_task(transport.ack("x", "01IDEM", 1))
+        ack = Settlement(SettleKind.ACK, "x", "01IDEM", 1)
+        pending = asyncio.create_task(transport.settle(ack))
         await asyncio.sleep(0.2)
         await transport.close()
         with pytest.raises(EnSyncConnectionError):

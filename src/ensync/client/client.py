@@ -4,49 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ensync import errors
 from ensync._entropy import random_token
 from ensync.client.connection import Connection, ConnectionState
+from ensync.client.messages import open_message, replayed
 from ensync.client.observation import Observation
-from ensync.client.subscription import Subscription, open_message, replayed
+from ensync.client.outgoing import (
+    RecipientCheck,
+    json_payload,
+    metadata_json,
+    payload_metadata_json,
+)
+from ensync.client.subscription import Subscription
 from ensync.client.transport import ClientTransport
-from ensync.client.typed import as_payload, check_model
-from ensync.crypto import OpeningKey, is_app_id, opening_key, seal_hybrid, x25519_public
+from ensync.client.typed import check_model
+from ensync.crypto import (
+    OpeningKey,
+    Sealer,
+    opening_key,
+    seal_hybrid,
+    x25519_public,
+)
 from ensync.models import Message
-from ensync.protocol.headers import IDEMPOTENCY_HEADER
 from ensync.protocol.names import validate_name, validate_pattern
 
-if TYPE_CHECKING:
-    from ensync.client.engine import BaseEngine
-
-__all__ = ["EnSyncClient", "check_key_owner"]
-
-_METADATA_KEYS = {"persist", "headers", "ttl_ms"}
-
-# Each recipient is one request on the wire (PROTOCOL.md §2.2): a bound keeps a
-# mistaken list from turning one call into a flood.
-MAX_RECIPIENTS = 1000
-_VALID_RECIPIENTS_KEPT = 4096
-
-
-def _skeleton_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer" if -(2**31) <= value < 2**31 else "long"
-    if isinstance(value, float):
-        return "double"
-    if isinstance(value, str):
-        return "string"
-    return "array" if isinstance(value, list | tuple) else "object"
+__all__ = ["EnSyncClient", "EngineHandle", "check_key_owner"]
 
 
 def check_key_owner(key: OpeningKey, app_id: str | None) -> None:
@@ -66,6 +53,35 @@ def check_key_owner(key: OpeningKey, app_id: str | None) -> None:
     )
 
 
+class EngineHandle(Protocol):
+    """What a client needs from the engine that made it, and nothing more.
+
+    The engine hands each client one.
+    """
+
+    @property
+    def sealer(self) -> Sealer:
+        """Seals payloads for recipients, with the engine's key reuse policy."""
+        ...
+
+    @property
+    def call_timeout_s(self) -> float:
+        """How long a call may take, reconnections included."""
+        ...
+
+    def report(self, error: errors.EnSyncError) -> None:
+        """Tell the engine's ``"error"`` listeners."""
+        ...
+
+    def closed(self, client: EnSyncClient) -> None:
+        """``client`` closed: the engine no longer lists it."""
+        ...
+
+    async def close_engine(self) -> None:
+        """Close the engine and all its clients (``client.close(True)``)."""
+        ...
+
+
 class EnSyncClient:
     """An app's connection to the engine. Get one from ``engine.create_client``.
 
@@ -77,7 +93,7 @@ class EnSyncClient:
 
     def __init__(
         self,
-        engine: BaseEngine,
+        engine: EngineHandle,
         connection: Connection,
         secret: OpeningKey | None,
     ) -> None:
@@ -87,8 +103,7 @@ class EnSyncClient:
         self._subscriptions: dict[str, Subscription] = {}
         self._observations: dict[str, Observation] = {}
         self._closed = False
-        # Recipient ids already checked (bounded: cleared when full).
-        self._valid_recipients: set[str] = set()
+        self._recipients = RecipientCheck()
         connection.on_failed(self._connection_failed)
 
     def _connection_failed(self, error: errors.EnSyncError) -> None:
@@ -104,6 +119,7 @@ class EnSyncClient:
 
     @property
     def client_hash(self) -> str:
+        """The engine's hash of the current client id."""
         return self._connection.client_hash
 
     @property
@@ -153,29 +169,8 @@ class EnSyncClient:
             validate_name(message_name)
         except ValueError as exc:
             raise errors.EnSyncValidationError(str(exc)) from None
-        if isinstance(recipients, str) or not isinstance(recipients, Sequence):
-            raise errors.EnSyncValidationError("recipients must be a list of app ids")
-        if not recipients:
-            raise errors.EnSyncValidationError("recipients is empty: name at least one app id")
-        if len(recipients) > MAX_RECIPIENTS:
-            raise errors.EnSyncValidationError(
-                f"{len(recipients)} recipients, more than the limit of {MAX_RECIPIENTS} per publish"
-            )
-        for recipient in recipients:
-            if isinstance(recipient, str) and recipient in self._valid_recipients:
-                continue  # checked before: decoding it again is the cost of a publish
-            if not isinstance(recipient, str) or not is_app_id(recipient):
-                raise errors.EnSyncValidationError(
-                    f"recipient {str(recipient)[:64]!r} is not an app id (base64 of 32 bytes)"
-                )
-            if len(self._valid_recipients) >= _VALID_RECIPIENTS_KEPT:
-                self._valid_recipients.clear()
-            self._valid_recipients.add(recipient)
-        payload = as_payload(payload)
-        try:
-            plaintext = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
-        except (TypeError, ValueError) as exc:
-            raise errors.EnSyncValidationError(f"payload is not JSON-serialisable: {exc}") from None
+        self._recipients.check(recipients)
+        payload, plaintext = json_payload(payload)
         limit = self._connection.max_payload_bytes
         if limit is not None and len(plaintext) > limit:
             # Checked here: an oversized request would otherwise fail as a
@@ -184,34 +179,36 @@ class EnSyncClient:
                 f"payload is {len(plaintext)} bytes of JSON, more than the engine's limit"
                 f" of {limit} bytes"
             )
-        metadata_text = self._metadata_text(metadata, random_token(16))
-        payload_metadata = json.dumps(
-            {
-                "byte_size": len(plaintext),
-                "skeleton": {str(k): _skeleton_type(v) for k, v in payload.items()},
-            },
-            separators=(",", ":"),
-        )
+        metadata_text = metadata_json(metadata, random_token(16))
+        payload_metadata = payload_metadata_json(payload, len(plaintext))
         if hybrid:
             envelope = seal_hybrid(plaintext, list(recipients))
             envelopes = [envelope] * len(recipients)
         else:
-            sealer = self._engine._sealer
+            sealer = self._engine.sealer
             now_ms = time.monotonic_ns() // 1_000_000
             envelopes = [sealer.seal(plaintext, recipient, now_ms) for recipient in recipients]
-        deadline = asyncio.get_running_loop().time() + self._engine._call_timeout_s
+        deadline = asyncio.get_running_loop().time() + self._engine.call_timeout_s
         if len(recipients) == 1:  # the common case: no task per recipient
             return await self._publish_one(
                 deadline, message_name, recipients[0], envelopes[0], metadata_text, payload_metadata
             )
-        idems = await asyncio.gather(
+        # Every publish runs to its end (none is left running behind a
+        # failure); the first failure is raised.
+        outcomes = await asyncio.gather(
             *(
                 self._publish_one(
                     deadline, message_name, recipient, envelope, metadata_text, payload_metadata
                 )
                 for recipient, envelope in zip(recipients, envelopes, strict=True)
-            )
+            ),
+            return_exceptions=True,
         )
+        idems: list[str] = []
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            idems.append(outcome)
         return ",".join(idems)
 
     async def _publish_one(
@@ -238,40 +235,6 @@ class EnSyncClient:
                 # Raises EnSyncConnectionError if the link is not back in time.
                 await self._connection.wait_connected(remaining)
 
-    @staticmethod
-    def _metadata_text(metadata: Mapping[str, Any] | None, idempotency_key: str) -> str:
-        if metadata is None:
-            metadata = {}
-        if not isinstance(metadata, Mapping):
-            raise errors.EnSyncValidationError("metadata must be a mapping")
-        persist = metadata.get("persist", True)
-        if not isinstance(persist, bool):
-            raise errors.EnSyncValidationError("metadata['persist'] must be True or False")
-        headers = metadata.get("headers", {})
-        if not isinstance(headers, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-        ):
-            raise errors.EnSyncValidationError("metadata['headers'] must map strings to strings")
-        ttl = metadata.get("ttl_ms")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0):
-            raise errors.EnSyncValidationError("metadata['ttl_ms'] must be a positive integer")
-        out: dict[str, Any] = {
-            "persist": persist,
-            # A key the caller chose wins: it may span several publish calls.
-            "headers": {IDEMPOTENCY_HEADER: idempotency_key, **headers},
-        }
-        if ttl is not None:
-            out["ttl_ms"] = ttl
-        for key, value in metadata.items():
-            if key not in _METADATA_KEYS:
-                out[key] = value
-        try:
-            return json.dumps(out, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise errors.EnSyncValidationError(
-                f"metadata is not JSON-serialisable: {exc}"
-            ) from None
-
     # ------------------------------------------------------------------ subscribe
 
     async def subscribe(
@@ -285,6 +248,7 @@ class EnSyncClient:
         """Start receiving ``message_name``; returns the `Subscription`.
 
         Args:
+            message_name: e.g. ``"orders/created"``.
             auto_ack: ack each message once its handlers (or loop body) succeed.
             app_secret_key: decrypt with this key instead of the client's.
             model: a dataclass or pydantic model class: ``message.payload`` is
@@ -316,9 +280,10 @@ class EnSyncClient:
         return subscription
 
     async def observe(self, pattern: str, *, app_secret_key: str | None = None) -> Observation:
-        """Watch the app's new messages whose names match ``pattern``, without
-        taking them: the app's subscribers (this client's too) get every
-        message as before, and the copies need no ack.
+        """Watch the app's new messages whose names match ``pattern``, without taking them.
+
+        The app's subscribers (this client's too) get every message as
+        before, and the copies need no ack.
 
         ``pattern`` is a name or a pattern: ``*`` stands for one segment, a
         final ``#`` for any rest (``"orders/*"``, ``"#"``). Only names the app
@@ -355,8 +320,9 @@ class EnSyncClient:
         return observation
 
     async def replay(self, idem: str, *, app_secret_key: str | None = None) -> Message:
-        """Fetch any message addressed to this client's app by idem, whatever
-        its state (pending, acked, dead-lettered), decrypted; it is not
+        """Fetch any message addressed to this client's app by idem, decrypted.
+
+        Whatever its state (pending, acked, dead-lettered), it is not
         delivered again. ``Subscription.replay`` does the same.
 
         For example:
@@ -401,9 +367,9 @@ class EnSyncClient:
             for observation in list(self._observations.values()):
                 await observation.close()
             await self._connection.close()
-            self._engine._forget(self)
+            self._engine.closed(self)
         if close_engine:
-            await self._engine.close()
+            await self._engine.close_engine()
 
     async def __aenter__(self) -> EnSyncClient:
         return self
@@ -441,7 +407,7 @@ class EnSyncClient:
         return self._connection.transport
 
     def _report(self, error: errors.EnSyncError) -> None:
-        self._engine._events.emit("error", error)
+        self._engine.report(error)
 
     def _forget(self, subscription: Subscription) -> None:
         if self._subscriptions.get(subscription.name) is subscription:
@@ -449,8 +415,7 @@ class EnSyncClient:
 
 
 class _Link:
-    """The narrow view of a client that its subscriptions get
-    (`SubscriptionLink`)."""
+    """The narrow view of a client that its subscriptions get (`SubscriptionLink`)."""
 
     __slots__ = ("_client",)
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from ensync import errors
 from ensync.client.backoff import backoff_delay_s
 from ensync.client.events import EventEmitter
-from ensync.client.transport import ClientTransport, Delivery, Observer
+from ensync.client.tasks import TaskOwner
+from ensync.client.transport import ClientTransport, ConnectInfo, Deliver, Observer
 from ensync.protocol.tags import client_tag
 
 __all__ = ["Connection", "ConnectionOptions", "ConnectionState"]
@@ -53,7 +54,7 @@ class ConnectionOptions:
 
 @dataclass(slots=True)
 class _Recorded:
-    deliver: Callable[[Delivery], None]
+    deliver: Deliver
     paused: str | None = None
 
 
@@ -83,9 +84,11 @@ class Connection:
         self._subscriptions: dict[str, _Recorded] = {}
         self._observations: dict[str, Observer] = {}
         self._state = ConnectionState.IDLE
-        self._heartbeat_task: asyncio.Task[None] | None = None
-        self._reconnect_task: asyncio.Task[None] | None = None
+        # The heartbeat, and the reconnection while one runs.
+        self._tasks = TaskOwner()
         self._connected = asyncio.Event()
+        # The current link's ids (a reconnect gets new ones).
+        self.client_id = ""
         self.client_hash = ""
         self.ack_deadline_ms: int | None = None
         self.max_payload_bytes: int | None = None
@@ -97,11 +100,8 @@ class Connection:
 
     @property
     def state(self) -> ConnectionState:
+        """Where the connection stands."""
         return self._state
-
-    @property
-    def client_id(self) -> str:
-        return self._transport.client_id if self._transport is not None else ""
 
     @property
     def transport(self) -> ClientTransport:
@@ -124,14 +124,16 @@ class Connection:
         self._failed_listeners.append(listener)
 
     async def open(self) -> None:
-        """Connect for the first time, trying each engine URL once; the last
-        error propagates to the caller (a refused key at once)."""
+        """Connect for the first time, trying each engine URL once.
+
+        The last error propagates to the caller (a refused key at once).
+        """
         count = len(self._factories)
         for step in range(count):
             index = (self._current + step) % count
             transport = self._factories[index]()
             try:
-                info = await transport.connect(self._app_key)
+                info = await transport.connect(self._app_key, self._lost)
             except errors.EnSyncConnectionError:
                 await transport.close()
                 if step == count - 1:
@@ -142,21 +144,19 @@ class Connection:
                 raise
             self._current = index
             break
+        self.app_id = info.app_id
+        self._install(transport, info)
+        self._tasks.start(self._heartbeat(), name="ensync-heartbeat")
+
+    def _install(self, transport: ClientTransport, info: ConnectInfo) -> None:
+        self._transport = transport
+        self.client_id = info.client_id
         self.client_hash = info.client_hash
         self.ack_deadline_ms = info.ack_deadline_ms
         self.max_payload_bytes = info.max_payload_bytes
-        self.app_id = info.app_id
-        self._install(transport)
-        self._heartbeat_task = asyncio.get_running_loop().create_task(
-            self._heartbeat(), name="ensync-heartbeat"
-        )
-
-    def _install(self, transport: ClientTransport) -> None:
-        self._transport = transport
-        transport.on_lost(self._lost)
         self._state = ConnectionState.CONNECTED
         self._connected.set()
-        log.log(self._log_level, "connected as client %s", client_tag(transport.client_id))
+        log.log(self._log_level, "connected as client %s", client_tag(info.client_id))
 
     async def wait_connected(self, timeout_s: float) -> None:
         """Wait until the link is up; raises EnSyncConnectionError on timeout or failure."""
@@ -175,19 +175,23 @@ class Connection:
 
     # ------------------------------------------------------------------ subscriptions
 
-    async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
+    async def subscribe(self, name: str, deliver: Deliver) -> None:
+        """Subscribe on the current link, and record it for the next ones."""
         await self.transport.subscribe(name, deliver)
         self._subscriptions[name] = _Recorded(deliver)
 
     async def unsubscribe(self, name: str) -> None:
+        """Unsubscribe, and forget the subscription."""
         self._subscriptions.pop(name, None)
         await self.transport.unsubscribe(name)
 
     async def observe(self, pattern: str, observer: Observer) -> None:
+        """Observe on the current link, and record it for the next ones."""
         await self.transport.observe(pattern, observer)
         self._observations[pattern] = observer
 
     async def unobserve(self, pattern: str) -> None:
+        """Stop observing (on the link, if it is up), and forget it."""
         if self._observations.pop(pattern, None) is None:
             return
         if self._state is ConnectionState.CONNECTED and self._transport is not None:
@@ -199,12 +203,14 @@ class Connection:
             self._transport.consumed(name)
 
     async def pause(self, name: str, reason: str) -> None:
+        """Pause on the current link; the next ones pause it again."""
         await self.transport.pause(name, reason)
         recorded = self._subscriptions.get(name)
         if recorded is not None:
             recorded.paused = reason
 
     async def resume(self, name: str) -> None:
+        """Resume, on this link and the next ones."""
         await self.transport.resume(name)
         recorded = self._subscriptions.get(name)
         if recorded is not None:
@@ -232,13 +238,12 @@ class Connection:
         self._connected.clear()
         log.warning("connection to the engine lost: %s", cause)
         self._events.emit("disconnect", cause)
-        self._reconnect_task = asyncio.get_running_loop().create_task(
-            self._reconnect(), name="ensync-reconnect"
-        )
+        self._tasks.start(self._reconnect(), name="ensync-reconnect")
 
     async def _reconnect(self) -> None:
         old = self._transport
         self._transport = None
+        self.client_id = ""
         if old is not None:
             await old.close()
         opts = self._options
@@ -268,7 +273,7 @@ class Connection:
             await asyncio.sleep(delay)
             transport = self._factories[self._current]()
             try:
-                info = await transport.connect(self._app_key)
+                info = await transport.connect(self._app_key, self._lost)
                 await self._replay_subscriptions(transport)
             except errors.EnSyncAuthError as exc:
                 await transport.close()
@@ -289,10 +294,7 @@ class Connection:
                 # session (and a stream) on the engine; do not leave it open.
                 await transport.close()
                 raise
-            self.client_hash = info.client_hash
-            self.ack_deadline_ms = info.ack_deadline_ms
-            self.max_payload_bytes = info.max_payload_bytes
-            self._install(transport)
+            self._install(transport, info)
             self._events.emit("reconnect", attempt)
             return
 
@@ -338,10 +340,7 @@ class Connection:
             return
         self._state = ConnectionState.CLOSED
         self._connected.set()  # wake waiters: they see CLOSED
-        tasks = [t for t in (self._heartbeat_task, self._reconnect_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.close()
         if self._transport is not None:
             await self._transport.close()
             self._transport = None

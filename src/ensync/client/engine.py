@@ -18,7 +18,7 @@ from ensync.client.transport import ClientTransport
 from ensync.crypto import Sealer, opening_key
 from ensync.protocol.urls import EngineUrl, parse_engine_url
 
-__all__ = ["BaseEngine", "EnSyncEngine", "show_sdk_logs"]
+__all__ = ["BaseEngine", "EnSyncEngine", "NetworkEngine", "show_sdk_logs"]
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +31,10 @@ def _positive_ms(name: str, value: object, *, zero_ok: bool = False) -> int:
 
 
 def show_sdk_logs() -> None:
-    """Print the SDK's records (INFO and up) on stderr, if the application
-    configured no logging of its own; otherwise leave its setup alone."""
+    """Print the SDK's records (INFO and up) on stderr, unless the application configured logging.
+
+    An application's own logging setup is left alone.
+    """
     sdk = logging.getLogger("ensync")
     if logging.getLogger().handlers or any(
         not isinstance(handler, logging.NullHandler) for handler in sdk.handlers
@@ -46,35 +48,24 @@ def show_sdk_logs() -> None:
 
 
 class BaseEngine(ABC):
-    """What both transports' engines share; see `EnSyncEngine`."""
+    """What every engine of the SDK shares: clients, their options, events.
 
-    _transport_kind: str = "grpc"
+    A subclass says where its clients connect (`_connectors`): the network
+    engines (`NetworkEngine`) to URLs, ``ensync.testing.MemoryEngine`` to a
+    core in the same process.
+    """
 
     def __init__(
         self,
-        url: str | Sequence[str],
         *,
         reconnect_interval: int = 5_000,
         max_reconnect_attempts: int = 5,
         enable_logging: bool = False,
         keepalive_interval: int = 30_000,
         call_timeout: int = 30_000,
-        ca_file: str | None = None,
         sender_key_reuse_ms: int = 0,
     ) -> None:
-        given = [url] if isinstance(url, str) else list(url)
-        if not given:
-            raise errors.EnSyncValidationError("give at least one engine URL")
-        try:
-            self.urls: list[EngineUrl] = [
-                parse_engine_url(one, transport=self._transport_kind)  # type: ignore[arg-type]
-                for one in given
-            ]
-        except (ValueError, TypeError) as exc:
-            raise errors.EnSyncValidationError(str(exc)) from None
-        # The first URL; the others are where clients go when it fails.
-        self.url: EngineUrl = self.urls[0]
-        # Clients start on the URLs in turn, so they spread over the nodes.
+        # Clients start on the engine nodes in turn, so they spread over them.
         self._next_home = 0
         self._options = ConnectionOptions(
             heartbeat_interval_ms=_positive_ms("heartbeat interval", keepalive_interval),
@@ -89,15 +80,6 @@ class BaseEngine(ABC):
         self._sealer = Sealer(
             _positive_ms("sender_key_reuse_ms", sender_key_reuse_ms, zero_ok=True)
         )
-        self._root_certificates: bytes | None = None
-        if ca_file is not None:
-            try:
-                with open(ca_file, "rb") as handle:
-                    self._root_certificates = handle.read()
-            except OSError as exc:
-                raise errors.EnSyncValidationError(
-                    f"cannot read CA file {ca_file!r}: {exc}"
-                ) from None
         # enable_logging raises the SDK's routine records (connects, reconnect
         # attempts) from DEBUG to INFO, and shows them on stderr unless the
         # application configured logging of its own.
@@ -106,15 +88,18 @@ class BaseEngine(ABC):
             show_sdk_logs()
         self._events = EventEmitter()
         self._clients: list[EnSyncClient] = []
+        self._handle = _ClientHandle(self)
         self._closed = False
 
     @abstractmethod
-    def _make_transport(self, url: EngineUrl) -> ClientTransport:
-        """A fresh, unconnected transport to ``url``."""
+    def _connectors(self) -> Sequence[Callable[[], ClientTransport]]:
+        """One factory of fresh, unconnected transports per engine node."""
 
     def on(self, event: EventName, callback: Callable[..., Any]) -> Callable[[], None]:
-        """Listen to ``"disconnect"`` (cause), ``"reconnect"`` (attempt) or
-        ``"error"`` (an `EnSyncError`).
+        """Listen to an event of this engine's clients.
+
+        ``"disconnect"`` (its cause), ``"reconnect"`` (the attempt that
+        succeeded) or ``"error"`` (an `EnSyncError`).
 
         Returns a function that removes the listener.
         """
@@ -144,10 +129,11 @@ class BaseEngine(ABC):
         if not isinstance(app_key, str) or not app_key:
             raise errors.EnSyncValidationError("app_key must be a non-empty string")
         secret = opening_key(app_secret_key) if app_secret_key is not None else None
+        connectors = self._connectors()
         home = self._next_home
-        self._next_home = (home + 1) % len(self.urls)
+        self._next_home = (home + 1) % len(connectors)
         connection = Connection(
-            [functools.partial(self._make_transport, url) for url in self.urls],
+            connectors,
             app_key,
             self._options,
             self._events,
@@ -161,23 +147,105 @@ class BaseEngine(ABC):
             except errors.EnSyncValidationError:
                 await connection.close()
                 raise
-        client = EnSyncClient(self, connection, secret)
+        client = EnSyncClient(self._handle, connection, secret)
         self._clients.append(client)
         return client
 
     async def close(self) -> None:
-        """Close every client of this engine. Idempotent."""
+        """Close every client of this engine. Idempotent.
+
+        Asynchronous event listeners still running are cancelled.
+        """
         self._closed = True
         clients = list(self._clients)
         self._clients.clear()
         await asyncio.gather(*(client.close() for client in clients))
-
-    def _forget(self, client: EnSyncClient) -> None:
-        if client in self._clients:
-            self._clients.remove(client)
+        await self._events.close()
 
 
-class EnSyncEngine(BaseEngine):
+class _ClientHandle:
+    """The engine as its clients see it (`EngineHandle`)."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: BaseEngine) -> None:
+        self._engine = engine
+
+    @property
+    def sealer(self) -> Sealer:
+        return self._engine._sealer
+
+    @property
+    def call_timeout_s(self) -> float:
+        return self._engine._call_timeout_s
+
+    def report(self, error: errors.EnSyncError) -> None:
+        self._engine._events.emit("error", error)
+
+    def closed(self, client: EnSyncClient) -> None:
+        if client in self._engine._clients:
+            self._engine._clients.remove(client)
+
+    async def close_engine(self) -> None:
+        await self._engine.close()
+
+
+class NetworkEngine(BaseEngine):
+    """An engine reached over the network at one or more URLs; see `EnSyncEngine`."""
+
+    _transport_kind: str = "grpc"
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        reconnect_interval: int = 5_000,
+        max_reconnect_attempts: int = 5,
+        enable_logging: bool = False,
+        keepalive_interval: int = 30_000,
+        call_timeout: int = 30_000,
+        ca_file: str | None = None,
+        sender_key_reuse_ms: int = 0,
+    ) -> None:
+        given = [url] if isinstance(url, str) else list(url)
+        if not given:
+            raise errors.EnSyncValidationError("give at least one engine URL")
+        try:
+            self.urls: list[EngineUrl] = [
+                parse_engine_url(one, transport=self._transport_kind)  # type: ignore[arg-type]
+                for one in given
+            ]
+        except (ValueError, TypeError) as exc:
+            raise errors.EnSyncValidationError(str(exc)) from None
+        # The first URL; the others are where clients go when it fails.
+        self.url: EngineUrl = self.urls[0]
+        super().__init__(
+            reconnect_interval=reconnect_interval,
+            max_reconnect_attempts=max_reconnect_attempts,
+            enable_logging=enable_logging,
+            keepalive_interval=keepalive_interval,
+            call_timeout=call_timeout,
+            sender_key_reuse_ms=sender_key_reuse_ms,
+        )
+        self._root_certificates: bytes | None = None
+        if ca_file is not None:
+            try:
+                with open(ca_file, "rb") as handle:
+                    self._root_certificates = handle.read()
+            except OSError as exc:
+                raise errors.EnSyncValidationError(
+                    f"cannot read CA file {ca_file!r}: {exc}"
+                ) from None
+
+    @abstractmethod
+    def _make_transport(self, url: EngineUrl) -> ClientTransport:
+        """A fresh, unconnected transport to ``url``."""
+
+    def _connectors(self) -> Sequence[Callable[[], ClientTransport]]:
+        return [functools.partial(self._make_transport, url) for url in self.urls]
+
+
+class EnSyncEngine(NetworkEngine):
     """The EnSync engine over gRPC.
 
     Args:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
+
+from ensync.client.tasks import TaskOwner
 
 __all__ = ["EVENTS", "EventEmitter", "EventName"]
 
@@ -17,11 +18,15 @@ EVENTS: tuple[EventName, ...] = ("disconnect", "reconnect", "error")
 
 
 class EventEmitter:
-    """Calls listeners (plain functions or coroutine functions) on events."""
+    """Calls listeners (plain functions or coroutine functions) on events.
+
+    A coroutine listener runs as a task the emitter owns: `close` cancels
+    and awaits those still running.
+    """
 
     def __init__(self) -> None:
         self._listeners: dict[str, list[Callable[..., Any]]] = {name: [] for name in EVENTS}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = TaskOwner()
 
     def on(self, event: EventName, callback: Callable[..., Any]) -> Callable[[], None]:
         """Register ``callback``; returns a function that removes it."""
@@ -36,6 +41,7 @@ class EventEmitter:
         return remove
 
     def has_listeners(self, event: EventName) -> bool:
+        """Whether anyone listens to ``event``."""
         return bool(self._listeners[event])
 
     def emit(self, event: EventName, *args: Any) -> None:
@@ -44,13 +50,24 @@ class EventEmitter:
             try:
                 result = callback(*args)
                 if inspect.isawaitable(result):
-                    task = asyncio.ensure_future(result)
-                    self._tasks.add(task)
-                    task.add_done_callback(self._done)
+                    started = self._tasks.start(
+                        _listen(event, result), name=f"ensync-{event}-listener"
+                    )
+                    if started is None and inspect.iscoroutine(result):
+                        result.close()  # closed emitter: the listener does not run
             except Exception:  # isolation boundary: user code
                 log.exception("%s listener failed", event)
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("event listener failed", exc_info=task.exception())
+    async def close(self) -> None:
+        """Cancel the listeners still running and wait for them.
+
+        Later events call plain listeners only.
+        """
+        await self._tasks.close()
+
+
+async def _listen(event: str, listener: Awaitable[Any]) -> None:
+    try:
+        await listener
+    except Exception:  # isolation boundary: user code
+        log.exception("%s listener failed", event)

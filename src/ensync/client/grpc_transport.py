@@ -1,8 +1,11 @@
 """The SDK's gRPC transport (grpcio, asyncio API).
 
-One channel per connection; one Subscribe stream per subscribed name, read
-by a task this transport owns. The channel announces itself with an
-``ensync-python/<version>`` user agent so the engine sends Replay data in
+One channel per connection. With ensync's batched session (the
+``EnSyncSession/Session`` method, `ensync.client.grpc_link`) publishes, settlements
+and deliveries travel on it; without one, each is a unary call of
+``EnSyncService``. Either way there is one Subscribe stream per subscribed
+name, read by a task this transport owns. The channel announces itself with
+an ``ensync-python/<version>`` user agent so the engine sends Replay data in
 the JSON form (the bare-payload form is kept for ``grpc-python`` clients,
 PROTOCOL.md §2.7).
 """
@@ -13,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -20,25 +24,16 @@ import grpc
 from ensync import errors
 from ensync._proto import ensync_pb2 as pb
 from ensync._version import __version__
-from ensync.client.limiter import CallLimiter, LimiterStatistics
-from ensync.client.session import (
-    SUBSCRIPTION_CREDIT,
-    SessionObserving,
-    SessionStream,
-    open_grpc_session,
-)
-from ensync.client.transport import (
-    ConnectInfo,
-    Delivery,
-    LostCallback,
-    WireReplay,
-    digits,
-)
+from ensync.client.grpc_link import open_grpc_session
+from ensync.client.session import SessionStream
+from ensync.client.tasks import TaskOwner
+from ensync.client.transport import ConnectInfo, SettleKind, Settlement, WireReplay, digits
+from ensync.client.wire import DEFAULT_MAX_IN_FLIGHT, Authenticated, WireTransport
 from ensync.protocol.errors import UNKNOWN_SESSION
 from ensync.protocol.records import from_replay_json, from_stream_response
 from ensync.protocol.urls import EngineUrl
 
-__all__ = ["USER_AGENT", "GrpcClientTransport"]
+__all__ = ["DEFAULT_MAX_IN_FLIGHT", "USER_AGENT", "GrpcClientTransport", "max_in_flight"]
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +49,6 @@ _LINK_STATUSES = {
     grpc.StatusCode.INTERNAL,
 }
 
-# Unary calls on the wire at once when the engine does not say how many
-# streams a connection may open: below HTTP/2's recommended minimum of 100.
-DEFAULT_MAX_IN_FLIGHT = 64
 # Streams kept free for heartbeats (which bypass the limiter) and for
 # subscriptions opened while calls are in flight.
 _RESERVED_STREAMS = 8
@@ -68,8 +60,11 @@ class _StillRefusedError(Exception):
 
 
 def _refused(exc: grpc.aio.AioRpcError) -> bool:
-    """The engine refused the stream (HTTP/2 REFUSED_STREAM): it never saw the
-    request, so sending it again is always safe (RFC 9113 §8.7)."""
+    """Whether the engine refused the stream (HTTP/2 REFUSED_STREAM).
+
+    It then never saw the request, so sending it again is always safe
+    (RFC 9113 §8.7).
+    """
     if exc.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     details = exc.details() or ""
@@ -77,8 +72,11 @@ def _refused(exc: grpc.aio.AioRpcError) -> bool:
 
 
 def max_in_flight(server_config: dict[str, str] | Any) -> int:
-    """How many unary calls to keep on the wire, from the engine's advertised
-    ``max_concurrent_streams`` less the streams its subscriptions may hold."""
+    """How many unary calls to keep on the wire.
+
+    The engine's advertised ``max_concurrent_streams``, less the streams its
+    subscriptions may hold.
+    """
     streams = str(server_config.get("max_concurrent_streams", ""))
     subscriptions = str(server_config.get("max_subscriptions_per_client", ""))
     if not streams.isdigit():
@@ -87,7 +85,67 @@ def max_in_flight(server_config: dict[str, str] | Any) -> int:
     return max(1, int(streams) - reserved - _RESERVED_STREAMS)
 
 
-class GrpcClientTransport(SessionObserving):
+@dataclass(frozen=True, slots=True)
+class _UnarySettle:
+    """How one settlement kind is sent without the session, and what it answers."""
+
+    method: str
+    response: Any
+    request: Callable[[str, Settlement], Any]
+    answer: Callable[[Any], int | None]
+
+
+_SETTLES = {
+    SettleKind.ACK: _UnarySettle(
+        "AcknowledgeMessage",
+        pb.AcknowledgeResponse,
+        lambda client, s: pb.AcknowledgeRequest(
+            client_id=client, message_idem=s.idem, message_name=s.name, partition_block=s.block
+        ),
+        lambda response: None,
+    ),
+    SettleKind.DEFER: _UnarySettle(
+        "DeferMessage",
+        pb.DeferResponse,
+        lambda client, s: pb.DeferRequest(
+            client_id=client,
+            message_idem=s.idem,
+            message_name=s.name,
+            delay_ms=s.delay_ms,
+            reason=s.reason,
+        ),
+        lambda response: int(response.delivery_time),
+    ),
+    SettleKind.DISCARD: _UnarySettle(
+        "DiscardMessage",
+        pb.DiscardResponse,
+        lambda client, s: pb.DiscardRequest(
+            client_id=client, message_idem=s.idem, message_name=s.name, reason=s.reason
+        ),
+        lambda response: None,
+    ),
+    SettleKind.EXTEND: _UnarySettle(
+        "ExtendMessage",
+        pb.ExtendResponse,
+        lambda client, s: pb.ExtendRequest(
+            client_id=client, message_idem=s.idem, message_name=s.name
+        ),
+        lambda response: int(response.deadline),
+    ),
+    SettleKind.RELEASE: _UnarySettle(
+        "ReleaseMessage",
+        pb.ReleaseResponse,
+        lambda client, s: pb.ReleaseRequest(
+            client_id=client, message_idem=s.idem, message_name=s.name, reason=s.reason
+        ),
+        lambda response: (
+            int(response.delivery_time) if response.message != "dead-lettered" else None
+        ),
+    ),
+}
+
+
+class GrpcClientTransport(WireTransport):
     """A `ClientTransport` over gRPC.
 
     Args:
@@ -103,6 +161,7 @@ class GrpcClientTransport(SessionObserving):
         call_timeout_s: float = 30.0,
         root_certificates: bytes | None = None,
     ) -> None:
+        super().__init__(call_timeout_s=call_timeout_s)
         options: list[tuple[str, Any]] = [
             ("grpc.primary_user_agent", USER_AGENT),
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -119,17 +178,9 @@ class GrpcClientTransport(SessionObserving):
             self._channel = grpc.aio.secure_channel(url.target, creds, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(url.target, options=options)
-        self._timeout = call_timeout_s
-        self._client_id = ""
-        self._streams: dict[str, tuple[grpc.aio.UnaryStreamCall[Any, Any], asyncio.Task[None]]] = {}
-        self._lost: LostCallback | None = None
-        self._closed = False
-        self._lost_reported = False
-        self._limiter = CallLimiter(DEFAULT_MAX_IN_FLIGHT)
-        # ensync's batched session stream, when the engine has one (session.py).
-        self._batched: SessionStream | None = None
-        self._delivers: dict[str, Callable[[Delivery], None]] = {}
-        self.use_session = True
+        # One Subscribe stream per name, each read by a task of ours.
+        self._streams: dict[str, grpc.aio.UnaryStreamCall[Any, Any]] = {}
+        self._tasks = TaskOwner()
         ch = self._channel
 
         def unary(method: str, resp: Any) -> grpc.aio.UnaryUnaryMultiCallable[Any, Any]:
@@ -143,32 +194,17 @@ class GrpcClientTransport(SessionObserving):
         self._heartbeat = unary("Heartbeat", pb.HeartbeatResponse)
         self._publish = unary("PublishMessage", pb.PublishMessageResponse)
         self._unsubscribe = unary("Unsubscribe", pb.UnsubscribeResponse)
-        self._ack = unary("AcknowledgeMessage", pb.AcknowledgeResponse)
-        self._defer = unary("DeferMessage", pb.DeferResponse)
-        self._discard = unary("DiscardMessage", pb.DiscardResponse)
+        self._settles = {kind: unary(how.method, how.response) for kind, how in _SETTLES.items()}
         self._replay = unary("ReplayMessage", pb.ReplayResponse)
         self._pause = unary("PauseMessages", pb.PauseResponse)
         self._continue = unary("ContinueMessages", pb.ContinueResponse)
-        self._extend = unary("ExtendMessage", pb.ExtendResponse)
-        self._release = unary("ReleaseMessage", pb.ReleaseResponse)
         self._subscribe: grpc.aio.UnaryStreamMultiCallable[Any, Any] = ch.unary_stream(
             _SERVICE + "Subscribe",
             request_serializer=lambda m: m.SerializeToString(),
             response_deserializer=pb.MessageStreamResponse.FromString,
         )
 
-    @property
-    def client_id(self) -> str:
-        return self._client_id
-
-    def on_lost(self, callback: LostCallback) -> None:
-        self._lost = callback
-
-    def statistics(self) -> LimiterStatistics:
-        """Calls on the wire and calls waiting for a free stream."""
-        return self._limiter.statistics()
-
-    # ------------------------------------------------------------------ calls
+    # ------------------------------------------------------------------ unary calls
 
     async def _call(
         self,
@@ -252,7 +288,9 @@ class GrpcClientTransport(SessionObserving):
             return errors.EnSyncAuthError(details)
         return error(details)
 
-    async def connect(self, app_key: str) -> ConnectInfo:
+    # ------------------------------------------------------------------ WireTransport
+
+    async def _authenticate(self, app_key: str) -> Authenticated:
         response = await self._call(
             self._connect,
             pb.ConnectRequest(access_key=app_key),
@@ -261,26 +299,102 @@ class GrpcClientTransport(SessionObserving):
         )
         if not response.success:
             raise errors.EnSyncAuthError(f"Authentication failed: {response.error_message}")
-        self._client_id = response.client_id
-        self._limiter.resize(max_in_flight(response.server_config))
-        if self.use_session:
-            self._batched = await open_grpc_session(
-                self._channel,
-                self._client_id,
-                timeout_s=self._timeout,
-                route=self._delivers.get,
-                lost=self._report_lost,
-            )
         config = response.server_config
-        return ConnectInfo(
+        info = ConnectInfo(
             response.client_id,
             response.client_hash,
             digits(config.get("ack_deadline_ms", "")),
             digits(config.get("max_payload_bytes", "")),
             config.get("app_id") or None,
         )
+        # Every ensync engine may have the session: asking is how to know.
+        return Authenticated(info, max_in_flight(config), offers_session=True)
+
+    async def _open_session(self) -> SessionStream | None:
+        return await open_grpc_session(self._channel, self._start_session)
+
+    async def _publish_unbatched(
+        self, name: str, recipient: str, payload: str, metadata: str, payload_metadata: str | None
+    ) -> str:
+        request = pb.PublishMessageRequest(
+            client_id=self._client_id,
+            message_name=name,
+            payload=payload,
+            delivery_to=recipient,
+            metadata=metadata,
+        )
+        if payload_metadata is not None:
+            request.payload_metadata = payload_metadata
+        response = await self._call(self._publish, request, errors.EnSyncPublishError)
+        if not response.success:
+            raise errors.EnSyncPublishError(response.error_message)
+        return str(response.message_idem)
+
+    async def _settle_unbatched(self, settlement: Settlement) -> int | None:
+        how = _SETTLES[settlement.kind]
+        request = how.request(self._client_id, settlement)
+        response = await self._call(self._settles[settlement.kind], request, settlement.error)
+        if not response.success:
+            raise settlement.error(response.message)
+        return how.answer(response)
+
+    async def _subscribe_wire(self, name: str) -> None:
+        call = self._subscribe(pb.SubscribeRequest(client_id=self._client_id, message_name=name))
+        # Wait for the engine to accept the stream (or refuse it) so that a
+        # bad name or session fails here, not later in the reader task.
+        try:
+            await call.wait_for_connection()
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(exc, errors.EnSyncSubscriptionError) from exc
+        old = self._streams.pop(name, None)
+        self._streams[name] = call
+        self._tasks.start(self._read(name, call), name=f"ensync-stream-{name}")
+        if old is not None:
+            old.cancel()
+
+    async def _read(self, name: str, call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+        try:
+            async for item in call:
+                deliver = self._routes.get(name)
+                if deliver is not None:
+                    deliver(
+                        from_stream_response(
+                            item, name=name, received_at_ms=time.time_ns() // 1_000_000
+                        )
+                    )
+        except grpc.aio.AioRpcError as exc:
+            replaced = self._streams.get(name) is not call
+            if exc.code() == grpc.StatusCode.CANCELLED and (self._closed or replaced):
+                return
+            self._report_lost(self._translate(exc, errors.EnSyncSubscriptionError))
+            return
+        # The engine ended the stream without an error: our session is over.
+        if not self._closed and self._streams.get(name) is call:
+            self._report_lost(errors.EnSyncConnectionError(f"the engine ended the {name} stream"))
+
+    async def _unsubscribe_wire(self, name: str) -> None:
+        response = await self._call(
+            self._unsubscribe,
+            pb.UnsubscribeRequest(client_id=self._client_id, message_name=name),
+            errors.EnSyncSubscriptionError,
+        )
+        if not response.success:
+            raise errors.EnSyncSubscriptionError(response.message)
+        call = self._streams.pop(name, None)
+        if call is not None:
+            call.cancel()  # its reader ends by itself
+
+    async def _close_wire(self) -> None:
+        for call in self._streams.values():
+            call.cancel()
+        self._streams.clear()
+        await self._tasks.close()
+        await self._channel.close()
+
+    # ------------------------------------------------------------------ calls
 
     async def heartbeat(self) -> None:
+        """Prove liveness; raises EnSyncConnectionError if the session is gone."""
         response = await self._call(
             self._heartbeat,
             pb.HeartbeatRequest(client_id=self._client_id),
@@ -291,170 +405,8 @@ class GrpcClientTransport(SessionObserving):
         if not response.success:
             raise errors.EnSyncConnectionError("the engine no longer knows this client")
 
-    async def publish(
-        self,
-        name: str,
-        recipient: str,
-        payload: str,
-        metadata: str,
-        payload_metadata: str | None,
-    ) -> str:
-        request = pb.PublishMessageRequest(
-            client_id=self._client_id,
-            message_name=name,
-            payload=payload,
-            delivery_to=recipient,
-            metadata=metadata,
-        )
-        if self._batched is not None:
-            return await self._batched.publish_checked(
-                name, recipient, payload, metadata, payload_metadata
-            )
-        if payload_metadata is not None:
-            request.payload_metadata = payload_metadata
-        response = await self._call(self._publish, request, errors.EnSyncPublishError)
-        if not response.success:
-            raise errors.EnSyncPublishError(response.error_message)
-        return str(response.message_idem)
-
-    async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
-        if self._closed:
-            raise errors.EnSyncConnectionError("the connection is closed")
-        call = self._subscribe(pb.SubscribeRequest(client_id=self._client_id, message_name=name))
-        # Wait for the engine to accept the stream (or refuse it) so that a
-        # bad name or session fails here, not later in the reader task.
-        try:
-            await call.wait_for_connection()
-        except grpc.aio.AioRpcError as exc:
-            raise self._translate(exc, errors.EnSyncSubscriptionError) from exc
-        task = asyncio.get_running_loop().create_task(
-            self._read(name, call, deliver), name=f"ensync-stream-{name}"
-        )
-        old = self._streams.pop(name, None)
-        self._streams[name] = (call, task)
-        self._delivers[name] = deliver
-        if self._batched is not None and self._batched.deliveries:
-            self._batched.credit(name, SUBSCRIPTION_CREDIT)
-        if old is not None:
-            old[0].cancel()
-
-    async def _read(
-        self,
-        name: str,
-        call: grpc.aio.UnaryStreamCall[Any, Any],
-        deliver: Callable[[Delivery], None],
-    ) -> None:
-        try:
-            async for item in call:
-                deliver(
-                    from_stream_response(
-                        item, name=name, received_at_ms=time.time_ns() // 1_000_000
-                    )
-                )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED and self._closed:
-                return
-            if (
-                exc.code() == grpc.StatusCode.CANCELLED
-                and self._streams.get(name, (None,))[0] is not call
-            ):
-                return
-            self._report_lost(self._translate(exc, errors.EnSyncSubscriptionError))
-            return
-        except asyncio.CancelledError:
-            raise
-        # The engine ended the stream without an error: our session is over.
-        current = self._streams.get(name)
-        if not self._closed and current is not None and current[0] is call:
-            self._report_lost(errors.EnSyncConnectionError(f"the engine ended the {name} stream"))
-
-    def _report_lost(self, exc: BaseException) -> None:
-        if self._closed or self._lost_reported:
-            return
-        self._lost_reported = True
-        if self._lost is not None:
-            self._lost(exc)
-
-    async def unsubscribe(self, name: str) -> None:
-        response = await self._call(
-            self._unsubscribe,
-            pb.UnsubscribeRequest(client_id=self._client_id, message_name=name),
-            errors.EnSyncSubscriptionError,
-        )
-        if not response.success:
-            raise errors.EnSyncSubscriptionError(response.message)
-        self._delivers.pop(name, None)
-        entry = self._streams.pop(name, None)
-        if entry is not None:
-            entry[0].cancel()
-
-    def consumed(self, name: str) -> None:
-        if self._batched is not None and self._batched.deliveries and name in self._delivers:
-            self._batched.credit(name, 1)
-
-    def ack_soon(
-        self, name: str, idem: str, block: int, failed: Callable[[errors.EnSyncError], None]
-    ) -> asyncio.Future[Any] | None:
-        return self._batched.ack_soon(name, idem, failed) if self._batched is not None else None
-
-    async def ack(self, name: str, idem: str, block: int) -> None:
-        if self._batched is not None:
-            await self._batched.ack(name, idem)
-            return
-        request = pb.AcknowledgeRequest(
-            client_id=self._client_id, message_idem=idem, message_name=name, partition_block=block
-        )
-        response = await self._call(self._ack, request, errors.EnSyncAckError)
-        if not response.success:
-            raise errors.EnSyncAckError(response.message)
-
-    async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
-        if self._batched is not None:
-            return await self._batched.defer(name, idem, delay_ms, reason)
-        request = pb.DeferRequest(
-            client_id=self._client_id,
-            message_idem=idem,
-            message_name=name,
-            delay_ms=delay_ms,
-            reason=reason,
-        )
-        response = await self._call(self._defer, request, errors.EnSyncDeferError)
-        if not response.success:
-            raise errors.EnSyncDeferError(response.message)
-        return int(response.delivery_time)
-
-    async def discard(self, name: str, idem: str, reason: str) -> None:
-        if self._batched is not None:
-            await self._batched.discard(name, idem, reason)
-            return
-        request = pb.DiscardRequest(
-            client_id=self._client_id, message_idem=idem, message_name=name, reason=reason
-        )
-        response = await self._call(self._discard, request, errors.EnSyncDiscardError)
-        if not response.success:
-            raise errors.EnSyncDiscardError(response.message)
-
-    async def extend(self, name: str, idem: str) -> int:
-        if self._batched is not None:
-            return await self._batched.extend(name, idem)
-        request = pb.ExtendRequest(client_id=self._client_id, message_idem=idem, message_name=name)
-        response = await self._call(self._extend, request, errors.EnSyncAckError)
-        if not response.success:
-            raise errors.EnSyncAckError(response.message)
-        return int(response.deadline)
-
-    async def release(self, name: str, idem: str, reason: str) -> int | None:
-        if self._batched is not None:
-            return await self._batched.release(name, idem, reason)
-        request = pb.ReleaseRequest(
-            client_id=self._client_id, message_idem=idem, message_name=name, reason=reason
-        )
-        response = await self._call(self._release, request, errors.EnSyncAckError)
-        if not response.success:
-            raise errors.EnSyncAckError(response.message)
-        return int(response.delivery_time) if response.message != "dead-lettered" else None
-
     async def replay(self, name: str, idem: str) -> WireReplay:
+        """Read a message of the app back by idem."""
         request = pb.ReplayRequest(client_id=self._client_id, message_idem=idem, message_name=name)
         response = await self._call(self._replay, request, errors.EnSyncReplayError)
         if not response.success:
@@ -466,30 +418,15 @@ class GrpcClientTransport(SessionObserving):
         return WireReplay(message, info)
 
     async def pause(self, name: str, reason: str) -> None:
+        """No new deliveries of ``name`` until `resume`."""
         request = pb.PauseRequest(client_id=self._client_id, message_name=name, reason=reason)
         response = await self._call(self._pause, request, errors.EnSyncPauseError)
         if not response.success:
             raise errors.EnSyncPauseError(response.message)
 
     async def resume(self, name: str) -> None:
+        """Undo `pause`."""
         request = pb.ContinueRequest(client_id=self._client_id, message_name=name)
         response = await self._call(self._continue, request, errors.EnSyncContinueError)
         if not response.success:
             raise errors.EnSyncContinueError(response.message)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
-        if self._batched is not None:
-            await self._batched.close()
-        streams = list(self._streams.values())
-        self._streams.clear()
-        for call, _ in streams:
-            call.cancel()
-        for _, task in streams:
-            task.cancel()
-        if streams:
-            await asyncio.gather(*(task for _, task in streams), return_exceptions=True)
-        await self._channel.close()

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from ensync import errors
+from ensync.client.tasks import TaskOwner
 
 __all__ = ["LeaseKeeper"]
 
@@ -49,16 +50,15 @@ class LeaseKeeper:
         self._extend = extend
         self._now = now or asyncio.get_running_loop().time
         self._leased_at: dict[str, float] = {}
-        self._task: asyncio.Task[None] | None = None
+        # The one task extending leases, while there are any to extend.
+        self._tasks = TaskOwner()
         self.extended = 0
 
     def hold(self, idem: str) -> None:
         """Keep ``idem`` leased from now on (it was just delivered)."""
         self._leased_at[idem] = self._now()
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name="ensync-lease-keeper"
-            )
+        if not self._tasks and not self._tasks.closed:
+            self._tasks.start(self._run(), name="ensync-lease-keeper")
 
     def drop(self, idem: str) -> None:
         """Stop extending ``idem`` (settled, given back, or no longer ours)."""
@@ -73,10 +73,7 @@ class LeaseKeeper:
     async def close(self) -> None:
         """Stop extending anything; idempotent."""
         self._leased_at.clear()
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await self._tasks.close()
 
     def due(self) -> list[str]:
         """Idems whose last lease is an interval old or older."""
@@ -84,8 +81,10 @@ class LeaseKeeper:
         return [idem for idem, at in self._leased_at.items() if now - at >= self.interval_s]
 
     async def extend_due(self) -> None:
-        """Extend every due lease once, concurrently; a refused one is let go
-        (the engine no longer counts it as ours)."""
+        """Extend every due lease once, concurrently.
+
+        A refused one is let go (the engine no longer counts it as ours).
+        """
         due = self.due()
         if not due:
             return

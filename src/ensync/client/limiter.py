@@ -36,8 +36,7 @@ class LimiterStatistics:
 
 
 class CallLimiter:
-    """At most ``limit`` calls at once; the rest wait their turn, first come
-    first served.
+    """At most ``limit`` calls at once; the rest wait their turn, first come first served.
 
     For example:
 
@@ -62,19 +61,24 @@ class CallLimiter:
         self._wake()
 
     def statistics(self) -> LimiterStatistics:
+        """The bound, the calls in flight and the calls waiting."""
         return LimiterStatistics(self._limit, self._in_flight, len(self._waiters))
 
     def try_acquire(self) -> bool:
-        """Take a slot if one is free right now (nobody waiting); the caller
-        must `release` it. The fast path of `slot`."""
+        """Take a slot if one is free right now (nobody waiting).
+
+        The caller must `release` it. The fast path of `slot`.
+        """
         if self._closed is None and self._in_flight < self._limit and not self._waiters:
             self._in_flight += 1
             return True
         return False
 
     async def acquire(self) -> None:
-        """Wait for a slot (see `slot` for what may be raised); the
-        caller must `release` it."""
+        """Wait for a slot (see `slot` for what may be raised).
+
+        The caller must `release` it.
+        """
         await self._acquire()
 
     def release(self) -> None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
 from ensync import errors
-from ensync.client.subscription import open_message
+from ensync.client.messages import open_message
 from ensync.client.transport import Delivery
 from ensync.crypto import OpeningKey
 from ensync.models import Message
@@ -57,6 +57,7 @@ class Observation:
     # ------------------------------------------------------------------ Observer
 
     def copied(self, delivery: Delivery) -> None:
+        """One copy arrived (kept for the iteration, or counted in ``missed``)."""
         if self._closed:
             return
         if len(self._waiting) >= MAX_WAITING:
@@ -66,6 +67,7 @@ class Observation:
         self._arrived.set()
 
     def dropped(self, count: int) -> None:
+        """The engine dropped ``count`` copies for this client."""
         self.missed += count
 
     def fail(self, error: errors.EnSyncError) -> None:

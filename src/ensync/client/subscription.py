@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
-import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,22 +28,14 @@ from typing import Any, Protocol
 
 from ensync import errors
 from ensync.client.leases import LeaseKeeper
-from ensync.client.transport import ClientTransport, Delivery
+from ensync.client.messages import open_message, replayed
+from ensync.client.tasks import TaskOwner
+from ensync.client.transport import ClientTransport, Delivery, SettleKind, Settlement
 from ensync.client.typed import from_payload
-from ensync.crypto import OpeningKey, open_envelope, parse_envelope
-from ensync.models import Message, ReplayInfo
-from ensync.protocol.records import ReplayInfo as WireReplayInfo
-from ensync.protocol.records import metadata_object, split_replay_info
+from ensync.crypto import OpeningKey
+from ensync.models import Message
 
-__all__ = [
-    "Handler",
-    "Subscription",
-    "SubscriptionLink",
-    "SubscriptionStatistics",
-    "open_message",
-    "open_payload_of",
-    "replayed",
-]
+__all__ = ["Handler", "Subscription", "SubscriptionLink", "SubscriptionStatistics"]
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +70,17 @@ class SubscriptionLink(Protocol):
         """The live transport; raises EnSyncConnectionError while the link is down."""
         ...
 
-    async def pause(self, name: str, reason: str) -> None: ...
+    async def pause(self, name: str, reason: str) -> None:
+        """Pause ``name`` for the client (and after a reconnect)."""
+        ...
 
-    async def resume(self, name: str) -> None: ...
+    async def resume(self, name: str) -> None:
+        """Resume ``name`` for the client."""
+        ...
 
-    async def unsubscribe(self, name: str) -> None: ...
+    async def unsubscribe(self, name: str) -> None:
+        """Unsubscribe the client from ``name``."""
+        ...
 
     def report(self, error: errors.EnSyncError) -> None:
         """Tell the application (``error`` listeners) about a failure."""
@@ -147,20 +144,25 @@ class Subscription:
         self._consumers = asyncio.Event()  # set while handlers or iterators exist
         self._iterators = 0
         self._waiting_iterators = 0  # iterators waiting for a message right now
-        self._for_iterators: asyncio.Queue[Message] = asyncio.Queue()
+        # Messages for ``async for`` loops; None wakes a loop to look again.
+        self._for_iterators: asyncio.Queue[Message | None] = asyncio.Queue()
         self._closed = False
         # Set by close: no new message is taken up; the one in hand finishes.
         self._closing = False
-        self._closed_event = asyncio.Event()
+        # Set by close and by a failed connection: loops end once the queue is empty.
+        self._ended = False
         # Set when the client's connection failed for good: iterators raise it.
         self._failure: errors.EnSyncError | None = None
+        # Acks sent without a coroutine (the transport's futures).
         self._acks: set[asyncio.Future[Any]] = set()
         # Messages in a handler or loop body now; True once that code acked,
         # deferred or discarded it itself (then auto-ack must not undo it).
         self._in_hand: dict[str, bool] = {}
-        self._task = asyncio.get_running_loop().create_task(
-            self._dispatch(), name=f"ensync-subscription-{name}"
-        )
+        # The dispatcher, and settlements sent in the background.
+        self._tasks = TaskOwner()
+        task = self._tasks.start(self._dispatch(), name=f"ensync-subscription-{name}")
+        assert task is not None  # a new owner takes tasks
+        self._task = task
 
     # ------------------------------------------------------------------ consuming
 
@@ -199,22 +201,17 @@ class Subscription:
             while not self._closed:
                 if self._handlers:
                     raise errors.EnSyncSubscriptionError(_BOTH_WAYS.format(name=self.name))
-                getter = asyncio.ensure_future(self._for_iterators.get())
-                closed = asyncio.ensure_future(self._closed_event.wait())
-                self._waiting_iterators += 1
-                try:
-                    done, _ = await asyncio.wait(
-                        {getter, closed}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    self._waiting_iterators -= 1
-                closed.cancel()
-                if getter not in done:
-                    getter.cancel()
+                if self._ended and self._for_iterators.empty():
                     if self._failure is not None:
                         raise self._failure
                     return
-                message = getter.result()
+                self._waiting_iterators += 1
+                try:
+                    message = await self._for_iterators.get()
+                finally:
+                    self._waiting_iterators -= 1
+                if message is None:
+                    continue  # woken: look again
                 self._in_hand[message.idem] = False
                 try:
                     yield message
@@ -235,16 +232,24 @@ class Subscription:
             self._consumers.clear()
 
     def fail(self, error: errors.EnSyncError) -> None:
-        """The client's connection failed for good: nothing more arrives, and
-        ``async for`` loops raise ``error`` (handlers hear of it through the
-        engine's ``"error"`` listeners)."""
+        """The client's connection failed for good: nothing more arrives.
+
+        ``async for`` loops raise ``error``; handlers hear of it through the
+        engine's ``"error"`` listeners.
+        """
         if self._closed:
             return
         self._failure = error
         self._closing = True
         self._arrived.set()
         self._consumers.set()
-        self._closed_event.set()
+        self._end_iterations()
+
+    def _end_iterations(self) -> None:
+        """Loops waiting for a message look again, and end."""
+        self._ended = True
+        for _ in range(self._waiting_iterators):
+            self._for_iterators.put_nowait(None)
 
     def _deliver(self, wire: Delivery) -> None:
         """Called by the transport's reader for every delivery, in order."""
@@ -257,7 +262,7 @@ class Subscription:
             self._keeper.hold(wire.idem)
 
     async def _extend(self, idem: str) -> object:
-        return await self._link.transport().extend(self.name, idem)
+        return await self._link.transport().settle(Settlement(SettleKind.EXTEND, self.name, idem))
 
     def _let_go(self, idem: str) -> None:
         if self._keeper is not None:
@@ -279,7 +284,8 @@ class Subscription:
             except _DoesNotFit as exc:
                 # Delivering it again cannot help: to the dead letters at once.
                 self._let_go(wire.idem)
-                self._background(self._discard_quietly(wire.idem, exc.reason))
+                discard = Settlement(SettleKind.DISCARD, self.name, wire.idem, reason=exc.reason)
+                self._settle_in_background(discard, report=True)
                 self._link.report(exc)
                 continue
             except errors.EnSyncMessageError as exc:
@@ -318,52 +324,35 @@ class Subscription:
         if settled:
             return  # the handler acked, deferred or discarded it itself
         if failure is not None:
-            self._background(self._release(message, repr(failure)[:200]))
+            release = Settlement(
+                SettleKind.RELEASE, self.name, message.idem, reason=repr(failure)[:200]
+            )
+            # Not reported if it fails: the lease then simply runs out, and
+            # the engine redelivers anyway.
+            self._settle_in_background(release, report=False)
         elif self.auto_ack:
             self._auto_ack(message)
-
-    async def _release(self, message: Message, reason: str) -> None:
-        try:
-            await self._link.transport().release(self.name, message.idem, reason)
-        except errors.EnSyncError as exc:
-            # The lease then simply runs out; the engine redelivers anyway.
-            log.debug("could not give back %s: %s", message.idem, exc)
-
-    def _background(self, work: Awaitable[None]) -> None:
-        async def run() -> None:
-            await work
-
-        task = asyncio.get_running_loop().create_task(run())
-        self._acks.add(task)
-        task.add_done_callback(self._acks.discard)
 
     def _auto_ack(self, message: Message) -> None:
         # Acks are pipelined: the next message is handled while this ack is
         # on the wire, so throughput is not bound by the ack round trip.
+        ack = Settlement(SettleKind.ACK, self.name, message.idem, message.block)
         try:
-            sent = self._link.transport().ack_soon(
-                self.name, message.idem, message.block, self._link.report
-            )
+            sent = self._link.transport().settle_soon(ack, self._link.report)
         except errors.EnSyncError as exc:
             self._link.report(exc)
             return
         if sent is None:
-            self._background(self._ack_quietly(message))
+            self._settle_in_background(ack, report=True)
             return
         self._acks.add(sent)
         sent.add_done_callback(self._acks.discard)
 
-    async def _discard_quietly(self, idem: str, reason: str) -> None:
-        try:
-            await self._link.transport().discard(self.name, idem, reason)
-        except errors.EnSyncError as exc:
-            self._link.report(exc)
-
-    async def _ack_quietly(self, message: Message) -> None:
-        try:
-            await self.ack(message.idem, message.block)
-        except errors.EnSyncError as exc:
-            self._link.report(exc)
+    def _settle_in_background(self, settlement: Settlement, *, report: bool) -> None:
+        self._tasks.start(
+            _settle_quietly(self._link, settlement, report=report),
+            name=f"ensync-{settlement.kind.value}-{self.name}",
+        )
 
     def _open(self, wire: Delivery) -> Message:
         message = open_message(wire, self._key)
@@ -381,7 +370,7 @@ class Subscription:
     async def ack(self, idem: str, block: int) -> None:
         """Acknowledge a message: it is done and will not be delivered again."""
         self._settling(idem)
-        await self._link.transport().ack(self.name, idem, block)
+        await self._link.transport().settle(Settlement(SettleKind.ACK, self.name, idem, block))
 
     async def defer(self, idem: str, delay_ms: int = 1000, reason: str = "") -> int:
         """Deliver the message again after ``delay_ms`` (0 … 86 400 000).
@@ -395,12 +384,15 @@ class Subscription:
                 f"delay_ms {delay_ms} is outside 0..{MAX_DEFER_MS} (24 hours)"
             )
         self._settling(idem)
-        return await self._link.transport().defer(self.name, idem, delay_ms, reason)
+        defer = Settlement(SettleKind.DEFER, self.name, idem, delay_ms=delay_ms, reason=reason)
+        when = await self._link.transport().settle(defer)
+        return when if when is not None else 0
 
     async def discard(self, idem: str, reason: str = "") -> None:
         """Drop the message for good; it goes to the app's dead-letter list."""
         self._settling(idem)
-        await self._link.transport().discard(self.name, idem, reason)
+        discard = Settlement(SettleKind.DISCARD, self.name, idem, reason=reason)
+        await self._link.transport().settle(discard)
 
     def _settling(self, idem: str) -> None:
         # Settled by the code handling it: its auto-ack (or release) is skipped.
@@ -432,8 +424,10 @@ class Subscription:
             await self._close(drain_timeout_s)
 
     async def _close(self, drain_timeout_s: float = 0.0) -> None:
-        """Stop taking up messages; let the handler in hand finish (up to
-        ``drain_timeout_s``), then wait for the acks (and give-backs) it sent.
+        """Stop taking up messages, and let what is under way finish.
+
+        The handler in hand may finish (up to ``drain_timeout_s``), then the
+        acks (and give-backs) it sent are waited for.
 
         Messages received but not yet handled stay unacked: the engine gives
         them to another client once this one's connection closes.
@@ -451,14 +445,15 @@ class Subscription:
                     drain_timeout_s,
                 )
         self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.wait([self._task])
         if self._keeper is not None:
             await self._keeper.close()
         self._closed = True
-        self._closed_event.set()
-        if self._acks:
-            # Acks already on the wire settle messages for good: let them land.
-            await asyncio.wait(list(self._acks), timeout=max(drain_timeout_s, 1.0))
+        self._end_iterations()
+        # Settlements already sent settle messages for good: let them land,
+        # then cancel what is still running.
+        await self._tasks.wait(max(drain_timeout_s, 1.0), *self._acks)
+        await self._tasks.close()
 
     def statistics(self) -> SubscriptionStatistics:
         """Buffered (not yet handled) messages, handlers, loops and kept leases."""
@@ -470,44 +465,15 @@ class Subscription:
         )
 
 
-def open_message(wire: Delivery, key: OpeningKey) -> Message:
-    """A delivery (or an observed copy, or a replay) decrypted; raises
-    EnSyncMessageError naming the message when that fails."""
-    return Message(
-        message_name=wire.name,
-        idem=wire.idem,
-        block=wire.block,
-        payload=open_payload_of(wire, key),
-        # gRPC replays carry no time: 0 stands for "not said".
-        timestamp=wire.created_at_ms or None,
-        metadata=split_replay_info(metadata_object(wire.metadata))[0],
-        sender=wire.sender,
-        attempt=wire.attempt,
-    )
+async def _settle_quietly(link: SubscriptionLink, settlement: Settlement, *, report: bool) -> None:
+    """Settle in the background.
 
-
-def replayed(message: Message, info: WireReplayInfo | None) -> Message:
-    """``message`` as a replay returns it, with the engine's replay information."""
-    return dataclasses.replace(
-        message,
-        replay_info=ReplayInfo(
-            is_replayed=True,
-            replay_timestamp=info.replayed_at_ms if info else None,
-            was_acknowledged=info.was_acknowledged if info else False,
-        ),
-    )
-
-
-def open_payload_of(wire: Delivery, key: OpeningKey) -> Any:
-    """The decrypted JSON payload of a delivery; raises EnSyncMessageError
-    naming the message when it cannot be decrypted or is not JSON."""
+    A failure goes to the error listeners (``report``) or to the debug log.
+    """
     try:
-        return json.loads(open_envelope(parse_envelope(wire.payload), key))
-    except errors.EnSyncMessageError as exc:
-        raise errors.EnSyncMessageError(
-            f"message {wire.idem} on {wire.name!r} cannot be decrypted: {exc.message}"
-        ) from exc
-    except ValueError as exc:
-        raise errors.EnSyncMessageError(
-            f"message {wire.idem} on {wire.name!r} is not JSON after decryption"
-        ) from exc
+        await link.transport().settle(settlement)
+    except errors.EnSyncError as exc:
+        if report:
+            link.report(exc)
+        else:
+            log.debug("could not %s %s: %s", settlement.kind.value, settlement.idem, exc)

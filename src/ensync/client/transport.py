@@ -1,8 +1,10 @@
-"""The seam between the SDK and a wire protocol.
+"""The seam between the SDK and an engine.
 
 A transport is one authenticated connection to an engine. The SDK's client,
 subscriptions and reconnection logic are written once over this protocol;
-`ensync.client.grpc` and the WebSocket transport implement it.
+the gRPC and WebSocket transports implement it over the network
+(`ensync.client.wire`), and `ensync.testing.MemoryTransport` over an engine
+in the same process.
 
 Transports raise only `ensync.errors` exceptions: an
 `EnSyncConnectionError` when the link is the problem,
@@ -12,19 +14,23 @@ the operation's own error class when the engine refused.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ensync.errors import EnSyncError
+from ensync import errors
 from ensync.protocol.records import Delivery, ReplayInfo
 
 __all__ = [
     "ClientTransport",
     "ConnectInfo",
+    "Deliver",
     "Delivery",
     "LostCallback",
     "Observer",
+    "SettleKind",
+    "Settlement",
     "WireReplay",
     "digits",
 ]
@@ -50,6 +56,49 @@ def digits(value: str) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+class SettleKind(enum.Enum):
+    """What a settlement does with a message in flight."""
+
+    ACK = "ack"  # done; kept for replay
+    DEFER = "defer"  # delivered again after ``delay_ms``
+    DISCARD = "discard"  # never delivered again; to the dead letters
+    EXTEND = "extend"  # the ack deadline moves out
+    RELEASE = "release"  # given back unsettled (its handler failed)
+
+
+_SETTLE_ERRORS: dict[SettleKind, type[errors.EnSyncError]] = {
+    SettleKind.ACK: errors.EnSyncAckError,
+    SettleKind.DEFER: errors.EnSyncDeferError,
+    SettleKind.DISCARD: errors.EnSyncDiscardError,
+    SettleKind.EXTEND: errors.EnSyncAckError,
+    SettleKind.RELEASE: errors.EnSyncAckError,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One message settled: what to do with it and the fields that kind uses.
+
+    The answer (`ClientTransport.settle`) is a time for ``DEFER`` (when it
+    is delivered again), ``EXTEND`` (the new ack deadline) and ``RELEASE``
+    (when it is delivered again, ``None`` if the engine dead-lettered it);
+    ``None`` for ``ACK`` and ``DISCARD``. All times are epoch milliseconds.
+    """
+
+    kind: SettleKind
+    name: str
+    idem: str
+    # The message's block: the official ack calls carry it.
+    block: int = 0
+    delay_ms: int = 0
+    reason: str = ""
+
+    @property
+    def error(self) -> type[errors.EnSyncError]:
+        """The error class of a refusal of this kind."""
+        return _SETTLE_ERRORS[self.kind]
+
+
 @dataclass(frozen=True, slots=True)
 class WireReplay:
     """A replayed message and the engine's replay information (if it sent any)."""
@@ -59,6 +108,7 @@ class WireReplay:
 
 
 LostCallback = Callable[[BaseException], None]
+Deliver = Callable[[Delivery], None]
 
 
 class Observer(Protocol):
@@ -74,19 +124,21 @@ class Observer(Protocol):
 
 
 class ClientTransport(Protocol):
-    """One connection to an engine. Create, ``connect``, use, ``close``."""
+    """One connection to an engine. Create, ``connect``, use, ``close``.
 
-    @property
-    def client_id(self) -> str:
-        """The id the engine issued at connect ("" before)."""
-        ...
+    Every call but ``connect`` is made after a successful ``connect``.
+    """
 
-    async def connect(self, app_key: str) -> ConnectInfo:
-        """Open the link and authenticate; raises EnSyncAuthError or EnSyncConnectionError."""
-        ...
+    async def connect(self, app_key: str, lost: LostCallback) -> ConnectInfo:
+        """Open the link and authenticate.
 
-    def on_lost(self, callback: LostCallback) -> None:
-        """Call ``callback`` once if the link breaks after connect (not on close)."""
+        ``lost(cause)`` is called once if the link breaks later (never after
+        ``close``).
+
+        Raises:
+            EnSyncAuthError: the key was refused.
+            EnSyncConnectionError: the engine cannot be reached.
+        """
         ...
 
     async def heartbeat(self) -> None:
@@ -104,55 +156,62 @@ class ClientTransport(Protocol):
         """Publish one envelope to one recipient; returns the idem."""
         ...
 
-    async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
+    async def subscribe(self, name: str, deliver: Deliver) -> None:
         """Start receiving ``name``; ``deliver`` is called for every message, in order."""
         ...
 
-    async def unsubscribe(self, name: str) -> None: ...
-
-    async def observe(self, pattern: str, observer: Observer) -> None:
-        """Receive copies of the app's new messages matching ``pattern``
-        without taking them; raises EnSyncSubscriptionError if refused."""
+    async def unsubscribe(self, name: str) -> None:
+        """Stop receiving ``name``."""
         ...
-
-    async def unobserve(self, pattern: str) -> None: ...
 
     def consumed(self, name: str) -> None:
-        """A delivery of ``name`` was taken up by the application: the engine
-        may send one more (flow control; a no-op where the wire has none)."""
+        """A delivery of ``name`` was taken up: the engine may send one more.
+
+        Flow control; a no-op where the wire has none.
+        """
         ...
 
-    async def ack(self, name: str, idem: str, block: int) -> None: ...
+    async def settle(self, settlement: Settlement) -> int | None:
+        """Settle one message; the answer `Settlement` describes.
 
-    def ack_soon(
-        self, name: str, idem: str, block: int, failed: Callable[[EnSyncError], None]
+        Raises:
+            EnSyncError: ``settlement.error`` if the engine refused.
+        """
+        ...
+
+    def settle_soon(
+        self, settlement: Settlement, failed: Callable[[errors.EnSyncError], None]
     ) -> asyncio.Future[Any] | None:
-        """Send an ack without awaiting it; ``failed(error)`` hears if it fails.
+        """Send a settlement without awaiting it; ``failed(error)`` hears if it fails.
+
         Returns a future done once answered, or ``None`` when this transport
-        cannot now (the caller then awaits `ack`)."""
+        cannot now (the caller then awaits `settle`).
+        """
         ...
 
-    async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
-        """Returns the scheduled delivery time (epoch ms)."""
+    async def replay(self, name: str, idem: str) -> WireReplay:
+        """Read a message of the app back by idem (``name`` may be empty)."""
         ...
 
-    async def discard(self, name: str, idem: str, reason: str) -> None: ...
-
-    async def extend(self, name: str, idem: str) -> int:
-        """Push back the ack deadline of a message in flight; returns the new one."""
+    async def pause(self, name: str, reason: str) -> None:
+        """No new deliveries of ``name`` until `resume`."""
         ...
 
-    async def release(self, name: str, idem: str, reason: str) -> int | None:
-        """Give a message back unsettled (its handler failed); returns when it is
-        visible again, ``None`` if the engine dead-lettered it."""
+    async def resume(self, name: str) -> None:
+        """Undo `pause`."""
         ...
 
-    async def replay(self, name: str, idem: str) -> WireReplay: ...
+    async def observe(self, pattern: str, observer: Observer) -> None:
+        """Receive copies of the app's new messages matching ``pattern``, without taking them.
 
-    async def pause(self, name: str, reason: str) -> None: ...
+        Raises EnSyncSubscriptionError if refused.
+        """
+        ...
 
-    async def resume(self, name: str) -> None: ...
+    async def unobserve(self, pattern: str) -> None:
+        """Stop the copies for ``pattern``."""
+        ...
 
     async def close(self) -> None:
-        """Close the link; idempotent; does not trigger the lost callback."""
+        """Close the link; idempotent; never calls the ``lost`` callback."""
         ...

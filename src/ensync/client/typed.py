@@ -16,8 +16,11 @@ __all__ = ["as_payload", "check_model", "from_payload"]
 
 
 def as_payload(payload: object) -> Mapping[str, Any]:
-    """The JSON object to send for ``payload``: a mapping as it is, a
-    dataclass instance as its fields, a pydantic model as its JSON dump."""
+    """The JSON object to send for ``payload``.
+
+    A mapping as it is, a dataclass instance as its fields, a pydantic model
+    as its JSON dump.
+    """
     if isinstance(payload, Mapping):
         return payload
     if dataclasses.is_dataclass(payload) and not isinstance(payload, type):

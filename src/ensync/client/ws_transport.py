@@ -8,8 +8,8 @@ request's, so the link is rebuilt instead (the reconnection logic takes over).
 
 When the engine's ``CONN`` answer offers ensync's batched session
 (``session=1``), publishes, settlements and deliveries move to it: binary
-messages carrying the frames of session.py, many calls per message.
-Subscribing, pausing and replaying stay text commands.
+messages carrying the frames of session.py, many calls per message
+(`_BinaryLink`). Subscribing, pausing and replaying stay text commands.
 """
 
 from __future__ import annotations
@@ -28,15 +28,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from ensync import errors
 from ensync._proto import ensync_pb2 as pb
-from ensync.client.limiter import CallLimiter, LimiterStatistics
-from ensync.client.session import SUBSCRIPTION_CREDIT, SessionObserving, SessionStream
-from ensync.client.transport import (
-    ConnectInfo,
-    Delivery,
-    LostCallback,
-    WireReplay,
-    digits,
-)
+from ensync.client.session import SessionStream
+from ensync.client.tasks import TaskOwner
+from ensync.client.transport import ConnectInfo, SettleKind, Settlement, WireReplay, digits
+from ensync.client.wire import DEFAULT_MAX_IN_FLIGHT, Authenticated, WireTransport
 from ensync.protocol.errors import STORE_UNAVAILABLE, UNKNOWN_SESSION
 from ensync.protocol.records import from_ws_record
 from ensync.protocol.urls import EngineUrl
@@ -74,8 +69,6 @@ __all__ = ["DEFAULT_MAX_IN_FLIGHT", "WebSocketClientTransport", "max_in_flight"]
 
 log = logging.getLogger(__name__)
 
-# Requests awaiting an answer when the engine does not say how many it takes.
-DEFAULT_MAX_IN_FLIGHT = 64
 # Room left below the engine's bound for replies to its pings.
 _RESERVED = 8
 
@@ -151,7 +144,7 @@ class _BinaryLink:
         self.arrived(None)
 
 
-class WebSocketClientTransport(SessionObserving):
+class WebSocketClientTransport(WireTransport):
     """A `ClientTransport` over WebSocket.
 
     Args:
@@ -169,6 +162,7 @@ class WebSocketClientTransport(SessionObserving):
         root_certificates: bytes | None = None,
         max_frame_bytes: int = 16 * 1024 * 1024,
     ) -> None:
+        super().__init__(call_timeout_s=call_timeout_s)
         path = url.path if url.path not in ("", "/") else "/message"
         host = f"[{url.host}]" if ":" in url.host else url.host
         self._uri = f"{url.scheme}://{host}:{url.port}{path}"
@@ -177,38 +171,18 @@ class WebSocketClientTransport(SessionObserving):
             self._ssl = ssl.create_default_context()
             if root_certificates is not None:
                 self._ssl.load_verify_locations(cadata=root_certificates.decode("ascii"))
-        self._timeout = call_timeout_s
         self._max_frame = max_frame_bytes
         self._ws: ClientConnection | None = None
         self._session = ClientSession()
         self._pending: dict[int, asyncio.Future[Pass | Fail | Replayed]] = {}
-        self._handlers: dict[str, Callable[[Delivery], None]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._lost: LostCallback | None = None
-        self._lost_reported = False
-        self._closed = False
-        self._client_id = ""
+        # The reader, and the answers to the engine's pings.
+        self._tasks = TaskOwner()
         self._send_lock = asyncio.Lock()
-        self._limiter = CallLimiter(DEFAULT_MAX_IN_FLIGHT)
-        # ensync's batched session, when the engine offers one.
-        self.use_session = True
         self._link: _BinaryLink | None = None
-        self._batched: SessionStream | None = None
 
-    @property
-    def client_id(self) -> str:
-        return self._client_id
+    # ------------------------------------------------------------------ WireTransport
 
-    def on_lost(self, callback: LostCallback) -> None:
-        self._lost = callback
-
-    def statistics(self) -> LimiterStatistics:
-        """Requests awaiting an answer and requests waiting to be sent."""
-        return self._limiter.statistics()
-
-    # ------------------------------------------------------------------ plumbing
-
-    async def connect(self, app_key: str) -> ConnectInfo:
+    async def _authenticate(self, app_key: str) -> Authenticated:
         try:
             self._ws = await asyncio.wait_for(
                 connect(
@@ -228,9 +202,7 @@ class WebSocketClientTransport(SessionObserving):
             ) from None
         except (OSError, InvalidHandshake, InvalidURI) as exc:
             raise errors.EnSyncConnectionError(f"cannot connect to {self._uri}: {exc}") from exc
-        self._reader = asyncio.get_running_loop().create_task(
-            self._read(self._ws), name="ensync-ws-reader"
-        )
+        self._tasks.start(self._read(self._ws), name="ensync-ws-reader")
         reply = await self._request(Conn(app_key), errors.EnSyncAuthError, limited=False)
         if isinstance(reply, Fail):
             if STORE_UNAVAILABLE in reply.reason:
@@ -240,25 +212,70 @@ class WebSocketClientTransport(SessionObserving):
         parsed = parse_conn_pass(text)
         if isinstance(parsed, Malformed):
             raise errors.EnSyncConnectionError(f"unreadable CONN answer: {parsed.reason}")
-        self._client_id, client_hash = parsed
+        client_id, client_hash = parsed
         fields = parse_conn_fields(text)
-        self._limiter.resize(max_in_flight(fields))
-        if self.use_session and fields.get("session", "").isdigit():
-            self._link = _BinaryLink(self._ws, self._timeout)
-            self._batched = await SessionStream.start(
-                self._link,
-                self._client_id,
-                timeout_s=self._timeout,
-                route=self._handlers.get,
-                lost=self._report_lost,
-            )
-        return ConnectInfo(
-            self._client_id,
+        info = ConnectInfo(
+            client_id,
             client_hash,
             digits(fields.get("ackDeadlineMs", "")),
             digits(fields.get("maxPayloadBytes", "")),
             _app_id(fields.get("appIdHex", "")),
         )
+        return Authenticated(
+            info, max_in_flight(fields), offers_session=fields.get("session", "").isdigit()
+        )
+
+    async def _open_session(self) -> SessionStream | None:
+        if self._ws is None:
+            raise errors.EnSyncConnectionError("the connection is closed")
+        self._link = _BinaryLink(self._ws, self._timeout)
+        return await self._start_session(self._link)
+
+    async def _publish_unbatched(
+        self, name: str, recipient: str, payload: str, metadata: str, payload_metadata: str | None
+    ) -> str:
+        request = Pub(self._client_id, name, payload, recipient, metadata, payload_metadata)
+        return await self._checked(request, errors.EnSyncPublishError)
+
+    async def _settle_unbatched(self, settlement: Settlement) -> int | None:
+        client, idem, name, kind = (
+            self._client_id,
+            settlement.idem,
+            settlement.name,
+            settlement.kind,
+        )
+        error = settlement.error
+        if kind is SettleKind.ACK:
+            await self._checked(Ack(client, idem, settlement.block, name), error)
+            return None
+        if kind is SettleKind.DISCARD:
+            await self._checked(Discard(client, idem, name, settlement.reason), error)
+            return None
+        if kind is SettleKind.DEFER:
+            request: Request = Defer(client, idem, name, settlement.delay_ms, settlement.reason)
+            text = await self._checked(request, error)
+            if not text.isdigit():
+                raise error(f"unreadable defer answer {text[:40]!r}")
+            return int(text)
+        if kind is SettleKind.EXTEND:
+            text = await self._checked(Extend(client, idem, name), error)
+            return int(text) if text.isdigit() else 0
+        # ROLLBACK is the text protocol's "give it back" (REASON is our extension).
+        text = await self._checked(Rollback(client, idem, None, settlement.reason), error)
+        return int(text) if text.isdigit() else None
+
+    async def _subscribe_wire(self, name: str) -> None:
+        await self._checked(Sub(self._client_id, name), errors.EnSyncSubscriptionError)
+
+    async def _unsubscribe_wire(self, name: str) -> None:
+        await self._checked(Unsub(self._client_id, name), errors.EnSyncSubscriptionError)
+
+    async def _close_wire(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        await self._tasks.close()
+
+    # ------------------------------------------------------------------ requests
 
     async def _request(
         self, request: Request, error: type[errors.EnSyncError], *, limited: bool = True
@@ -370,11 +387,11 @@ class WebSocketClientTransport(SessionObserving):
             if future is not None and not future.done():
                 future.set_result(event.reply)
         elif isinstance(event, RecordArrived):
-            handler = self._handlers.get(event.record.name)
+            handler = self._routes.get(event.record.name)
             if handler is not None:
                 handler(from_ws_record(event.record)[0])
         elif isinstance(event, PingArrived):
-            asyncio.get_running_loop().create_task(self._pong())
+            self._tasks.start(self._pong(), name="ensync-ws-pong")
         elif isinstance(event, Unexpected):
             log.warning("unexpected frame from the engine: %s", event.reason)
 
@@ -382,16 +399,10 @@ class WebSocketClientTransport(SessionObserving):
         with contextlib.suppress(errors.EnSyncError):
             await self._request(Pong(), errors.EnSyncConnectionError, limited=False)
 
-    def _report_lost(self, exc: BaseException) -> None:
-        if self._closed or self._lost_reported:
-            return
-        self._lost_reported = True
-        if self._lost is not None:
-            self._lost(exc)
-
     # ------------------------------------------------------------------ operations
 
     async def heartbeat(self) -> None:
+        """Ping the engine; raises EnSyncConnectionError without a pong in time."""
         if self._ws is None or self._closed:
             raise errors.EnSyncConnectionError("the connection is closed")
         try:
@@ -401,86 +412,8 @@ class WebSocketClientTransport(SessionObserving):
         except (ConnectionClosed, TimeoutError) as exc:
             raise errors.EnSyncConnectionError("the engine does not answer pings") from exc
 
-    async def publish(
-        self,
-        name: str,
-        recipient: str,
-        payload: str,
-        metadata: str,
-        payload_metadata: str | None,
-    ) -> str:
-        if self._batched is not None:
-            return await self._batched.publish_checked(
-                name, recipient, payload, metadata, payload_metadata
-            )
-        request = Pub(self._client_id, name, payload, recipient, metadata, payload_metadata)
-        return await self._checked(request, errors.EnSyncPublishError)
-
-    async def subscribe(self, name: str, deliver: Callable[[Delivery], None]) -> None:
-        # Registered first: records may follow the SUB answer immediately.
-        self._handlers[name] = deliver
-        try:
-            await self._checked(Sub(self._client_id, name), errors.EnSyncSubscriptionError)
-        except BaseException:
-            self._handlers.pop(name, None)
-            raise
-        if self._batched is not None and self._batched.deliveries:
-            self._batched.credit(name, SUBSCRIPTION_CREDIT)
-
-    def consumed(self, name: str) -> None:
-        # The text protocol has no flow control of its own; the session has.
-        if self._batched is not None and self._batched.deliveries and name in self._handlers:
-            self._batched.credit(name, 1)
-
-    async def unsubscribe(self, name: str) -> None:
-        await self._checked(Unsub(self._client_id, name), errors.EnSyncSubscriptionError)
-        self._handlers.pop(name, None)
-
-    def ack_soon(
-        self, name: str, idem: str, block: int, failed: Callable[[errors.EnSyncError], None]
-    ) -> asyncio.Future[Any] | None:
-        return self._batched.ack_soon(name, idem, failed) if self._batched is not None else None
-
-    async def ack(self, name: str, idem: str, block: int) -> None:
-        if self._batched is not None:
-            await self._batched.ack(name, idem)
-            return
-        await self._checked(Ack(self._client_id, idem, block, name), errors.EnSyncAckError)
-
-    async def defer(self, name: str, idem: str, delay_ms: int, reason: str) -> int:
-        if self._batched is not None:
-            return await self._batched.defer(name, idem, delay_ms, reason)
-        text = await self._checked(
-            Defer(self._client_id, idem, name, delay_ms, reason), errors.EnSyncDeferError
-        )
-        try:
-            return int(text)
-        except ValueError:
-            raise errors.EnSyncDeferError(f"unreadable defer answer {text[:40]!r}") from None
-
-    async def discard(self, name: str, idem: str, reason: str) -> None:
-        if self._batched is not None:
-            await self._batched.discard(name, idem, reason)
-            return
-        await self._checked(Discard(self._client_id, idem, name, reason), errors.EnSyncDiscardError)
-
-    async def extend(self, name: str, idem: str) -> int:
-        """Push back the ack deadline of an in-flight message (ensync extension)."""
-        if self._batched is not None:
-            return await self._batched.extend(name, idem)
-        text = await self._checked(Extend(self._client_id, idem, name), errors.EnSyncAckError)
-        return int(text) if text.isdigit() else 0
-
-    async def release(self, name: str, idem: str, reason: str) -> int | None:
-        if self._batched is not None:
-            return await self._batched.release(name, idem, reason)
-        # ROLLBACK is the text protocol's "give it back" (REASON is our extension).
-        text = await self._checked(
-            Rollback(self._client_id, idem, None, reason), errors.EnSyncAckError
-        )
-        return int(text) if text.isdigit() else None
-
     async def replay(self, name: str, idem: str) -> WireReplay:
+        """Read a message of the app back by idem."""
         reply = await self._request(Replay(self._client_id, idem, name), errors.EnSyncReplayError)
         if isinstance(reply, Fail):
             raise errors.EnSyncReplayError(reply.reason)
@@ -490,20 +423,9 @@ class WebSocketClientTransport(SessionObserving):
         return WireReplay(message, info)
 
     async def pause(self, name: str, reason: str) -> None:
+        """No new deliveries of ``name`` until `resume`."""
         await self._checked(Pause(self._client_id, name, reason), errors.EnSyncPauseError)
 
     async def resume(self, name: str) -> None:
+        """Undo `pause`."""
         await self._checked(Continue(self._client_id, name), errors.EnSyncContinueError)
-
-    async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._limiter.close(errors.EnSyncConnectionError("the connection was closed"))
-        if self._batched is not None:
-            await self._batched.close()
-        if self._ws is not None:
-            await self._ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)

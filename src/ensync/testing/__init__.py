@@ -1,6 +1,7 @@
-"""Helpers for testing code that uses ensync: a real engine on a free port.
+"""Helpers for testing code that uses ensync: engines for tests to talk to.
 
-For example:
+A real engine on a free port, or one in the test's own process that
+clients reach without sockets. For example:
 
     from ensync import EnSyncEngine
     from ensync.testing import run_engine
@@ -8,6 +9,13 @@ For example:
     async with run_engine() as server:
         alice = await server.create_app("alice")
         engine = EnSyncEngine(server.grpc_url)
+        client = await engine.create_client(alice.app_key, app_secret_key=alice.secret_key)
+
+or, with no socket at all (`run_memory_engine`, `MemoryEngine`):
+
+    async with run_memory_engine() as server:
+        alice = await server.create_app("alice")
+        engine = server.client_engine()
         client = await engine.create_client(alice.app_key, app_secret_key=alice.secret_key)
 """
 
@@ -25,10 +33,22 @@ from ensync.server.config import EngineConfig, ServerConfig
 from ensync.server.core.apps import NewApp
 from ensync.server.runtime.engine import Engine
 from ensync.server.serving import RunningServer, running_server
+from ensync.testing.memory import MemoryEngine, MemoryServer, MemoryTransport, run_memory_engine
 from ensync.testing.process import EngineProcess, running_engine
 from ensync.testing.proxy import TcpProxy, tcp_proxy
 
-__all__ = ["EngineProcess", "TcpProxy", "TestServer", "run_engine", "running_engine", "tcp_proxy"]
+__all__ = [
+    "EngineProcess",
+    "MemoryEngine",
+    "MemoryServer",
+    "MemoryTransport",
+    "TcpProxy",
+    "TestServer",
+    "run_engine",
+    "run_memory_engine",
+    "running_engine",
+    "tcp_proxy",
+]
 
 
 @dataclass(slots=True)

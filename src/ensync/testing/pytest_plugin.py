@@ -18,7 +18,8 @@ point); the fixtures are async, so the project needs ``pytest-asyncio``::
 * ``ensync_app``: a factory; ``await ensync_app(name)`` registers an app on
   that engine and returns an `AppClient` (its ``client``, connected
   with the app's secret key, ``app_id`` and keys); ``transport="ws"`` for
-  WebSocket. Every client is closed after the test.
+  WebSocket, ``transport="memory"`` for a client in the test's process that
+  reaches the engine without a socket. Every client is closed after the test.
 """
 
 from __future__ import annotations
@@ -81,20 +82,26 @@ async def ensync_app(
     In a test: ``app = await ensync_app("shop")``.
     """
     from ensync import EnSyncEngine
+    from ensync.testing.memory import MemoryEngine
     from ensync.websocket import EnSyncEngine as WsEngine
 
     engines: list[Any] = []
     numbers = itertools.count(1)
 
     async def make(
-        name: str | None = None, *, transport: Literal["grpc", "ws"] = "grpc", **options: Any
+        name: str | None = None,
+        *,
+        transport: Literal["grpc", "ws", "memory"] = "grpc",
+        **options: Any,
     ) -> AppClient:
         app = await ensync_engine.create_app(name or f"app-{next(numbers)}")
-        engine: Any = (
-            EnSyncEngine(ensync_engine.grpc_url, **options)
-            if transport == "grpc"
-            else WsEngine(ensync_engine.ws_url, **options)
-        )
+        engine: Any
+        if transport == "ws":
+            engine = WsEngine(ensync_engine.ws_url, **options)
+        elif transport == "memory":
+            engine = MemoryEngine(ensync_engine.engine, **options)
+        else:
+            engine = EnSyncEngine(ensync_engine.grpc_url, **options)
         engines.append(engine)
         client = await engine.create_client(app.app_key, app_secret_key=app.secret_key)
         return AppClient(app.name, app.app_id, app.app_key, app.secret_key, client)

@@ -24,14 +24,12 @@ class FakeTransport:
         self.lost: Callable[[BaseException], None] | None = None
         self.client_id = ""
 
-    async def connect(self, app_key: str) -> ConnectInfo:
+    async def connect(self, app_key: str, lost: Callable[[BaseException], None]) -> ConnectInfo:
+        self.lost = lost
         if self.gate is not None:
             await self.gate.wait()
         self.client_id = "client-1"
         return ConnectInfo(client_id="client-1", client_hash="hash")
-
-    def on_lost(self, callback: Callable[[BaseException], None]) -> None:
-        self.lost = callback
 
     async def heartbeat(self) -> None:
         return None

@@ -52,8 +52,9 @@ async def test_answers_pushed_by_the_link_resolve_calls() -> None:
     await eventually(lambda: any(frame.publishes for frame in link.written))
     (sent,) = next(frame for frame in link.written if frame.publishes).publishes
     assert link.sink is not None
-    link.sink(pb.ServerFrame(published=[pb.SessionPublished(seq=sent.seq, success=True)]))
-    assert (await asyncio.wait_for(call, 5)).success
+    answer = pb.SessionPublished(seq=sent.seq, success=True, message_idem="01IDEM")
+    link.sink(pb.ServerFrame(published=[answer]))
+    assert await asyncio.wait_for(call, 5) == "01IDEM"
     await session.close()
     assert lost == []
 

@@ -277,5 +277,6 @@ class Engine:
         except Exception:
             log.exception("background task failed")
         finally:
+            coro.close()  # cancelled before it ran: not a coroutine never awaited
             if work:
                 self._work -= 1
