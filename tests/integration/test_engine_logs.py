@@ -11,8 +11,10 @@ import sqlite3
 import pytest
 
 from ensync import EnSyncAuthError, EnSyncEngine, EnSyncPublishError
+from ensync.server.store.base import StoreError
 from ensync.server.store.sqlite import SqliteStore
 from ensync.testing import TestServer, run_engine
+from ensync.websocket import EnSyncEngine as WsEngine
 from tests.support.http import http_get
 
 
@@ -111,5 +113,31 @@ async def test_a_full_store_shows_in_health_and_metrics_and_logs_once_a_second(
             _, metrics = await http_get(server.http_port, "/metrics")
             assert "ensync_store_failing 0.0" in metrics
             assert any("takes writes again" in r.getMessage() for r in caplog.records)
+        finally:
+            await engine.close()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ws"])
+async def test_a_store_that_fails_a_recipients_lookup_refuses_the_publish_only(
+    transport: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Out of descriptors, SQLite's readers cannot open a connection: the
+    # publish hears "retry later", and the client's session goes on.
+    async with run_engine("sqlite:", app_cache_ms=0) as server:
+        alice = await server.create_app("alice")
+        engine = EnSyncEngine(server.grpc_url) if transport == "grpc" else WsEngine(server.ws_url)
+        try:
+            client = await engine.create_client(alice.app_key)
+            await client.publish("orders/created", [alice.app_id], {"n": 1})
+
+            async def unreadable(app_id: str) -> None:
+                raise StoreError("reading the apps failed: too many open files")
+
+            monkeypatch.setattr(server.engine.store, "get_app", unreadable)
+            with pytest.raises(EnSyncPublishError, match="retry later"):
+                await client.publish("orders/created", [alice.app_id], {"n": 2})
+            monkeypatch.undo()
+            await client.publish("orders/created", [alice.app_id], {"n": 3})
+            assert server.engine.sessions  # the same session throughout
         finally:
             await engine.close()

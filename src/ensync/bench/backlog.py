@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from ensync._loop import run as run_loop
 from ensync.bench.backlog_report import BacklogResult, SlowConsumer, print_table
 from ensync.bench.common import (
     BenchError,
@@ -92,7 +93,7 @@ _WARMUP = 200
 def run(args: argparse.Namespace) -> int:
     """Run the backlog program and print its figures; returns the exit code."""
     try:
-        result = asyncio.run(_backlog(args))
+        result = run_loop(_backlog(args))
     except BenchError as exc:
         print(f"ensync bench: {exc}", file=sys.stderr)
         return 1

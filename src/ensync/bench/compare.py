@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ensync._loop import run as run_loop
 from ensync.bench.common import BenchError, EngineProcess, register_apps, running_engine
 from ensync.bench.compare_figures import (
     LATENCY_SETUPS,
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         binary = nats_server_binary()
         _check_nats_client()
-        result = asyncio.run(_compare(args, binary))
+        result = run_loop(_compare(args, binary))
     except (BenchError, NatsError) as exc:
         print(f"ensync bench: {exc}", file=sys.stderr)
         return 1

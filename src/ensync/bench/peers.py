@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ensync._loop import run as run_loop
 from ensync.bench.common import client_engine, close_quietly, percentile_ms
 from ensync.crypto import Sealer, open_payload
 from ensync.errors import EnSyncError
@@ -132,11 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m ensync.bench.peers SPEC_JSON", file=sys.stderr)
         return 2
     spec = PeerSpec.from_json(args[0])
-    figures: PublisherFigures | SubscriberFigures
-    if spec.role == "publish":
-        figures = asyncio.run(_publish(spec))
-    else:
-        figures = asyncio.run(_subscribe(spec))
+    # Both sides' peers (ensync's and NATS's) run on the same kind of loop.
+    figures: PublisherFigures | SubscriberFigures = (
+        run_loop(_publish(spec)) if spec.role == "publish" else run_loop(_subscribe(spec))
+    )
     print(json.dumps(dataclasses.asdict(figures)), flush=True)
     return 0
 

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ensync._loop import run as run_loop
 from ensync.bench.common import (
     BenchError,
     EngineProcess,
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     # counts the disconnects itself.
     logging.getLogger("ensync").setLevel(logging.ERROR)
     try:
-        result = asyncio.run(_soak(args))
+        result = run_loop(_soak(args))
     except BenchError as exc:
         print(f"ensync bench: {exc}", file=sys.stderr)
         return 1

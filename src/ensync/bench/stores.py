@@ -13,13 +13,13 @@ and acked. Ratios are against SQLite in the same run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
+from ensync._loop import run as run_loop
 from ensync.bench.common import BenchError
 from ensync.bench.display import Progress, print_rows
 from ensync.bench.throughput import BenchResult, bench_once
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             for key, label, store, nodes in STORE_SETUPS:
                 progress.show(f"round {round_index + 1}/{args.rounds}: {label}", force=True)
                 one = replace_args(args, messages=messages, store=store, nodes=nodes)
-                once = asyncio.run(bench_once(one))
+                once = run_loop(bench_once(one))
                 if once.received != once.messages:
                     raise BenchError(f"{label}: {once.received}/{once.messages} received")
                 runs[key].append(once)

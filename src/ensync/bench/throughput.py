@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ensync._loop import run as run_loop
 from ensync.bench.common import (
     BenchError,
     BenchStore,
@@ -74,7 +75,7 @@ class BenchResult:
 def run(args: argparse.Namespace) -> int:
     """Run once and print the figures (``--json``: one object); returns the exit code."""
     try:
-        result = asyncio.run(bench_once(args))
+        result = run_loop(bench_once(args))
     except BenchError as exc:
         print(f"ensync bench: {exc}", file=sys.stderr)
         return 1

@@ -8,11 +8,11 @@ worked says so when no engine serves the directory it wrote to.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from pathlib import Path
 
+from ensync._loop import run as run_loop
 from ensync.cli.stores import missing_store, store_options, unserved_database
 from ensync.crypto import generate_keypair
 from ensync.server.core.apps import AppRegistry
@@ -48,7 +48,7 @@ def _registry_call(args: argparse.Namespace, action: str) -> int:
         finally:
             await store.close()
 
-    code = asyncio.run(go())
+    code = run_loop(go())
     if code == 0 and action != "list":
         database = unserved_database(args)
         if database is not None:

@@ -10,7 +10,6 @@ input); ``tail`` watches without taking (``EnSyncClient.observe``);
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import datetime
 import json
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ensync import EnSyncEngine, EnSyncError, EnSyncMessageError, Message
+from ensync._loop import run as run_loop
 from ensync.protocol.records import metadata_object, split_replay_info
 from ensync.websocket import EnSyncEngine as WsEngine
 
@@ -137,7 +137,7 @@ def publish(args: argparse.Namespace) -> int:
         async with _connected(args) as client:
             return str(await client.publish(args.name, args.to, payload, metadata))
 
-    return _report(lambda: print(asyncio.run(go())))
+    return _report(lambda: print(run_loop(go())))
 
 
 def tail(args: argparse.Namespace) -> int:
@@ -172,7 +172,7 @@ def tail(args: argparse.Namespace) -> int:
                 shown += 1
 
     try:
-        return _report(lambda: asyncio.run(go()))
+        return _report(lambda: run_loop(go()))
     except KeyboardInterrupt:
         return 0
 
@@ -207,7 +207,7 @@ def replay(args: argparse.Namespace) -> int:
             }
 
     def show() -> None:
-        fields = asyncio.run(go())
+        fields = run_loop(go())
         if args.json:
             print(json.dumps(fields))
             return

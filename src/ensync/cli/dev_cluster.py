@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ensync._loop import run as run_loop
 from ensync.server.core.apps import AppRegistry, NewApp
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store import StoreError, open_store
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     names = args.app or ["dev"]
     try:
-        return asyncio.run(_run(args, names))
+        return run_loop(_run(args, names))
     except BrokenPipeError:
         raise  # the reader of the output left: the entry point ends quietly
     except (NatsError, EngineProcessError, StoreError, ValueError, OSError) as exc:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ensync import EnSyncError
+from ensync._loop import run as run_loop
 from ensync.cli.stores import missing_store, store_options, unserved_database
 from ensync.crypto import open_payload
 from ensync.protocol.names import matches, validate_pattern
@@ -99,7 +100,7 @@ def _run(args: argparse.Namespace, work: Callable[[Store], Any]) -> int:
             await store.close()
 
     try:
-        return asyncio.run(go())
+        return run_loop(go())
     except StoreError as exc:
         print(f"ensync: {exc}", file=sys.stderr)
         return 1

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ensync._loop import loop_name
+from ensync._loop import run as run_loop
 from ensync._version import __version__
 from ensync.cli.stores import store_options
 from ensync.server.config import EngineConfig, ServerConfig
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     # Every connection holds a descriptor: take all the system allows.
     raise_open_files_limit()
     try:
-        return asyncio.run(_serve(config))
+        return run_loop(_serve(config))
     except (ValueError, OSError, StoreError) as exc:
         print(f"ensync: cannot serve: {exc}", file=sys.stderr)
         return 1
@@ -188,7 +190,7 @@ async def _serve(config: ServerConfig) -> int:
         metrics = f", metrics on {server.metrics_listener}" if server.metrics_listener else ""
         log.info(
             "ensync %s serving gRPC on %s:%d, HTTP on %s:%d%s (%s; data: %s;"
-            " open files: %d, connections: %d per listener)",
+            " open files: %d, connections: %d per listener; loop: %s)",
             __version__,
             config.grpc_address.rsplit(":", 1)[0],
             server.grpc_port,
@@ -199,6 +201,7 @@ async def _serve(config: ServerConfig) -> int:
             config.data_dir,
             open_files_limit(),
             server.engine.config.max_connections,
+            loop_name(),
         )
         await stop.wait()
         log.info("shutting down")

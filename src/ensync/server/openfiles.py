@@ -44,13 +44,17 @@ def raise_open_files_limit() -> int:
 
 
 def connection_budget(limit: int) -> int:
-    """The default ``max_connections`` for an open-files ``limit``: what is
-    left after `RESERVED_FILES`, shared by the gRPC and HTTP listeners.
+    """The default ``max_connections`` for an open-files ``limit``: a third of
+    what is left after `RESERVED_FILES` for each of the gRPC and HTTP
+    listeners, and the last third for connections being refused (a refusal
+    holds a descriptor for a moment: accepted, then closed). Without that
+    room a flood runs the process out of descriptors, and then a listener
+    stops accepting, refusals included.
 
     >>> connection_budget(1024), connection_budget(1_048_576)
-    (448, 524224)
+    (298, 349482)
     """
-    return max(16, (limit - RESERVED_FILES) // 2)
+    return max(16, (limit - RESERVED_FILES) // 3)
 
 
 def max_connections(configured: int) -> int:
@@ -59,5 +63,6 @@ def max_connections(configured: int) -> int:
 
 
 def caps_fit(max_connections: int, limit: int) -> bool:
-    """Whether both listeners full to ``max_connections`` leave the reserve."""
-    return 2 * max_connections + RESERVED_FILES <= limit
+    """Whether both listeners full to ``max_connections`` leave the reserve
+    and room to refuse as many again."""
+    return 3 * max_connections + RESERVED_FILES <= limit

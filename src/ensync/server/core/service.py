@@ -134,7 +134,11 @@ class Service:
             raise self._refusals.counted(exc) from None
         if not allowed(session.app.publish_rules, name):
             raise self._refusals.deny(f"app {session.app.name!r} may not publish {name!r}")
-        if await self.apps.active_app(recipient) is None:
+        try:
+            recipient_app = await self.apps.active_app(recipient)
+        except StoreError as exc:  # the lookup read the store: "retry later"
+            raise self.store_health.failed("read", exc, write=False) from exc
+        if recipient_app is None:
             raise ServiceError.invalid(f"recipient {recipient} is not a registered app")
         now = self.clock.now_ms()
         return NewMessage(

@@ -154,6 +154,8 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
             "connect_timeout": 5,
             "max_reconnect_attempts": 2,
             "reconnect_time_wait": 0.5,
+            # Closing waits this long at most for what is in flight.
+            "drain_timeout": 5,
             "allow_reconnect": True,
             "error_cb": self._on_nats_error,
             "disconnected_cb": self._on_disconnected,
