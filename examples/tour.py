@@ -39,10 +39,10 @@ async def main() -> None:
         deferred = False
         async for message in tasks:
             if not deferred:
-                await tasks.defer(message.idem, 1_000, "busy")  # delivered again in 1 s
+                await message.defer(1_000, "busy")  # delivered again in 1 s
                 deferred = True
                 continue
-            await tasks.discard(message.idem, "cannot pack")
+            await message.discard("cannot pack")  # settled: `break` gives nothing back
             break
         again = await tasks.replay(message.idem)  # any message of the app, settled or not
         info = again.replay_info

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
         EnSyncTimeoutError,
         EnSyncValidationError,
     )
-    from ensync.models import Message, ReplayInfo
+    from ensync.models import Message, PublishResult, ReplayInfo
 
 __all__ = [
     "ConnectionState",
@@ -66,6 +66,7 @@ __all__ = [
     "EnSyncTimeoutError",
     "EnSyncValidationError",
     "Message",
+    "PublishResult",
     "ReplayInfo",
     "Subscription",
     "__version__",
@@ -75,7 +76,7 @@ __all__ = [
 # engine) or ``import ensync.protocol`` loads nothing of the SDK.
 _HOMES = {
     **dict.fromkeys(("ConnectionState", "EnSyncClient", "EnSyncEngine", "Subscription"), "client"),
-    **dict.fromkeys(("Message", "ReplayInfo"), "models"),
+    **dict.fromkeys(("Message", "PublishResult", "ReplayInfo"), "models"),
 }
 
 

@@ -31,6 +31,24 @@ def environment(server: TestServer, **values: str) -> dict[str, str]:
     return {**os.environ, "ENSYNC_URL": server.grpc_url, **values}
 
 
+def _signal_state(pid: int) -> str:
+    """Each thread's signal masks (/proc), to tell a lost Ctrl-C from a stuck close."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            status = (task / "status").read_text()
+            name = (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        masks = [
+            line.replace("\t", " ")
+            for line in status.splitlines()
+            if line.startswith(("SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))
+        ]
+        lines.append(f"{task.name} {name}: {'; '.join(masks)}")
+    return "\n".join(lines)
+
+
 async def line_of(process: asyncio.subprocess.Process) -> str:
     assert process.stdout is not None
     raw = await asyncio.wait_for(process.stdout.readline(), seconds(30))
@@ -45,9 +63,14 @@ async def test_the_quickstart_subscriber_prints_what_the_publisher_sends(
     subscriber = await asyncio.create_subprocess_exec(
         *dies_with_parent([sys.executable, str(EXAMPLES / "subscriber.py")]),  # runs until Ctrl-C
         env=environment(
-            server, ENSYNC_APP_KEY=warehouse.app_key, ENSYNC_SECRET_KEY=warehouse.secret_key
+            server,
+            ENSYNC_APP_KEY=warehouse.app_key,
+            ENSYNC_SECRET_KEY=warehouse.secret_key,
+            # SIGABRT then prints every thread's stack: where it hangs, if it does.
+            PYTHONFAULTHANDLER="1",
         ),
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         assert await line_of(subscriber) == "waiting for messages; Ctrl-C stops"
@@ -66,7 +89,18 @@ async def test_the_quickstart_subscriber_prints_what_the_publisher_sends(
             f"orders/status/updated from {shop.app_id}: {{'orderId': 'o-1', 'status': 'shipped'}}"
         )
         subscriber.send_signal(signal.SIGINT)  # Ctrl-C
-        assert await asyncio.wait_for(subscriber.wait(), seconds(30)) == 0
+        try:
+            returned = await asyncio.wait_for(subscriber.wait(), seconds(30))
+        except TimeoutError:
+            signals = _signal_state(subscriber.pid)
+            subscriber.send_signal(signal.SIGABRT)
+            assert subscriber.stderr is not None
+            stacks = await asyncio.wait_for(subscriber.stderr.read(), seconds(10))
+            raise AssertionError(
+                f"the subscriber did not stop on Ctrl-C:\n{signals}\n"
+                + stacks.decode(errors="replace")
+            ) from None
+        assert returned == 0
     finally:
         if subscriber.returncode is None:
             subscriber.kill()

@@ -10,7 +10,7 @@ The CPU time used by the engine and by the clients is reported beside the
 figures: a component using less than a whole core while the other is
 saturated is not the bottleneck.
 
-Two longer programs share the command:
+More programs share the command:
 
 * ``--backlog N``: engine memory and publish throughput with N pending
   messages, and memory under a consumer slower than the publishers
@@ -19,7 +19,10 @@ Two longer programs share the command:
   clients, watching the engine's memory and open files
   (see :mod:`ensync.bench.soak`);
 * ``--compare jetstream``: ensync beside NATS JetStream, publisher and
-  subscriber in processes of their own (see :mod:`ensync.bench.compare`).
+  subscriber in processes of their own (see :mod:`ensync.bench.compare`);
+* ``--threads``: sealing and opening alone and beside a busy Python thread,
+  ensync's GIL-keeping libsodium calls beside PyNaCl's, no engine
+  (see :mod:`ensync.bench.threads`).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import argparse
 import sys
 from typing import Any
 
-from ensync.bench import backlog, compare, soak, stores, throughput
+from ensync.bench import backlog, compare, soak, stores, threads, throughput
 
 __all__ = ["add_parser", "run"]
 
@@ -48,7 +51,8 @@ def add_parser(commands: Any) -> None:
         type=int,
         default=None,
         help="messages to send (10000); with --backlog: per throughput round;"
-        f" with --compare: per throughput run ({compare.DEFAULT_MESSAGES})",
+        f" with --compare: per throughput run ({compare.DEFAULT_MESSAGES});"
+        f" with --threads: calls per figure ({threads.DEFAULT_CALLS})",
     )
     bench.add_argument(
         "--rounds",
@@ -99,6 +103,12 @@ def add_parser(commands: Any) -> None:
         help="jetstream: ensync beside NATS JetStream, same machine, same run (needs"
         " ensync[bench]); stores: the engine on sqlite, on one NATS server, on three"
         " (replicas 3) and as two nodes on three, same run",
+    )
+    program.add_argument(
+        "--threads",
+        action="store_true",
+        help="seal and open --payload-bytes alone and beside a busy Python thread,"
+        " ensync's GIL-keeping libsodium calls beside PyNaCl's (no engine)",
     )
     _add_backlog_options(bench)
     _add_soak_options(bench)
@@ -180,12 +190,16 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the flags chose and print its figures; returns the exit code."""
+    if args.messages is None and args.threads:
+        args.messages = threads.DEFAULT_CALLS
     if args.compare is None and args.messages is None:
         args.messages = DEFAULT_MESSAGES
     problem = _argument_problem(args)
     if problem is not None:
         print(f"ensync bench: {problem}", file=sys.stderr)
         return 2
+    if args.threads:
+        return threads.run(args)
     if args.compare == "stores":
         return stores.run(args)
     if args.compare == "jetstream":
@@ -212,7 +226,9 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must be positive"
     if args.rate < 0:
         return "--rate must be 0 or more"
-    if args.store is not None and (args.backlog is not None or args.soak is not None):
+    if args.store is not None and (
+        args.backlog is not None or args.soak is not None or args.threads
+    ):
         return "--store goes with the throughput program only"
     if args.nodes < 1 or (args.nodes > 1 and not str(args.store).startswith("nats")):
         return "--nodes above 1 needs a nats store (--store nats)"

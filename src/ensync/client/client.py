@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -30,7 +30,8 @@ from ensync.crypto import (
     seal_hybrid,
     x25519_public,
 )
-from ensync.models import Message
+from ensync.models import Message, PublishResult
+from ensync.protocol.headers import IDEMPOTENCY_HEADER
 from ensync.protocol.names import validate_name, validate_pattern
 
 __all__ = ["EnSyncClient", "EngineHandle", "check_key_owner"]
@@ -165,11 +166,73 @@ class EnSyncClient:
             EnSyncConnectionError: the link stayed down for the whole call timeout.
         """
         self._check_open()
+        self._check_publish(message_name, recipients)
+        deadline = asyncio.get_running_loop().time() + self._engine.call_timeout_s
+        sealed = self._seal(payload, recipients, metadata, hybrid)
+        return await self._publish_sealed(deadline, message_name, recipients, *sealed)
+
+    async def publish_many(
+        self,
+        message_name: str,
+        recipients: Sequence[str],
+        payloads: Iterable[Mapping[str, Any] | object],
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        hybrid: bool = False,
+    ) -> list[PublishResult]:
+        """Publish many payloads under one name at once; one result each, in order.
+
+        Each payload is sealed and published as `publish` does (its own
+        idempotency key), all of them together: on the batched session
+        they travel in as few frames as fit. A payload that fails (not a
+        JSON object, too large, refused) fails alone: its result holds the
+        error and the others go on.
+
+        For example:
+
+            results = await client.publish_many("readings/taken", [app_id], readings)
+            failed = [r for r in results if not r.ok]
+
+        Raises:
+            EnSyncValidationError: bad name, recipients or metadata (nothing
+                is published).
+        """
+        self._check_open()
+        self._check_publish(message_name, recipients)
+        metadata_json(metadata, "")  # refused for all, before any is sent
+        if metadata is not None and IDEMPOTENCY_HEADER in (metadata.get("headers") or {}):
+            raise errors.EnSyncValidationError(
+                f"metadata['headers'] sets {IDEMPOTENCY_HEADER!r} for every message of"
+                " publish_many: the engine would keep only the first; leave it out (each"
+                " message gets its own) or publish them one by one"
+            )
+        deadline = asyncio.get_running_loop().time() + self._engine.call_timeout_s
+
+        async def one(payload: Mapping[str, Any] | object) -> PublishResult:
+            try:
+                sealed = self._seal(payload, recipients, metadata, hybrid)
+                idem = await self._publish_sealed(deadline, message_name, recipients, *sealed)
+            except errors.EnSyncError as exc:
+                return PublishResult(idem=None, error=exc)
+            return PublishResult(idem=idem, error=None)
+
+        return list(await asyncio.gather(*(one(payload) for payload in payloads)))
+
+    def _check_publish(self, message_name: str, recipients: Sequence[str]) -> None:
         try:
             validate_name(message_name)
         except ValueError as exc:
             raise errors.EnSyncValidationError(str(exc)) from None
         self._recipients.check(recipients)
+
+    def _seal(
+        self,
+        payload: Mapping[str, Any] | object,
+        recipients: Sequence[str],
+        metadata: Mapping[str, Any] | None,
+        hybrid: bool,
+    ) -> tuple[list[str], str, str]:
+        """The envelope for each recipient, the metadata and the payload's metadata."""
         payload, plaintext = json_payload(payload)
         limit = self._connection.max_payload_bytes
         if limit is not None and len(plaintext) > limit:
@@ -183,12 +246,21 @@ class EnSyncClient:
         payload_metadata = payload_metadata_json(payload, len(plaintext))
         if hybrid:
             envelope = seal_hybrid(plaintext, list(recipients))
-            envelopes = [envelope] * len(recipients)
-        else:
-            sealer = self._engine.sealer
-            now_ms = time.monotonic_ns() // 1_000_000
-            envelopes = [sealer.seal(plaintext, recipient, now_ms) for recipient in recipients]
-        deadline = asyncio.get_running_loop().time() + self._engine.call_timeout_s
+            return [envelope] * len(recipients), metadata_text, payload_metadata
+        sealer = self._engine.sealer
+        now_ms = time.monotonic_ns() // 1_000_000
+        envelopes = [sealer.seal(plaintext, recipient, now_ms) for recipient in recipients]
+        return envelopes, metadata_text, payload_metadata
+
+    async def _publish_sealed(
+        self,
+        deadline: float,
+        message_name: str,
+        recipients: Sequence[str],
+        envelopes: list[str],
+        metadata_text: str,
+        payload_metadata: str,
+    ) -> str:
         if len(recipients) == 1:  # the common case: no task per recipient
             return await self._publish_one(
                 deadline, message_name, recipients[0], envelopes[0], metadata_text, payload_metadata

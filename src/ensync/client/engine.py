@@ -7,9 +7,11 @@ import functools
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from ensync import errors
+from ensync.client import wakeup
 from ensync.client.client import EnSyncClient, check_key_owner
 from ensync.client.connection import Connection, ConnectionOptions
 from ensync.client.events import EventEmitter, EventName
@@ -90,6 +92,8 @@ class BaseEngine(ABC):
         self._clients: list[EnSyncClient] = []
         self._handle = _ClientHandle(self)
         self._closed = False
+        # The loop whose signals this engine makes wake it (`wakeup`).
+        self._woken: asyncio.AbstractEventLoop | None = None
 
     @abstractmethod
     def _connectors(self) -> Sequence[Callable[[], ClientTransport]]:
@@ -129,6 +133,10 @@ class BaseEngine(ABC):
         if not isinstance(app_key, str) or not app_key:
             raise errors.EnSyncValidationError("app_key must be a non-empty string")
         secret = opening_key(app_secret_key) if app_secret_key is not None else None
+        if self._woken is None:
+            loop = asyncio.get_running_loop()
+            if wakeup.hold(loop):
+                self._woken = loop
         connectors = self._connectors()
         home = self._next_home
         self._next_home = (home + 1) % len(connectors)
@@ -161,6 +169,21 @@ class BaseEngine(ABC):
         self._clients.clear()
         await asyncio.gather(*(client.close() for client in clients))
         await self._events.close()
+        if self._woken is not None:
+            wakeup.release(self._woken)
+            self._woken = None
+
+    async def __aenter__(self) -> Self:
+        """``async with EnSyncEngine(...) as engine:`` closes its clients at the end."""
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
 
 
 class _ClientHandle:

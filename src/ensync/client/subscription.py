@@ -7,8 +7,11 @@ message is acked once. A handler that raises leaves the message unacked: it
 is given back to the engine, which delivers it again after its redelivery
 backoff (and dead-letters it after ``max_deliveries``), and the error is
 reported through the engine's ``error`` event and the log. Without
-handlers, messages go to ``async for`` loops; with ``auto_ack`` a message is
-acked when the loop body finishes for it without raising.
+handlers, messages go to ``async for`` loops or to ``get`` and ``fetch``.
+With ``auto_ack`` a loop's message is acked when the loop body finishes for
+it and asks for the next; one ``get`` or ``fetch`` returns is acked as it is
+handed over. A loop left early (``break``, ``return``, an exception) gives
+the message in hand back to the engine at once, for redelivery.
 
 While a handler (or loop body) runs, the subscription extends the message's
 lease before the engine's ack deadline passes, so a slow handler does not
@@ -33,7 +36,7 @@ from ensync.client.tasks import TaskOwner
 from ensync.client.transport import ClientTransport, Delivery, SettleKind, Settlement
 from ensync.client.typed import from_payload
 from ensync.crypto import OpeningKey
-from ensync.models import Message
+from ensync.models import Message, settled_by
 
 __all__ = ["Handler", "Subscription", "SubscriptionLink", "SubscriptionStatistics"]
 
@@ -55,6 +58,10 @@ class _DoesNotFit(errors.EnSyncMessageError):
 _BOTH_WAYS = (
     "subscription {name!r} has handlers and an async for loop: use one way to consume it"
     " (handlers with on(), or async for), not both"
+)
+_PULL_WITH_HANDLERS = (
+    "subscription {name!r} has handlers: every message goes to them, so {verb}() would"
+    " never get one; remove the handlers (the function on() returned) to pull"
 )
 
 
@@ -143,9 +150,11 @@ class Subscription:
         self._arrived = asyncio.Event()
         self._consumers = asyncio.Event()  # set while handlers or iterators exist
         self._iterators = 0
-        self._waiting_iterators = 0  # iterators waiting for a message right now
+        # Iterators, get and fetch calls waiting for a message right now.
+        self._waiting_iterators = 0
         # Messages for ``async for`` loops; None wakes a loop to look again.
         self._for_iterators: asyncio.Queue[Message | None] = asyncio.Queue()
+        self._pulls = 0  # get and fetch calls under way
         self._closed = False
         # Set by close: no new message is taken up; the one in hand finishes.
         self._closing = False
@@ -201,32 +210,59 @@ class Subscription:
             while not self._closed:
                 if self._handlers:
                     raise errors.EnSyncSubscriptionError(_BOTH_WAYS.format(name=self.name))
-                if self._ended and self._for_iterators.empty():
-                    if self._failure is not None:
-                        raise self._failure
-                    return
-                self._waiting_iterators += 1
-                try:
-                    message = await self._for_iterators.get()
-                finally:
-                    self._waiting_iterators -= 1
+                message = await self._next_message()
                 if message is None:
-                    continue  # woken: look again
+                    return
                 self._in_hand[message.idem] = False
+                finished = False
                 try:
                     yield message
+                    finished = True
                 finally:
                     self._let_go(message.idem)
                     settled = self._in_hand.pop(message.idem, False)
-                # Resumed: the loop body finished for this message.
-                if self.auto_ack and not settled:
-                    self._auto_ack(message)
+                    if not settled:
+                        if finished and self.auto_ack:
+                            self._auto_ack(message)
+                        elif not finished:
+                            # Left early (break, return, an exception: the
+                            # loop closes this generator): given back now
+                            # rather than when its lease runs out.
+                            self._give_back(message, "the consuming loop ended")
         finally:
             self._iterators -= 1
             self._update_consumers()
 
+    async def _next_message(self, timeout_s: float | None = None) -> Message | None:
+        """The next message for a loop or a pull; None once the subscription ended.
+
+        Raises TimeoutError when ``timeout_s`` passes first, and the
+        connection's failure when it failed for good.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while True:
+            if self._ended and self._for_iterators.empty():
+                if self._failure is not None:
+                    raise self._failure
+                return None
+            self._waiting_iterators += 1
+            try:
+                if deadline is None:
+                    message = await self._for_iterators.get()
+                else:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0 and self._for_iterators.empty():
+                        raise TimeoutError
+                    async with asyncio.timeout(max(remaining, 0)):
+                        message = await self._for_iterators.get()
+            finally:
+                self._waiting_iterators -= 1
+            if message is not None:
+                return message  # (None woke us: look again)
+
     def _update_consumers(self) -> None:
-        if self._handlers or self._iterators:
+        if self._handlers or self._iterators or self._pulls:
             self._consumers.set()
         else:
             self._consumers.clear()
@@ -294,6 +330,7 @@ class Subscription:
                 self._let_go(wire.idem)
                 self._link.report(exc)
                 continue
+            settled_by(message, self)
             if self._handlers:
                 await self._run_handlers(message)
             else:
@@ -324,14 +361,15 @@ class Subscription:
         if settled:
             return  # the handler acked, deferred or discarded it itself
         if failure is not None:
-            release = Settlement(
-                SettleKind.RELEASE, self.name, message.idem, reason=repr(failure)[:200]
-            )
-            # Not reported if it fails: the lease then simply runs out, and
-            # the engine redelivers anyway.
-            self._settle_in_background(release, report=False)
+            self._give_back(message, repr(failure)[:200])
         elif self.auto_ack:
             self._auto_ack(message)
+
+    def _give_back(self, message: Message, reason: str) -> None:
+        release = Settlement(SettleKind.RELEASE, self.name, message.idem, reason=reason)
+        # Not reported if it fails: the lease then simply runs out, and
+        # the engine redelivers anyway.
+        self._settle_in_background(release, report=False)
 
     def _auto_ack(self, message: Message) -> None:
         # Acks are pipelined: the next message is handled while this ack is
@@ -364,6 +402,95 @@ class Subscription:
             reason = f"payload does not fit {self._model.__name__}: {exc}"[:500]
             raise _DoesNotFit(f"message {wire.idem} on {self.name!r}: {reason}", reason) from exc
         return dataclasses.replace(message, payload=payload)
+
+    # ------------------------------------------------------------------ pulling
+
+    # ``timeout`` as JetStream's and Pub/Sub's pulls spell it; for fetch it
+    # ends the wait with what came, which a cancelling asyncio.timeout cannot.
+    async def get(self, timeout: float | None = None) -> Message:  # noqa: ASYNC109
+        """The next message, waiting at most ``timeout`` seconds (None: no limit).
+
+        The message is yours to settle (``await message.ack()``) within the
+        engine's ack deadline, or it is delivered again; on a subscription
+        with ``auto_ack`` it is acked as it is handed over.
+
+        For example:
+
+            sub = await client.subscribe("orders/created", auto_ack=False)
+            message = await sub.get(timeout=5)
+            await message.ack()
+
+        Raises:
+            TimeoutError: no message came within ``timeout``.
+            EnSyncSubscriptionError: the subscription has handlers, or ended.
+            EnSyncConnectionError: the client's connection failed for good.
+        """
+        messages = await self._pull("get", 1, timeout)
+        if not messages:
+            raise TimeoutError(f"no message of {self.name!r} came within {timeout:g} s")
+        return messages[0]
+
+    async def fetch(self, count: int, timeout: float = 1.0) -> list[Message]:  # noqa: ASYNC109
+        """Up to ``count`` messages: what came within ``timeout`` seconds.
+
+        Returns once ``count`` messages are in hand or the time is up, with
+        those that came (an empty list if none did). Each taken message lets
+        the engine send one more, so a batch larger than what is buffered
+        fills as the engine sends. Settle each as `get` says.
+
+        For example:
+
+            for message in await sub.fetch(100, timeout=2):
+                await message.ack()
+
+        Raises:
+            EnSyncValidationError: ``count`` is not a positive integer.
+            EnSyncSubscriptionError: the subscription has handlers, or ended.
+            EnSyncConnectionError: the client's connection failed for good.
+        """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise errors.EnSyncValidationError(f"count must be a positive integer, not {count!r}")
+        return await self._pull("fetch", count, timeout)
+
+    async def _pull(self, verb: str, count: int, wait_s: float | None) -> list[Message]:
+        if wait_s is not None and (
+            isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or wait_s < 0
+        ):
+            raise errors.EnSyncValidationError(f"timeout must be seconds >= 0, not {wait_s!r}")
+        if self._handlers:
+            raise errors.EnSyncSubscriptionError(
+                _PULL_WITH_HANDLERS.format(name=self.name, verb=verb)
+            )
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise errors.EnSyncSubscriptionError(f"subscription {self.name!r} has ended")
+        taken: list[Message] = []
+        self._pulls += 1
+        self._consumers.set()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = None if wait_s is None else loop.time() + wait_s
+            while len(taken) < count:
+                remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+                try:
+                    message = await self._next_message(remaining)
+                except TimeoutError:
+                    break
+                if message is None:
+                    if not taken:
+                        raise errors.EnSyncSubscriptionError(
+                            f"subscription {self.name!r} has ended"
+                        )
+                    break
+                self._let_go(message.idem)
+                if self.auto_ack:
+                    self._auto_ack(message)
+                taken.append(message)
+        finally:
+            self._pulls -= 1
+            self._update_consumers()
+        return taken
 
     # ------------------------------------------------------------------ verbs
 

@@ -26,15 +26,16 @@ Everything here is pure computation on bytes and text: no I/O, no clock.
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
-from nacl import bindings
 from nacl.exceptions import CryptoError
 
-from ensync._entropy import random_bytes
+from ensync._entropy import EntropyBuffer
 from ensync._json import dumps_compact
+from ensync.crypto import _sodium
 from ensync.crypto._base64 import b64encode
 from ensync.crypto.envelope_wire import (
     KEY_FIELDS,
@@ -128,18 +129,18 @@ class Sealer:
         data = _plaintext_bytes(plaintext)
         held = self._keys.get(recipient_app_id)
         if held is None or now_ms - held[2] >= self.reuse_ms or now_ms < held[2]:
-            ephemeral_public, ephemeral_secret = bindings.crypto_box_keypair()
-            shared = bindings.crypto_box_beforenm(x25519_public(recipient_app_id), ephemeral_secret)
+            ephemeral_public, ephemeral_secret = _sodium.bindings.crypto_box_keypair()
+            shared = _sodium.bindings.crypto_box_beforenm(
+                x25519_public(recipient_app_id), ephemeral_secret
+            )
             held = (ephemeral_public, shared, now_ms)
             self._keys[recipient_app_id] = held
             if len(self._keys) > self._max:
                 self._keys.popitem(last=False)
         else:
             self._keys.move_to_end(recipient_app_id)
-        # Nonces need to be unique, not secret: the buffered OS CSPRNG saves
-        # a system call per message.
-        nonce = random_bytes(NONCE_BYTES)
-        sealed = bindings.crypto_box_easy_afternm(data, nonce, held[1])
+        nonce = _nonce()
+        sealed = _sodium.bindings.crypto_box_easy_afternm(data, nonce, held[1])
         box = Box(nonce=nonce, ciphertext=sealed, ephemeral_public_key=held[0])
         return _to_wire(_box_json(box, "ciphertext"))
 
@@ -179,9 +180,9 @@ def seal_hybrid(plaintext: bytes, recipient_app_ids: Sequence[str]) -> str:
     # Convert every key before sealing anything, so a bad id fails cleanly.
     publics = [(app_id, x25519_public(app_id)) for app_id in recipients]
 
-    message_key = bindings.randombytes(MESSAGE_KEY_BYTES)
-    nonce = random_bytes(NONCE_BYTES)
-    sealed = bindings.crypto_secretbox_easy(data, nonce, message_key)
+    message_key = _sodium.bindings.randombytes(MESSAGE_KEY_BYTES)
+    nonce = _nonce()
+    sealed = _sodium.bindings.crypto_secretbox_easy(data, nonce, message_key)
     keys = {
         app_id: _box_json(_box(message_key, public), "encryptedKey") for app_id, public in publics
     }
@@ -236,7 +237,9 @@ def open_envelope(envelope: Envelope, secret_key: str | bytes | OpeningKey) -> b
         return plaintext
     message_key = _open_message_key(envelope, key)
     try:
-        return bindings.crypto_secretbox_open_easy(envelope.ciphertext, envelope.nonce, message_key)
+        return _sodium.bindings.crypto_secretbox_open_easy(
+            envelope.ciphertext, envelope.nonce, message_key
+        )
     except CryptoError:
         # The key entry authenticated, so the sender meant us: the payload
         # itself was changed (or sealed under another key by a broken sender).
@@ -246,6 +249,21 @@ def open_envelope(envelope: Envelope, secret_key: str | bytes | OpeningKey) -> b
 
 
 # -- sealing helpers -------------------------------------------------------
+
+
+def _fill(count: int) -> bytes:
+    return _sodium.bindings.randombytes(count)
+
+
+# Nonces need to be unique, not secret: buffered, they save a system call per
+# message. Refilled through libsodium rather than os.urandom, which lets go of
+# the GIL (see _sodium): one seal in ~170 could then wait for a busy thread.
+_NONCES = EntropyBuffer(fill=_fill)
+os.register_at_fork(after_in_child=_NONCES.forget)
+
+
+def _nonce() -> bytes:
+    return _NONCES.take(NONCE_BYTES)
 
 
 def _plaintext_bytes(plaintext: bytes) -> bytes:
@@ -261,9 +279,9 @@ def _plaintext_bytes(plaintext: bytes) -> bytes:
 def _box(message: bytes, recipient_public: bytes) -> Box:
     # A fresh key pair per box: the envelope carries no sender identity, and
     # reusing the ephemeral secret would link messages to each other.
-    ephemeral_public, ephemeral_secret = bindings.crypto_box_keypair()
-    nonce = random_bytes(NONCE_BYTES)
-    sealed = bindings.crypto_box_easy(message, nonce, recipient_public, ephemeral_secret)
+    ephemeral_public, ephemeral_secret = _sodium.bindings.crypto_box_keypair()
+    nonce = _nonce()
+    sealed = _sodium.bindings.crypto_box_easy(message, nonce, recipient_public, ephemeral_secret)
     return Box(nonce=nonce, ciphertext=sealed, ephemeral_public_key=ephemeral_public)
 
 
@@ -288,7 +306,7 @@ def _to_wire(envelope: dict[str, Any]) -> str:
 def _shared_key(ephemeral_public: bytes, secret: bytes) -> bytes:
     # A sender that reuses its ephemeral key pair (Sealer) makes this a hit:
     # one X25519 operation per window instead of per message.
-    return bindings.crypto_box_beforenm(ephemeral_public, secret)
+    return _sodium.bindings.crypto_box_beforenm(ephemeral_public, secret)
 
 
 _KEY_CACHES.append(_shared_key.cache_clear)
@@ -297,7 +315,7 @@ _KEY_CACHES.append(_shared_key.cache_clear)
 def _open_box(box: Box, key: OpeningKey) -> bytes | None:
     try:
         shared = _shared_key(box.ephemeral_public_key, key.x25519_secret)
-        return bindings.crypto_box_open_easy_afternm(box.ciphertext, box.nonce, shared)
+        return _sodium.bindings.crypto_box_open_easy_afternm(box.ciphertext, box.nonce, shared)
     except CryptoError:
         # Wrong key, changed data, or a small-order ephemeral key that
         # libsodium refuses: all mean "not for us" to the caller.

@@ -20,9 +20,9 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from nacl import bindings
 from nacl.exceptions import CryptoError
 
+from ensync.crypto import _sodium
 from ensync.crypto._base64 import b64decode, b64encode
 from ensync.errors import EnSyncValidationError
 
@@ -109,7 +109,7 @@ def generate_keypair() -> KeyPair:
     >>> len(decode_app_id(pair.app_id)), len(decode_secret_key(pair.secret_key))
     (32, 64)
     """
-    public, secret = bindings.crypto_sign_keypair()
+    public, secret = _sodium.bindings.crypto_sign_keypair()
     return KeyPair(app_id=b64encode(public), secret_key=b64encode(secret))
 
 
@@ -126,7 +126,7 @@ def keypair_from_seed(seed: bytes) -> KeyPair:
     """
     if not isinstance(seed, bytes | bytearray | memoryview) or len(seed) != SEED_BYTES:
         raise EnSyncValidationError(f"seed must be {SEED_BYTES} bytes")
-    public, secret = bindings.crypto_sign_seed_keypair(bytes(seed))
+    public, secret = _sodium.bindings.crypto_sign_seed_keypair(bytes(seed))
     return KeyPair(app_id=b64encode(public), secret_key=b64encode(secret))
 
 
@@ -300,7 +300,7 @@ def _x25519_public_cached(app_id_or_raw: str | bytes) -> bytes:
     else:
         raw = app_id_or_raw
     try:
-        return bindings.crypto_sign_ed25519_pk_to_curve25519(raw)
+        return _sodium.bindings.crypto_sign_ed25519_pk_to_curve25519(raw)
     except CryptoError:
         raise EnSyncValidationError(
             "public key is not a usable Ed25519 key (not a curve point, or of small order)"
@@ -320,13 +320,13 @@ def _opening_key_cached(secret: str | bytes) -> OpeningKey:
         seed = raw[:SEED_BYTES]
         # Derive the public key from the seed rather than trusting the stored
         # second half: decryption only ever uses the seed.
-        ed_public, _ = bindings.crypto_sign_seed_keypair(seed)
-        scalar = bindings.crypto_sign_ed25519_sk_to_curve25519(seed + ed_public)
+        ed_public, _ = _sodium.bindings.crypto_sign_seed_keypair(seed)
+        scalar = _sodium.bindings.crypto_sign_ed25519_sk_to_curve25519(seed + ed_public)
         app_id = b64encode(ed_public)
         map_keys.update((app_id, ed_public.hex()))
     else:
         scalar = raw
-    public = bindings.crypto_scalarmult_base(scalar)
+    public = _sodium.bindings.crypto_scalarmult_base(scalar)
     map_keys.update((b64encode(public), public.hex()))
     return OpeningKey(
         x25519_secret=scalar, x25519_public=public, map_keys=frozenset(map_keys), app_id=app_id

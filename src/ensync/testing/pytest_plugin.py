@@ -8,9 +8,8 @@ point); the fixtures are async, so the project needs ``pytest-asyncio``::
         warehouse = await ensync_app("warehouse")
         sub = await warehouse.client.subscribe("orders/created")
         await shop.client.publish("orders/created", [warehouse.app_id], {"id": 1})
-        async for message in sub:
-            assert message.payload == {"id": 1}
-            break
+        message = await sub.get(timeout=5)
+        assert message.payload == {"id": 1}
 
 * ``ensync_engine``: an engine in the test's process on free loopback ports
   with the memory store (a `TestServer`: ``grpc_url``,

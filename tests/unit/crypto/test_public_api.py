@@ -12,11 +12,11 @@ from types import ModuleType
 import pytest
 
 import ensync.crypto
-from ensync.crypto import _base64, envelope, keys
+from ensync.crypto import _base64, _sodium, envelope, keys
 
 __all__: list[str] = []
 
-MODULES: list[ModuleType] = [ensync.crypto, keys, envelope, _base64]
+MODULES: list[ModuleType] = [ensync.crypto, keys, envelope, _base64, _sodium]
 CRYPTO_DIR = Path(ensync.crypto.__file__).parent
 
 # Names other parts of ensync import; renaming one breaks them.
