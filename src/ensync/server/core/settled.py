@@ -54,6 +54,11 @@ class SettledSet:
         """The settled blocks above the floor, as inclusive ranges, in order."""
         return list(zip(self._starts, self._ends, strict=True))
 
+    def all_ranges(self) -> list[tuple[int, int]]:
+        """Every settled block as inclusive ranges, the floor's ``1..floor`` first."""
+        head = [(1, self._floor)] if self._floor else []
+        return head + self.ranges()
+
     def __contains__(self, block: object) -> bool:
         if not isinstance(block, int) or block < 1:
             return False
