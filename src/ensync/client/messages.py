@@ -8,12 +8,13 @@ from typing import Any
 
 from ensync import errors
 from ensync.client.transport import Delivery
+from ensync.client.typed import from_payload
 from ensync.crypto import OpeningKey, open_envelope, parse_envelope
 from ensync.models import Message, ReplayInfo
 from ensync.protocol.records import ReplayInfo as WireReplayInfo
 from ensync.protocol.records import metadata_object, split_replay_info
 
-__all__ = ["open_message", "open_payload_of", "replayed"]
+__all__ = ["DoesNotFit", "open_message", "open_payload_of", "open_typed", "replayed"]
 
 
 def open_message(wire: Delivery, key: OpeningKey) -> Message:
@@ -32,6 +33,32 @@ def open_message(wire: Delivery, key: OpeningKey) -> Message:
         sender=wire.sender,
         attempt=wire.attempt,
     )
+
+
+class DoesNotFit(errors.EnSyncMessageError):
+    """A readable message whose payload does not fit the subscription's model."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def open_typed(wire: Delivery, key: OpeningKey, model: type[Any] | None) -> Message:
+    """A delivery decrypted, its payload made an instance of ``model`` if given.
+
+    Raises:
+        DoesNotFit: the payload does not fit ``model`` (with the reason).
+        EnSyncMessageError: it cannot be decrypted, or is not JSON.
+    """
+    message = open_message(wire, key)
+    if model is None:
+        return message
+    try:
+        payload = from_payload(model, message.payload)
+    except ValueError as exc:
+        reason = f"payload does not fit {model.__name__}: {exc}"[:500]
+        raise DoesNotFit(f"message {wire.idem} on {wire.name!r}: {reason}", reason) from exc
+    return dataclasses.replace(message, payload=payload)
 
 
 def replayed(message: Message, info: WireReplayInfo | None) -> Message:

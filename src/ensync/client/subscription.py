@@ -21,20 +21,23 @@ cause a second delivery.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from ensync import errors
+from ensync.client.handout import Handout
 from ensync.client.leases import LeaseKeeper
-from ensync.client.messages import open_message, replayed
+from ensync.client.messages import DoesNotFit, open_typed, replayed
+from ensync.client.subscription_link import (
+    SubscriptionLink,
+    SubscriptionStatistics,
+    settle_quietly,
+)
 from ensync.client.tasks import TaskOwner
-from ensync.client.transport import ClientTransport, Delivery, SettleKind, Settlement
-from ensync.client.typed import from_payload
+from ensync.client.transport import Delivery, SettleKind, Settlement
 from ensync.crypto import OpeningKey
 from ensync.models import Message, settled_by
 
@@ -47,14 +50,6 @@ Handler = Callable[[Message], Awaitable[object] | object]
 MAX_DEFER_MS = 86_400_000
 
 
-class _DoesNotFit(errors.EnSyncMessageError):
-    """A readable message whose payload does not fit the subscription's model."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 _BOTH_WAYS = (
     "subscription {name!r} has handlers and an async for loop: use one way to consume it"
     " (handlers with on(), or async for), not both"
@@ -63,60 +58,6 @@ _PULL_WITH_HANDLERS = (
     "subscription {name!r} has handlers: every message goes to them, so {verb}() would"
     " never get one; remove the handlers (the function on() returned) to pull"
 )
-
-
-class SubscriptionLink(Protocol):
-    """What a subscription needs from its client, and nothing more."""
-
-    @property
-    def ack_deadline_ms(self) -> int | None:
-        """The engine's ack deadline, if it said (leases are kept within it)."""
-        ...
-
-    def transport(self) -> ClientTransport:
-        """The live transport; raises EnSyncConnectionError while the link is down."""
-        ...
-
-    async def pause(self, name: str, reason: str) -> None:
-        """Pause ``name`` for the client (and after a reconnect)."""
-        ...
-
-    async def resume(self, name: str) -> None:
-        """Resume ``name`` for the client."""
-        ...
-
-    async def unsubscribe(self, name: str) -> None:
-        """Unsubscribe the client from ``name``."""
-        ...
-
-    def report(self, error: errors.EnSyncError) -> None:
-        """Tell the application (``error`` listeners) about a failure."""
-        ...
-
-    def consumed(self, name: str) -> None:
-        """A delivery was taken up: the engine may send another (flow control)."""
-        ...
-
-    def forget(self, subscription: Subscription) -> None:
-        """The subscription ended: the client no longer lists it."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class SubscriptionStatistics:
-    """A snapshot of a `Subscription`.
-
-    Attributes:
-        buffered: messages received and not yet handled.
-        handlers: registered handlers.
-        iterators: ``async for`` loops running.
-        leases_kept: messages whose lease the subscription keeps extending.
-    """
-
-    buffered: int
-    handlers: int
-    iterators: int
-    leases_kept: int
 
 
 class Subscription:
@@ -150,16 +91,12 @@ class Subscription:
         self._arrived = asyncio.Event()
         self._consumers = asyncio.Event()  # set while handlers or iterators exist
         self._iterators = 0
-        # Iterators, get and fetch calls waiting for a message right now.
-        self._waiting_iterators = 0
-        # Messages for ``async for`` loops; None wakes a loop to look again.
-        self._for_iterators: asyncio.Queue[Message | None] = asyncio.Queue()
+        # Opened messages for loops and pulls (without handlers).
+        self._handout = Handout()
         self._pulls = 0  # get and fetch calls under way
         self._closed = False
         # Set by close: no new message is taken up; the one in hand finishes.
         self._closing = False
-        # Set by close and by a failed connection: loops end once the queue is empty.
-        self._ended = False
         # Set when the client's connection failed for good: iterators raise it.
         self._failure: errors.EnSyncError | None = None
         # Acks sent without a coroutine (the transport's futures).
@@ -182,7 +119,7 @@ class Subscription:
         """
         if not callable(handler):
             raise errors.EnSyncValidationError("handler must be callable")
-        if self._waiting_iterators:
+        if self._handout.waiting:
             # (A loop left with break no longer waits: handlers may follow it.)
             raise errors.EnSyncSubscriptionError(_BOTH_WAYS.format(name=self.name))
         self._handlers.append(handler)
@@ -195,10 +132,7 @@ class Subscription:
 
         return remove
 
-    def __aiter__(self) -> AsyncIterator[Message]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Message]:
+    async def __aiter__(self) -> AsyncIterator[Message]:
         if self._handlers:
             # Messages go to handlers first: an iterator would wait forever.
             raise errors.EnSyncSubscriptionError(_BOTH_WAYS.format(name=self.name))
@@ -210,7 +144,7 @@ class Subscription:
             while not self._closed:
                 if self._handlers:
                     raise errors.EnSyncSubscriptionError(_BOTH_WAYS.format(name=self.name))
-                message = await self._next_message()
+                message = await self._handout.take()
                 if message is None:
                     return
                 self._in_hand[message.idem] = False
@@ -228,38 +162,11 @@ class Subscription:
                             # Left early (break, return, an exception: the
                             # loop closes this generator): given back now
                             # rather than when its lease runs out.
-                            self._give_back(message, "the consuming loop ended")
+                            release = _release(self.name, message, "the consuming loop ended")
+                            self._settle_in_background(release, report=False)
         finally:
             self._iterators -= 1
             self._update_consumers()
-
-    async def _next_message(self, timeout_s: float | None = None) -> Message | None:
-        """The next message for a loop or a pull; None once the subscription ended.
-
-        Raises TimeoutError when ``timeout_s`` passes first, and the
-        connection's failure when it failed for good.
-        """
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        while True:
-            if self._ended and self._for_iterators.empty():
-                if self._failure is not None:
-                    raise self._failure
-                return None
-            self._waiting_iterators += 1
-            try:
-                if deadline is None:
-                    message = await self._for_iterators.get()
-                else:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0 and self._for_iterators.empty():
-                        raise TimeoutError
-                    async with asyncio.timeout(max(remaining, 0)):
-                        message = await self._for_iterators.get()
-            finally:
-                self._waiting_iterators -= 1
-            if message is not None:
-                return message  # (None woke us: look again)
 
     def _update_consumers(self) -> None:
         if self._handlers or self._iterators or self._pulls:
@@ -279,13 +186,7 @@ class Subscription:
         self._closing = True
         self._arrived.set()
         self._consumers.set()
-        self._end_iterations()
-
-    def _end_iterations(self) -> None:
-        """Loops waiting for a message look again, and end."""
-        self._ended = True
-        for _ in range(self._waiting_iterators):
-            self._for_iterators.put_nowait(None)
+        self._handout.end(error)
 
     def _deliver(self, wire: Delivery) -> None:
         """Called by the transport's reader for every delivery, in order."""
@@ -316,8 +217,8 @@ class Subscription:
             wire = self._inbox.popleft()
             self._link.consumed(self.name)
             try:
-                message = self._open(wire)
-            except _DoesNotFit as exc:
+                message = open_typed(wire, self._key, self._model)
+            except DoesNotFit as exc:
                 # Delivering it again cannot help: to the dead letters at once.
                 self._let_go(wire.idem)
                 discard = Settlement(SettleKind.DISCARD, self.name, wire.idem, reason=exc.reason)
@@ -334,7 +235,7 @@ class Subscription:
             if self._handlers:
                 await self._run_handlers(message)
             else:
-                await self._for_iterators.put(message)
+                await self._handout.put(message)
 
     async def _run_handlers(self, message: Message) -> None:
         failure: Exception | None = None
@@ -361,15 +262,12 @@ class Subscription:
         if settled:
             return  # the handler acked, deferred or discarded it itself
         if failure is not None:
-            self._give_back(message, repr(failure)[:200])
+            # Not reported if it fails: the lease then simply runs out, and
+            # the engine redelivers anyway.
+            release = _release(self.name, message, repr(failure)[:200])
+            self._settle_in_background(release, report=False)
         elif self.auto_ack:
             self._auto_ack(message)
-
-    def _give_back(self, message: Message, reason: str) -> None:
-        release = Settlement(SettleKind.RELEASE, self.name, message.idem, reason=reason)
-        # Not reported if it fails: the lease then simply runs out, and
-        # the engine redelivers anyway.
-        self._settle_in_background(release, report=False)
 
     def _auto_ack(self, message: Message) -> None:
         # Acks are pipelined: the next message is handled while this ack is
@@ -388,20 +286,9 @@ class Subscription:
 
     def _settle_in_background(self, settlement: Settlement, *, report: bool) -> None:
         self._tasks.start(
-            _settle_quietly(self._link, settlement, report=report),
+            settle_quietly(self._link, settlement, report=report),
             name=f"ensync-{settlement.kind.value}-{self.name}",
         )
-
-    def _open(self, wire: Delivery) -> Message:
-        message = open_message(wire, self._key)
-        if self._model is None:
-            return message
-        try:
-            payload = from_payload(self._model, message.payload)
-        except ValueError as exc:
-            reason = f"payload does not fit {self._model.__name__}: {exc}"[:500]
-            raise _DoesNotFit(f"message {wire.idem} on {self.name!r}: {reason}", reason) from exc
-        return dataclasses.replace(message, payload=payload)
 
     # ------------------------------------------------------------------ pulling
 
@@ -474,7 +361,7 @@ class Subscription:
             while len(taken) < count:
                 remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
                 try:
-                    message = await self._next_message(remaining)
+                    message = await self._handout.take(remaining)
                 except TimeoutError:
                     break
                 if message is None:
@@ -529,7 +416,7 @@ class Subscription:
     async def replay(self, idem: str) -> Message:
         """Fetch a message of this app again by idem, whatever its state."""
         replay = await self._link.transport().replay(self.name, idem)
-        return replayed(self._open(replay.message), replay.info)
+        return replayed(open_typed(replay.message, self._key, self._model), replay.info)
 
     async def pause(self, reason: str = "") -> None:
         """Stop deliveries to this client; unsettled ones go to other clients."""
@@ -576,7 +463,7 @@ class Subscription:
         if self._keeper is not None:
             await self._keeper.close()
         self._closed = True
-        self._end_iterations()
+        self._handout.end()
         # Settlements already sent settle messages for good: let them land,
         # then cancel what is still running.
         await self._tasks.wait(max(drain_timeout_s, 1.0), *self._acks)
@@ -585,22 +472,13 @@ class Subscription:
     def statistics(self) -> SubscriptionStatistics:
         """Buffered (not yet handled) messages, handlers, loops and kept leases."""
         return SubscriptionStatistics(
-            buffered=len(self._inbox) + self._for_iterators.qsize(),
+            buffered=len(self._inbox) + len(self._handout),
             handlers=len(self._handlers),
             iterators=self._iterators,
             leases_kept=len(self._keeper) if self._keeper is not None else 0,
         )
 
 
-async def _settle_quietly(link: SubscriptionLink, settlement: Settlement, *, report: bool) -> None:
-    """Settle in the background.
-
-    A failure goes to the error listeners (``report``) or to the debug log.
-    """
-    try:
-        await link.transport().settle(settlement)
-    except errors.EnSyncError as exc:
-        if report:
-            link.report(exc)
-        else:
-            log.debug("could not %s %s: %s", settlement.kind.value, settlement.idem, exc)
+def _release(name: str, message: Message, reason: str) -> Settlement:
+    """Giving ``message`` back unsettled, to be delivered again."""
+    return Settlement(SettleKind.RELEASE, name, message.idem, reason=reason)
