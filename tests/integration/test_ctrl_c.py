@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ensync.testing import TestServer, run_engine
+from ensync.testing.process import dies_with_parent
 from tests.support.timing import seconds
 
 # An application idle in `async for` (its loop asleep until the next
@@ -63,7 +64,7 @@ async def test_a_sigint_on_another_thread_stops_the_application_at_once(
     started = time.monotonic()
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-c", _IDLE_CONSUMER],
+        dies_with_parent([sys.executable, "-c", _IDLE_CONSUMER]),
         env={
             **os.environ,
             "URL": server.grpc_url if transport == "grpc" else server.ws_url,

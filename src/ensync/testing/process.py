@@ -72,6 +72,7 @@ if os.getppid() != parent:  # the parent died before that took effect
     os._exit(1)
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 try:
     os.execvp(program[0], program)
 except OSError as exc:
@@ -106,6 +107,10 @@ def dies_with_parent(argv: Sequence[str]) -> list[str]:
     Start it from a thread that lives as long as the child should (the event
     loop's, or the one that waits for it): the kernel watches the thread
     that started the child, not the whole process.
+
+    The child starts with SIGINT at its default, as from a shell: a parent
+    run as a background job ignores SIGINT, and its children would inherit
+    that and ignore the Ctrl-C a test sends them.
     """
     if not sys.platform.startswith("linux") or not sys.executable:
         return list(argv)
