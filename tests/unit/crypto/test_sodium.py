@@ -22,6 +22,7 @@ import pytest
 from nacl import _sodium as nacl_sodium
 from nacl import exceptions as nacl_exceptions
 
+from ensync.bench.threads import gil_handoffs
 from ensync.crypto import (
     Sealer,
     _sodium,
@@ -211,40 +212,6 @@ def test_a_scalar_of_the_wrong_length_never_reaches_libsodium() -> None:
 # -- no stall ----------------------------------------------------------------
 
 
-def gil_released_during(call: Callable[[], object], calls: int) -> int:
-    """How often another thread ran while ``calls`` calls were made.
-
-    With a switch interval far longer than the test, this thread keeps the
-    GIL unless a call lets go of it; the other thread, always waiting for
-    the GIL, then counts once and gives it back (``sleep(0)``). Deterministic
-    for code that keeps the GIL: the count stays 0.
-    """
-    ran = [0]
-    stop = threading.Event()
-
-    def other() -> None:
-        while not stop.is_set():
-            ran[0] += 1
-            time.sleep(0)
-
-    interval = sys.getswitchinterval()
-    thread = threading.Thread(target=other, daemon=True)
-    thread.start()
-    try:
-        sys.setswitchinterval(100.0)
-        # Let the other thread's waits that began under the old interval end.
-        time.sleep(0.01)
-        time.sleep(0.01)
-        before = ran[0]
-        for _ in range(calls):
-            call()
-        return ran[0] - before
-    finally:
-        sys.setswitchinterval(interval)
-        stop.set()
-        thread.join()
-
-
 def hot_paths() -> dict[str, Callable[[], object]]:
     sealer = Sealer(reuse_ms=60_000)
     single = seal(KILOBYTE, BOB.app_id)
@@ -268,12 +235,12 @@ def test_sealing_and_opening_never_let_go_of_the_gil(path: str) -> None:
     call = hot_paths()[path]
     call()
     # 2,000 calls: more than one refill of the nonce buffer (~170 nonces).
-    assert gil_released_during(call, 2_000) == 0
+    assert gil_handoffs(call, 2_000) == 0
 
 
 def test_the_check_sees_pynacl_let_go_of_the_gil() -> None:
     with _sodium.using(_sodium.PYNACL):
-        assert gil_released_during(lambda: seal(KILOBYTE, BOB.app_id), 500) > 0
+        assert gil_handoffs(lambda: seal(KILOBYTE, BOB.app_id), 500) > 0
 
 
 def test_a_seal_beside_a_busy_thread_does_not_wait_for_its_switch_interval() -> None:
