@@ -10,7 +10,8 @@ from ensync.testing import TestServer, run_engine
 
 # Captures the whole run's logs and error messages and fails the run if an
 # app key, secret key or published plaintext shows up in them (DESIGN.md §6).
-pytest_plugins = ["tests.support.leaks"]
+# A test that times out fails alone, not the tests after it (tests/support/timeouts.py).
+pytest_plugins = ["tests.support.leaks", "tests.support.timeouts"]
 
 
 @pytest.fixture

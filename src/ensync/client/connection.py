@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ensync import errors
+from ensync._tasks import raise_if_cancelled
 from ensync.client.backoff import backoff_delay_s
 from ensync.client.events import EventEmitter
 from ensync.client.tasks import TaskOwner
@@ -221,6 +222,7 @@ class Connection:
     async def _heartbeat(self) -> None:
         interval_s = self._options.heartbeat_interval_ms / 1000
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(interval_s)
             if self._state is not ConnectionState.CONNECTED or self._transport is None:
                 continue

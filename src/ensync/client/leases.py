@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from ensync import errors
+from ensync._tasks import raise_if_cancelled
 from ensync.client.tasks import TaskOwner
 
 __all__ = ["LeaseKeeper"]
@@ -106,5 +107,6 @@ class LeaseKeeper:
 
     async def _run(self) -> None:
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self.interval_s)
             await self.extend_due()

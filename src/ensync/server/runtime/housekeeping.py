@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ensync._tasks import raise_if_cancelled
 from ensync.server.config import EngineConfig
 from ensync.server.core.service import Service
 from ensync.server.runtime.clock import Timer
@@ -71,6 +72,7 @@ class Housekeeping:
         # The CLI changes apps from another process; reading them a few times a
         # second brings revocations, new keys and rules to connected clients.
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self._config().app_refresh_ms / 1000)
             await self.refresh_apps()
 
@@ -80,12 +82,14 @@ class Housekeeping:
         # their time to live.
         admission = self._service.admission
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(admission.registry_ttl_ms() / 3000)
             await admission.register_sessions(list(admission.dispatcher.sessions.values()))
 
     async def _prune_forever(self) -> None:
         delay_s = min(_PRUNE_EVERY_S, max(0.05, self._config().session_timeout_ms / 3000))
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(delay_s)
             delay_s = _PRUNE_EVERY_S
             try:

@@ -241,7 +241,8 @@ class _Connection:
         self._idle.clear()
         self._wake.set()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
         except TimeoutError:
             log.warning("closing a WebSocket with commands still in progress")
         if not self._closed:

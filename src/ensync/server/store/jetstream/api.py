@@ -55,6 +55,8 @@ __all__ = [
 EXPECT = "Nats-Expected-Last-Subject-Sequence"
 EXPECT_FILTER = "Nats-Expected-Last-Subject-Sequence-Subject"
 TTL = "Nats-TTL"
+# On a write: keep only this message on its subject (streams with allow_rollup_hdrs).
+ROLLUP = {"Nats-Rollup": "sub"}
 # JetStream error codes the backend acts on.
 STREAM_NAME_IN_USE = 10058  # a stream of that name exists, configured otherwise
 STREAM_NOT_FOUND = 10059
@@ -226,7 +228,9 @@ class JetStreamApi:
         self._waiting[token] = collector
         try:
             await self._nc.publish(f"$JS.API.DIRECT.GET.{stream}", orjson.dumps(query), reply=token)
-            await asyncio.wait_for(collector.done, self._timeout_s)
+            # Not wait_for: on Python 3.11 it can swallow a cancellation (ensync._tasks).
+            async with asyncio.timeout(self._timeout_s):
+                await collector.done
         except (NatsError, TimeoutError) as exc:  # the publish failed, or no end of batch came
             raise StoreError(f"reading {stream} failed: {exc!r}") from exc
         finally:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ensync._tasks import raise_if_cancelled
 from ensync.server.store.base import (
     AppRecord,
     DeliveryPolicy,
@@ -350,6 +351,7 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
         reads every few seconds.
         """
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(self._refresh_s)
             now = time.monotonic()
             every_s = max(self._refresh_s, min(_REREAD_MAX_S, self._policy.lease_ms / 4000))
