@@ -11,6 +11,7 @@ import pytest
 
 from ensync.server.store.jetstream.api import JetStreamApi
 from ensync.server.store.jetstream.nodes import NodeIdInUseError, NodeRegistry
+from ensync.server.store.jetstream.slots import owned_stream_config
 from tests.support.nats import nats_url
 from tests.support.timing import seconds
 
@@ -22,20 +23,12 @@ async def registry() -> AsyncIterator[Callable[[str], NodeRegistry]]:
     api = JetStreamApi(connection)
     await api.start()
     name = "NODES_" + secrets.token_hex(4).upper()
+    prefix = name.lower()
     await api.request(
-        f"$JS.API.STREAM.CREATE.{name}",
-        {
-            "name": name,
-            "subjects": [f"{name.lower()}.>"],
-            "storage": "memory",
-            "max_msgs_per_subject": 1,
-            "allow_atomic": True,
-            "allow_direct": True,
-            "allow_msg_ttl": True,
-        },
+        f"$JS.API.STREAM.CREATE.{name}", owned_stream_config(name, prefix, storage="memory")
     )
     try:
-        yield lambda node: NodeRegistry(api, name, name.lower(), node, ttl_s=1)
+        yield lambda node: NodeRegistry(api, name, prefix, node, ttl_s=1)
     finally:
         await api.request(f"$JS.API.STREAM.DELETE.{name}")
         await api.stop()

@@ -10,7 +10,7 @@ import nats
 import pytest
 
 from ensync.server.store.jetstream.api import ConflictError, JetStreamApi, Out
-from ensync.server.store.jetstream.slots import SlotLeases
+from ensync.server.store.jetstream.slots import SlotLeases, owned_stream_config
 from tests.support.nats import nats_url
 from tests.support.timing import seconds
 
@@ -24,16 +24,7 @@ async def nodes() -> AsyncIterator[tuple[SlotLeases, SlotLeases, JetStreamApi]]:
     name = "SLOTS_" + secrets.token_hex(4).upper()
     prefix = name.lower()
     await api.request(
-        f"$JS.API.STREAM.CREATE.{name}",
-        {
-            "name": name,
-            "subjects": [f"{prefix}.>"],
-            "storage": "memory",
-            "max_msgs_per_subject": 1,
-            "allow_atomic": True,
-            "allow_direct": True,
-            "allow_msg_ttl": True,
-        },
+        f"$JS.API.STREAM.CREATE.{name}", owned_stream_config(name, prefix, storage="memory")
     )
     try:
         yield (

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from ensync.server.store.base import StoreError
-from ensync.server.store.jetstream.api import ConflictError, JetStreamApi, Out
+from ensync.server.store.jetstream.api import ROLLUP, ConflictError, JetStreamApi, Out
 
 __all__ = ["NodeIdInUseError", "NodeRegistry"]
 
@@ -33,8 +33,9 @@ class NodeRegistry:
 
     Args:
         api: an open JetStream API.
-        stream: holds ``<prefix>.node.*`` (one message per subject,
-            ``allow_msg_ttl``, ``allow_atomic``, ``allow_direct``).
+        stream: holds ``<prefix>.node.*`` (the ownership stream,
+            :func:`~ensync.server.store.jetstream.slots.owned_stream_config`:
+            each write rolls its subject up to one message).
         prefix: the subjects' prefix.
         node: this node's id (``[A-Za-z0-9_-]``).
         ttl_s: how long the server keeps a record after its last write.
@@ -66,7 +67,7 @@ class NodeRegistry:
         self._record = orjson.dumps({"node": self.node, **info})
         try:
             self._seq = await self._api.atomic(
-                [Out(self._subject, self._record, expect=0, ttl_s=self._ttl_s)]
+                [Out(self._subject, self._record, expect=0, ttl_s=self._ttl_s, headers=ROLLUP)]
             )
         except ConflictError:
             raise NodeIdInUseError(
@@ -81,7 +82,15 @@ class NodeRegistry:
             return False
         try:
             self._seq = await self._api.atomic(
-                [Out(self._subject, self._record, expect=self._seq, ttl_s=self._ttl_s)]
+                [
+                    Out(
+                        self._subject,
+                        self._record,
+                        expect=self._seq,
+                        ttl_s=self._ttl_s,
+                        headers=ROLLUP,
+                    )
+                ]
             )
         except ConflictError:
             self._seq = None

@@ -226,6 +226,11 @@ def settled_json(
 
 
 def message_json(message: StoredMessage) -> bytes:
+    return orjson.dumps(message_dict(message))
+
+
+def message_dict(message: StoredMessage) -> dict[str, Any]:
+    """A message's record (its idem, recipient and name are in its subject)."""
     record: dict[str, Any] = {
         "b": message.block,
         "s": message.sender,
@@ -237,7 +242,7 @@ def message_json(message: StoredMessage) -> bytes:
         record.update(p=message.payload, md=message.metadata, pm=message.payload_metadata)
     else:
         record["v"] = 1
-    return orjson.dumps(record)
+    return record
 
 
 def body_json(message: StoredMessage) -> bytes:

@@ -1,12 +1,13 @@
 """Slot leases and fence records on JetStream: who owns which slot, and since when.
 
 Each slot ``k`` of the cluster (:mod:`ensync.server.core.ownership`) has two
-subjects in one stream (one message per subject, per-message TTLs):
+subjects in the ownership stream (:func:`owned_stream_config`; each write
+rolls its subject up to that one message, and a lease has a time to live):
 
 * ``<prefix>.slot.<k>``: the lease: the owner's node id and epoch, with a
   time to live; renewed by its owner (expecting its own last sequence), let
   lapse by the server when it is not, deleted when its owner lets go;
-* ``<prefix>.fence.<k>``: the latest owner's epoch record, kept.
+* ``<prefix>.fence.<k>.epoch``: the latest owner's epoch record, kept.
 
 Acquiring a slot writes both in one atomic batch: the lease expecting no
 message on its subject (free), the fence record expecting the fence's last
@@ -19,12 +20,45 @@ record, so a former owner's late writes are refused by the server
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-from ensync.server.store.jetstream.api import ConflictError, JetStreamApi, Out
+from ensync.server.store.jetstream.api import ROLLUP, ConflictError, JetStreamApi, Out
 
-__all__ = ["SlotLease", "SlotLeases"]
+__all__ = ["SlotLease", "SlotLeases", "fence_subject", "owned_stream_config"]
+
+
+def fence_subject(prefix: str, slot: int) -> str:
+    """What every write to ``slot``'s partitions expects at its owner's record.
+
+    Four tokens, as the slot's partition subjects have at least: a new owner
+    reads them all and the fence in one walk, ``<prefix>.*.<slot>.>``
+    (:func:`~ensync.server.store.jetstream.partition_logs.recover_slot`).
+    """
+    return f"{prefix}.fence.{slot}.epoch"
+
+
+def owned_stream_config(
+    stream: str, prefix: str, *, replicas: int = 1, storage: str = "file"
+) -> dict[str, Any]:
+    """The stream of one-owner-per-partition: live nodes, slot leases and
+    fences, and the partition logs (``<prefix>.>``), so that an owner's
+    fenced batch and the fence it expects are in one stream.
+
+    No per-subject limit (a partition log keeps many messages): a lease, a
+    fence or a node record is kept at one message by rolling its subject up.
+    """
+    return {
+        "name": stream,
+        "subjects": [f"{prefix}.>"],
+        "storage": storage,
+        "num_replicas": replicas,
+        "allow_atomic": True,
+        "allow_direct": True,
+        "allow_msg_ttl": True,
+        "allow_rollup_hdrs": True,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +77,7 @@ class SlotLeases:
     Args:
         api: an open JetStream API.
         stream: the stream holding ``<prefix>.slot.*`` and ``<prefix>.fence.*``
-            (one message per subject, ``allow_msg_ttl``, ``allow_atomic``,
-            ``allow_direct``).
+            (:func:`owned_stream_config`).
         prefix: the subjects' prefix.
         node: this node's id.
         ttl_s: how long the server keeps a lease after its last write.
@@ -63,8 +96,8 @@ class SlotLeases:
         return f"{self._prefix}.slot.{slot}"
 
     def fence_subject(self, slot: int) -> str:
-        """What every write to the slot's partitions expects at the owner's record."""
-        return f"{self._prefix}.fence.{slot}"
+        """The slot's fence subject (:func:`fence_subject`)."""
+        return fence_subject(self._prefix, slot)
 
     async def owners(self, slots: int) -> dict[int, tuple[str, int]]:
         """Each leased slot's owner and epoch, as the server has them now."""
@@ -86,8 +119,14 @@ class SlotLeases:
         try:
             last = await self._api.atomic(
                 [
-                    Out(self.lease_subject(slot), record, expect=0, ttl_s=self._ttl_s),
-                    Out(self.fence_subject(slot), record, expect=fence_seq),
+                    Out(
+                        self.lease_subject(slot),
+                        record,
+                        expect=0,
+                        ttl_s=self._ttl_s,
+                        headers=ROLLUP,
+                    ),
+                    Out(self.fence_subject(slot), record, expect=fence_seq, headers=ROLLUP),
                 ]
             )
         except ConflictError:
@@ -105,6 +144,7 @@ class SlotLeases:
                         record,
                         expect=lease.lease_seq,
                         ttl_s=self._ttl_s,
+                        headers=ROLLUP,
                     )
                 ]
             )

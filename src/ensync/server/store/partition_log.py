@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ensync._json import dumps_compact, loads_strict
-from ensync.server.core.settled import SettledSet
+from ensync.server.store.settled import SettledSet
 
 __all__ = [
     "Deferred",

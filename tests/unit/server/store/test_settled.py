@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ensync.server.core.settled import SettledSet
+from ensync.server.store.settled import SettledSet
 
 
 def test_in_order_settlements_only_move_the_floor() -> None:

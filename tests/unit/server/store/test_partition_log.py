@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ensync.server.core.partition_log import (
+from ensync.server.store.partition_log import (
     Deferred,
     Delivered,
     PartitionState,
