@@ -56,6 +56,7 @@ from ensync.server.store.jetstream.appends import Appends
 from ensync.server.store.jetstream.apps import Apps
 from ensync.server.store.jetstream.claims import Claims
 from ensync.server.store.jetstream.dead import DeadLetters
+from ensync.server.store.jetstream.layout import check_server_version, ensure_layout
 from ensync.server.store.jetstream.records import Names, is_gone
 from ensync.server.store.jetstream.streams import ensure_streams
 
@@ -176,7 +177,10 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
         self._api = JetStreamApi(self._nc)
         try:
             await self._api.start()
+            version = self._nc.connected_server_version
+            check_server_version(f"{version.major}.{version.minor}.{version.patch}")
             await ensure_streams(self._api, self.names, self._replicas)
+            await ensure_layout(self._api, self.names)
             await self._nc.subscribe(self.names.ready, cb=self._on_ready)
         except BaseException:
             await self._nc.close()
