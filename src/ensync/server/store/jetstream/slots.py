@@ -92,6 +92,11 @@ class SlotLeases:
         self.node = node
         self._ttl_s = ttl_s
 
+    @property
+    def ttl_s(self) -> int:
+        """How long the server keeps a lease after its last write."""
+        return self._ttl_s
+
     def lease_subject(self, slot: int) -> str:
         return f"{self._prefix}.slot.{slot}"
 
