@@ -58,7 +58,12 @@ async def test_fails_then_hangs(stuck):
 
 
 def run_pytest(
-    tmp_path: Path, plugins: list[str], scenario: str, timeout_s: float = 120
+    tmp_path: Path,
+    plugins: list[str],
+    scenario: str,
+    *,
+    timeout_s: float = 120,
+    grace_s: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     project = tmp_path / "project"
     project.mkdir(parents=True)
@@ -82,7 +87,11 @@ def run_pytest(
             str(tmp_path / "base"),
         ],
         cwd=project,
-        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "ENSYNC_TEST_TIMEOUT_GRACE_S": "2"},
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),
+            "ENSYNC_TEST_TIMEOUT_GRACE_S": str(grace_s),
+        },
         capture_output=True,
         text=True,
         timeout=timeout_s,
@@ -118,7 +127,9 @@ def test_without_it_pytest_timeout_alone_hands_out_a_stale_tmp_path(tmp_path: Pa
 
 @pytest.mark.slow
 def test_a_teardown_that_hangs_after_a_failure_ends_the_run(tmp_path: Path) -> None:
-    done = run_pytest(tmp_path, ["tests.support.timeouts"], FAILS_THEN_HANGS, timeout_s=60)
+    done = run_pytest(
+        tmp_path, ["tests.support.timeouts"], FAILS_THEN_HANGS, timeout_s=60, grace_s=2
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "Timeout" in output

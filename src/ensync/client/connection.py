@@ -252,6 +252,7 @@ class Connection:
         count = len(self._factories)
         attempt = 0
         while self._state is ConnectionState.RECONNECTING:
+            raise_if_cancelled()
             attempt += 1
             if opts.max_reconnect_attempts and attempt > opts.max_reconnect_attempts:
                 self._fail(

@@ -17,6 +17,9 @@ Records:
   expired), as ranges;
 * :class:`Deferred`: a block leaves the line until ``due_ms`` (epoch
   milliseconds: a time another owner can read);
+* :class:`Ended`: a block dead-lettered (with its reason) or expired: it is
+  settled, and kept apart as a dead letter until redriven or pruned;
+* :class:`Redriven`: a dead letter is pending again, from ``at_ms``;
 * :class:`Snapshot`: the whole state, so that a new owner reads a bounded
   tail.
 
@@ -31,19 +34,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ensync._json import dumps_compact, loads_strict
+from ensync.server.store.base import MessageState
 from ensync.server.store.settled import SettledSet
 
 __all__ = [
     "Deferred",
     "Delivered",
+    "Ended",
     "PartitionState",
     "Record",
     "Redelivered",
+    "Redriven",
     "Settled",
     "Snapshot",
     "decode",
     "encode",
 ]
+
+_ENDINGS = (MessageState.DEAD, MessageState.EXPIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +86,29 @@ class Deferred:
 
 
 @dataclass(frozen=True, slots=True)
+class Ended:
+    """``block`` was dead-lettered (``state`` DEAD, with ``reason``) or
+    expired (EXPIRED) at ``at_ms`` (epoch ms)."""
+
+    block: int
+    state: MessageState
+    at_ms: int
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in _ENDINGS:
+            raise ValueError(f"a block ends DEAD or EXPIRED, not {self.state!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Redriven:
+    """Dead-lettered ``block`` is pending again, claimable from ``at_ms``."""
+
+    block: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """The whole state of a partition at one point of its log."""
 
@@ -85,9 +116,10 @@ class Snapshot:
     cursor: int
     attempts: tuple[tuple[int, int], ...] = ()
     deferred: tuple[tuple[int, int], ...] = ()
+    ended: tuple[Ended, ...] = ()
 
 
-Record = Delivered | Redelivered | Settled | Deferred | Snapshot
+Record = Delivered | Redelivered | Settled | Deferred | Ended | Redriven | Snapshot
 
 
 @dataclass
@@ -100,12 +132,14 @@ class PartitionState:
         attempts: deliveries so far of unsettled blocks delivered more than
             once (a delivered block not listed had one).
         deferred: unsettled blocks waiting, and when they are due (epoch ms).
+        ended: dead-lettered and expired blocks (settled, kept apart).
     """
 
     settled: SettledSet = field(default_factory=SettledSet)
     cursor: int = 0
     attempts: dict[int, int] = field(default_factory=dict)
     deferred: dict[int, int] = field(default_factory=dict)
+    ended: dict[int, Ended] = field(default_factory=dict)
 
     def apply(self, record: Record) -> None:
         """Change the state as ``record`` says (records are applied in log order)."""
@@ -123,11 +157,23 @@ class PartitionState:
         elif isinstance(record, Deferred):
             if record.block not in self.settled:
                 self.deferred[record.block] = record.due_ms
+        elif isinstance(record, Ended):
+            if self.settled.add(record.block):
+                self.ended[record.block] = record
+                self._forget_settled()
+        elif isinstance(record, Redriven):
+            if self.ended.pop(record.block, None) is not None:
+                self.settled.discard(record.block)
+                # Pending again with no delivery counted; due from at_ms.
+                self.attempts[record.block] = 0
+                self.deferred[record.block] = record.at_ms
+                self.cursor = max(self.cursor, record.block)
         else:
             self.settled = SettledSet.decode(record.settled)
             self.cursor = record.cursor
             self.attempts = dict(record.attempts)
             self.deferred = dict(record.deferred)
+            self.ended = {ended.block: ended for ended in record.ended}
 
     def _forget_settled(self) -> None:
         for table in (self.attempts, self.deferred):
@@ -141,6 +187,7 @@ class PartitionState:
             cursor=self.cursor,
             attempts=tuple(sorted(self.attempts.items())),
             deferred=tuple(sorted(self.deferred.items())),
+            ended=tuple(self.ended[block] for block in sorted(self.ended)),
         )
 
     def attempt_of(self, block: int) -> int:
@@ -168,8 +215,21 @@ _TAGS: dict[type[Any], str] = {
     Redelivered: "r",
     Settled: "s",
     Deferred: "f",
+    Ended: "e",
+    Redriven: "R",
     Snapshot: "S",
 }
+
+
+def _ended_body(record: Ended) -> list[Any]:
+    return [record.block, int(record.state), record.at_ms, record.reason]
+
+
+def _ended_from(body: list[Any]) -> Ended:
+    block, state, at_ms, reason = body
+    if reason is not None and not isinstance(reason, str):
+        raise TypeError(reason)
+    return Ended(int(block), MessageState(int(state)), int(at_ms), reason)
 
 
 def encode(record: Record) -> bytes:
@@ -182,8 +242,14 @@ def encode(record: Record) -> bytes:
         body = [SettledSet(0, record.ranges).encode()]
     elif isinstance(record, Deferred):
         body = [record.block, record.due_ms]
+    elif isinstance(record, Ended):
+        body = _ended_body(record)
+    elif isinstance(record, Redriven):
+        body = [record.block, record.at_ms]
     else:
         body = [record.settled, record.cursor, record.attempts, record.deferred]
+        if record.ended:
+            body.append([_ended_body(ended) for ended in record.ended])
     return dumps_compact([_TAGS[type(record)], *body])
 
 
@@ -199,14 +265,21 @@ def decode(data: bytes) -> Record:
             return Settled(tuple(SettledSet.decode(str(body[0])).all_ranges()))
         if tag == "f":
             return Deferred(int(body[0]), int(body[1]))
+        if tag == "e":
+            return _ended_from(body)
+        if tag == "R":
+            return Redriven(int(body[0]), int(body[1]))
         if tag == "S":
-            settled, cursor, attempts, deferred = body
+            settled, cursor, attempts, deferred, *rest = body
+            if len(rest) > 1:
+                raise ValueError(data)
             SettledSet.decode(str(settled))
             return Snapshot(
                 str(settled),
                 int(cursor),
                 tuple((int(b), int(n)) for b, n in attempts),
                 tuple((int(b), int(d)) for b, d in deferred),
+                tuple(_ended_from(item) for item in rest[0]) if rest else (),
             )
     except (ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"not a partition log record: {data[:80]!r}") from exc

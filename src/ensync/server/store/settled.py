@@ -110,6 +110,23 @@ class SettledSet:
             del self._starts[0]
             del self._ends[0]
 
+    def discard(self, block: int) -> bool:
+        """Unsettle one block (a dead letter redriven); False if it was not settled."""
+        if block not in self:
+            return False
+        if block <= self._floor:
+            if block < self._floor:
+                self._starts.insert(0, block + 1)
+                self._ends.insert(0, self._floor)
+            self._floor = block - 1
+            return True
+        index = bisect.bisect_right(self._starts, block) - 1
+        first, last = self._starts[index], self._ends[index]
+        pieces = [(a, b) for a, b in ((first, block - 1), (block + 1, last)) if a <= b]
+        self._starts[index : index + 1] = [a for a, _ in pieces]
+        self._ends[index : index + 1] = [b for _, b in pieces]
+        return True
+
     def settled_above(self, block: int) -> Iterator[int]:
         """The settled blocks greater than ``block``, in order (floor included)."""
         block = max(block, 0)

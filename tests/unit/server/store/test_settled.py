@@ -66,3 +66,49 @@ def test_it_holds_exactly_the_blocks_added_in_any_order(spans: list[tuple[int, i
         assert last >= first
         previous = last
     assert SettledSet.decode(settled.encode()) == settled
+
+
+def test_a_discarded_block_is_unsettled_below_or_above_the_floor() -> None:
+    settled = SettledSet(10, [(13, 15)])
+    assert settled.discard(4)  # a dead letter below the floor, redriven
+    assert (settled.floor, settled.ranges()) == (3, [(5, 10), (13, 15)])
+    assert settled.discard(14)
+    assert settled.ranges() == [(5, 10), (13, 13), (15, 15)]
+    assert not settled.discard(14)
+    assert not settled.discard(11)
+    assert settled.discard(3)  # the floor itself
+    assert (settled.floor, settled.ranges()) == (2, [(5, 10), (13, 13), (15, 15)])
+    settled.add_range(3, 4)
+    assert settled.floor == 10
+    assert SettledSet.decode(settled.encode()) == settled
+
+
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.integers(1, 120), st.integers(0, 15)),
+        max_size=60,
+    )
+)
+def test_adds_and_discards_in_any_order_hold_exactly_the_blocks(
+    steps: list[tuple[bool, int, int]],
+) -> None:
+    settled = SettledSet()
+    expected: set[int] = set()
+    for add, first, length in steps:
+        if add:
+            settled.add_range(first, first + length)
+            expected.update(range(first, first + length + 1))
+        else:
+            assert settled.discard(first) == (first in expected)
+            expected.discard(first)
+    assert {block for block in range(200) if block in settled} == expected
+    floor = 0
+    while floor + 1 in expected:
+        floor += 1
+    assert settled.floor == floor
+    previous = floor
+    for first, last in settled.ranges():
+        assert first > previous + 1
+        assert last >= first
+        previous = last
+    assert SettledSet.decode(settled.encode()) == settled
