@@ -22,7 +22,8 @@ from tests.support.nats import nats_url
 from tests.support.timing import seconds
 
 SLOTS = 16
-TIMING = LeaseTiming(ttl_ms=2000, renew_every_ms=300, margin_ms=700)
+# Short leases for a quick test, with room for a loaded machine's slow turns.
+TIMING = LeaseTiming(ttl_ms=3000, renew_every_ms=300, margin_ms=1200)
 
 
 class Node:
@@ -33,7 +34,7 @@ class Node:
         self.lost: list[tuple[int, int]] = []
         self.keeper = SlotKeeper(
             SlotLeases(api, stream, prefix, node, ttl_s=TIMING.ttl_ms // 1000),
-            NodeRegistry(api, stream, prefix, node, ttl_s=2),
+            NodeRegistry(api, stream, prefix, node, ttl_s=TIMING.ttl_ms // 1000),
             SLOTS,
             TIMING,
             self._gained,

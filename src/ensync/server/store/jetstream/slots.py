@@ -76,7 +76,7 @@ class SlotLeases:
 
     Args:
         api: an open JetStream API.
-        stream: the stream holding ``<prefix>.slot.*`` and ``<prefix>.fence.*``
+        stream: the stream holding ``<prefix>.slot.*`` and the fences
             (:func:`owned_stream_config`).
         prefix: the subjects' prefix.
         node: this node's id.
