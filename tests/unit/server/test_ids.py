@@ -7,6 +7,7 @@ import re
 import warnings
 from unittest import mock
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -61,3 +62,18 @@ def test_a_forked_child_does_not_reuse_the_parents_random_bytes() -> None:
     os.close(read)
     os.waitpid(pid, 0)
     assert child != ids.new_idem(0)
+
+
+def test_an_idem_made_for_a_slot_carries_it_and_stays_sortable_and_unguessable() -> None:
+    for slot in (0, 1, 63, 64, 511, 1023):
+        made = [ids.new_idem(1_700_000_000_000 + i, slot=slot) for i in range(200)]
+        assert {ids.idem_slot(idem) for idem in made} == {slot}
+        assert made == sorted(made)  # one per millisecond: time order is text order
+        assert len({idem[10:-2] for idem in made}) == len(made)  # the random part varies
+        assert all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", idem) for idem in made)
+    for slot in (-1, 1024):
+        with pytest.raises(ValueError, match="0 to 1023"):
+            ids.new_idem(0, slot=slot)
+    for bad in ("", "0" * 25, "0" * 27, "I" * 26, "0" * 25 + "u"):
+        with pytest.raises(ValueError, match="not an idem"):
+            ids.idem_slot(bad)

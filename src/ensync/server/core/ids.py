@@ -18,6 +18,7 @@ __all__ = [
     "APP_KEY_PREFIX",
     "client_tag",
     "hash_app_key",
+    "idem_slot",
     "new_app_key",
     "new_client_hash",
     "new_client_id",
@@ -35,16 +36,43 @@ _PAIRS = [high + low for high in _B32 for low in _B32]
 _PAIR_SHIFTS = tuple(range(120, -1, -10))
 
 
-def new_idem(now_ms: int) -> str:
+#: The low bits of an idem made for a slot: room for 1024 slots.
+SLOT_BITS = 10
+_SLOT_MASK = (1 << SLOT_BITS) - 1
+_DIGITS = {digit: value for value, digit in enumerate(_B32)}
+
+
+def new_idem(now_ms: int, slot: int | None = None) -> str:
     """A 26-character, time-sortable, unguessable message id.
 
     48 bits of milliseconds then 80 random bits, in Crockford base32 (the
     ULID layout): sorting idems as text sorts them by creation time, and the
     random part cannot be guessed.
+
+    With ``slot`` (the partition's slot, :mod:`ensync.server.core.ownership`),
+    the last :data:`SLOT_BITS` bits are the slot instead of random ones, so
+    that any engine node finds a message's owner from its idem alone
+    (:func:`idem_slot`); 70 random bits remain.
     """
-    value = ((now_ms & ((1 << 48) - 1)) << 80) | int.from_bytes(random_bytes(10))
+    random = int.from_bytes(random_bytes(10))
+    if slot is not None:
+        if not 0 <= slot <= _SLOT_MASK:
+            raise ValueError(f"a slot an idem carries is 0 to {_SLOT_MASK}, not {slot}")
+        random = (random & ~_SLOT_MASK) | slot
+    value = ((now_ms & ((1 << 48) - 1)) << 80) | random
     pairs = _PAIRS
     return "".join([pairs[(value >> shift) & 1023] for shift in _PAIR_SHIFTS])
+
+
+def idem_slot(idem: str) -> int:
+    """The slot an idem made by ``new_idem(..., slot=...)`` carries.
+
+    Raises:
+        ValueError: ``idem`` is not an idem of this engine.
+    """
+    if len(idem) != 26 or not all(digit in _DIGITS for digit in idem):
+        raise ValueError(f"not an idem of this engine: {idem[:40]!r}")
+    return _DIGITS[idem[-2]] * 32 + _DIGITS[idem[-1]]
 
 
 def new_client_id() -> str:
