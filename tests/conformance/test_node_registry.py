@@ -3,36 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Callable
 
-import nats
 import pytest
 
-from ensync.server.store.jetstream.api import JetStreamApi
 from ensync.server.store.jetstream.nodes import NodeIdInUseError, NodeRegistry
-from ensync.server.store.jetstream.slots import owned_stream_config
-from tests.support.nats import nats_url
+from tests.support.nats import owned_stream
 from tests.support.timing import seconds
 
 
 @pytest.fixture
 async def registry() -> AsyncIterator[Callable[[str], NodeRegistry]]:
     """Registries of nodes on one stream of their own."""
-    connection = await nats.connect(nats_url())
-    api = JetStreamApi(connection)
-    await api.start()
-    name = "NODES_" + secrets.token_hex(4).upper()
-    prefix = name.lower()
-    await api.request(
-        f"$JS.API.STREAM.CREATE.{name}", owned_stream_config(name, prefix, storage="memory")
-    )
-    try:
-        yield lambda node: NodeRegistry(api, name, prefix, node, ttl_s=1)
-    finally:
-        await api.request(f"$JS.API.STREAM.DELETE.{name}")
-        await api.stop()
-        await connection.close()
+    async with owned_stream("NODES") as stream:
+        yield lambda node: NodeRegistry(stream.api, stream.name, stream.prefix, node, ttl_s=1)
 
 
 async def test_nodes_join_leave_and_lapse(registry: Callable[[str], NodeRegistry]) -> None:

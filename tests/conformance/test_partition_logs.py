@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import secrets
 from collections.abc import AsyncIterator, Callable
 
-import nats
 import pytest
 
 from ensync.server.store.base import StoredMessage, StoreError
@@ -30,7 +28,6 @@ from ensync.server.store.jetstream.slots import (
     SlotLease,
     SlotLeases,
     fence_subject,
-    owned_stream_config,
 )
 from ensync.server.store.partition_log import (
     Deferred,
@@ -40,7 +37,7 @@ from ensync.server.store.partition_log import (
     Settled,
 )
 from ensync.server.store.settled import SettledSet
-from tests.support.nats import nats_url
+from tests.support.nats import owned_stream
 
 ORDERS = ("app-b", "orders/created")
 REFUNDS = ("app-b", "refunds.v2/issued")  # a dot and a slash in the name
@@ -62,15 +59,8 @@ class Cluster:
 @pytest.fixture
 async def cluster() -> AsyncIterator[Cluster]:
     """Two nodes' leases on an ownership stream of its own."""
-    connection = await nats.connect(nats_url())
-    api = JetStreamApi(connection)
-    await api.start()
-    name = "OWNED_" + secrets.token_hex(4).upper()
-    prefix = name.lower()
-    await api.request(
-        f"$JS.API.STREAM.CREATE.{name}", owned_stream_config(name, prefix, storage="memory")
-    )
-    try:
+    async with owned_stream("OWNED") as stream:
+        api, name, prefix = stream.api, stream.name, stream.prefix
         yield Cluster(
             api,
             name,
@@ -78,10 +68,6 @@ async def cluster() -> AsyncIterator[Cluster]:
             SlotLeases(api, name, prefix, "node-a", ttl_s=30),
             SlotLeases(api, name, prefix, "node-b", ttl_s=30),
         )
-    finally:
-        await api.request(f"$JS.API.STREAM.DELETE.{name}")
-        await api.stop()
-        await connection.close()
 
 
 def message(key: tuple[str, str], block: int, *, persist: bool = True) -> StoredMessage:

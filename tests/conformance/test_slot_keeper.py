@@ -6,10 +6,8 @@ live, and never two nodes serving one slot at once."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Callable
 
-import nats
 import pytest
 
 from ensync.server.core.ownership import LeaseTiming
@@ -17,8 +15,8 @@ from ensync.server.runtime.slot_keeper import SlotKeeper, monotonic_ms
 from ensync.server.store.jetstream import slots as store_slots
 from ensync.server.store.jetstream.api import JetStreamApi
 from ensync.server.store.jetstream.nodes import NodeRegistry
-from ensync.server.store.jetstream.slots import SlotLeases, owned_stream_config
-from tests.support.nats import nats_url
+from ensync.server.store.jetstream.slots import SlotLeases
+from tests.support.nats import owned_stream
 from tests.support.timing import seconds
 
 SLOTS = 16
@@ -56,28 +54,18 @@ class Node:
 @pytest.fixture
 async def cluster() -> AsyncIterator[Callable[[str], Node]]:
     """Nodes over one ownership stream of their own; every keeper stopped at the end."""
-    connection = await nats.connect(nats_url())
-    api = JetStreamApi(connection)
-    await api.start()
-    name = "KEEP_" + secrets.token_hex(4).upper()
-    prefix = name.lower()
-    await api.request(
-        f"$JS.API.STREAM.CREATE.{name}", owned_stream_config(name, prefix, storage="memory")
-    )
-    made: list[Node] = []
+    async with owned_stream("KEEP") as stream:
+        made: list[Node] = []
 
-    def node(node_id: str) -> Node:
-        made.append(Node(api, name, prefix, node_id))
-        return made[-1]
+        def node(node_id: str) -> Node:
+            made.append(Node(stream.api, stream.name, stream.prefix, node_id))
+            return made[-1]
 
-    try:
-        yield node
-    finally:
-        for each in made:
-            await each.keeper.stop()
-        await api.request(f"$JS.API.STREAM.DELETE.{name}")
-        await api.stop()
-        await connection.close()
+        try:
+            yield node
+        finally:
+            for each in made:
+                await each.keeper.stop()
 
 
 async def settle(nodes: list[Node], shares: list[int], within_s: float = 15) -> None:

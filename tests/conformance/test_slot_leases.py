@@ -3,39 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator
 
-import nats
 import pytest
 
 from ensync.server.store.jetstream.api import ConflictError, JetStreamApi, Out
-from ensync.server.store.jetstream.slots import SlotLeases, owned_stream_config
-from tests.support.nats import nats_url
+from ensync.server.store.jetstream.slots import SlotLeases
+from tests.support.nats import owned_stream
 from tests.support.timing import seconds
 
 
 @pytest.fixture
 async def nodes() -> AsyncIterator[tuple[SlotLeases, SlotLeases, JetStreamApi]]:
     """Two nodes' leases on one stream of their own, and the API they share."""
-    connection = await nats.connect(nats_url())
-    api = JetStreamApi(connection)
-    await api.start()
-    name = "SLOTS_" + secrets.token_hex(4).upper()
-    prefix = name.lower()
-    await api.request(
-        f"$JS.API.STREAM.CREATE.{name}", owned_stream_config(name, prefix, storage="memory")
-    )
-    try:
+    async with owned_stream("SLOTS") as stream:
+        api, name, prefix = stream.api, stream.name, stream.prefix
         yield (
             SlotLeases(api, name, prefix, "node-a", ttl_s=1),
             SlotLeases(api, name, prefix, "node-b", ttl_s=1),
             api,
         )
-    finally:
-        await api.request(f"$JS.API.STREAM.DELETE.{name}")
-        await api.stop()
-        await connection.close()
 
 
 async def test_one_owner_at_a_time_and_a_lapsed_lease_is_taken_over_fenced(

@@ -5,19 +5,27 @@ store gets a namespace of its own."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import pathlib
+import secrets
 import shutil
 import socket
 import subprocess
 import sysconfig
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import nats
+
+from ensync.server.store.jetstream.api import JetStreamApi
+from ensync.server.store.jetstream.slots import owned_stream_config
 from ensync.testing.process import dies_with_parent
 
-__all__ = ["jetstream_store", "namespace_for", "nats_url"]
+__all__ = ["OwnedStream", "jetstream_store", "namespace_for", "nats_url", "owned_stream"]
 
 _server: tuple[subprocess.Popen[bytes], str] | None = None
 
@@ -84,3 +92,34 @@ def namespace_for(place: pathlib.Path) -> str:
 def jetstream_store(place: pathlib.Path) -> str:
     """A store URL on the session's JetStream server, in a namespace of its own."""
     return f"{nats_url()}?namespace={namespace_for(place)}"
+
+
+@dataclass(frozen=True)
+class OwnedStream:
+    """An ownership stream of a test's own, and the API that reaches it."""
+
+    api: JetStreamApi
+    name: str
+    prefix: str
+
+
+@contextlib.asynccontextmanager
+async def owned_stream(label: str) -> AsyncIterator[OwnedStream]:
+    """An ownership stream (slots.owned_stream_config, in memory) on the
+    session's server, named ``<label>_<random>``; deleted at the end."""
+    connection = await nats.connect(nats_url())
+    api = JetStreamApi(connection)
+    await api.start()
+    name = f"{label}_{secrets.token_hex(4).upper()}"
+    prefix = name.lower()
+    try:
+        await api.request(
+            f"$JS.API.STREAM.CREATE.{name}", owned_stream_config(name, prefix, storage="memory")
+        )
+        try:
+            yield OwnedStream(api, name, prefix)
+        finally:
+            await api.request(f"$JS.API.STREAM.DELETE.{name}")
+    finally:
+        await api.stop()
+        await connection.close()
