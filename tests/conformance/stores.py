@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from ensync.server.runtime.cluster_store import ClusterStore
 from ensync.server.store import (
     Appended,
     AppRecord,
@@ -80,6 +81,14 @@ BACKENDS = (
         group_commit=True,
         factory=lambda directory: JetStreamStore(
             [nats_url()], namespace=namespace_for(directory), refresh_s=0.2
+        ),
+    ),
+    Backend(
+        "owned",
+        persistent=True,
+        group_commit=True,
+        factory=lambda directory: ClusterStore(
+            [nats_url()], namespace=namespace_for(directory), slots=16
         ),
     ),
 )

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ensync.server.core import ids
+from ensync.server.store import idems
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -77,3 +78,13 @@ def test_an_idem_made_for_a_slot_carries_it_and_stays_sortable_and_unguessable()
     for bad in ("", "0" * 25, "0" * 27, "I" * 26, "0" * 25 + "u"):
         with pytest.raises(ValueError, match="not an idem"):
             ids.idem_slot(bad)
+
+
+def test_a_store_reads_an_idems_time_and_slot_and_nothing_from_other_ids() -> None:
+    for now in (0, 1, 1_700_000_000_123, (1 << 48) - 1):
+        made = ids.new_idem(now, slot=77)
+        assert idems.idem_time_ms(made) == now
+        assert idems.slot_bits(made) == 77
+    for other in ("m-1", "", "0" * 25, "I" * 26):
+        assert idems.idem_time_ms(other) is None
+        assert idems.slot_bits(other) is None

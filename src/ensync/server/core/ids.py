@@ -13,6 +13,8 @@ import secrets
 
 from ensync._entropy import random_bytes
 from ensync.protocol.tags import client_tag
+from ensync.server.store.idems import B32 as _B32
+from ensync.server.store.idems import SLOT_BITS, slot_bits
 
 __all__ = [
     "APP_KEY_PREFIX",
@@ -25,9 +27,6 @@ __all__ = [
     "new_idem",
 ]
 
-# Crockford's base32: sortable as text, no ambiguous letters.
-_B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
 APP_KEY_PREFIX = "ensk_"
 
 
@@ -36,10 +35,7 @@ _PAIRS = [high + low for high in _B32 for low in _B32]
 _PAIR_SHIFTS = tuple(range(120, -1, -10))
 
 
-#: The low bits of an idem made for a slot: room for 1024 slots.
-SLOT_BITS = 10
 _SLOT_MASK = (1 << SLOT_BITS) - 1
-_DIGITS = {digit: value for value, digit in enumerate(_B32)}
 
 
 def new_idem(now_ms: int, slot: int | None = None) -> str:
@@ -70,9 +66,10 @@ def idem_slot(idem: str) -> int:
     Raises:
         ValueError: ``idem`` is not an idem of this engine.
     """
-    if len(idem) != 26 or not all(digit in _DIGITS for digit in idem):
+    slot = slot_bits(idem)
+    if slot is None:
         raise ValueError(f"not an idem of this engine: {idem[:40]!r}")
-    return _DIGITS[idem[-2]] * 32 + _DIGITS[idem[-1]]
+    return slot
 
 
 def new_client_id() -> str:

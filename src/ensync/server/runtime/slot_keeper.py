@@ -105,6 +105,7 @@ class SlotKeeper:
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._planned_at_ms: int | None = None
+        self._rebalanced = False
         self.owned: dict[int, KeptSlot] = {}
         self.node = leases.node
 
@@ -132,6 +133,21 @@ class SlotKeeper:
         if release:
             await self._quietly(self._nodes.leave())
 
+    @property
+    def planned(self) -> bool:
+        """Whether the keeper has taken its share once since it started."""
+        return self._rebalanced
+
+    async def let_go(self, slot: int) -> None:
+        """Stop owning ``slot`` and release its lease (its log failed: another
+        node took it over, or a write's outcome is unknown); a later turn
+        may take it again, reading its log afresh."""
+        kept = self.owned.pop(slot, None)
+        if kept is None:
+            return
+        self._on_lost(slot)
+        await self._quietly(self._leases.release(kept.stored))
+
     def serving(self, slot: int) -> bool:
         """Whether this node may act as ``slot``'s owner now."""
         kept = self.owned.get(slot)
@@ -147,6 +163,7 @@ class SlotKeeper:
             if not await self._nodes.renew():
                 await self._nodes.announce(self._info)
             await self._rebalance()
+            self._rebalanced = True
 
     async def _run(self) -> None:
         pause_s = self._timing.renew_every_ms / 4000

@@ -29,7 +29,7 @@ import asyncio
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -190,8 +190,9 @@ class LeaseBook:
     def forget(self, idem: str) -> None:
         """The message was settled or rescheduled: it leaves every window."""
         lease = self._leases.pop(idem, None)
-        if lease is not None:
-            self._windows[lease.key].leased -= 1
+        held = self._windows.get(lease.key) if lease is not None else None
+        if held is not None:
+            held.leased -= 1
         key = self._where.pop(idem, None)
         window = self._windows.get(key) if key is not None else None
         if window is not None:
@@ -215,6 +216,16 @@ class LeaseBook:
                 ),
             )
         self.notify(message.partition)
+
+    def drop(self, keys: Collection[_Key]) -> None:
+        """Forget the windows and leases of these partitions (their owner is
+        elsewhere now, or they are read again from scratch)."""
+        if not keys:
+            return
+        for key in keys:
+            self._windows.pop(key, None)
+        self._leases = {i: lease for i, lease in self._leases.items() if lease.key not in keys}
+        self._where = {i: key for i, key in self._where.items() if key not in keys}
 
     def statistics(self) -> tuple[int, int]:
         """(leases, references held in windows)."""
@@ -275,10 +286,11 @@ class LeaseBook:
 
     def extend(self, idem: str, token: int, deadline_ms: int) -> bool:
         lease = self._leases.get(idem)
-        if lease is None or lease.token != token:
+        window = self._windows.get(lease.key) if lease is not None else None
+        if lease is None or window is None or lease.token != token:
             return False
         lease.deadline_ms = deadline_ms
-        heapq.heappush(self._windows[lease.key].expiry, (lease.expires_at_ms, token, idem))
+        heapq.heappush(window.expiry, (lease.expires_at_ms, token, idem))
         return True
 
     async def release(
@@ -290,11 +302,11 @@ class LeaseBook:
         at_once: list[tuple[str, int]] = []
         for release in releases:
             lease = self._leases.get(release.idem)
-            if lease is None or lease.token != release.token:
+            window = self._windows.get(lease.key) if lease is not None else None
+            if lease is None or window is None or lease.token != release.token:
                 out.append(Released(stale=True))
                 continue
             del self._leases[release.idem]
-            window = self._windows[lease.key]
             window.leased -= 1
             outcome = lifecycle.on_release(
                 lease.attempts,

@@ -99,7 +99,7 @@ class LocalMessages:
         self._book = LeaseBook(self._tables)
         self._listeners_stop: list[Callable[[], None]] = []
 
-    def _check_open(self) -> None:  # overridden
+    def _check_open(self) -> object:  # overridden
         raise NotImplementedError
 
     # --- MessageLog ---------------------------------------------------------
@@ -158,6 +158,10 @@ class LocalMessages:
         pending = _Appending(results=[None] * len(batch))
         seen_idems: set[str] = set()
         for index, new in enumerate(batch):
+            refusal = self._refuse(new)
+            if refusal is not None:
+                pending.results[index] = Appended(new.idem, 0, error=refusal)
+                continue
             if new.idem in seen_idems or new.idem in self._memory:
                 pending.results[index] = Appended(
                     new.idem, 0, error=f"idem {new.idem!r} is already stored"
@@ -194,6 +198,10 @@ class LocalMessages:
                 self._dedupe.settle_reservation(pending.reserved[index], result)
             self._let_out(message, stored=error is None)
 
+    def _refuse(self, new: NewMessage) -> str | None:
+        """Why this store does not take ``new`` here (``None``: it does)."""
+        return None
+
     def _number(self, new: NewMessage) -> StoredMessage:
         return new.numbered(
             self._sequencer.number(new.partition),
@@ -205,15 +213,15 @@ class LocalMessages:
         released = self._sequencer.resolve(key, message.block, message, ok=stored)
         if not released and stored:
             return  # waits behind an earlier block still committing
-        volatile_blocks: dict[_Key, int] = {}
+        volatile_blocks: list[int] = []
         refs: list[Ref] = []
         for item in released:
             if not item.persist:
                 self._memory.add(item)
-                volatile_blocks[key] = item.block
+                volatile_blocks.append(item.block)
             refs.append(Ref(item.idem, item.block, 0, item.expires_at_ms, 0))
         if volatile_blocks and self._durable is not None:
-            self._durable.note_last_blocks(volatile_blocks)
+            self._durable.note_volatile(key, volatile_blocks)
         self._book.released(key, refs)
 
     async def get(self, idem: str) -> StoredMessage | None:

@@ -93,6 +93,23 @@ class MemoryMessages:
         if message.settled_at_ms is not None:
             heapq.heappush(self._settled, (message.settled_at_ms, self._seq, message.idem))
 
+    def remove(self, idem: str) -> StoredMessage | None:
+        """Forget a record whatever its state (its owner keeps it elsewhere)."""
+        entry = self._entries.pop(idem, None)
+        if entry is None:
+            return None
+        message = entry.message
+        if message.state is MessageState.PENDING:
+            self._unlist_pending(message)
+        elif message.state is MessageState.DEAD:
+            dead = self._dead.get(message.recipient, [])
+            key = (message.settled_at_ms is not None, message.settled_at_ms or 0, entry.seq, idem)
+            index = bisect.bisect_left(dead, key)
+            if index < len(dead) and dead[index] == key:
+                del dead[index]
+        # Heap entries of the schedule and of settle times are dropped lazily.
+        return message
+
     def get(self, idem: str) -> StoredMessage | None:
         entry = self._entries.get(idem)
         return entry.message if entry is not None else None

@@ -43,6 +43,16 @@ class Sequencer(Generic[_T]):
             self._last[key] = last_block
             self._released[key] = max(self._released.get(key, 0), last_block)
 
+    def restart(self, key: _Key, last_block: int) -> None:
+        """Number ``key`` on from ``last_block`` whatever was numbered before
+        (a partition whose numbering another process carried on meanwhile).
+        Blocks numbered here and not yet resolved keep their place."""
+        if key in self._open:
+            self.seed(key, last_block)
+            return
+        self._last[key] = last_block
+        self._released[key] = last_block
+
     def number(self, key: _Key) -> int:
         block = self._last.get(key, 0) + 1
         self._last[key] = block

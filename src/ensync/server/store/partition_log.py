@@ -72,9 +72,11 @@ class Redelivered:
 
 @dataclass(frozen=True, slots=True)
 class Settled:
-    """Blocks settled by one batch, as inclusive ranges."""
+    """Blocks settled by one batch, as inclusive ranges, at ``at_ms`` (epoch
+    ms: retention counts from it)."""
 
     ranges: tuple[tuple[int, int], ...]
+    at_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,8 @@ class Snapshot:
     attempts: tuple[tuple[int, int], ...] = ()
     deferred: tuple[tuple[int, int], ...] = ()
     ended: tuple[Ended, ...] = ()
+    # Every block the snapshot has settled was settled by then (epoch ms).
+    settled_ms: int = 0
 
 
 Record = Delivered | Redelivered | Settled | Deferred | Ended | Redriven | Snapshot
@@ -133,6 +137,8 @@ class PartitionState:
             once (a delivered block not listed had one).
         deferred: unsettled blocks waiting, and when they are due (epoch ms).
         ended: dead-lettered and expired blocks (settled, kept apart).
+        settled_ms: every settled block was settled by then (epoch ms;
+            0 if unknown): what retention counts from after a takeover.
     """
 
     settled: SettledSet = field(default_factory=SettledSet)
@@ -140,6 +146,7 @@ class PartitionState:
     attempts: dict[int, int] = field(default_factory=dict)
     deferred: dict[int, int] = field(default_factory=dict)
     ended: dict[int, Ended] = field(default_factory=dict)
+    settled_ms: int = 0
 
     def apply(self, record: Record) -> None:
         """Change the state as ``record`` says (records are applied in log order)."""
@@ -153,6 +160,7 @@ class PartitionState:
         elif isinstance(record, Settled):
             for first, last in record.ranges:
                 self.settled.add_range(first, last)
+            self.settled_ms = max(self.settled_ms, record.at_ms)
             self._forget_settled()
         elif isinstance(record, Deferred):
             if record.block not in self.settled:
@@ -160,6 +168,7 @@ class PartitionState:
         elif isinstance(record, Ended):
             if self.settled.add(record.block):
                 self.ended[record.block] = record
+                self.settled_ms = max(self.settled_ms, record.at_ms)
                 self._forget_settled()
         elif isinstance(record, Redriven):
             if self.ended.pop(record.block, None) is not None:
@@ -174,6 +183,7 @@ class PartitionState:
             self.attempts = dict(record.attempts)
             self.deferred = dict(record.deferred)
             self.ended = {ended.block: ended for ended in record.ended}
+            self.settled_ms = record.settled_ms
 
     def _forget_settled(self) -> None:
         for table in (self.attempts, self.deferred):
@@ -188,6 +198,7 @@ class PartitionState:
             attempts=tuple(sorted(self.attempts.items())),
             deferred=tuple(sorted(self.deferred.items())),
             ended=tuple(self.ended[block] for block in sorted(self.ended)),
+            settled_ms=self.settled_ms,
         )
 
     def attempt_of(self, block: int) -> int:
@@ -239,7 +250,7 @@ def encode(record: Record) -> bytes:
     elif isinstance(record, Redelivered):
         body = [record.block, record.attempt]
     elif isinstance(record, Settled):
-        body = [SettledSet(0, record.ranges).encode()]
+        body = [SettledSet(0, record.ranges).encode(), record.at_ms]
     elif isinstance(record, Deferred):
         body = [record.block, record.due_ms]
     elif isinstance(record, Ended):
@@ -247,9 +258,14 @@ def encode(record: Record) -> bytes:
     elif isinstance(record, Redriven):
         body = [record.block, record.at_ms]
     else:
-        body = [record.settled, record.cursor, record.attempts, record.deferred]
-        if record.ended:
-            body.append([_ended_body(ended) for ended in record.ended])
+        body = [
+            record.settled,
+            record.cursor,
+            record.attempts,
+            record.deferred,
+            [_ended_body(ended) for ended in record.ended],
+            record.settled_ms,
+        ]
     return dumps_compact([_TAGS[type(record)], *body])
 
 
@@ -262,7 +278,8 @@ def decode(data: bytes) -> Record:
         if tag == "r":
             return Redelivered(int(body[0]), int(body[1]))
         if tag == "s":
-            return Settled(tuple(SettledSet.decode(str(body[0])).all_ranges()))
+            ranges = tuple(SettledSet.decode(str(body[0])).all_ranges())
+            return Settled(ranges, int(body[1]))
         if tag == "f":
             return Deferred(int(body[0]), int(body[1]))
         if tag == "e":
@@ -270,16 +287,15 @@ def decode(data: bytes) -> Record:
         if tag == "R":
             return Redriven(int(body[0]), int(body[1]))
         if tag == "S":
-            settled, cursor, attempts, deferred, *rest = body
-            if len(rest) > 1:
-                raise ValueError(data)
+            settled, cursor, attempts, deferred, ended, settled_ms = body
             SettledSet.decode(str(settled))
             return Snapshot(
                 str(settled),
                 int(cursor),
                 tuple((int(b), int(n)) for b, n in attempts),
                 tuple((int(b), int(d)) for b, d in deferred),
-                tuple(_ended_from(item) for item in rest[0]) if rest else (),
+                tuple(_ended_from(item) for item in ended),
+                int(settled_ms),
             )
     except (ValueError, TypeError, IndexError) as exc:
         raise ValueError(f"not a partition log record: {data[:80]!r}") from exc

@@ -32,8 +32,9 @@ class DurableTable(Protocol):
         """:meth:`insert` with the outcome handed to ``done`` on the loop."""
         ...
 
-    def note_last_blocks(self, blocks: dict[_Key, int]) -> None:
-        """Remember numbering used by memory-only rows (best effort)."""
+    def note_volatile(self, key: _Key, blocks: Sequence[int]) -> None:
+        """Blocks of ``key`` taken by memory-only rows, in order (best effort):
+        the numbering goes on after them."""
         ...
 
     async def get(self, idem: str) -> StoredMessage | None: ...

@@ -169,3 +169,14 @@ def test_any_log_replays_to_the_owners_state_from_the_start_or_a_snapshot(
     # Every dead letter or expiry is settled, and only those redriven come back.
     assert all(block in owner.settled for block in owner.ended)
     assert dataclasses.replace(owner.snapshot()) == owner.snapshot()
+
+
+def test_settlement_times_survive_the_log_form_and_snapshots() -> None:
+    owner = PartitionState()
+    for record in (Settled(((1, 3),), 1_000), Ended(4, MessageState.DEAD, 2_000, "x")):
+        owner.apply(decode(encode(record)))
+    assert owner.settled_ms == 2_000
+    assert decode(encode(Settled(((1, 3),), 1_000))) == Settled(((1, 3),), 1_000)
+    rebuilt = PartitionState()
+    rebuilt.apply(decode(encode(owner.snapshot())))
+    assert (rebuilt.settled_ms, rebuilt.settled.floor) == (2_000, 4)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import orjson
 
@@ -25,14 +27,21 @@ from ensync.server.store.jetstream.records import Names
 __all__ = [
     "LAYOUT",
     "MIN_SERVER",
+    "OWNED_LAYOUT",
     "LayoutError",
     "check_server_version",
     "ensure_layout",
     "layout_subject",
 ]
 
-#: The layout this version reads and writes.
+#: The layout of the backend whose nodes share every record (JetStreamStore).
 LAYOUT = 1
+#: The layout of one owner per partition (OwnedStore): ``slots`` recorded with it.
+OWNED_LAYOUT = 2
+_KNOWN = {
+    LAYOUT: "every node sharing each record",
+    OWNED_LAYOUT: "one owner per partition",
+}
 #: The oldest NATS Server the backend works with.
 MIN_SERVER = (2, 12)
 
@@ -70,22 +79,28 @@ def layout_subject(names: Names) -> str:
     return f"{names.ns}.app.layout"
 
 
-async def ensure_layout(api: JetStreamApi, names: Names) -> None:
-    """Record :data:`LAYOUT` in a namespace that has none; refuse another.
+async def ensure_layout(
+    api: JetStreamApi,
+    names: Names,
+    layout: int = LAYOUT,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Record ``layout`` (with ``details``) in a namespace that has none;
+    refuse another. The record found, or the one written.
 
     Raises:
-        LayoutError: the namespace has a layout this node does not know.
+        LayoutError: the namespace has a layout this store does not read.
         StoreError: JetStream did not answer.
     """
     subject = layout_subject(names)
+    record = {"layout": layout, **(details or {})}
     for _ in range(10):
         found = await api.get_one(names.apps, {"last_by_subj": subject})
         if found is not None:
-            _check_layout(names, found.data)
-            return
+            return _check_layout(names, found.data, layout)
         try:
-            await api.atomic([Out(subject, orjson.dumps({"layout": LAYOUT}), expect=0)])
-            return
+            await api.atomic([Out(subject, orjson.dumps(record), expect=0)])
+            return record
         except ConflictError:
             # Another node recorded it first (or a replica that answered the
             # read had not caught up): read again.
@@ -93,18 +108,25 @@ async def ensure_layout(api: JetStreamApi, names: Names) -> None:
     raise StoreError(f"could not read or record the layout of namespace {names.ns!r}")
 
 
-def _check_layout(names: Names, data: bytes) -> None:
+def _check_layout(names: Names, data: bytes, wanted: int) -> dict[str, Any]:
     try:
-        layout = orjson.loads(data)["layout"]
+        record = orjson.loads(data)
+        layout = record["layout"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         layout = None
-    if layout == LAYOUT:
-        return
+    if layout == wanted:
+        return dict(record)
+    if layout in _KNOWN:
+        raise LayoutError(
+            f"namespace {names.ns!r} has layout {layout} ({_KNOWN[layout]}); this store"
+            f" reads layout {wanted} ({_KNOWN[wanted]}): open it with the store that wrote"
+            " it, or use another namespace (?namespace=...)"
+        )
     if isinstance(layout, int) and not isinstance(layout, bool):
-        newer = "a newer" if layout > LAYOUT else "an older"
+        newer = "a newer" if layout > max(_KNOWN) else "an older"
         raise LayoutError(
             f"namespace {names.ns!r} has layout {layout}, written by {newer} ensync; this"
-            f" one reads layout {LAYOUT}: run the ensync version that wrote it, or use"
+            f" one reads layout {wanted}: run the ensync version that wrote it, or use"
             " another namespace (?namespace=...)"
         )
     raise LayoutError(

@@ -132,6 +132,11 @@ class SlotLog:
         """Whether another node took the slot over (every write is refused)."""
         return isinstance(self._failed, FencedError)
 
+    @property
+    def idle(self) -> bool:
+        """Whether no write is waiting or in flight."""
+        return self._writer is None and not self._queue
+
     def write(
         self,
         key: Key,
@@ -286,12 +291,16 @@ class RecoveredPartition:
     key: Key
     messages: list[StoredMessage] = field(default_factory=list)
     state: PartitionState = field(default_factory=PartitionState)
+    # The stream sequence of each of ``messages`` (what a purge takes).
+    sequences: list[int] = field(default_factory=list)
 
     @property
     def next_block(self) -> int:
         """The block the partition's next message gets."""
         last = self.messages[-1].block if self.messages else 0
-        return max(last, self.state.cursor, self.state.settled.floor) + 1
+        settled = self.state.settled
+        top = max([settled.floor, *(end for _, end in settled.ranges())])
+        return max(last, self.state.cursor, top) + 1
 
 
 async def recover_slot(
@@ -324,7 +333,12 @@ async def recover_slot(
                 if got.seq > lease.fence_seq or got.subject != fence:
                     raise FencedError(f"slot {lease.slot} was taken over during its recovery")
                 for part in found.values():
-                    part.messages.sort(key=lambda message: message.block)
+                    pairs = sorted(
+                        zip(part.messages, part.sequences, strict=True),
+                        key=lambda pair: pair[0].block,
+                    )
+                    part.messages = [message for message, _ in pairs]
+                    part.sequences = [seq for _, seq in pairs]
                 return found
             if got.subject != fence:  # an earlier epoch's record, not yet rolled up
                 _read_record(found, got)
@@ -349,6 +363,7 @@ def _read_record(found: dict[Key, RecoveredPartition], got: Got) -> None:
     if kind == "m":
         record: dict[str, Any] = got.json()
         part.messages.append(message_from(*key, str(record["i"]), record, None))
+        part.sequences.append(got.seq)
     elif kind in ("s", "z"):
         part.state.apply(_decode(got.data, got.subject))
     else:

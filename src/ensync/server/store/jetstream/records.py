@@ -83,6 +83,9 @@ class Names:
         self.state = f"{upper}_STATE"
         self.apps = f"{upper}_APPS"
         self.counts = f"{upper}_COUNTS"
+        # One owner per partition: live nodes, slots, fences and partition logs.
+        self.owned = f"{upper}_OWNED"
+        self.owned_prefix = f"{namespace}.o"
         self.ready = f"{namespace}.ready"
 
     @staticmethod

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -51,12 +50,13 @@ from ensync.server.store.base import (
     StoreError,
 )
 from ensync.server.store.jetstream._common import PAGE, Key, Part
-from ensync.server.store.jetstream.api import Got, JetStreamApi, NatsError, RejectedError
+from ensync.server.store.jetstream.api import Got, JetStreamApi, RejectedError
 from ensync.server.store.jetstream.appends import Appends
 from ensync.server.store.jetstream.apps import Apps
 from ensync.server.store.jetstream.claims import Claims
+from ensync.server.store.jetstream.connection import connect
 from ensync.server.store.jetstream.dead import DeadLetters
-from ensync.server.store.jetstream.layout import check_server_version, ensure_layout
+from ensync.server.store.jetstream.layout import ensure_layout
 from ensync.server.store.jetstream.records import Names, is_gone
 from ensync.server.store.jetstream.streams import ensure_streams
 
@@ -145,40 +145,19 @@ class JetStreamStore(Apps, Appends, Claims, DeadLetters):
             raise StoreError(f"the JetStream store cannot be opened twice (it is {self._state})")
         self._state = "opening"
         try:
-            import nats
-        except ImportError as exc:  # pragma: no cover - the extra is installed in tests
-            raise StoreError(
-                "the NATS JetStream store needs nats-py: pip install 'ensync[cluster]'"
-            ) from exc
-        options: dict[str, Any] = {
-            "servers": self._servers,
-            "name": f"ensync-{self._node}",
-            "connect_timeout": 5,
-            "max_reconnect_attempts": 2,
-            "reconnect_time_wait": 0.5,
-            # Closing waits this long at most for what is in flight.
-            "drain_timeout": 5,
-            "allow_reconnect": True,
-            "error_cb": self._on_nats_error,
-            "disconnected_cb": self._on_disconnected,
-            "reconnected_cb": self._on_reconnected,
-        }
-        if self._creds:
-            options["user_credentials"] = self._creds
-        if self._tls_ca:
-            options["tls"] = ssl.create_default_context(cafile=self._tls_ca)
-        try:
-            self._nc = await nats.connect(**options)
-        except (NatsError, OSError, TimeoutError) as exc:  # what nats-py's connect raises
+            self._nc, self._api = await connect(
+                self._servers,
+                name=f"ensync-{self._node}",
+                creds=self._creds,
+                tls_ca=self._tls_ca,
+                on_error=self._on_nats_error,
+                on_disconnected=self._on_disconnected,
+                on_reconnected=self._on_reconnected,
+            )
+        except BaseException:
             self._state = "closed"
-            raise StoreError(f"cannot reach NATS at {', '.join(self._servers)}: {exc!r}") from exc
-        # A few tries per server to connect; once connected, it never stops trying.
-        self._nc.options["max_reconnect_attempts"] = -1
-        self._api = JetStreamApi(self._nc)
+            raise
         try:
-            await self._api.start()
-            version = self._nc.connected_server_version
-            check_server_version(f"{version.major}.{version.minor}.{version.patch}")
             await ensure_streams(self._api, self.names, self._replicas)
             await ensure_layout(self._api, self.names)
             await self._nc.subscribe(self.names.ready, cb=self._on_ready)

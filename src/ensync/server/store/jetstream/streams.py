@@ -106,12 +106,18 @@ def stream_configs(names: Names) -> list[dict[str, Any]]:
 
 
 async def ensure_streams(
-    api: JetStreamApi, names: Names, replicas: int | None, *, within_s: float = 60.0
+    api: JetStreamApi,
+    names: Names,
+    replicas: int | None,
+    *,
+    within_s: float = 60.0,
+    configs: Sequence[Mapping[str, Any]] | None = None,
 ) -> None:
     """Create the namespace's streams that do not exist; check those that do.
 
     Args:
         replicas: what the store URL asks for, ``None`` if it does not say.
+        configs: the streams, replicas aside (:func:`stream_configs` if not given).
 
     Raises:
         StreamConfigError: an existing stream differs (nothing was changed).
@@ -119,7 +125,7 @@ async def ensure_streams(
     """
     await api.ready(within_s=within_s)
     deadline = time.monotonic() + within_s
-    configs = stream_configs(names)
+    configs = stream_configs(names) if configs is None else configs
     existing: dict[str, dict[str, Any]] = {}
     for config in configs:
         found = await _retry(functools.partial(_info, api, config["name"]), deadline)

@@ -97,9 +97,9 @@ class _Table:
             if error is None:
                 self._cache.put(message)
 
-    def note_last_blocks(self, blocks: dict[_Key, int]) -> None:
+    def note_volatile(self, key: _Key, blocks: Sequence[int]) -> None:
         self._runner.write_nowait(
-            functools.partial(rows.note_last_blocks, dict(blocks)), "recording block numbers"
+            functools.partial(rows.note_last_blocks, {key: blocks[-1]}), "recording block numbers"
         )
 
     async def get(self, idem: str) -> StoredMessage | None:
