@@ -1,6 +1,7 @@
 """One owner per partition on a real nats-server (store/jetstream/owned.py,
 owned_store.py, runtime/cluster_store.py): what a node that takes a slot
 over finds, what a former owner can no longer do, and retention in bulk.
+Calls forwarded between nodes: test_cluster_store.py.
 
 The store contract itself runs against this backend in test_store.py and
 test_lifecycle.py ("owned").
@@ -19,6 +20,7 @@ from ensync.server.core.ownership import LeaseTiming, slot_of
 from ensync.server.runtime.cluster_store import ClusterStore
 from ensync.server.store import MessageState, Release, Settlement
 from ensync.server.store.jetstream.owned import NotOwnedError
+from ensync.server.store.jetstream.owned_store import OwnedStore
 from ensync.server.store.jetstream.partition_logs import FencedError
 from tests.conformance.stores import (
     NAME,
@@ -161,11 +163,17 @@ async def test_a_node_serves_only_its_share_and_refuses_the_rest(
     theirs = [n for n in names if n not in mine]
     assert mine
     assert theirs
-    results = await append(first, new("ok", name=mine[0]), new("no", name=theirs[0]))
+    # The store's own calls (the cluster store forwards the rest to its owner).
+    results = await OwnedStore.append(
+        first,
+        [new("ok", name=mine[0]), new("no", name=theirs[0])],
+        now_ms=T0,
+        dedupe_since_ms=0,
+    )
     assert results[0].error is None
     assert "not served by this node" in (results[1].error or "")
     with pytest.raises(NotOwnedError):
-        await claim(first, name=theirs[0])
+        await OwnedStore.claim(first, RECIPIENT, theirs[0], limit=1, now_ms=T0, policy=POLICY)
     (stored,) = await append(second, new("there", name=theirs[0]))
     assert (stored.error, stored.block) == (None, 1)
 
@@ -194,12 +202,13 @@ async def test_a_former_owner_that_stopped_renewing_is_fenced_off(
     with pytest.raises(FencedError):
         await first.settle([Settlement("m-1", MessageState.ACKED)], now_ms=T0)
     assert not first.serves(slot)
-    (late,) = await append(first, new("late"))
-    assert "not served" in (late.error or "")
     # The new owner's state is what counts: m-1 was not settled there.
-    assert (await second.get("m-1")) is not None
-    assert (await second.get("m-1")).state is MessageState.PENDING  # type: ignore[union-attr]
-    assert await second.get("late") is None
+    settled = await second.get("m-1")
+    assert settled is not None
+    assert settled.state is MessageState.PENDING
+    # And the former owner now hands the partition's calls to it.
+    (late,) = await append(first, new("late"))
+    assert (late.error, late.block) == (None, 3)
 
 
 async def test_retention_purges_settled_messages_in_bulk_and_rolls_the_log_up(

@@ -48,6 +48,7 @@ from ensync.server.store.base import (
     NewMessage,
     Release,
     Settlement,
+    SlottedIds,
     Store,
     StoredMessage,
     StoreError,
@@ -99,6 +100,7 @@ class Service:
         self.apps = self.admission.apps
         self.policy = DeliveryPolicy()
         self._appends_soon = store if isinstance(store, AppendsSoon) else None
+        self._slots = store if isinstance(store, SlottedIds) else None
         self.configure(config)
 
     def configure(self, config: EngineConfig) -> None:
@@ -141,8 +143,9 @@ class Service:
         if recipient_app is None:
             raise ServiceError.invalid(f"recipient {recipient} is not a registered app")
         now = self.clock.now_ms()
+        slot = self._slots.slot_of(recipient, name) if self._slots is not None else None
         return NewMessage(
-            idem=new_idem(now),
+            idem=new_idem(now, slot=slot),
             recipient=recipient,
             name=name,
             payload=payload,

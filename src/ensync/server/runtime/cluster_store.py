@@ -1,5 +1,5 @@
-"""The store of an engine node in a cluster: the owned partitions' store
-together with the keeper of the node's share of the slots.
+"""The store of an engine node in a cluster: the owned partitions' store,
+the keeper of the node's share of the slots, and the way to the others.
 
 :class:`ClusterStore` is an :class:`~ensync.server.store.jetstream.owned_store.
 OwnedStore` that, once open, keeps its share of the slots
@@ -7,25 +7,68 @@ OwnedStore` that, once open, keeps its share of the slots
 takes is read from its log and served; a slot it drops or lets go is
 forgotten at once; a slot whose log fails is let go, to be taken again
 (by this node or another) from what the log holds.
+
+Every store call is answered whichever node owns its partition: calls on
+partitions served here run here; the others go to their owner
+(:mod:`ensync.server.store.jetstream.peers`), found from the slot leases
+(and, for calls that name only a message, from the slot its id carries).
+While a slot moves, a call waits for its new owner, up to ``route_within_s``.
+Reads of every app's dead letters and backlog ask every owner.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from ensync._tasks import raise_if_cancelled
 from ensync.server.core.ownership import LeaseTiming, slot_of
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.runtime.slot_keeper import SlotKeeper
-from ensync.server.store.base import StoreError
+from ensync.server.store import peer_calls as calls
+from ensync.server.store.base import (
+    AppendDone,
+    Appended,
+    Claim,
+    DeadRef,
+    DeliveryPolicy,
+    NewMessage,
+    Release,
+    Released,
+    Settlement,
+    StoredMessage,
+    StoreError,
+)
+from ensync.server.store.idems import slot_bits
 from ensync.server.store.jetstream.nodes import NodeRegistry
 from ensync.server.store.jetstream.owned_store import DEFAULT_SLOTS, OwnedStore
+from ensync.server.store.jetstream.peers import (
+    PeerClient,
+    PeerServer,
+    keys_of_notes,
+    notes_subject,
+)
 from ensync.server.store.jetstream.slots import SlotLease, SlotLeases
+from ensync.server.store.peer_calls import Failed, NotServed
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
 
 __all__ = ["ClusterStore"]
 
 log = logging.getLogger(__name__)
+
+Key = tuple[str, str]
+_T = TypeVar("_T")
+_LOCAL: Any = object()  # "this node serves the slot": the call runs here
+# A partition another node owns is watched this long after this node last
+# claimed from it.
+_INTEREST_S = 120.0
+_WATCH_EVERY_S = 2.0
 
 
 class ClusterStore(OwnedStore):
@@ -53,6 +96,7 @@ class ClusterStore(OwnedStore):
         node: str | None = None,
         timing: LeaseTiming | None = None,
         ready_within_s: float = 30.0,
+        route_within_s: float = 15.0,
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
         super().__init__(
@@ -70,9 +114,15 @@ class ClusterStore(OwnedStore):
         if self._timing.ttl_ms % 1000:
             raise ValueError("a slot lease's time to live is whole seconds")
         self._ready_within_s = ready_within_s
+        self._route_within_s = route_within_s
         self._keeper: SlotKeeper | None = None
+        self._server: PeerServer | None = None
+        self._peers: PeerClient | None = None
+        self._notes: Subscription | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._interest: dict[Key, float] = {}
         self._gaining: dict[int, asyncio.Task[None]] = {}
-        self._letting_go: set[asyncio.Task[None]] = set()
+        self._chores: set[asyncio.Task[None]] = set()
         self.on_slot_failed(self._failed)
 
     async def open(self) -> None:
@@ -94,19 +144,36 @@ class ClusterStore(OwnedStore):
             self._gained,
             self._lost,
         )
+        nc = self._nc
+        assert nc is not None
+        # Outside every stream's subjects: JetStream would store the requests.
+        peers = self.names.peers_prefix
         try:
+            self._server = PeerServer(nc, self, peers)
+            await self._server.start()
+            self._peers = PeerClient(nc, peers)
+            self._notes = await nc.subscribe(notes_subject(peers, self.node), cb=self._on_notes)
             await self._keeper.start()
             await self._serving_share()
         except BaseException:
             await self.close()
             raise
+        self._watcher = asyncio.create_task(self._watch_forever(), name="ensync-peer-watch")
 
     async def close(self) -> None:
         """Let every slot go (other nodes take them at once) and disconnect."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             await keeper.stop(release=True)
-        tasks = [*self._gaining.values(), *self._letting_go]
+        if self._server is not None:
+            await self._server.stop()
+        if self._peers is not None:
+            await self._peers.close()
+        tasks = [*self._gaining.values(), *self._chores]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -150,6 +217,271 @@ class ClusterStore(OwnedStore):
     def _failed(self, slot: int) -> None:
         keeper = self._keeper
         if keeper is not None:
-            task = asyncio.get_running_loop().create_task(keeper.let_go(slot))
-            self._letting_go.add(task)
-            task.add_done_callback(self._letting_go.discard)
+            self._spawn(keeper.let_go(slot), f"ensync-let-go-{slot}")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._chores.add(task)
+        task.add_done_callback(self._chores.discard)
+
+    # --- routing -----------------------------------------------------------------
+
+    async def _ask(self, slot: int, call: calls.PeerCall) -> Any:
+        """``slot``'s owner's answer to ``call``, or ``_LOCAL`` when this
+        node serves the slot. Waits for an owner while the slot moves."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._route_within_s
+        failure = f"slot {slot} has no owner"
+        while True:
+            self._check_open()
+            if self.serves(slot):
+                return _LOCAL
+            keeper, peers = self._keeper, self._peers
+            owner = keeper.owners.get(slot) if keeper is not None else None
+            if owner is not None and owner != self.node and peers is not None:
+                try:
+                    answer = await peers.call(owner, call)
+                except StoreError as exc:
+                    failure = str(exc)
+                else:
+                    if isinstance(answer, Failed):
+                        raise StoreError(answer.message)
+                    if not isinstance(answer, NotServed):
+                        return answer
+                    failure = f"node {owner} no longer serves slot {slot}"
+            if loop.time() > deadline:
+                raise StoreError(f"{failure} (waited {self._route_within_s:g} s)")
+            await asyncio.sleep(0.05)
+            if keeper is not None and not self.serves(slot):
+                try:
+                    await keeper.read_owners()
+                except StoreError as exc:
+                    failure = str(exc)
+
+    def _idem_slot(self, idem: str) -> int | None:
+        slot = slot_bits(idem)
+        return slot if slot is not None and slot < self.slot_count else None
+
+    async def _routed(
+        self,
+        slot: int | None,
+        call: Callable[[], calls.PeerCall],
+        local: Callable[[], Awaitable[_T]],
+    ) -> _T:
+        if slot is None or self.serves(slot):
+            return await local()
+        answer = await self._ask(slot, call())
+        return await local() if answer is _LOCAL else answer
+
+    async def _grouped(
+        self,
+        slots: Sequence[int | None],
+        call: Callable[[list[int]], calls.PeerCall],
+        local: Callable[[list[int]], Awaitable[Sequence[_T]]],
+    ) -> list[_T]:
+        """Items grouped by slot, each group answered where it is served, in order."""
+        out: list[Any] = [None] * len(slots)
+        groups: dict[int | None, list[int]] = {}
+        for index, slot in enumerate(slots):
+            groups.setdefault(None if slot is None or self.serves(slot) else slot, []).append(index)
+
+        async def run(slot: int | None, indexes: list[int]) -> None:
+            answer = _LOCAL if slot is None else await self._ask(slot, call(indexes))
+            found = await local(indexes) if answer is _LOCAL else answer
+            for index, value in zip(indexes, found, strict=True):
+                out[index] = value
+
+        await asyncio.gather(*(run(slot, indexes) for slot, indexes in groups.items()))
+        return out
+
+    # --- the store calls, wherever their partition is served ----------------------
+
+    async def append(
+        self, batch: Sequence[NewMessage], *, now_ms: int, dedupe_since_ms: int
+    ) -> list[Appended]:
+        self._check_open()
+        local_append = super().append
+        return await self._grouped(
+            [self.slot_of(m.recipient, m.name) for m in batch],
+            lambda picked: calls.Append(tuple(batch[i] for i in picked), now_ms, dedupe_since_ms),
+            lambda picked: local_append(
+                [batch[i] for i in picked], now_ms=now_ms, dedupe_since_ms=dedupe_since_ms
+            ),
+        )
+
+    def append_soon(
+        self,
+        batch: Sequence[NewMessage],
+        *,
+        now_ms: int,
+        dedupe_since_ms: int,
+        done: AppendDone,
+    ) -> None:
+        self._check_open()
+        if all(self.serves(self.slot_of(m.recipient, m.name)) for m in batch):
+            super().append_soon(batch, now_ms=now_ms, dedupe_since_ms=dedupe_since_ms, done=done)
+            return
+
+        async def appending() -> None:
+            try:
+                results: list[Appended] | StoreError = await self.append(
+                    batch, now_ms=now_ms, dedupe_since_ms=dedupe_since_ms
+                )
+            except StoreError as exc:
+                results = exc
+            done(results)
+
+        self._spawn(appending(), "ensync-forward-append")
+
+    async def claim(
+        self, recipient: str, name: str, *, limit: int, now_ms: int, policy: DeliveryPolicy
+    ) -> Claim:
+        self._check_open()
+        slot = self.slot_of(recipient, name)
+        local_claim = super().claim
+        if not self.serves(slot):
+            self._interest[(recipient, name)] = time.monotonic()
+        return await self._routed(
+            slot,
+            lambda: calls.ClaimFrom(self.node, recipient, name, limit, now_ms, policy),
+            lambda: local_claim(recipient, name, limit=limit, now_ms=now_ms, policy=policy),
+        )
+
+    async def extend(self, idem: str, token: int, deadline_ms: int) -> bool:
+        self._check_open()
+        local_extend = super().extend
+        return await self._routed(
+            self._idem_slot(idem),
+            lambda: calls.Extend(idem, token, deadline_ms),
+            lambda: local_extend(idem, token, deadline_ms),
+        )
+
+    async def release(
+        self, releases: Sequence[Release], *, now_ms: int, policy: DeliveryPolicy
+    ) -> list[Released]:
+        self._check_open()
+        local_release = super().release
+        return await self._grouped(
+            [self._idem_slot(r.idem) for r in releases],
+            lambda picked: calls.ReleaseMany(tuple(releases[i] for i in picked), now_ms, policy),
+            lambda picked: local_release(
+                [releases[i] for i in picked], now_ms=now_ms, policy=policy
+            ),
+        )
+
+    async def defer(self, idem: str, visible_at_ms: int, now_ms: int) -> bool:
+        self._check_open()
+        local_defer = super().defer
+        return await self._routed(
+            self._idem_slot(idem),
+            lambda: calls.Defer(idem, visible_at_ms, now_ms),
+            lambda: local_defer(idem, visible_at_ms, now_ms),
+        )
+
+    async def settle(self, settlements: Sequence[Settlement], *, now_ms: int) -> list[bool]:
+        self._check_open()
+        local_settle = super().settle
+        return await self._grouped(
+            [self._idem_slot(s.idem) for s in settlements],
+            lambda picked: calls.SettleMany(tuple(settlements[i] for i in picked), now_ms),
+            lambda picked: local_settle([settlements[i] for i in picked], now_ms=now_ms),
+        )
+
+    async def get(self, idem: str) -> StoredMessage | None:
+        self._check_open()
+        local_get = super().get
+        return await self._routed(
+            self._idem_slot(idem), lambda: calls.Get(idem), lambda: local_get(idem)
+        )
+
+    async def redrive(self, idem: str, now_ms: int) -> bool:
+        self._check_open()
+        local_redrive = super().redrive
+        return await self._routed(
+            self._idem_slot(idem),
+            lambda: calls.Redrive(idem, now_ms),
+            lambda: local_redrive(idem, now_ms),
+        )
+
+    async def list_dead(self, recipient: str, limit: int) -> list[StoredMessage]:
+        self._check_open()
+        dead = await super().list_dead(recipient, limit)
+        for found in await self._everywhere(calls.Dead(recipient, limit)):
+            dead += found
+        dead.sort(key=lambda m: m.settled_at_ms or 0, reverse=True)
+        return dead[: max(limit, 0)]
+
+    async def list_dead_refs(self, recipient: str) -> list[DeadRef]:
+        self._check_open()
+        refs = await super().list_dead_refs(recipient)
+        for found in await self._everywhere(calls.DeadRefs(recipient)):
+            refs += found
+        return sorted(refs)
+
+    async def backlog(self) -> dict[str, int]:
+        self._check_open()
+        counts = await super().backlog()
+        for found in await self._everywhere(calls.Backlog()):
+            for app_id, count in found.items():
+                counts[app_id] = counts.get(app_id, 0) + count
+        return counts
+
+    async def _everywhere(self, call: calls.PeerCall) -> list[Any]:
+        """``call`` answered by every other node that owns a slot."""
+        keeper, peers = self._keeper, self._peers
+        if keeper is None or peers is None:
+            return []
+        owners = set((await keeper.read_owners()).values()) - {self.node}
+        answers = await asyncio.gather(*(peers.call(node, call) for node in sorted(owners)))
+        out = []
+        for answer in answers:
+            if isinstance(answer, Failed):
+                raise StoreError(answer.message)
+            if not isinstance(answer, NotServed):
+                out.append(answer)
+        return out
+
+    # --- news of partitions owned elsewhere -----------------------------------------
+
+    async def _on_notes(self, msg: Msg) -> None:
+        try:
+            keys = keys_of_notes(msg.data)
+        except ValueError as exc:
+            log.warning("a peer sent what is not a notice: %s", exc)
+            return
+        for key in keys:
+            self._book.notify(key)
+
+    async def _watch_forever(self) -> None:
+        while True:
+            raise_if_cancelled()
+            await asyncio.sleep(_WATCH_EVERY_S)
+            try:
+                await self._watch_once()
+            except StoreError as exc:
+                log.debug("watching partitions owned elsewhere: %s", exc)
+
+    async def _watch_once(self) -> None:
+        keeper, peers = self._keeper, self._peers
+        if keeper is None or peers is None:
+            return
+        now = time.monotonic()
+        by_owner: dict[str, list[Key]] = {}
+        for key, used in list(self._interest.items()):
+            if now - used > _INTEREST_S:
+                del self._interest[key]
+                continue
+            owner = keeper.owners.get(self.slot_of(*key))
+            if owner is not None and owner != self.node:
+                by_owner.setdefault(owner, []).append(key)
+        answers = await asyncio.gather(
+            *(
+                peers.call(node, calls.Watch(self.node, tuple(keys)))
+                for node, keys in by_owner.items()
+            ),
+            return_exceptions=True,
+        )
+        for answer in answers:
+            if isinstance(answer, list):
+                for key in answer:
+                    self._book.notify(key)

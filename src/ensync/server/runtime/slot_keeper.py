@@ -108,6 +108,8 @@ class SlotKeeper:
         self._rebalanced = False
         self.owned: dict[int, KeptSlot] = {}
         self.node = leases.node
+        # Every slot's owner as last read (replicas may lag: a hint only).
+        self.owners: dict[int, str] = {}
 
     async def start(self) -> None:
         """Join the live nodes and keep a share of the slots until :meth:`stop`.
@@ -210,10 +212,15 @@ class SlotKeeper:
             kept.stored = renewed
             kept.lease.renewed(sent)
 
+    async def read_owners(self) -> dict[int, str]:
+        """Every leased slot's owner, read now (and kept in :attr:`owners`)."""
+        held = await self._leases.owners(self._slots)
+        self.owners = {slot: node for slot, (node, _) in held.items()}
+        return self.owners
+
     async def _rebalance(self) -> None:
         live = list(await self._nodes.live())
-        held = await self._leases.owners(self._slots)
-        owners = {slot: node for slot, (node, _) in held.items()}
+        owners = dict(await self.read_owners())
         # What we dropped but the store still shows as ours must not be
         # taken again before it lapses: plan with the store's view.
         moves = plan(self._slots, self.node, live, owners)

@@ -79,6 +79,7 @@ __all__ = [
     "SessionRecord",
     "SessionRegistry",
     "Settlement",
+    "SlottedIds",
     "Store",
     "StoreError",
     "StoredMessage",
@@ -428,6 +429,18 @@ class DeliveryState(Protocol):
 AppendDone = Callable[[list[Appended] | StoreError], None]
 """Hears how an :meth:`AppendsSoon.append_soon` went: the results, or why
 the store failed as a whole."""
+
+
+@runtime_checkable
+class SlottedIds(Protocol):
+    """A store whose partitions belong to slots, each with one owner node:
+    a message's id carries its partition's slot
+    (``ensync.server.core.ids.new_idem(now, slot=...)``), so that any node
+    finds its owner from the id alone."""
+
+    def slot_of(self, recipient: str, name: str) -> int:
+        """The slot of the partition (``recipient``, ``name``)."""
+        ...
 
 
 @runtime_checkable

@@ -261,6 +261,10 @@ class MemoryMessages:
             out.append(DeadRef(message.settled_at_ms or 0, message.idem, message.name))
         return out
 
+    def has_pending(self, key: tuple[str, str]) -> bool:
+        """Whether the partition has a pending message (claimable now or later)."""
+        return bool(self._pending.get(key))
+
     def backlog(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for (recipient, _), pending in self._pending.items():

@@ -492,6 +492,10 @@ class OwnedTable:
                 counts[app_id] = counts.get(app_id, 0) + count
         return counts
 
+    def has_pending(self, key: Key) -> bool:
+        holder = self._slots.get(self.slot_of(key))
+        return holder is not None and holder.rows.has_pending(key)
+
     def _rows(self, key: Key) -> MemoryMessages:
         return self._slots[self.check(key)].rows
 

@@ -202,6 +202,10 @@ class OwnedStore(Apps, LocalMessages):
         """Whether this node serves ``slot`` now (it owns it and has read it)."""
         return self._table.serves(slot)
 
+    def has_pending(self, key: Key) -> bool:
+        """Whether a partition served here has a pending message."""
+        return self._table.has_pending(key) or self._memory.has_pending(key)
+
     def slot_of(self, recipient: str, name: str) -> int:
         return self._slot_fn(recipient, name, self._slot_count)
 

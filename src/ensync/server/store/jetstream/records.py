@@ -86,6 +86,8 @@ class Names:
         # One owner per partition: live nodes, slots, fences and partition logs.
         self.owned = f"{upper}_OWNED"
         self.owned_prefix = f"{namespace}.o"
+        # Core NATS requests between nodes: in no stream.
+        self.peers_prefix = f"{namespace}.peer"
         self.ready = f"{namespace}.ready"
 
     @staticmethod
