@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from ensync.server.runtime.cluster_store import ClusterStore
 from ensync.server.store import (
     Appended,
     AppRecord,
@@ -26,7 +25,7 @@ from ensync.server.store import (
     SqliteStore,
     Store,
 )
-from ensync.server.store.jetstream import JetStreamStore
+from ensync.server.store.jetstream.cluster_store import ClusterStore
 from tests.support.nats import namespace_for, nats_url
 
 __all__ = [
@@ -74,14 +73,6 @@ BACKENDS = (
         persistent=True,
         group_commit=True,
         factory=lambda directory: SqliteStore(directory / "ensync.db"),
-    ),
-    Backend(
-        "jetstream",
-        persistent=True,
-        group_commit=True,
-        factory=lambda directory: JetStreamStore(
-            [nats_url()], namespace=namespace_for(directory), refresh_s=0.2
-        ),
     ),
     Backend(
         "owned",

@@ -1,4 +1,4 @@
-"""Two engine nodes' stores on a real nats-server (runtime/cluster_store.py,
+"""Two engine nodes' stores on a real nats-server (store/jetstream/cluster_store.py,
 store/jetstream/peers.py): every call answered whichever node owns its
 partition, news of a partition reaching the node that waits for it, and
 calls that wait for a slot's new owner while it moves."""
@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ensync.server.core.ids import new_idem
-from ensync.server.core.ownership import LeaseTiming, slot_of
-from ensync.server.runtime.cluster_store import ClusterStore
 from ensync.server.store import MessageState, NewMessage, Release, Settlement
+from ensync.server.store.jetstream.cluster_store import ClusterStore
+from ensync.server.store.ownership import LeaseTiming, slot_of
 from tests.conformance.stores import POLICY, RECIPIENT, T0, append, claim, idems, new
 from tests.support.nats import namespace_for, nats_url
 from tests.support.timing import eventually

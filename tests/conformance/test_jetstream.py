@@ -1,108 +1,116 @@
-"""The JetStream backend beyond the shared contract: several store instances
-(engine nodes) over one JetStream, store URLs, and failures to connect."""
+"""The JetStream backend beyond the shared contract: two engine nodes' stores
+over one namespace, store URLs, streams that are never changed, and
+failures to connect. (What the owner of a partition does: test_owned_store.py;
+calls between nodes: test_cluster_store.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
 import pathlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 
+from ensync.server.core.ids import new_idem
 from ensync.server.store import (
     Lease,
     MemoryStore,
     MessageState,
+    NewMessage,
     Release,
-    Released,
     Settlement,
     StoreError,
     open_store,
 )
 from ensync.server.store.base import SessionRecord, SessionRegistry
-from ensync.server.store.jetstream import JetStreamStore, StreamConfigError, appends
-from ensync.server.store.jetstream._common import (
+from ensync.server.store.jetstream import ClusterStore, StreamConfigError
+from ensync.server.store.jetstream.api import ConflictError, RejectedError, _answer
+from ensync.server.store.jetstream.apps import (
     CONFLICT_PAUSE_CAP_S,
     CONFLICT_PAUSE_FIRST_S,
-    RETRIES,
     conflict_pause_s,
 )
-from ensync.server.store.jetstream.api import ConflictError, Out, RejectedError, _answer
 from ensync.server.store.jetstream.records import Names
 from ensync.server.store.jetstream.streams import stream_configs, stream_problems
+from ensync.server.store.ownership import LeaseTiming, slot_of
 from tests.conformance.stores import NAME, POLICY, RECIPIENT, T0, app, append, claim, idems, new
 from tests.support.nats import namespace_for, nats_url
 from tests.support.timing import eventually
 
 __all__: list[str] = []
 
+SLOTS = 8
+TIMING = LeaseTiming(ttl_ms=3000, renew_every_ms=300, margin_ms=1200)
+
 
 @pytest.fixture
-async def nodes(tmp_path: pathlib.Path) -> AsyncIterator[tuple[JetStreamStore, JetStreamStore]]:
-    """Two store instances over one namespace: two engine nodes' view."""
-    namespace = namespace_for(tmp_path)
-    a = JetStreamStore([nats_url()], namespace=namespace, node="a", refresh_s=0.1)
-    b = JetStreamStore([nats_url()], namespace=namespace, node="b", refresh_s=0.1)
-    await a.open()
-    await b.open()
+async def nodes(tmp_path: pathlib.Path) -> AsyncIterator[tuple[ClusterStore, ClusterStore]]:
+    """Two engine nodes' stores over one namespace, each serving half the slots."""
+    made = [
+        ClusterStore(
+            [nats_url()], namespace=namespace_for(tmp_path), slots=SLOTS, node=node, timing=TIMING
+        )
+        for node in ("a", "b")
+    ]
     try:
+        for store in made:
+            await store.open()
+        a, b = made
+        await eventually(
+            lambda: len(a._table.slots) == len(b._table.slots) == SLOTS // 2,
+            15,
+            "both nodes serving half the slots",
+        )
         yield a, b
     finally:
-        await a.close()
-        await b.close()
+        for store in made:
+            await store.close()
+
+
+def message(index: int, **changes: Any) -> NewMessage:
+    """A publish to RECIPIENT/NAME whose id carries its slot, as the engine makes them."""
+    return new(new_idem(T0 + index, slot=slot_of(RECIPIENT, NAME, SLOTS)), **changes)
 
 
 async def test_nodes_number_one_partition_together_without_repeats(
-    nodes: tuple[JetStreamStore, JetStreamStore],
+    nodes: tuple[ClusterStore, ClusterStore],
 ) -> None:
     a, b = nodes
-    results = await asyncio.gather(
-        *(
-            append(node, new(f"{name}-{i}"))
-            for i in range(60)
-            for name, node in (("a", a), ("b", b))
-        )
-    )
+    sent = [(message(i), node) for i in range(60) for node in (a, b)]
+    results = await asyncio.gather(*(append(node, m) for m, node in sent))
     assert sorted(r.block for (r,) in results) == list(range(1, 121))
     # Block order is delivery order, whichever node claims.
     seen: list[str] = []
-    while claimed := await claim(b, limit=50):
-        if not claimed.leases:
-            break
-        seen += idems(claimed)
-        assert [lease.message.block for lease in claimed.leases] == sorted(
-            lease.message.block for lease in claimed.leases
-        )
+    while claimed := (await claim(b, limit=50)).leases:
+        seen += [lease.message.idem for lease in claimed]
     blocks = {r.idem: r.block for (r,) in results}
     assert [blocks[idem] for idem in seen] == list(range(1, 121))
 
 
 async def test_a_key_retried_through_another_node_is_stored_once(
-    nodes: tuple[JetStreamStore, JetStreamStore],
+    nodes: tuple[ClusterStore, ClusterStore],
 ) -> None:
     a, b = nodes
-    (first,) = await append(a, new("m-1", dedupe_key="k"))
-    (again,) = await append(b, new("m-2", dedupe_key="k"), now_ms=T0 + 1_000)
-    assert (again.idem, again.block, again.duplicate) == ("m-1", first.block, True)
-    assert await b.get("m-2") is None
+    original, retried = message(1, dedupe_key="k"), message(2, dedupe_key="k")
+    (first,) = await append(a, original)
+    (again,) = await append(b, retried, now_ms=T0 + 1_000)
+    assert (again.idem, again.block, again.duplicate) == (original.idem, first.block, True)
+    assert await b.get(retried.idem) is None
     together = await asyncio.gather(
-        *(
-            append(node, new(f"c-{i}-{n}", dedupe_key="c"))
-            for i in range(5)
-            for n, node in ((0, a), (1, b))
-        )
+        *(append(node, message(10 + i, dedupe_key="c")) for i in range(5) for node in (a, b))
     )
     assert len({result.idem for (result,) in together}) == 1
 
 
 async def test_competing_nodes_never_lease_a_message_twice(
-    nodes: tuple[JetStreamStore, JetStreamStore],
+    nodes: tuple[ClusterStore, ClusterStore],
 ) -> None:
     a, b = nodes
-    await append(a, *(new(f"m-{i}") for i in range(300)))
+    sent = [message(i) for i in range(300)]
+    await append(a, *sent)
     claims = await asyncio.gather(*(claim(node, limit=7) for _ in range(30) for node in (a, b)))
     taken = [idem for claimed in claims for idem in idems(claimed)]
     assert len(taken) == len(set(taken))
@@ -110,79 +118,54 @@ async def test_competing_nodes_never_lease_a_message_twice(
     for node in (a, b, a):
         while more := idems(await claim(node, limit=100)):
             rest += more
-    assert sorted(taken + rest) == sorted(f"m-{i}" for i in range(300))
+    assert sorted(taken + rest) == sorted(m.idem for m in sent)
 
 
-async def test_a_lease_left_by_a_dead_node_comes_back_on_another(
-    nodes: tuple[JetStreamStore, JetStreamStore],
+async def test_a_lease_taken_through_a_node_that_died_comes_back_on_another(
+    nodes: tuple[ClusterStore, ClusterStore],
 ) -> None:
     a, b = nodes
-    await append(a, new("m-1"), new("m-2"))
-    (lease, _) = (await claim(a)).leases
-    waiting = await claim(b)  # b finds both leased, and when they run out
+    owner, other = (a, b) if a.serves(slot_of(RECIPIENT, NAME, SLOTS)) else (b, a)
+    sent = [message(1), message(2)]
+    await append(other, *sent)
+    (lease, _) = (await claim(other)).leases  # a client of the other node's
+    waiting = await claim(owner)  # both leased, and the owner says until when
     assert idems(waiting) == []
     assert waiting.next_visible_ms == lease.deadline_ms
-    await a.close()  # a dies holding both leases
-    assert idems(await claim(b, now_ms=lease.deadline_ms - 1)) == []
-    again = await claim(b, now_ms=lease.deadline_ms)
-    assert idems(again) == ["m-1", "m-2"]
+    await other.close()  # the node goes, its client's leases with it
+    assert idems(await claim(owner, now_ms=lease.deadline_ms - 1)) == []
+    again = await claim(owner, now_ms=lease.deadline_ms)
+    assert idems(again) == [m.idem for m in sent]
     assert [lease.message.attempts for lease in again.leases] == [2, 2]
 
 
-async def test_a_node_that_read_a_partition_earlier_finds_the_leases_of_a_dead_one(
-    nodes: tuple[JetStreamStore, JetStreamStore],
-) -> None:
-    a, b = nodes
-    assert idems(await claim(b)) == []  # b serves the partition; nothing there yet
-    heard: list[tuple[str, str]] = []
-    b.watch(lambda recipient, name: heard.append((recipient, name)))
-    await append(a, new("m-1"))
-    (lease,) = (await claim(a)).leases
-    await a.close()
-    heard.clear()
-    # b re-reads the leases of partitions it serves and says they changed.
-    await eventually(lambda: (RECIPIENT, NAME) in heard, what="b re-reading the leases")
-    waiting = await claim(b)
-    assert (idems(waiting), waiting.next_visible_ms) == ([], lease.deadline_ms)
-    assert idems(await claim(b, now_ms=lease.deadline_ms)) == ["m-1"]
-
-
 async def test_what_one_node_settles_or_defers_the_other_respects(
-    nodes: tuple[JetStreamStore, JetStreamStore],
+    nodes: tuple[ClusterStore, ClusterStore],
 ) -> None:
     a, b = nodes
-    await append(a, new("m-1"), new("m-2"), new("m-3"))
+    m1, m2, m3 = (message(i) for i in range(3))
+    await append(a, m1, m2, m3)
     leases = {lease.message.idem: lease for lease in (await claim(a)).leases}
     # A client that moved to b settles and defers through b.
-    assert await b.settle([Settlement("m-1", MessageState.ACKED)], now_ms=T0) == [True]
-    assert await b.defer("m-2", T0 + 5_000, T0)
+    assert await b.settle([Settlement(m1.idem, MessageState.ACKED)], now_ms=T0) == [True]
+    assert await b.defer(m2.idem, T0 + 5_000, T0)
     # a's leases on them are gone: releasing is stale, settling again is refused.
     released = await a.release(
-        [Release("m-1", leases["m-1"].token), Release("m-2", leases["m-2"].token)],
+        [Release(m1.idem, leases[m1.idem].token), Release(m2.idem, leases[m2.idem].token)],
         now_ms=T0,
         policy=POLICY,
     )
     assert [r.stale for r in released] == [True, True]
-    assert await a.settle([Settlement("m-1", MessageState.ACKED)], now_ms=T0) == [False]
-    assert await a.settle([Settlement("m-3", MessageState.ACKED)], now_ms=T0) == [True]
-    stored = await a.get("m-1")
+    assert await a.settle([Settlement(m1.idem, MessageState.ACKED)], now_ms=T0) == [False]
+    assert await a.settle([Settlement(m3.idem, MessageState.ACKED)], now_ms=T0) == [True]
+    stored = await a.get(m1.idem)
     assert stored is not None
     assert stored.state is MessageState.ACKED
-    assert idems(await claim(a, now_ms=T0 + 5_000)) == ["m-2"]
-
-
-async def test_a_node_hears_of_another_nodes_appends(
-    nodes: tuple[JetStreamStore, JetStreamStore],
-) -> None:
-    a, b = nodes
-    heard: list[tuple[str, str]] = []
-    b.watch(lambda recipient, name: heard.append((recipient, name)))
-    await append(a, new("m-1"))
-    await eventually(lambda: heard == [(RECIPIENT, NAME)], what="b hearing of a's append")
+    assert idems(await claim(a, now_ms=T0 + 5_000)) == [m2.idem]
 
 
 async def test_apps_written_on_one_node_are_read_on_the_other(
-    nodes: tuple[JetStreamStore, JetStreamStore],
+    nodes: tuple[ClusterStore, ClusterStore],
 ) -> None:
     a, b = nodes
     await a.create_app(app("orders"))
@@ -192,31 +175,73 @@ async def test_apps_written_on_one_node_are_read_on_the_other(
     assert await a.get_app_by_key_hash(revoked.key_hash) == revoked
 
 
-async def test_memory_only_bodies_stay_out_of_the_file_stream(
-    nodes: tuple[JetStreamStore, JetStreamStore],
+async def test_memory_only_messages_stay_out_of_the_stream(
+    nodes: tuple[ClusterStore, ClusterStore],
 ) -> None:
-    a, _ = nodes
-    await append(a, new("v-1", persist=False, payload="secret-ish"))
-    info = await a._check_open().request(f"$JS.API.STREAM.INFO.{a.names.volatile}")
-    assert info["config"]["storage"] == "memory"
-    assert info["state"]["messages"] == 1
-    stored = await a.get("v-1")
+    a, b = nodes
+    volatile = message(1, persist=False, payload="secret-ish")
+    await append(a, volatile)
+    stored = await b.get(volatile.idem)
     assert stored is not None
     assert (stored.payload, stored.persist) == ("secret-ish", False)
+    found = await a.api.get_after(a.names.owned, f"{a.names.owned_prefix}.m.>", 1, 100)
+    assert [got for got in found if b"secret-ish" in got.data] == []
+
+
+async def test_sessions_registered_on_one_node_are_found_on_the_other(
+    nodes: tuple[ClusterStore, ClusterStore],
+) -> None:
+    a, b = nodes
+    record = SessionRecord("id-of-alice", b"key-hash", "client-hash", T0)
+    await a.register_sessions([("client-1", record)], ttl_ms=60_000)
+    assert await b.find_session("client-1") == record
+    assert await b.find_session("client-2") is None
+    assert isinstance(a, SessionRegistry)
+    assert not isinstance(MemoryStore(), SessionRegistry)  # one node: nothing to share
+
+
+async def test_more_settlements_than_one_atomic_batch_holds(
+    nodes: tuple[ClusterStore, ClusterStore],
+) -> None:
+    # A session that ends with a full window releases it all at once; an
+    # engine coalescing settlements settles as many. JetStream's atomic
+    # batches hold 1,000 messages, and each dead letter is a record.
+    a, b = nodes
+    total = 1_700
+    sent = [message(i) for i in range(total)]
+    await append(a, *sent)
+    leased: list[Lease] = []
+    while claimed := (await claim(a, limit=400)).leases:
+        leased += claimed
+    assert len(leased) == total
+    released = await b.release(
+        [Release(lease.message.idem, lease.token) for lease in leased[:1_100]],
+        now_ms=T0,
+        policy=POLICY,
+    )
+    assert [r.stale for r in released] == [False] * 1_100
+    dead = await b.settle(
+        [Settlement(lease.message.idem, MessageState.DEAD, "x") for lease in leased[1_100:]],
+        now_ms=T0,
+    )
+    assert dead == [True] * (total - 1_100)
+    assert len(await a.list_dead(RECIPIENT, 2_000)) == total - 1_100
 
 
 async def test_an_unreachable_nats_is_named() -> None:
-    store = JetStreamStore(["nats://127.0.0.1:9"])
+    store = ClusterStore(["nats://127.0.0.1:9"])
     with pytest.raises(StoreError, match=r"cannot reach NATS at nats://127.0.0.1:9"):
         await store.open()
 
 
 def test_store_urls_name_servers_and_options(tmp_path: pathlib.Path) -> None:
     store = open_store("nats://a:4222, tls://b:4222?replicas=3&namespace=prod", tmp_path)
-    assert isinstance(store, JetStreamStore)
-    assert store.names.messages == "PROD_MESSAGES"
+    assert isinstance(store, ClusterStore)
+    assert (store.names.apps, store.names.owned) == ("PROD_APPS", "PROD_OWNED")
     assert store._servers == ["nats://a:4222", "tls://b:4222"]
     assert store._replicas == 3
+    assert store._serve
+    assert not open_store("nats://a:4222", tmp_path, serve=False)._serve  # type: ignore[attr-defined]
 
 
 def test_a_nats_store_without_nats_py_says_what_to_install(
@@ -228,45 +253,6 @@ def test_a_nats_store_without_nats_py_says_what_to_install(
     )
     with pytest.raises(ValueError, match=r"pip install 'ensync\[cluster\]'"):
         open_store("nats://127.0.0.1:4222", tmp_path)
-
-
-async def test_sessions_registered_on_one_node_are_found_on_the_other(
-    nodes: tuple[JetStreamStore, JetStreamStore],
-) -> None:
-    a, b = nodes
-    record = SessionRecord("id-of-alice", b"key-hash", "client-hash", T0)
-    await a.register_sessions([("client-1", record)], ttl_ms=60_000)
-    assert await b.find_session("client-1") == record
-    assert await b.find_session("client-2") is None
-    assert isinstance(a, SessionRegistry)
-    assert not isinstance(MemoryStore(), SessionRegistry)  # one node: nothing to share
-
-
-async def test_more_lease_ends_than_one_atomic_batch_holds(
-    nodes: tuple[JetStreamStore, JetStreamStore],
-) -> None:
-    # A session that ends with a full window releases it all at once; an
-    # engine coalescing acks settles as many. JetStream's atomic batches
-    # hold 1,000 messages.
-    a, _ = nodes
-    total = 1_700
-    await append(a, *(new(f"m-{i}") for i in range(total)))
-    leases: list[Lease] = []
-    while claimed := (await claim(a, limit=400)).leases:
-        leases += claimed
-    assert len(leases) == total
-    released = await a.release(
-        [Release(lease.message.idem, lease.token) for lease in leases[:1_100]],
-        now_ms=T0,
-        policy=POLICY,
-    )
-    assert released == [Released(visible_at_ms=T0)] * 1_100
-    settled = await a.settle(
-        [Settlement(lease.message.idem, MessageState.ACKED) for lease in leases[1_100:]],
-        now_ms=T0,
-    )
-    assert settled == [True] * 600
-    assert await a.backlog() == {RECIPIENT: 1_100}
 
 
 # --- conflicts on replicated streams ------------------------------------------------
@@ -288,31 +274,6 @@ def test_other_refusals_are_not_conflicts() -> None:
         _answer(answer)
 
 
-async def test_an_append_that_always_conflicts_gives_up_after_a_bounded_number_of_tries(
-    nodes: tuple[JetStreamStore, JetStreamStore], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A batch that expects on one subject twice is answered 10164 every time.
-    a, _ = nodes
-    api = a._check_open()
-    tries: list[int] = []
-    pauses: list[int] = []
-
-    async def conflicting(messages: Sequence[Out]) -> int:
-        tries.append(len(messages))
-        raise ConflictError(10164, "wrong last sequence")
-
-    async def pause(attempt: int) -> None:
-        pauses.append(attempt)
-
-    monkeypatch.setattr(api, "atomic", conflicting)
-    monkeypatch.setattr(appends, "pause_after_conflict", pause)
-    (result,) = await append(a, new("m-1"))
-    assert result.error is not None
-    assert "kept conflicting" in result.error
-    assert len(tries) == RETRIES
-    assert pauses == list(range(RETRIES))
-
-
 def test_pauses_after_conflicts_are_random_and_grow_to_a_cap() -> None:
     for attempt in range(12):
         window = min(CONFLICT_PAUSE_CAP_S, CONFLICT_PAUSE_FIRST_S * 2**attempt)
@@ -325,8 +286,8 @@ def test_pauses_after_conflicts_are_random_and_grow_to_a_cap() -> None:
 # --- streams: created when absent, never changed -----------------------------------
 
 
-async def _stream_config(store: JetStreamStore, stream: str) -> dict[str, Any]:
-    info = await store._check_open().request(f"$JS.API.STREAM.INFO.{stream}")
+async def _stream_config(store: ClusterStore, stream: str) -> dict[str, Any]:
+    info = await store.api.request(f"$JS.API.STREAM.INFO.{stream}")
     config: dict[str, Any] = info["config"]
     return config
 
@@ -335,38 +296,37 @@ async def test_open_never_changes_an_existing_stream_and_names_what_differs(
     tmp_path: pathlib.Path,
 ) -> None:
     url = f"{nats_url()}?namespace={namespace_for(tmp_path)}"
-    first = open_store(url, tmp_path)
-    assert isinstance(first, JetStreamStore)
+    first = open_store(url, tmp_path, serve=False)
+    assert isinstance(first, ClusterStore)
     await first.open()
     try:
         names = first.names
         # A URL that asks for other replicas than the streams have is refused.
-        three = open_store(url + "&replicas=3", tmp_path)
+        three = open_store(url + "&replicas=3", tmp_path, serve=False)
         with pytest.raises(StreamConfigError) as refused:
             await three.open()
         assert str(refused.value).startswith(
-            f"streams {names.messages}, {names.volatile}, {names.state}, {names.apps},"
-            f" {names.counts} have 1 replica, this store URL asks for 3:"
+            f"streams {names.apps}, {names.owned} have 1 replica, this store URL asks for 3:"
             " add ?replicas=1 to the store URL"
         )
-        assert (await _stream_config(first, names.state))["num_replicas"] == 1
+        assert (await _stream_config(first, names.owned))["num_replicas"] == 1
         # An operator's limit is neither undone nor accepted silently.
-        state = await _stream_config(first, names.state)
-        await first._check_open().request(
-            f"$JS.API.STREAM.UPDATE.{names.state}", {**state, "max_age": 3600 * 10**9}
+        owned = await _stream_config(first, names.owned)
+        await first.api.request(
+            f"$JS.API.STREAM.UPDATE.{names.owned}", {**owned, "max_age": 3600 * 10**9}
         )
-        again = open_store(url, tmp_path)
+        again = open_store(url, tmp_path, serve=False)
         with pytest.raises(StreamConfigError) as differs:
             await again.open()
-        assert f"stream {names.state}: max_age is 3600 s, ensync needs no limit" in str(
+        assert f"stream {names.owned}: max_age is 3600 s, ensync needs no limit" in str(
             differs.value
         )
         assert "ensync never changes an existing stream" in str(differs.value)
-        assert (await _stream_config(first, names.state))["max_age"] == 3600 * 10**9
+        assert (await _stream_config(first, names.owned))["max_age"] == 3600 * 10**9
         # Set back, the streams are used as they are, with or without ?replicas=1.
-        await first._check_open().request(f"$JS.API.STREAM.UPDATE.{names.state}", state)
+        await first.api.request(f"$JS.API.STREAM.UPDATE.{names.owned}", owned)
         for same in (url, url + "&replicas=1"):
-            store = open_store(same, tmp_path)
+            store = open_store(same, tmp_path, serve=False)
             await store.open()
             await store.close()
     finally:
@@ -379,15 +339,15 @@ def test_a_mismatch_of_replicas_says_what_the_url_should_say() -> None:
     found = {config["name"]: {**config, "num_replicas": 3} for config in configs}
     message = stream_problems(configs, found, 1)
     assert message.startswith(
-        "streams PROD_MESSAGES, PROD_VOLATILE, PROD_STATE, PROD_APPS, PROD_COUNTS have"
-        " 3 replicas, this store URL asks for 1: add ?replicas=3 to the store URL"
+        "streams PROD_APPS, PROD_OWNED have 3 replicas, this store URL asks for 1:"
+        " add ?replicas=3 to the store URL"
     )
-    assert "nats stream edit PROD_MESSAGES --replicas 1" in message
+    assert "nats stream edit PROD_APPS --replicas 1" in message
     assert stream_problems(configs, found, 3) == ""
     assert stream_problems(configs, found, None) == ""  # no ?replicas: as they are
-    one = {names.state: {**found[names.state], "num_replicas": 1}}
+    one = {names.owned: {**found[names.owned], "num_replicas": 1}}
     assert stream_problems(configs, one, 3).startswith(
-        "stream PROD_STATE has 1 replica, this store URL asks for 3: add ?replicas=1"
+        "stream PROD_OWNED has 1 replica, this store URL asks for 3: add ?replicas=1"
     )
     lacking = {names.apps: {**found[names.apps], "subjects": [], "allow_atomic": False}}
     assert stream_problems(configs, lacking, None) == (

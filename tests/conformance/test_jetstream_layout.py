@@ -9,7 +9,7 @@ import re
 import orjson
 import pytest
 
-from ensync.server.store.jetstream import JetStreamStore
+from ensync.server.store.jetstream import ClusterStore
 from ensync.server.store.jetstream.api import Out
 from ensync.server.store.jetstream.layout import (
     LAYOUT,
@@ -20,8 +20,9 @@ from ensync.server.store.jetstream.layout import (
 from tests.support.nats import namespace_for, nats_url
 
 
-def store(namespace: str) -> JetStreamStore:
-    return JetStreamStore([nats_url()], namespace=namespace, node="a")
+def store(namespace: str) -> ClusterStore:
+    # A command's store: it joins no node, so a test can open several.
+    return ClusterStore([nats_url()], namespace=namespace, serve=False, slots=8)
 
 
 async def test_a_new_namespace_records_its_layout_and_opens_again(tmp_path: pathlib.Path) -> None:
@@ -29,12 +30,16 @@ async def test_a_new_namespace_records_its_layout_and_opens_again(tmp_path: path
     first = store(namespace)
     await first.open()
     try:
-        api = first._check_open()
+        api = first.api
         found = await api.get_one(first.names.apps, {"last_by_subj": layout_subject(first.names)})
         assert found is not None
-        assert orjson.loads(found.data) == {"layout": LAYOUT}
-        second = store(namespace)  # another node, or an `ensync app` command
+        assert orjson.loads(found.data) == {"layout": LAYOUT, "slots": 8}
+        assert first.slot_count == 8
+        # Another node, or an `ensync app` command, asking for another slot
+        # count: the namespace keeps the one it recorded.
+        second = ClusterStore([nats_url()], namespace=namespace, serve=False, slots=64)
         await second.open()
+        assert second.slot_count == 8
         await second.close()
     finally:
         await first.close()
@@ -43,8 +48,11 @@ async def test_a_new_namespace_records_its_layout_and_opens_again(tmp_path: path
 @pytest.mark.parametrize(
     ("record", "says"),
     [
-        ({"layout": 9}, "has layout 9, written by a newer ensync"),
-        ({"layout": 2}, "has layout 2 (one owner per partition); this store reads layout 1"),
+        ({"layout": 9}, "has layout 9, written by a newer ensync; this one reads layout 2"),
+        (
+            {"layout": 1},
+            "has layout 1 (every node sharing each message's records), written by an older",
+        ),
         ({"layout": 0}, "has layout 0, written by an older ensync"),
         ({"something": "else"}, "unreadable layout record"),
     ],
@@ -56,7 +64,7 @@ async def test_a_namespace_with_a_layout_this_node_does_not_know_is_refused(
     first = store(namespace)
     await first.open()
     try:
-        api = first._check_open()
+        api = first.api
         subject = layout_subject(first.names)
         await api.atomic([Out(subject, orjson.dumps(record))])  # one message per subject
         other = store(namespace)

@@ -1,5 +1,5 @@
 """One owner per partition on a real nats-server (store/jetstream/owned.py,
-owned_store.py, runtime/cluster_store.py): what a node that takes a slot
+owned_store.py, store/jetstream/cluster_store.py): what a node that takes a slot
 over finds, what a former owner can no longer do, and retention in bulk.
 Calls forwarded between nodes: test_cluster_store.py.
 
@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from ensync.server.core.ids import new_idem
-from ensync.server.core.ownership import LeaseTiming, slot_of
-from ensync.server.runtime.cluster_store import ClusterStore
 from ensync.server.store import MessageState, Release, Settlement
+from ensync.server.store.jetstream.cluster_store import ClusterStore
 from ensync.server.store.jetstream.owned import NotOwnedError
 from ensync.server.store.jetstream.owned_store import OwnedStore
 from ensync.server.store.jetstream.partition_logs import FencedError
+from ensync.server.store.ownership import LeaseTiming, slot_of
 from tests.conformance.stores import (
     NAME,
     OTHER_NAME,

@@ -1,5 +1,5 @@
 """Nodes keeping their share of the slots on a real nats-server
-(server/runtime/slot_keeper.py): balanced shares, joins that move only a
+(server/store/jetstream/slot_keeper.py): balanced shares, joins that move only a
 joiner's share, a dead node's slots owned again within the lease's time to
 live, and never two nodes serving one slot at once."""
 
@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from ensync.server.core.ownership import LeaseTiming
-from ensync.server.runtime.slot_keeper import SlotKeeper, monotonic_ms
 from ensync.server.store.jetstream import slots as store_slots
 from ensync.server.store.jetstream.api import JetStreamApi
 from ensync.server.store.jetstream.nodes import NodeRegistry
+from ensync.server.store.jetstream.slot_keeper import SlotKeeper, monotonic_ms
 from ensync.server.store.jetstream.slots import SlotLeases
+from ensync.server.store.ownership import LeaseTiming
 from tests.support.nats import owned_stream
 from tests.support.timing import seconds
 

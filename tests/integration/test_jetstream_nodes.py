@@ -18,7 +18,7 @@ import pytest
 
 from ensync import EnSyncEngine, Message
 from ensync.server.store import open_store
-from ensync.server.store.jetstream import JetStreamStore
+from ensync.server.store.jetstream.owned_store import OwnedStore
 from ensync.testing.nats_server import nats_cluster, nats_server_binary
 from ensync.testing.process import EngineProcess, dies_with_parent, running_engine
 from tests.support.cli import ensync, free_port
@@ -113,7 +113,7 @@ async def test_a_command_with_a_one_host_url_leaves_a_clusters_replicas_alone(
         )
         assert listing.returncode == 0, listing.stderr
         assert [app["name"] for app in json.loads(listing.stdout)] == ["shop"]
-        assert await replicas_of_streams(one_host) == [3] * 5
+        assert await replicas_of_streams(one_host) == [3] * 2
         # A node whose URL asks for other replicas is refused, and says what to write.
         refused = await asyncio.to_thread(
             ensync,
@@ -130,21 +130,19 @@ async def test_a_command_with_a_one_host_url_leaves_a_clusters_replicas_alone(
         assert refused.returncode == 1
         assert "Traceback" not in refused.stderr
         assert (
-            "ensync: cannot serve: streams ENSYNC_MESSAGES, ENSYNC_VOLATILE, ENSYNC_STATE,"
-            " ENSYNC_APPS, ENSYNC_COUNTS have 3 replicas, this store URL asks for 1:"
-            " add ?replicas=3 to the store URL"
+            "ensync: cannot serve: streams ENSYNC_APPS, ENSYNC_OWNED have 3 replicas,"
+            " this store URL asks for 1: add ?replicas=3 to the store URL"
         ) in refused.stderr
-        assert await replicas_of_streams(one_host) == [3] * 5
+        assert await replicas_of_streams(one_host) == [3] * 2
 
 
 async def replicas_of_streams(url: str) -> list[int]:
-    store = open_store(url, pathlib.Path("."))
-    assert isinstance(store, JetStreamStore)
+    store = open_store(url, pathlib.Path("."), serve=False)
+    assert isinstance(store, OwnedStore)
     await store.open()
     try:
-        names = store.names
-        streams = (names.messages, names.volatile, names.state, names.apps, names.counts)
-        api = store._check_open()
+        streams = (store.names.apps, store.names.owned)
+        api = store.api
         return [
             (await api.request(f"$JS.API.STREAM.INFO.{stream}"))["config"]["num_replicas"]
             for stream in streams

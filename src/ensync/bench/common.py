@@ -31,7 +31,7 @@ from ensync.errors import EnSyncError
 from ensync.server.core.apps import AppRegistry, NewApp
 from ensync.server.runtime.clock import wall_clock_ms
 from ensync.server.store import StoreError, open_store
-from ensync.server.store.jetstream import JetStreamStore
+from ensync.server.store.jetstream.owned_store import OwnedStore
 from ensync.server.store.sqlite import SqliteStore
 from ensync.testing.nats_server import NatsError, nats_cluster
 from ensync.testing.process import (
@@ -139,7 +139,7 @@ async def register_apps(
     store = (
         SqliteStore(data_dir / "ensync.db")
         if store_url is None
-        else open_store(store_url, data_dir)
+        else open_store(store_url, data_dir, serve=False)
     )
     await store.open()
     try:
@@ -449,10 +449,10 @@ async def bench_store(spec: str | None, root: Path) -> AsyncIterator[BenchStore]
     try:
         yield BenchStore(url)
     finally:
-        store = open_store(url, root)
+        store = open_store(url, root, serve=False)
         try:
             await store.open()
-            if isinstance(store, JetStreamStore):
+            if isinstance(store, OwnedStore):
                 await store.drop()
             await store.close()
         except StoreError as exc:

@@ -26,7 +26,7 @@ __all__ = ["allow", "create", "keygen", "list_apps", "revoke", "rotate_key"]
 def _registry_call(args: argparse.Namespace, action: str) -> int:
     async def go() -> int:
         try:
-            store = open_store(args.store, Path(args.data), **store_options(args))
+            store = open_store(args.store, Path(args.data), serve=False, **store_options(args))
             # Only `create` may make the store: the others read or change apps in it.
             missing = None if action == "create" else missing_store(args)
         except ValueError as exc:

@@ -148,7 +148,7 @@ def _store_url(servers: list[NatsServer]) -> str:
 
 
 async def _register(store_url: str, root: Path, names: list[str]) -> list[NewApp]:
-    store = open_store(store_url, root)
+    store = open_store(store_url, root, serve=False)
     await store.open()
     try:
         registry = AppRegistry(store, wall_clock_ms, cache_ms=0)

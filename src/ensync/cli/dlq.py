@@ -84,7 +84,7 @@ def _record(message: StoredMessage, apps: dict[str, str]) -> dict[str, Any]:
 def _run(args: argparse.Namespace, work: Callable[[Store], Any]) -> int:
     async def go() -> int:
         try:
-            store = open_store(args.store, Path(args.data), **store_options(args))
+            store = open_store(args.store, Path(args.data), serve=False, **store_options(args))
             missing = missing_store(args)
         except ValueError as exc:
             print(f"ensync: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ from ensync.server.openfiles import RESERVED_FILES, caps_fit, max_connections, o
 from ensync.server.runtime.engine import Engine
 from ensync.server.store import open_store, sqlite_file
 from ensync.server.store.base import Store
-from ensync.server.store.jetstream import JetStreamStore
+from ensync.server.store.jetstream.owned_store import OwnedStore
 from ensync.server.transports.gate import ConnectionGate
 from ensync.server.transports.grpc import GrpcTransport
 from ensync.server.transports.http import HttpListener
@@ -117,12 +117,12 @@ async def running_server(config: ServerConfig) -> AsyncIterator[RunningServer]:
             nats_creds=config.nats_creds,
             nats_tls_ca=config.nats_tls_ca,
         )
-        if isinstance(store, JetStreamStore):
+        if isinstance(store, OwnedStore):
             # The data directory holds only this node's own files: one node each.
             stack.enter_context(EngineLock(config.data_dir / "node"))
         await store.open()
         stack.push_async_callback(store.close)
-        if isinstance(store, JetStreamStore):
+        if isinstance(store, OwnedStore):
             _check_message_room(store, config.engine)
         if database is not None:
             for loose in loose_permissions(database):
@@ -244,7 +244,7 @@ class _AcceptFailures:
             loop.default_exception_handler(context)
 
 
-def _check_message_room(store: JetStreamStore, engine: EngineConfig) -> None:
+def _check_message_room(store: OwnedStore, engine: EngineConfig) -> None:
     """Refuse to serve when NATS would refuse the largest message the engine accepts."""
     # A stored record is the envelope, the metadata as a JSON string (escaping
     # may double it) and a few fields.

@@ -45,7 +45,7 @@ def new_idem(now_ms: int, slot: int | None = None) -> str:
     ULID layout): sorting idems as text sorts them by creation time, and the
     random part cannot be guessed.
 
-    With ``slot`` (the partition's slot, :mod:`ensync.server.core.ownership`),
+    With ``slot`` (the partition's slot, :mod:`ensync.server.store.ownership`),
     the last :data:`SLOT_BITS` bits are the slot instead of random ones, so
     that any engine node finds a message's owner from its idem alone
     (:func:`idem_slot`); 70 random bits remain.

@@ -8,7 +8,8 @@ when named):
 ``sqlite:``                    :class:`SqliteStore` at ``DATA_DIR/ensync.db``
 ``sqlite:relative.db``         :class:`SqliteStore` at ``DATA_DIR/relative.db``
 ``sqlite:///abs/path.db``      :class:`SqliteStore` at ``/abs/path.db``
-``nats://HOST:PORT[,...]``     :class:`JetStreamStore` on those NATS servers
+``nats://HOST:PORT[,...]``     :class:`~.jetstream.cluster_store.ClusterStore`
+                               on those NATS servers, one owner per partition
                                (``tls://`` for TLS; ``?replicas=3`` and
                                ``?namespace=NAME`` options: replicas of the
                                streams it creates, and that existing ones
@@ -46,7 +47,7 @@ from ensync.server.store.base import (
 )
 
 if TYPE_CHECKING:
-    from ensync.server.store.jetstream import JetStreamStore
+    from ensync.server.store.jetstream import ClusterStore
     from ensync.server.store.memory import MemoryStore, MemoryStoreStatistics
     from ensync.server.store.sqlite import SqliteStore, SqliteStoreStatistics
 
@@ -56,9 +57,9 @@ __all__ = [
     "AppStore",
     "Appended",
     "Claim",
+    "ClusterStore",
     "DeliveryPolicy",
     "DeliveryState",
-    "JetStreamStore",
     "Lease",
     "MemoryStore",
     "MemoryStoreStatistics",
@@ -78,7 +79,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "JetStreamStore": "ensync.server.store.jetstream",
+    "ClusterStore": "ensync.server.store.jetstream",
     "MemoryStore": "ensync.server.store.memory",
     "MemoryStoreStatistics": "ensync.server.store.memory",
     "SqliteStore": "ensync.server.store.sqlite",
@@ -102,12 +103,15 @@ def open_store(
     *,
     nats_creds: pathlib.Path | None = None,
     nats_tls_ca: pathlib.Path | None = None,
+    serve: bool = True,
 ) -> Store:
     """Build (but do not open) the store that ``url`` names.
 
     Relative sqlite paths are resolved against ``data_dir``; ``nats_creds``
     and ``nats_tls_ca`` are for ``nats://`` stores. Call ``open()`` on the
-    result before use.
+    result before use. Without ``serve`` a ``nats://`` store is a
+    command's, not an engine node's: it owns no partition and asks the
+    nodes that do.
 
     Raises:
         ValueError: the URL names no supported backend, or a backend whose
@@ -124,14 +128,16 @@ def open_store(
 
         return SqliteStore(_sqlite_path(url, rest, data_dir))
     if url.lower().startswith(_NATS_SCHEMES):
-        return _jetstream(url, nats_creds, nats_tls_ca)
+        return _jetstream(url, nats_creds, nats_tls_ca, serve=serve)
     raise ValueError(
         f"unsupported store URL {url!r}: use 'memory:', 'sqlite:', 'sqlite:relative.db',"
         " 'sqlite:///absolute/path.db' or 'nats://HOST:PORT[,nats://HOST:PORT...]'"
     )
 
 
-def _jetstream(url: str, creds: pathlib.Path | None, tls_ca: pathlib.Path | None) -> JetStreamStore:
+def _jetstream(
+    url: str, creds: pathlib.Path | None, tls_ca: pathlib.Path | None, *, serve: bool
+) -> ClusterStore:
     servers_part, _, query = url.partition("?")
     servers = [server.strip() for server in servers_part.split(",") if server.strip()]
     for server in servers:
@@ -152,14 +158,15 @@ def _jetstream(url: str, creds: pathlib.Path | None, tls_ca: pathlib.Path | None
         raise ValueError(f"store URL {url!r}: replicas must be 1, 3 or 5, not {replicas!r}")
     if importlib.util.find_spec("nats") is None:
         raise ValueError("the NATS JetStream store needs nats-py: pip install 'ensync[cluster]'")
-    from ensync.server.store.jetstream import JetStreamStore
+    from ensync.server.store.jetstream import ClusterStore
 
-    return JetStreamStore(
+    return ClusterStore(
         servers,
         namespace=options.get("namespace", ["ensync"])[-1],
         replicas=int(replicas) if replicas is not None else None,
         creds=str(creds) if creds is not None else None,
         tls_ca=str(tls_ca) if tls_ca is not None else None,
+        serve=serve,
     )
 
 

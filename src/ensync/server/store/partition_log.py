@@ -1,6 +1,6 @@
 """A partition's delivery state as its owner logs it, and rebuilt from that log.
 
-The owner of a partition (:mod:`ensync.server.core.ownership`) keeps the
+The owner of a partition (:mod:`ensync.server.store.ownership`) keeps the
 partition's delivery state in memory and appends what changes it to the
 partition's state log, a record per batch rather than per message. A new
 owner reads the latest :class:`Snapshot` and the records after it, and

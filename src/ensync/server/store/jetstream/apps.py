@@ -1,29 +1,67 @@
 """Apps in JetStream: one record per app (``ns.app.a.<name>``) and a version
 subject every write expects, so concurrent writes from several nodes or
-``ensync app`` commands are serialized; reads are cached per version.
+``ensync app`` commands are serialized (a write that conflicts is retried
+after a random pause); reads are cached per version.
 
 Client sessions every node may take over live beside them
 (``ns.app.s.<client id>``, expiring unless renewed)."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Sequence
 
 import orjson
 
 from ensync.server.store.base import AppExistsError, AppRecord, SessionRecord, StoreError
-from ensync.server.store.jetstream._common import RETRIES, Common, pause_after_conflict
-from ensync.server.store.jetstream.api import MAX_BATCH, ConflictError, Out
-from ensync.server.store.jetstream.records import app_from_json, app_to_json, is_gone
+from ensync.server.store.jetstream.api import MAX_BATCH, Batch, ConflictError, JetStreamApi, Out
+from ensync.server.store.jetstream.records import Names, app_from_json, app_to_json, is_gone
 
-__all__ = ["Apps"]
+__all__ = ["Apps", "conflict_pause_s"]
+
+# An app write that conflicts (another node or command wrote an app
+# meanwhile) is retried this many times, each after a pause drawn from a
+# window that doubles from the first to the cap.
+RETRIES = 32
+CONFLICT_PAUSE_FIRST_S = 0.002
+CONFLICT_PAUSE_CAP_S = 0.1
+# Messages per read of a stream.
+_PAGE = 1000
 
 
-class Apps(Common):
-    """The :class:`~ensync.server.store.base.AppStore` half of the backend."""
+def conflict_pause_s(attempt: int) -> float:
+    """How long to wait before retrying a write that conflicted for the
+    ``attempt``-th time (0 for the first): anything up to a window that
+    doubles each time, capped. Random, so that two writers that collided do
+    not retry in step; growing, so that a write another server is still
+    replicating (JetStream's 10163) has landed when this one comes back."""
+    window = min(CONFLICT_PAUSE_CAP_S, CONFLICT_PAUSE_FIRST_S * 2 ** max(attempt, 0))
+    return random.uniform(0, window)
 
+
+class Apps:
+    """The :class:`~ensync.server.store.base.AppStore` half of the backend
+    (and the client sessions every node may take over)."""
+
+    names: Names
     _apps: dict[str, AppRecord]
     _apps_version: int
+
+    def _check_open(self) -> JetStreamApi:  # the store's
+        raise NotImplementedError
+
+    async def _read_all(self, stream: str, subject: str) -> Batch:
+        api = self._check_open()
+        out = Batch()
+        seq = 1
+        while True:
+            page = await api.get_after(stream, subject, seq, _PAGE)
+            out += page
+            if len(page) < _PAGE:
+                out.upto = page.upto
+                return out
+            seq = page[-1].seq + 1
 
     async def _read_apps(self, *, force: bool = False) -> dict[str, AppRecord]:
         api = self._check_open()
@@ -66,7 +104,7 @@ class Apps(Common):
                     ]
                 )
             except ConflictError:
-                await pause_after_conflict(attempt)
+                await asyncio.sleep(conflict_pause_s(attempt))
                 continue
             self._apps[app.name] = app
             return

@@ -1,8 +1,8 @@
 """What a node checks before it uses a namespace: the NATS server's version
 and the namespace's layout version.
 
-* The backend needs NATS Server 2.12 or later (atomic batches, message
-  counters; per-message TTLs came in 2.11). An older server would refuse
+* The backend needs NATS Server 2.12 or later (atomic batches; per-message
+  TTLs came in 2.11). An older server would refuse
   its writes one by one with errors that do not say why; a node refuses to
   start instead, saying which version it found.
 * Each namespace records the layout of its streams and records under
@@ -27,21 +27,17 @@ from ensync.server.store.jetstream.records import Names
 __all__ = [
     "LAYOUT",
     "MIN_SERVER",
-    "OWNED_LAYOUT",
     "LayoutError",
     "check_server_version",
     "ensure_layout",
     "layout_subject",
 ]
 
-#: The layout of the backend whose nodes share every record (JetStreamStore).
-LAYOUT = 1
-#: The layout of one owner per partition (OwnedStore): ``slots`` recorded with it.
-OWNED_LAYOUT = 2
-_KNOWN = {
-    LAYOUT: "every node sharing each record",
-    OWNED_LAYOUT: "one owner per partition",
-}
+#: The layout this version reads and writes: one owner per partition, the
+#: slot count recorded with it.
+LAYOUT = 2
+# Layouts of earlier versions, and what they were.
+_EARLIER = {1: "every node sharing each message's records"}
 #: The oldest NATS Server the backend works with.
 MIN_SERVER = (2, 12)
 
@@ -70,7 +66,7 @@ def check_server_version(version: str) -> None:
     if (int(found[1]), int(found[2])) < MIN_SERVER:
         raise LayoutError(
             f"the NATS server is version {version}: ensync needs NATS Server {needed} or"
-            " later (atomic batches and message counters); upgrade the NATS servers"
+            " later (atomic batches); upgrade the NATS servers"
         )
 
 
@@ -116,17 +112,12 @@ def _check_layout(names: Names, data: bytes, wanted: int) -> dict[str, Any]:
         layout = None
     if layout == wanted:
         return dict(record)
-    if layout in _KNOWN:
-        raise LayoutError(
-            f"namespace {names.ns!r} has layout {layout} ({_KNOWN[layout]}); this store"
-            f" reads layout {wanted} ({_KNOWN[wanted]}): open it with the store that wrote"
-            " it, or use another namespace (?namespace=...)"
-        )
     if isinstance(layout, int) and not isinstance(layout, bool):
-        newer = "a newer" if layout > max(_KNOWN) else "an older"
+        newer = "a newer" if layout > wanted else "an older"
+        what = f" ({_EARLIER[layout]})" if layout in _EARLIER else ""
         raise LayoutError(
-            f"namespace {names.ns!r} has layout {layout}, written by {newer} ensync; this"
-            f" one reads layout {wanted}: run the ensync version that wrote it, or use"
+            f"namespace {names.ns!r} has layout {layout}{what}, written by {newer} ensync;"
+            f" this one reads layout {wanted}: run the ensync version that wrote it, or use"
             " another namespace (?namespace=...)"
         )
     raise LayoutError(

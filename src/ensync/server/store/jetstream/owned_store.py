@@ -10,7 +10,7 @@ with :class:`~.owned.NotOwnedError` (an append with the error in its
 result): the engine forwards it to the owner.
 
 Who owns which slot is decided outside the store, by the node's slot keeper
-(:mod:`ensync.server.runtime.slot_keeper`), which calls :meth:`OwnedStore.gain`
+(:mod:`ensync.server.store.jetstream.slot_keeper`), which calls :meth:`OwnedStore.gain`
 and :meth:`OwnedStore.lose`. Apps and client sessions are shared records
 (:class:`~.apps.Apps`), as on the other JetStream backend.
 
@@ -27,15 +27,15 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ensync.server.store.base import AppRecord, Claim, DeliveryPolicy, NewMessage, StoreError
-from ensync.server.store.jetstream.api import JetStreamApi
+from ensync.server.store.jetstream.api import JetStreamApi, RejectedError
 from ensync.server.store.jetstream.apps import Apps
 from ensync.server.store.jetstream.connection import connect
-from ensync.server.store.jetstream.layout import OWNED_LAYOUT, ensure_layout
+from ensync.server.store.jetstream.layout import ensure_layout
 from ensync.server.store.jetstream.owned import NotOwnedError, OwnedTable
 from ensync.server.store.jetstream.partition_logs import recover_slot
 from ensync.server.store.jetstream.records import Names
-from ensync.server.store.jetstream.slots import SlotLease, owned_stream_config
-from ensync.server.store.jetstream.streams import ensure_streams, stream_configs
+from ensync.server.store.jetstream.slots import SlotLease
+from ensync.server.store.jetstream.streams import ensure_streams
 from ensync.server.store.local import LocalMessages
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class OwnedStore(Apps, LocalMessages):
     Args:
         servers: NATS URLs; the client fails over between them.
         slot_of: the slot of a partition, given the slot count
-            (``ensync.server.core.ownership.slot_of``).
+            (``ensync.server.store.ownership.slot_of``).
         namespace: prefix of every stream and subject.
         replicas: copies JetStream keeps of each stream it creates (existing
             ones must have as many); ``None``: as those that exist.
@@ -145,13 +145,8 @@ class OwnedStore(Apps, LocalMessages):
             self._state = "closed"
             raise
         try:
-            apps = next(c for c in stream_configs(self.names) if c["name"] == self.names.apps)
-            owned = owned_stream_config(self.names.owned, self.names.owned_prefix)
-            del owned["num_replicas"]
-            await ensure_streams(self._api, self.names, self._replicas, configs=[apps, owned])
-            layout = await ensure_layout(
-                self._api, self.names, OWNED_LAYOUT, {"slots": self._slot_count}
-            )
+            await ensure_streams(self._api, self.names, self._replicas)
+            layout = await ensure_layout(self._api, self.names, details={"slots": self._slot_count})
             self._slot_count = int(layout["slots"])
         except BaseException:
             await self._nc.close()
@@ -174,6 +169,21 @@ class OwnedStore(Apps, LocalMessages):
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
+
+    async def drop(self) -> None:
+        """Delete this namespace's streams: every message, state and app in
+        it (benchmarks and tests clean up with it). Serve nothing afterwards."""
+        api = self._check_open()
+        for slot in self._table.slots:
+            self.lose(slot)
+        for stream in (self.names.owned, self.names.apps):
+            with contextlib.suppress(RejectedError):
+                await api.request(f"$JS.API.STREAM.DELETE.{stream}")
+
+    def _check_open(self) -> JetStreamApi:
+        if self._state != "open" or self._api is None:
+            raise StoreError(f"the JetStream store is {self._state}, not open")
+        return self._api
 
     @property
     def api(self) -> JetStreamApi:

@@ -1,6 +1,6 @@
 """The logs of one slot's partitions on JetStream, written by the slot's owner alone.
 
-A slot's partitions (:func:`ensync.server.core.ownership.slot_of`) keep three
+A slot's partitions (:func:`ensync.server.store.ownership.slot_of`) keep three
 subjects each in the ownership stream
 (:func:`~ensync.server.store.jetstream.slots.owned_stream_config`), beside the
 slot's lease and fence; ``<part>`` is ``<recipient token>.<name token>``:

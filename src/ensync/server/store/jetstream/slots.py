@@ -1,6 +1,6 @@
 """Slot leases and fence records on JetStream: who owns which slot, and since when.
 
-Each slot ``k`` of the cluster (:mod:`ensync.server.core.ownership`) has two
+Each slot ``k`` of the cluster (:mod:`ensync.server.store.ownership`) has two
 subjects in the ownership stream (:func:`owned_stream_config`; each write
 rolls its subject up to that one message, and a lease has a time to live):
 

@@ -10,8 +10,9 @@ Every engine node and every ``ensync`` command that opens the store runs
   A node or a command given a shorter URL (``nats://one-host``) must not
   scale a cluster's streams down, nor undo what an operator set;
 * an existing stream must be what the backend relies on (subjects,
-  storage, one message per state subject, atomic batches, per-message
-  TTLs, direct gets, counters, no limit that drops messages), and have the
+  storage, one message per subject where it says so, atomic batches,
+  per-message TTLs, direct gets, roll-ups, no limit that drops messages),
+  and have the
   replicas the URL asks for when it asks. Otherwise :class:`StreamConfigError`
   says which stream differs, how, and what to do; nothing is created or
   changed then.
@@ -34,6 +35,7 @@ from ensync.server.store.jetstream.api import (
     RejectedError,
 )
 from ensync.server.store.jetstream.records import Names
+from ensync.server.store.jetstream.slots import owned_stream_config
 
 __all__ = ["StreamConfigError", "ensure_streams", "stream_configs", "stream_problems"]
 
@@ -57,51 +59,19 @@ class StreamConfigError(StoreError):
 
 def stream_configs(names: Names) -> list[dict[str, Any]]:
     """The configuration of each stream of a namespace, replicas aside."""
-    ns = names.ns
-    common = {"allow_direct": True}
+    owned = owned_stream_config(names.owned, names.owned_prefix)
+    del owned["num_replicas"]
     return [
         {
-            **common,
-            "name": names.messages,
-            "subjects": [f"{ns}.m.>", f"{ns}.k.>"],
-            "storage": "file",
-            "allow_atomic": True,
-            "allow_msg_ttl": True,
-            "duplicate_window": 120 * 10**9,
-        },
-        {
-            **common,
-            "name": names.volatile,
-            "subjects": [f"{ns}.v.>"],
-            "storage": "memory",
-            "max_msgs_per_subject": 1,
-        },
-        {
-            **common,
-            "name": names.state,
-            "subjects": [f"{ns}.c.>", f"{ns}.l.>", f"{ns}.x.>", f"{ns}.d.>"],
-            "storage": "file",
-            "max_msgs_per_subject": 1,
-            "allow_atomic": True,
-            "allow_msg_ttl": True,
-        },
-        {
-            **common,
             "name": names.apps,
-            "subjects": [f"{ns}.app.>"],
+            "subjects": [f"{names.ns}.app.>"],
             "storage": "file",
             "max_msgs_per_subject": 1,
+            "allow_direct": True,
             "allow_atomic": True,
             "allow_msg_ttl": True,  # client sessions expire
         },
-        {
-            **common,
-            "name": names.counts,
-            "subjects": [f"{ns}.n.>"],
-            "storage": "file",
-            "max_msgs_per_subject": 1,
-            "allow_msg_counter": True,
-        },
+        owned,
     ]
 
 

@@ -3,7 +3,7 @@ the keeper of the node's share of the slots, and the way to the others.
 
 :class:`ClusterStore` is an :class:`~ensync.server.store.jetstream.owned_store.
 OwnedStore` that, once open, keeps its share of the slots
-(:class:`~ensync.server.runtime.slot_keeper.SlotKeeper`): a slot the keeper
+(:class:`~ensync.server.store.jetstream.slot_keeper.SlotKeeper`): a slot the keeper
 takes is read from its log and served; a slot it drops or lets go is
 forgotten at once; a slot whose log fails is let go, to be taken again
 (by this node or another) from what the log holds.
@@ -25,9 +25,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ensync._tasks import raise_if_cancelled
-from ensync.server.core.ownership import LeaseTiming, slot_of
-from ensync.server.runtime.clock import wall_clock_ms
-from ensync.server.runtime.slot_keeper import SlotKeeper
 from ensync.server.store import peer_calls as calls
 from ensync.server.store.base import (
     AppendDone,
@@ -51,14 +48,16 @@ from ensync.server.store.jetstream.peers import (
     keys_of_notes,
     notes_subject,
 )
+from ensync.server.store.jetstream.slot_keeper import SlotKeeper
 from ensync.server.store.jetstream.slots import SlotLease, SlotLeases
+from ensync.server.store.ownership import LeaseTiming, slot_of
 from ensync.server.store.peer_calls import Failed, NotServed
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
 
-__all__ = ["ClusterStore"]
+__all__ = ["ClusterStore", "wall_clock_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,11 @@ _LOCAL: Any = object()  # "this node serves the slot": the call runs here
 # claimed from it.
 _INTEREST_S = 120.0
 _WATCH_EVERY_S = 2.0
+
+
+def wall_clock_ms() -> int:
+    """Epoch milliseconds, now."""
+    return time.time_ns() // 1_000_000
 
 
 class ClusterStore(OwnedStore):
@@ -97,6 +101,7 @@ class ClusterStore(OwnedStore):
         timing: LeaseTiming | None = None,
         ready_within_s: float = 30.0,
         route_within_s: float = 15.0,
+        serve: bool = True,
         clock: Callable[[], int] = wall_clock_ms,
     ) -> None:
         super().__init__(
@@ -115,7 +120,11 @@ class ClusterStore(OwnedStore):
             raise ValueError("a slot lease's time to live is whole seconds")
         self._ready_within_s = ready_within_s
         self._route_within_s = route_within_s
+        self._serve = serve
         self._keeper: SlotKeeper | None = None
+        # Without a keeper (serve=False): who owns which slot, as last read.
+        self._reader: SlotLeases | None = None
+        self._owner_map: dict[int, str] = {}
         self._server: PeerServer | None = None
         self._peers: PeerClient | None = None
         self._notes: Subscription | None = None
@@ -126,7 +135,8 @@ class ClusterStore(OwnedStore):
         self.on_slot_failed(self._failed)
 
     async def open(self) -> None:
-        """Open the store, join the live nodes and serve this node's share.
+        """Open the store, join the live nodes and serve this node's share
+        (without ``serve``: only read who owns what, and ask them).
 
         Raises:
             NodeIdInUseError: a live node has this node's id.
@@ -136,6 +146,17 @@ class ClusterStore(OwnedStore):
         await super().open()
         ttl_s = self._timing.ttl_ms // 1000
         stream, prefix = self.names.owned, self.names.owned_prefix
+        nc = self._nc
+        assert nc is not None
+        if not self._serve:
+            self._reader = SlotLeases(self.api, stream, prefix, self.node, ttl_s)
+            self._peers = PeerClient(nc, self.names.peers_prefix)
+            try:
+                await self._read_owners()
+            except BaseException:
+                await self.close()
+                raise
+            return
         self._keeper = SlotKeeper(
             SlotLeases(self.api, stream, prefix, self.node, ttl_s),
             NodeRegistry(self.api, stream, prefix, self.node, ttl_s),
@@ -144,8 +165,6 @@ class ClusterStore(OwnedStore):
             self._gained,
             self._lost,
         )
-        nc = self._nc
-        assert nc is not None
         # Outside every stream's subjects: JetStream would store the requests.
         peers = self.names.peers_prefix
         try:
@@ -226,6 +245,17 @@ class ClusterStore(OwnedStore):
 
     # --- routing -----------------------------------------------------------------
 
+    def _owners(self) -> dict[int, str]:
+        return self._keeper.owners if self._keeper is not None else self._owner_map
+
+    async def _read_owners(self) -> dict[int, str]:
+        if self._keeper is not None:
+            return await self._keeper.read_owners()
+        if self._reader is not None:
+            held = await self._reader.owners(self.slot_count)
+            self._owner_map = {slot: node for slot, (node, _) in held.items()}
+        return self._owner_map
+
     async def _ask(self, slot: int, call: calls.PeerCall) -> Any:
         """``slot``'s owner's answer to ``call``, or ``_LOCAL`` when this
         node serves the slot. Waits for an owner while the slot moves."""
@@ -236,8 +266,8 @@ class ClusterStore(OwnedStore):
             self._check_open()
             if self.serves(slot):
                 return _LOCAL
-            keeper, peers = self._keeper, self._peers
-            owner = keeper.owners.get(slot) if keeper is not None else None
+            peers = self._peers
+            owner = self._owners().get(slot)
             if owner is not None and owner != self.node and peers is not None:
                 try:
                     answer = await peers.call(owner, call)
@@ -252,9 +282,9 @@ class ClusterStore(OwnedStore):
             if loop.time() > deadline:
                 raise StoreError(f"{failure} (waited {self._route_within_s:g} s)")
             await asyncio.sleep(0.05)
-            if keeper is not None and not self.serves(slot):
+            if not self.serves(slot):
                 try:
-                    await keeper.read_owners()
+                    await self._read_owners()
                 except StoreError as exc:
                     failure = str(exc)
 
@@ -428,10 +458,10 @@ class ClusterStore(OwnedStore):
 
     async def _everywhere(self, call: calls.PeerCall) -> list[Any]:
         """``call`` answered by every other node that owns a slot."""
-        keeper, peers = self._keeper, self._peers
-        if keeper is None or peers is None:
+        peers = self._peers
+        if peers is None:
             return []
-        owners = set((await keeper.read_owners()).values()) - {self.node}
+        owners = set((await self._read_owners()).values()) - {self.node}
         answers = await asyncio.gather(*(peers.call(node, call) for node in sorted(owners)))
         out = []
         for answer in answers:
@@ -462,16 +492,17 @@ class ClusterStore(OwnedStore):
                 log.debug("watching partitions owned elsewhere: %s", exc)
 
     async def _watch_once(self) -> None:
-        keeper, peers = self._keeper, self._peers
-        if keeper is None or peers is None:
+        peers = self._peers
+        if peers is None:
             return
+        owners = self._owners()
         now = time.monotonic()
         by_owner: dict[str, list[Key]] = {}
         for key, used in list(self._interest.items()):
             if now - used > _INTEREST_S:
                 del self._interest[key]
                 continue
-            owner = keeper.owners.get(self.slot_of(*key))
+            owner = owners.get(self.slot_of(*key))
             if owner is not None and owner != self.node:
                 by_owner.setdefault(owner, []).append(key)
         answers = await asyncio.gather(

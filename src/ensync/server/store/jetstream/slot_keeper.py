@@ -1,11 +1,11 @@
 """One node's share of the slots on JetStream: taken, kept, let go, dropped.
 
-A :class:`SlotKeeper` runs the plan of :mod:`ensync.server.core.ownership`
+A :class:`SlotKeeper` runs the plan of :mod:`ensync.server.store.ownership`
 against the store (:mod:`ensync.server.store.jetstream.slots` and
 ``nodes``). Every turn it
 
 1. drops the slots whose lease it can no longer trust
-   (:meth:`~ensync.server.core.ownership.SlotLease.serving`: counted from
+   (:meth:`~ensync.server.store.ownership.SlotLease.serving`: counted from
    the renewal's send, so it stops before the store can let the lease lapse),
 2. renews the leases that are due (a refused renewal drops the slot at once),
 3. keeps its node record alive, and, every renewal period,
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ensync._tasks import raise_if_cancelled
-from ensync.server.core.ownership import LeaseTiming, SlotLease, plan
 from ensync.server.store.base import StoreError
 from ensync.server.store.jetstream import slots as store_slots
 from ensync.server.store.jetstream.nodes import NodeRegistry
 from ensync.server.store.jetstream.slots import SlotLeases
+from ensync.server.store.ownership import LeaseTiming, SlotLease, plan
 
 __all__ = ["KeptSlot", "SlotKeeper", "monotonic_ms"]
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from ensync.server.core.ownership import (
+from ensync.server.store.ownership import (
     DEFAULT_SLOTS,
     LeaseTiming,
     SlotLease,
