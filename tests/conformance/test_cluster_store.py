@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -152,3 +153,25 @@ async def test_calls_fail_clearly_when_no_node_serves_a_slot(tmp_path: pathlib.P
             await asyncio.wait_for(claim(store, name=there), 10)
     finally:
         await store.close()
+
+
+async def test_a_call_that_waited_for_an_owner_counts_its_times_from_after_the_wait(
+    pair: tuple[ClusterStore, ClusterStore],
+) -> None:
+    first, second = pair
+    there = names_of(first, served=False)[0]
+    await append(first, message(there, 1))
+    # The owner stops answering and renewing (a node that died): its slots
+    # are owned again once their leases lapse, seconds later.
+    keeper, server = second._keeper, second._server
+    assert keeper is not None
+    assert server is not None
+    assert keeper._task is not None
+    keeper._task.cancel()
+    await server.stop()
+    started = time.monotonic()
+    (lease,) = (await claim(first, name=there)).leases
+    waited_ms = (time.monotonic() - started) * 1000
+    assert waited_ms > 1_000
+    # A lease taken with the claim's time of seconds ago would be over already.
+    assert lease.deadline_ms >= T0 + POLICY.lease_ms + waited_ms - 100

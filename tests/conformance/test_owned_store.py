@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import pathlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from ensync.server.core.ids import new_idem
-from ensync.server.store import MessageState, Release, Settlement
+from ensync.server.store import MessageState, Release, Settlement, StoreError
 from ensync.server.store.jetstream.cluster_store import ClusterStore
 from ensync.server.store.jetstream.owned import NotOwnedError
 from ensync.server.store.jetstream.owned_store import OwnedStore
@@ -272,3 +273,70 @@ async def test_a_replay_finds_an_acknowledged_message_by_its_id(
     assert (found.idem, found.sender, found.block) == (made[1], SENDER, 2)
     assert (found.state, found.settled_at_ms) == (MessageState.ACKED, T0 + 5)
     assert await second.get(new_idem(T0, slot=slot)) is None
+
+
+async def test_an_ack_whose_write_failed_is_never_answered_done_later(
+    nodes: Callable[[str], ClusterStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NATS did not answer a write (a server died, a leader election): the
+    # outcome is unknown, so the slot is given up and read again, and an
+    # ack retried meanwhile is not answered from what this node believed.
+    store = nodes("a")
+    await store.open()
+    slot = slot_of(RECIPIENT, NAME, SLOTS)
+    made = new_idem(T0, slot=slot)
+    await append(store, new(made))
+    await claim(store)
+    api = store.api
+    real = api.atomic
+    failing = True
+
+    async def flaky(messages: Any) -> int:
+        if failing:
+            raise StoreError("NATS did not answer in time")
+        return await real(messages)
+
+    monkeypatch.setattr(api, "atomic", flaky)
+    with pytest.raises(StoreError):
+        await store.settle([Settlement(made, MessageState.ACKED)], now_ms=T0 + 1)
+    assert not store.serves(slot)  # given up at once
+    failing = False
+    # A read waits for the slot's next owner (this node again), which reads
+    # the log: the message is pending, not acked.
+    again = await store.get(made)
+    assert again is not None
+    assert again.state is MessageState.PENDING
+    assert store.serves(slot)
+    assert await store.settle([Settlement(made, MessageState.ACKED)], now_ms=T0 + 2) == [True]
+
+
+async def test_a_read_of_a_message_being_acked_waits_for_the_ack_to_be_stored(
+    nodes: Callable[[str], ClusterStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An ack retried while its first try is being written must not be
+    # answered done from memory: the write may still fail.
+    store = nodes("a")
+    await store.open()
+    made = new_idem(T0, slot=slot_of(RECIPIENT, NAME, SLOTS))
+    await append(store, new(made))
+    await claim(store)
+    api = store.api
+    release = asyncio.Event()
+
+    async def stalled(messages: Any) -> int:
+        await release.wait()
+        raise StoreError("NATS did not answer in time")
+
+    monkeypatch.setattr(api, "atomic", stalled)
+    acking = asyncio.create_task(
+        store.settle([Settlement(made, MessageState.ACKED)], now_ms=T0 + 1)
+    )
+    await asyncio.sleep(0.05)
+    reading = asyncio.create_task(store.get(made))
+    await asyncio.sleep(0.05)
+    assert not reading.done()  # waits for the write
+    release.set()
+    with pytest.raises(StoreError):
+        await acking
+    with pytest.raises(StoreError):
+        await reading

@@ -51,9 +51,9 @@ class Cluster:
     a: SlotLeases
     b: SlotLeases
 
-    def log(self, lease: SlotLease, on_fenced: Callable[[], None] | None = None) -> SlotLog:
+    def log(self, lease: SlotLease, on_failed: Callable[[], None] | None = None) -> SlotLog:
         """The slot's log as the holder of ``lease`` writes it."""
-        return SlotLog(self.api, self.stream, self.prefix, lease, on_fenced)
+        return SlotLog(self.api, self.stream, self.prefix, lease, on_failed)
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ async def test_a_former_owners_writes_are_refused_whole_and_its_log_stops(
 ) -> None:
     lease = await take_over(cluster, cluster.a, None, 7)
     fenced: list[int] = []
-    log = cluster.log(lease, on_fenced=lambda: fenced.append(1))
+    log = cluster.log(lease, on_failed=lambda: fenced.append(1))
     await log.write(ORDERS, messages=[message(ORDERS, 1)], records=[Delivered(1, 1)])
 
     # b takes the slot over while a (paused, cut off) does not know it yet.

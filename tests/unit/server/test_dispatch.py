@@ -461,3 +461,41 @@ def test_many_deadlines_at_once_all_go_back(holders: int) -> None:
     )
     assert len(core.dispatcher.leases) == 0
     assert core.claims() == [ClaimRequest(KEY, holders * CONFIG.window)]
+
+
+def test_a_message_leased_again_while_a_client_here_holds_it_is_not_sent_twice() -> None:
+    # A partition's owner that lost its leases (the slot was read again, or
+    # moved) leases a message this core still holds: the client keeps it
+    # under the new lease, and a second copy would reach it after its ack.
+    core = Core()
+    a = core.subscriber("a")
+    core.subscriber("b")
+    (first,) = core.deliver("m-1")
+    core.now += DEADLINE_MS // 2
+    (again,) = core.answer(ClaimRequest(KEY, 1), "m-1")  # the store's answer to a claim
+    assert received(a) == ["m-1"]
+    assert core.stats.delivered == 1
+    held = core.dispatcher.leases.get("m-1")
+    assert held is not None
+    assert (held.token, held.deadline_ms) == (again.token, again.deadline_ms)
+    # The first lease's deadline is stale; the new one's is what counts.
+    assert core.tick(first.deadline_ms) == []
+    ((_, released),) = core.tick(again.deadline_ms)
+    assert (released.idem, released.token) == ("m-1", again.token)
+
+
+def test_a_message_leased_again_goes_to_another_client_if_its_holder_cannot_settle_it() -> None:
+    core = Core()
+    router = FakeRouter()
+    a = core.subscriber("a", router)
+    b = core.subscriber("b")
+    core.deliver("m-1")
+    router.open = False  # a's outbox is gone: it cannot settle what it holds
+    core.now += DEADLINE_MS // 2
+    (again,) = core.answer(ClaimRequest(KEY, 1), "m-1")
+    assert received(a) == ["m-1"]
+    assert received(b) == ["m-1"]
+    held = core.dispatcher.leases.get("m-1")
+    assert held is not None
+    assert (held.subscription.session, held.token) == (b, again.token)
+    assert "m-1" not in a.subscriptions[NAME].in_flight

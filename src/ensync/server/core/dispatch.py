@@ -77,6 +77,18 @@ class _Partition:
         return sum(s.room(window) for s in self.subscribers)
 
 
+def _still_holds(sub: Subscription, partition: _Partition | None) -> bool:
+    """Whether ``sub`` can still settle what it holds: subscribed, not
+    paused, its session open and its outbox for the name there."""
+    return (
+        partition is not None
+        and sub in partition.subscribers
+        and not sub.paused
+        and not sub.session.closed
+        and sub.session.router.sink_for(sub.name) is not None
+    )
+
+
 class Dispatcher:
     """Sessions, subscriptions and this core's leases."""
 
@@ -184,6 +196,16 @@ class Dispatcher:
         self._stats.expired += len(claim.expired)
         partition = self._partitions.get(key)
         for lease in claim.leases:
+            held = self.leases.get(lease.message.idem)
+            if held is not None:
+                # A client here has it already (a partition owner that lost
+                # its leases, on a slot that moved or was read again, leases
+                # it anew): that client keeps it under the new lease rather
+                # than receive it twice, if it can still settle it.
+                if _still_holds(held.subscription, partition):
+                    self.leases.renew(held, lease)
+                    continue
+                self.leases.settled(lease.message.idem)  # its first lease is over
             sub = partition.pick(self._config.window) if partition is not None else None
             if sub is None:
                 # The subscriber left while the store answered: give it back.

@@ -63,6 +63,19 @@ class Leases:
         )
         return held
 
+    def renew(self, held: Held, lease: Lease) -> None:
+        """The store leased a message this core holds again (its owner lost
+        what it knew of the first lease, and claimed it anew): ``held`` goes
+        on under the new lease; the client that has it needs no second copy."""
+        held.token = lease.token
+        held.deadline_ms = lease.deadline_ms
+        held.message = lease.message
+        self._timeline.push(
+            lease.deadline_ms,
+            Due.LEASE,
+            LeaseDue(lease.message.idem, lease.token, lease.deadline_ms),
+        )
+
     def settled(self, idem: str) -> None:
         """The message was settled or deferred: its lease, if ours, is over."""
         held = self._held.pop(idem, None)

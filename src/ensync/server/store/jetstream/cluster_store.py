@@ -199,11 +199,20 @@ class ClusterStore(OwnedStore):
         await super().close()
 
     async def _serving_share(self) -> None:
+        """Wait until this node serves its share: what it owns is read, and
+        the slots the other nodes give up for it are taken (those, for a
+        few lease periods at most: a node that does not let go is not
+        waited for)."""
         keeper = self._keeper
         assert keeper is not None
-        deadline = asyncio.get_running_loop().time() + self._ready_within_s
-        while not (keeper.planned and all(self.serves(slot) for slot in keeper.owned)):
-            if asyncio.get_running_loop().time() > deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._ready_within_s
+        balance_by = loop.time() + 2 * self._timing.ttl_ms / 1000
+        while True:
+            serving = keeper.planned and all(self.serves(slot) for slot in keeper.owned)
+            if serving and (keeper.balanced or loop.time() > balance_by):
+                return
+            if loop.time() > deadline:
                 raise StoreError(
                     f"node {self.node} did not serve its share of the slots within"
                     f" {self._ready_within_s:g} s"
@@ -256,28 +265,36 @@ class ClusterStore(OwnedStore):
             self._owner_map = {slot: node for slot, (node, _) in held.items()}
         return self._owner_map
 
-    async def _ask(self, slot: int, call: calls.PeerCall) -> Any:
-        """``slot``'s owner's answer to ``call``, or ``_LOCAL`` when this
-        node serves the slot. Waits for an owner while the slot moves."""
+    async def _ask(self, slot: int, call: Callable[[int], calls.PeerCall]) -> tuple[Any, int]:
+        """``slot``'s owner's answer to ``call(waited_ms)``, or ``_LOCAL``
+        when this node serves the slot; and how long it waited.
+
+        Waits for an owner while the slot moves. The caller's times were
+        read before the wait: a call made after it is given them moved on
+        by the wait (a lease taken with a time seconds old would be over
+        before it began).
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._route_within_s
+        started = loop.time()
+        deadline = started + self._route_within_s
         failure = f"slot {slot} has no owner"
         while True:
             self._check_open()
+            waited_ms = int((loop.time() - started) * 1000)
             if self.serves(slot):
-                return _LOCAL
+                return _LOCAL, waited_ms
             peers = self._peers
             owner = self._owners().get(slot)
             if owner is not None and owner != self.node and peers is not None:
                 try:
-                    answer = await peers.call(owner, call)
+                    answer = await peers.call(owner, call(waited_ms))
                 except StoreError as exc:
                     failure = str(exc)
                 else:
                     if isinstance(answer, Failed):
                         raise StoreError(answer.message)
                     if not isinstance(answer, NotServed):
-                        return answer
+                        return answer, waited_ms
                     failure = f"node {owner} no longer serves slot {slot}"
             if loop.time() > deadline:
                 raise StoreError(f"{failure} (waited {self._route_within_s:g} s)")
@@ -295,29 +312,36 @@ class ClusterStore(OwnedStore):
     async def _routed(
         self,
         slot: int | None,
-        call: Callable[[], calls.PeerCall],
-        local: Callable[[], Awaitable[_T]],
+        call: Callable[[int], calls.PeerCall],
+        local: Callable[[int], Awaitable[_T]],
     ) -> _T:
+        """One call, answered where ``slot`` is served; ``call`` and
+        ``local`` take how long routing waited (ms), to move times on."""
         if slot is None or self.serves(slot):
-            return await local()
-        answer = await self._ask(slot, call())
-        return await local() if answer is _LOCAL else answer
+            return await local(0)
+        answer, waited_ms = await self._ask(slot, call)
+        return await local(waited_ms) if answer is _LOCAL else answer
 
     async def _grouped(
         self,
         slots: Sequence[int | None],
-        call: Callable[[list[int]], calls.PeerCall],
-        local: Callable[[list[int]], Awaitable[Sequence[_T]]],
+        call: Callable[[list[int], int], calls.PeerCall],
+        local: Callable[[list[int], int], Awaitable[Sequence[_T]]],
     ) -> list[_T]:
-        """Items grouped by slot, each group answered where it is served, in order."""
+        """Items grouped by slot, each group answered where it is served, in
+        order (``call`` and ``local`` also take the wait, as in :meth:`_routed`)."""
         out: list[Any] = [None] * len(slots)
         groups: dict[int | None, list[int]] = {}
         for index, slot in enumerate(slots):
             groups.setdefault(None if slot is None or self.serves(slot) else slot, []).append(index)
 
         async def run(slot: int | None, indexes: list[int]) -> None:
-            answer = _LOCAL if slot is None else await self._ask(slot, call(indexes))
-            found = await local(indexes) if answer is _LOCAL else answer
+            answer, waited_ms = (
+                (_LOCAL, 0)
+                if slot is None
+                else await self._ask(slot, lambda waited: call(indexes, waited))
+            )
+            found = await local(indexes, waited_ms) if answer is _LOCAL else answer
             for index, value in zip(indexes, found, strict=True):
                 out[index] = value
 
@@ -333,9 +357,13 @@ class ClusterStore(OwnedStore):
         local_append = super().append
         return await self._grouped(
             [self.slot_of(m.recipient, m.name) for m in batch],
-            lambda picked: calls.Append(tuple(batch[i] for i in picked), now_ms, dedupe_since_ms),
-            lambda picked: local_append(
-                [batch[i] for i in picked], now_ms=now_ms, dedupe_since_ms=dedupe_since_ms
+            lambda picked, waited: calls.Append(
+                tuple(batch[i] for i in picked), now_ms + waited, dedupe_since_ms + waited
+            ),
+            lambda picked, waited: local_append(
+                [batch[i] for i in picked],
+                now_ms=now_ms + waited,
+                dedupe_since_ms=dedupe_since_ms + waited,
             ),
         )
 
@@ -373,8 +401,12 @@ class ClusterStore(OwnedStore):
             self._interest[(recipient, name)] = time.monotonic()
         return await self._routed(
             slot,
-            lambda: calls.ClaimFrom(self.node, recipient, name, limit, now_ms, policy),
-            lambda: local_claim(recipient, name, limit=limit, now_ms=now_ms, policy=policy),
+            lambda waited: calls.ClaimFrom(
+                self.node, recipient, name, limit, now_ms + waited, policy
+            ),
+            lambda waited: local_claim(
+                recipient, name, limit=limit, now_ms=now_ms + waited, policy=policy
+            ),
         )
 
     async def extend(self, idem: str, token: int, deadline_ms: int) -> bool:
@@ -382,8 +414,8 @@ class ClusterStore(OwnedStore):
         local_extend = super().extend
         return await self._routed(
             self._idem_slot(idem),
-            lambda: calls.Extend(idem, token, deadline_ms),
-            lambda: local_extend(idem, token, deadline_ms),
+            lambda waited: calls.Extend(idem, token, deadline_ms + waited),
+            lambda waited: local_extend(idem, token, deadline_ms + waited),
         )
 
     async def release(
@@ -393,9 +425,11 @@ class ClusterStore(OwnedStore):
         local_release = super().release
         return await self._grouped(
             [self._idem_slot(r.idem) for r in releases],
-            lambda picked: calls.ReleaseMany(tuple(releases[i] for i in picked), now_ms, policy),
-            lambda picked: local_release(
-                [releases[i] for i in picked], now_ms=now_ms, policy=policy
+            lambda picked, waited: calls.ReleaseMany(
+                tuple(releases[i] for i in picked), now_ms + waited, policy
+            ),
+            lambda picked, waited: local_release(
+                [releases[i] for i in picked], now_ms=now_ms + waited, policy=policy
             ),
         )
 
@@ -404,8 +438,8 @@ class ClusterStore(OwnedStore):
         local_defer = super().defer
         return await self._routed(
             self._idem_slot(idem),
-            lambda: calls.Defer(idem, visible_at_ms, now_ms),
-            lambda: local_defer(idem, visible_at_ms, now_ms),
+            lambda waited: calls.Defer(idem, visible_at_ms, now_ms + waited),
+            lambda waited: local_defer(idem, visible_at_ms, now_ms + waited),
         )
 
     async def settle(self, settlements: Sequence[Settlement], *, now_ms: int) -> list[bool]:
@@ -413,15 +447,19 @@ class ClusterStore(OwnedStore):
         local_settle = super().settle
         return await self._grouped(
             [self._idem_slot(s.idem) for s in settlements],
-            lambda picked: calls.SettleMany(tuple(settlements[i] for i in picked), now_ms),
-            lambda picked: local_settle([settlements[i] for i in picked], now_ms=now_ms),
+            lambda picked, waited: calls.SettleMany(
+                tuple(settlements[i] for i in picked), now_ms + waited
+            ),
+            lambda picked, waited: local_settle(
+                [settlements[i] for i in picked], now_ms=now_ms + waited
+            ),
         )
 
     async def get(self, idem: str) -> StoredMessage | None:
         self._check_open()
         local_get = super().get
         return await self._routed(
-            self._idem_slot(idem), lambda: calls.Get(idem), lambda: local_get(idem)
+            self._idem_slot(idem), lambda _: calls.Get(idem), lambda _: local_get(idem)
         )
 
     async def redrive(self, idem: str, now_ms: int) -> bool:
@@ -429,8 +467,8 @@ class ClusterStore(OwnedStore):
         local_redrive = super().redrive
         return await self._routed(
             self._idem_slot(idem),
-            lambda: calls.Redrive(idem, now_ms),
-            lambda: local_redrive(idem, now_ms),
+            lambda waited: calls.Redrive(idem, now_ms + waited),
+            lambda waited: local_redrive(idem, now_ms + waited),
         )
 
     async def list_dead(self, recipient: str, limit: int) -> list[StoredMessage]:

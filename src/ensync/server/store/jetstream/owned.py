@@ -177,6 +177,10 @@ class OwnedTable:
         self._clock = clock
         self._slots: dict[int, _Slot] = {}
         self._where: dict[str, int] = {}  # idem -> slot, for the rows held
+        # Acks whose records are being written: a read of one waits for the
+        # write, so that an ack retried meanwhile is not answered done
+        # before it is (the write may fail, and the slot be read again).
+        self._settling: dict[str, asyncio.Future[None]] = {}
         # Logs of slots no longer served, whose writes may still be in flight.
         self._retired: list[SlotLog] = []
 
@@ -214,7 +218,7 @@ class OwnedTable:
                 self._stream,
                 self._prefix,
                 lease,
-                on_fenced=lambda: self._failed(lease.slot),
+                on_failed=lambda: self._failed(lease.slot),
             ),
         )
         now = self._clock()
@@ -366,7 +370,22 @@ class OwnedTable:
                 acked.setdefault(where, []).append(row.block)
         for where, blocks in acked.items():
             records.setdefault(where, []).insert(0, Settled(_ranges(blocks), now_ms))
-        await self._write(records, now_ms)
+        settling = [items[i][0] for i, done in enumerate(out) if done]
+        written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for idem in settling:
+            self._settling[idem] = written
+        try:
+            await self._write(records, now_ms)
+        except BaseException as exc:
+            written.set_exception(StoreError(f"the settlement was not stored: {exc}"))
+            written.exception()  # read: waiting readers get their own copy
+            raise
+        else:
+            written.set_result(None)
+        finally:
+            for idem in settling:
+                if self._settling.get(idem) is written:
+                    del self._settling[idem]
         return out
 
     async def reschedule_many(self, items: Sequence[tuple[str, int, int | None]]) -> list[bool]:
@@ -451,6 +470,9 @@ class OwnedTable:
     # --- DurableTable: reads ----------------------------------------------------
 
     async def get(self, idem: str) -> StoredMessage | None:
+        settling = self._settling.get(idem)
+        if settling is not None:
+            await asyncio.shield(settling)  # raises if the write failed
         found = self._row_of(idem)
         if found is not None:
             return found[2]

@@ -97,8 +97,10 @@ class SlotLog:
         stream: the ownership stream.
         prefix: its subject prefix.
         lease: the slot as this node holds it (its fence record's sequence).
-        on_fenced: called once, when the store refuses a batch because
-            another node took the slot over.
+        on_failed: called once, when a batch fails: the store refused it
+            because another node took the slot over, or its outcome is not
+            known (NATS did not answer). Either way the writer stops, and
+            what this node holds of the slot can no longer be trusted.
 
     Example::
 
@@ -113,7 +115,7 @@ class SlotLog:
         stream: str,
         prefix: str,
         lease: SlotLease,
-        on_fenced: Callable[[], None] | None = None,
+        on_failed: Callable[[], None] | None = None,
     ) -> None:
         self._api = api
         self._stream = stream
@@ -121,7 +123,7 @@ class SlotLog:
         self.slot = lease.slot
         self._fence_seq = lease.fence_seq
         self._fence_subject = fence_subject(prefix, lease.slot)
-        self._on_fenced = on_fenced
+        self._on_failed = on_failed
         self._queue: deque[_Entry] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._failed: StoreError | None = None
@@ -271,10 +273,9 @@ class SlotLog:
             if not entry.done.done():
                 entry.done.set_exception(error)
         self._queue.clear()
-        if isinstance(error, FencedError):
-            log.warning("slot %d: %s", self.slot, error)
-            if self._on_fenced is not None:
-                self._on_fenced()
+        log.warning("slot %d: %s", self.slot, error)
+        if self._on_failed is not None:
+            self._on_failed()
 
 
 def _message_record(message: StoredMessage) -> bytes:

@@ -35,7 +35,7 @@ from ensync.server.store.base import StoreError
 from ensync.server.store.jetstream import slots as store_slots
 from ensync.server.store.jetstream.nodes import NodeRegistry
 from ensync.server.store.jetstream.slots import SlotLeases
-from ensync.server.store.ownership import LeaseTiming, SlotLease, plan
+from ensync.server.store.ownership import LeaseTiming, SlotLease, assign, plan
 
 __all__ = ["KeptSlot", "SlotKeeper", "monotonic_ms"]
 
@@ -106,6 +106,7 @@ class SlotKeeper:
         self._task: asyncio.Task[None] | None = None
         self._planned_at_ms: int | None = None
         self._rebalanced = False
+        self._balanced = False
         self.owned: dict[int, KeptSlot] = {}
         self.node = leases.node
         # Every slot's owner as last read (replicas may lag: a hint only).
@@ -139,6 +140,12 @@ class SlotKeeper:
     def planned(self) -> bool:
         """Whether the keeper has taken its share once since it started."""
         return self._rebalanced
+
+    @property
+    def balanced(self) -> bool:
+        """Whether, at the last turn, the node held exactly its share (no slot
+        of it still held by another live node, none beyond it)."""
+        return self._balanced
 
     async def let_go(self, slot: int) -> None:
         """Stop owning ``slot`` and release its lease (its log failed: another
@@ -224,6 +231,8 @@ class SlotKeeper:
         # What we dropped but the store still shows as ours must not be
         # taken again before it lapses: plan with the store's view.
         moves = plan(self._slots, self.node, live, owners)
+        target = assign(self._slots, {*live, self.node}, owners)
+        mine = {slot for slot, node in target.items() if node == self.node}
         for slot in moves.release:
             kept = self.owned.get(slot)
             if kept is None:
@@ -239,6 +248,7 @@ class SlotKeeper:
                 stored, SlotLease(slot, stored.epoch, self._timing, sent), sent
             )
             self._on_gained(stored)
+        self._balanced = set(self.owned) == mine
 
     async def _quietly(self, work: Any) -> None:
         try:
