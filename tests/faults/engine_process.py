@@ -63,8 +63,9 @@ async def create_app(data: Path, name: str) -> AppKeys:
 
 
 async def register_shop_and_warehouse(store_url: str, root: Path) -> tuple[NewApp, NewApp]:
-    """Register the apps ``shop`` and ``warehouse`` in a store (a cluster's)."""
-    store = open_store(store_url, root)
+    """Register the apps ``shop`` and ``warehouse`` in a store (a cluster's,
+    as a command does: without joining its nodes)."""
+    store = open_store(store_url, root, serve=False)
     await store.open()
     try:
         registry = AppRegistry(store, wall_clock_ms, cache_ms=0)
