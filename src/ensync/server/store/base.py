@@ -433,14 +433,10 @@ the store failed as a whole."""
 
 @runtime_checkable
 class SlottedIds(Protocol):
-    """A store whose partitions belong to slots, each with one owner node:
-    a message's id carries its partition's slot
-    (``ensync.server.core.ids.new_idem(now, slot=...)``), so that any node
-    finds its owner from the id alone."""
+    """A store whose partitions have owner nodes by slot: message ids carry
+    their slot (``core.ids.new_idem(now, slot=...)``) to find the owner."""
 
-    def slot_of(self, recipient: str, name: str) -> int:
-        """The slot of the partition (``recipient``, ``name``)."""
-        ...
+    def slot_of(self, recipient: str, name: str) -> int: ...
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ owns it, the time where in that slot's log to start reading.
 
 from __future__ import annotations
 
-__all__ = ["B32", "SLOT_BITS", "idem_time_ms", "slot_bits"]
+__all__ = ["B32", "SLOT_BITS", "idem_time_ms", "slot_bits", "slot_in"]
 
 # Crockford's base32: sortable as text, no ambiguous letters.
 B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -38,3 +38,9 @@ def idem_time_ms(idem: str) -> int | None:
     for digit in idem[:10]:
         value = value * 32 + _DIGITS[digit]
     return value & ((1 << 48) - 1)
+
+
+def slot_in(idem: str, slots: int) -> int | None:
+    """The slot an idem carries, if it is one of ``slots``; ``None`` otherwise."""
+    slot = slot_bits(idem)
+    return slot if slot is not None and slot < slots else None

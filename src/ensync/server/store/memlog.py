@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ensync.server.store import lifecycle
+from ensync.server.store.backing import Ref
 from ensync.server.store.base import DeadRef, MessageState, StoredMessage
-from ensync.server.store.book import Ref
 from ensync.server.store.lifecycle import Event
 
 __all__ = ["MemoryMessages"]

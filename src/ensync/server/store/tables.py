@@ -11,8 +11,8 @@ import heapq
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from ensync.server.store.backing import Ref
 from ensync.server.store.base import DeadRef, MessageState, StoredMessage, StoreError
-from ensync.server.store.book import Ref
 from ensync.server.store.memlog import MemoryMessages
 from ensync.server.store.numbering import Sequencer
 

@@ -24,7 +24,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ensync._tasks import raise_if_cancelled
 from ensync.server.store import peer_calls as calls
 from ensync.server.store.base import (
     AppendDone,
@@ -39,22 +38,16 @@ from ensync.server.store.base import (
     StoredMessage,
     StoreError,
 )
-from ensync.server.store.idems import slot_bits
+from ensync.server.store.idems import slot_in
 from ensync.server.store.jetstream.nodes import NodeRegistry
 from ensync.server.store.jetstream.owned_store import DEFAULT_SLOTS, OwnedStore
-from ensync.server.store.jetstream.peers import (
-    PeerClient,
-    PeerServer,
-    keys_of_notes,
-    notes_subject,
-)
+from ensync.server.store.jetstream.peers import News, PeerClient, PeerServer, notes_subject
 from ensync.server.store.jetstream.slot_keeper import SlotKeeper
 from ensync.server.store.jetstream.slots import SlotLease, SlotLeases
 from ensync.server.store.ownership import LeaseTiming, slot_of
 from ensync.server.store.peer_calls import Failed, NotServed
 
 if TYPE_CHECKING:
-    from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
 
 __all__ = ["ClusterStore", "wall_clock_ms"]
@@ -64,10 +57,6 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]
 _T = TypeVar("_T")
 _LOCAL: Any = object()  # "this node serves the slot": the call runs here
-# A partition another node owns is watched this long after this node last
-# claimed from it.
-_INTEREST_S = 120.0
-_WATCH_EVERY_S = 2.0
 
 
 def wall_clock_ms() -> int:
@@ -129,7 +118,7 @@ class ClusterStore(OwnedStore):
         self._peers: PeerClient | None = None
         self._notes: Subscription | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._interest: dict[Key, float] = {}
+        self._news: News | None = None
         self._gaining: dict[int, asyncio.Task[None]] = {}
         self._chores: set[asyncio.Task[None]] = set()
         self.on_slot_failed(self._failed)
@@ -171,13 +160,19 @@ class ClusterStore(OwnedStore):
             self._server = PeerServer(nc, self, peers)
             await self._server.start()
             self._peers = PeerClient(nc, peers)
-            self._notes = await nc.subscribe(notes_subject(peers, self.node), cb=self._on_notes)
+            self._news = News(
+                self.node,
+                self._peers,
+                lambda key: self._owners().get(self.slot_of(*key)),
+                self._book.notify,
+            )
+            self._notes = await nc.subscribe(notes_subject(peers, self.node), cb=self._news.heard)
             await self._keeper.start()
             await self._serving_share()
         except BaseException:
             await self.close()
             raise
-        self._watcher = asyncio.create_task(self._watch_forever(), name="ensync-peer-watch")
+        self._watcher = asyncio.create_task(self._news.watch_forever(), name="ensync-peer-watch")
 
     async def close(self) -> None:
         """Let every slot go (other nodes take them at once) and disconnect."""
@@ -227,13 +222,11 @@ class ClusterStore(OwnedStore):
     async def _gain(self, lease: SlotLease) -> None:
         try:
             await self.gain(lease)
-        except StoreError as exc:
-            log.warning("slot %d: could not take it over: %s", lease.slot, exc)
-            self._failed(lease.slot)
-        except Exception:
-            # A bug, or a record this version cannot read: let the slot go
-            # rather than hold it unserved.
-            log.exception("slot %d: could not take it over", lease.slot)
+        except Exception as exc:
+            # The store failed, or a record this version cannot read (a bug):
+            # let the slot go rather than hold it unserved.
+            trace = not isinstance(exc, StoreError)
+            log.warning("slot %d: could not take it over: %s", lease.slot, exc, exc_info=trace)
             self._failed(lease.slot)
 
     def _lost(self, slot: int) -> None:
@@ -304,10 +297,6 @@ class ClusterStore(OwnedStore):
                     await self._read_owners()
                 except StoreError as exc:
                     failure = str(exc)
-
-    def _idem_slot(self, idem: str) -> int | None:
-        slot = slot_bits(idem)
-        return slot if slot is not None and slot < self.slot_count else None
 
     async def _routed(
         self,
@@ -397,8 +386,8 @@ class ClusterStore(OwnedStore):
         self._check_open()
         slot = self.slot_of(recipient, name)
         local_claim = super().claim
-        if not self.serves(slot):
-            self._interest[(recipient, name)] = time.monotonic()
+        if not self.serves(slot) and self._news is not None:
+            self._news.waiting_for((recipient, name))
         return await self._routed(
             slot,
             lambda waited: calls.ClaimFrom(
@@ -413,7 +402,7 @@ class ClusterStore(OwnedStore):
         self._check_open()
         local_extend = super().extend
         return await self._routed(
-            self._idem_slot(idem),
+            slot_in(idem, self.slot_count),
             lambda waited: calls.Extend(idem, token, deadline_ms + waited),
             lambda waited: local_extend(idem, token, deadline_ms + waited),
         )
@@ -424,7 +413,7 @@ class ClusterStore(OwnedStore):
         self._check_open()
         local_release = super().release
         return await self._grouped(
-            [self._idem_slot(r.idem) for r in releases],
+            [slot_in(r.idem, self.slot_count) for r in releases],
             lambda picked, waited: calls.ReleaseMany(
                 tuple(releases[i] for i in picked), now_ms + waited, policy
             ),
@@ -437,7 +426,7 @@ class ClusterStore(OwnedStore):
         self._check_open()
         local_defer = super().defer
         return await self._routed(
-            self._idem_slot(idem),
+            slot_in(idem, self.slot_count),
             lambda waited: calls.Defer(idem, visible_at_ms, now_ms + waited),
             lambda waited: local_defer(idem, visible_at_ms, now_ms + waited),
         )
@@ -446,7 +435,7 @@ class ClusterStore(OwnedStore):
         self._check_open()
         local_settle = super().settle
         return await self._grouped(
-            [self._idem_slot(s.idem) for s in settlements],
+            [slot_in(s.idem, self.slot_count) for s in settlements],
             lambda picked, waited: calls.SettleMany(
                 tuple(settlements[i] for i in picked), now_ms + waited
             ),
@@ -459,14 +448,14 @@ class ClusterStore(OwnedStore):
         self._check_open()
         local_get = super().get
         return await self._routed(
-            self._idem_slot(idem), lambda _: calls.Get(idem), lambda _: local_get(idem)
+            slot_in(idem, self.slot_count), lambda _: calls.Get(idem), lambda _: local_get(idem)
         )
 
     async def redrive(self, idem: str, now_ms: int) -> bool:
         self._check_open()
         local_redrive = super().redrive
         return await self._routed(
-            self._idem_slot(idem),
+            slot_in(idem, self.slot_count),
             lambda waited: calls.Redrive(idem, now_ms + waited),
             lambda waited: local_redrive(idem, now_ms + waited),
         )
@@ -508,49 +497,3 @@ class ClusterStore(OwnedStore):
             if not isinstance(answer, NotServed):
                 out.append(answer)
         return out
-
-    # --- news of partitions owned elsewhere -----------------------------------------
-
-    async def _on_notes(self, msg: Msg) -> None:
-        try:
-            keys = keys_of_notes(msg.data)
-        except ValueError as exc:
-            log.warning("a peer sent what is not a notice: %s", exc)
-            return
-        for key in keys:
-            self._book.notify(key)
-
-    async def _watch_forever(self) -> None:
-        while True:
-            raise_if_cancelled()
-            await asyncio.sleep(_WATCH_EVERY_S)
-            try:
-                await self._watch_once()
-            except StoreError as exc:
-                log.debug("watching partitions owned elsewhere: %s", exc)
-
-    async def _watch_once(self) -> None:
-        peers = self._peers
-        if peers is None:
-            return
-        owners = self._owners()
-        now = time.monotonic()
-        by_owner: dict[str, list[Key]] = {}
-        for key, used in list(self._interest.items()):
-            if now - used > _INTEREST_S:
-                del self._interest[key]
-                continue
-            owner = owners.get(self.slot_of(*key))
-            if owner is not None and owner != self.node:
-                by_owner.setdefault(owner, []).append(key)
-        answers = await asyncio.gather(
-            *(
-                peers.call(node, calls.Watch(self.node, tuple(keys)))
-                for node, keys in by_owner.items()
-            ),
-            return_exceptions=True,
-        )
-        for answer in answers:
-            if isinstance(answer, list):
-                for key in answer:
-                    self._book.notify(key)

@@ -4,68 +4,47 @@ held in memory and written through each slot's log before they are answered.
 :class:`OwnedTable` is a :class:`~ensync.server.store.tables.DurableTable`:
 the lease book and the numbering of
 :class:`~ensync.server.store.local.LocalMessages` run over it as over the
-sqlite file. Per owned slot it holds
-
-* the slot's log writer (:class:`~.partition_logs.SlotLog`), fenced at the
-  owner's epoch;
-* the rows still needed in memory: pending messages (with their payloads,
-  for delivery) and dead letters; an acknowledged message leaves memory and
-  is read back from the log when asked for (a replay);
-* per partition, the state its log records say
-  (:class:`~ensync.server.store.partition_log.PartitionState`), the stream
-  sequence of each retained message (what retention purges below), and when
-  the ack floor reached each value (what retention counts from).
-
-What changes a row is written as the log's records, and answered once they
-are stored: a message as a message record; acknowledgements as ranges with
-their time; a deferral with its due time (epoch ms); a dead letter, an
-expiry and a redrive as a record each. Attempt counts are best effort (as
-on sqlite): a claim writes nothing, a release or a lapse does. A
-``persist: false`` message lives in the memory table of
-:class:`~ensync.server.store.local.LocalMessages` only; its block counts as
-settled here, so the ack floor passes it.
-
-:meth:`OwnedTable.gain` rebuilds a slot from
-:func:`~.partition_logs.recover_slot`: a partition's unsettled messages are
-pending again, with their attempts and due times, and delivered again; a
-block with neither a message nor a settlement was a ``persist: false``
-message, lost with its owner.
-
-Retention (:meth:`OwnedTable.prune`) purges a partition's messages below the
-first one that was not settled before the cutoff, one request per subject,
-and rolls the state log up into a snapshot.
+sqlite file. Per owned slot (:mod:`.owned_parts`) it holds the slot's log
+writer, fenced at the owner's epoch; the rows still needed in memory
+(pending messages with their payloads, dead letters: an acknowledged message
+is read back from the log when replayed); and per partition what its log
+says and what retention needs. A change is written as the log's records
+(docs/architecture.md, "The JetStream backend") and answered once stored;
+attempt counts are best effort, as on sqlite. A ``persist: false`` message
+lives in the memory table of ``LocalMessages`` only; its block is logged as
+settled, so the ack floor passes it. :meth:`OwnedTable.gain` rebuilds a slot
+from :func:`~.partition_logs.recover_slot`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import datetime
 import logging
-from array import array
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
-import orjson
-
-from ensync.server.store import lifecycle, partition_log
+from ensync.server.store import lifecycle
+from ensync.server.store.backing import Ref
 from ensync.server.store.base import DeadRef, MessageState, StoredMessage, StoreError
-from ensync.server.store.book import Ref
 from ensync.server.store.idems import idem_time_ms, slot_bits
-from ensync.server.store.jetstream.api import MAX_BATCH, Got, JetStreamApi
+from ensync.server.store.jetstream.api import MAX_BATCH, JetStreamApi
+from ensync.server.store.jetstream.owned_parts import (
+    Slot,
+    as_acked,
+    as_ended,
+    ranges_of,
+    recovered_row,
+)
 from ensync.server.store.jetstream.partition_logs import (
     RecoveredPartition,
     SlotLog,
-    state_subject,
+    find_message,
+    settled_at,
 )
-from ensync.server.store.jetstream.records import detoken, message_from
 from ensync.server.store.jetstream.slots import SlotLease
 from ensync.server.store.memlog import MemoryMessages
 from ensync.server.store.partition_log import (
     Deferred,
     Ended,
-    PartitionState,
     Record,
     Redelivered,
     Redriven,
@@ -80,13 +59,6 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]
 # Records per write to a slot's log (an atomic batch, one place kept for the fence).
 WRITE_MAX = MAX_BATCH - 1
-# State records of a partition after which retention rolls them into a snapshot.
-SNAPSHOT_AFTER = 256
-# Messages per read when a replay looks for an acknowledged message.
-_READ_BATCH = 1000
-# How long before its id's time a message may have been stored (clock skew
-# between the node that made the id and the owner's stream).
-_ID_TIME_SLACK_MS = 60_000
 _ENDED = {MessageState.DEAD, MessageState.EXPIRED}
 
 
@@ -97,52 +69,6 @@ class NotOwnedError(StoreError):
     def __init__(self, slot: int, detail: str = "") -> None:
         super().__init__(f"slot {slot} is not served by this node{detail}")
         self.slot = slot
-
-
-@dataclass(eq=False, slots=True)
-class _Partition:
-    """An owned partition's log position and retention bookkeeping."""
-
-    key: Key
-    state: PartitionState = field(default_factory=PartitionState)
-    # Retained logged messages in stream order: their blocks and sequences.
-    blocks: array[int] = field(default_factory=lambda: array("q"))
-    seqs: array[int] = field(default_factory=lambda: array("q"))
-    # (epoch ms, floor): every block up to floor was settled by then.
-    marks: deque[tuple[int, int]] = field(default_factory=deque)
-    records: int = 0  # state records since the latest snapshot
-    snapshot_seq: int = 0
-    # Dead-lettered and expired blocks held as rows, and their idems.
-    ended_idems: dict[int, str] = field(default_factory=dict)
-
-    def note_floor(self, at_ms: int) -> None:
-        floor = self.state.settled.floor
-        if not self.marks or floor > self.marks[-1][1]:
-            self.marks.append((at_ms, floor))
-
-    def watermark(self, before_ms: int) -> int:
-        """The highest block below which every block was settled before ``before_ms``."""
-        found = 0
-        while self.marks and self.marks[0][0] < before_ms:
-            found = self.marks.popleft()[1]
-        if found:
-            # Keep it: a later cutoff starts from it.
-            self.marks.appendleft((before_ms - 1, found))
-        return found
-
-
-@dataclass(eq=False, slots=True)
-class _Slot:
-    lease: SlotLease
-    log: SlotLog
-    rows: MemoryMessages = field(default_factory=MemoryMessages)
-    parts: dict[Key, _Partition] = field(default_factory=dict)
-
-    def part(self, key: Key) -> _Partition:
-        part = self.parts.get(key)
-        if part is None:
-            part = self.parts[key] = _Partition(key)
-        return part
 
 
 class OwnedTable:
@@ -175,7 +101,7 @@ class OwnedTable:
         self.slot_of = slot_of
         self._on_failed = on_failed
         self._clock = clock
-        self._slots: dict[int, _Slot] = {}
+        self._slots: dict[int, Slot] = {}
         self._where: dict[str, int] = {}  # idem -> slot, for the rows held
         # Acks whose records are being written: a read of one waits for the
         # write, so that an ack retried meanwhile is not answered done
@@ -211,7 +137,7 @@ class OwnedTable:
 
     def gain(self, lease: SlotLease, recovered: dict[Key, RecoveredPartition]) -> list[Key]:
         """Serve ``lease``'s slot from what its log holds; the partitions found."""
-        holder = _Slot(
+        holder = Slot(
             lease,
             SlotLog(
                 self._check_api(),
@@ -230,7 +156,7 @@ class OwnedTable:
             part.seqs.extend(seq for seq, _ in pairs)
             held = set()
             for message in found.messages:
-                row = _row(message, state)
+                row = recovered_row(message, state)
                 if row is not None:
                     holder.rows.add(row)
                     self._where[row.idem] = lease.slot
@@ -342,7 +268,7 @@ class OwnedTable:
         # the floor passes them and a new owner numbers on after them.
         slot = self.slot_of(key)
         now = self._clock()
-        for future in self._submit({(slot, key): [Settled(_ranges(list(blocks)), now)]}, now):
+        for future in self._submit({(slot, key): [Settled(ranges_of(list(blocks)), now)]}, now):
             future.add_done_callback(_quietly)
 
     async def settle_many(
@@ -369,7 +295,7 @@ class OwnedTable:
                 del self._where[idem]
                 acked.setdefault(where, []).append(row.block)
         for where, blocks in acked.items():
-            records.setdefault(where, []).insert(0, Settled(_ranges(blocks), now_ms))
+            records.setdefault(where, []).insert(0, Settled(ranges_of(blocks), now_ms))
         settling = [items[i][0] for i, done in enumerate(out) if done]
         written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         for idem in settling:
@@ -434,7 +360,7 @@ class OwnedTable:
         # Redrives go through the owner: none happen behind its back.
         return []
 
-    def _row_of(self, idem: str) -> tuple[int, _Slot, StoredMessage] | None:
+    def _row_of(self, idem: str) -> tuple[int, Slot, StoredMessage] | None:
         slot = self._where.get(idem)
         holder = self._slots.get(slot) if slot is not None else None
         if holder is None:
@@ -531,42 +457,26 @@ class OwnedTable:
             for part in list(holder.parts.values()):
                 if self._slots.get(slot) is not holder:
                     break  # lost meanwhile
-                removed += await self._prune_part(holder, part, settled_before_ms)
-        return removed
-
-    async def _prune_part(self, holder: _Slot, part: _Partition, before_ms: int) -> int:
-        removed = 0
-        mark = part.watermark(before_ms)
-        cut = 0
-        while cut < len(part.blocks) and part.blocks[cut] <= mark:
-            cut += 1
-        if cut:
-            below = part.seqs[cut] if cut < len(part.seqs) else part.seqs[cut - 1] + 1
-            dropped = [b for b in part.state.ended if b <= mark]
-            removed = await holder.log.purge(part.key, messages_below=below)
-            for block in dropped:
-                del part.state.ended[block]
-                idem = part.ended_idems.pop(block, None)
-                if idem is not None:
-                    holder.rows.remove(idem)
+                purged, dropped = await holder.prune(part, settled_before_ms)
+                removed += purged
+                for idem in dropped:
                     self._where.pop(idem, None)
-            del part.blocks[:cut], part.seqs[:cut]
-        if part.records >= SNAPSHOT_AFTER or (part.records and removed):
-            part.records = 0
-            (seq,) = await holder.log.snapshot(part.key, part.state)
-            part.snapshot_seq = seq
-            await holder.log.purge(part.key, records_below=seq)
         return removed
 
     # --- reading acknowledged messages back ---------------------------------------
 
     async def _read_settled(self, idem: str) -> StoredMessage | None:
         start = idem_time_ms(idem)
-        for slot in self._candidate_slots(idem):
+        # Ids of a cluster carry their slot; any other is looked for everywhere.
+        carried = slot_bits(idem)
+        others = [slot for slot in self._slots if slot != carried]
+        for slot in [carried, *others] if carried in self._slots else others:
             holder = self._slots.get(slot)
             if holder is None:
                 continue
-            got = await self._find(slot, idem, start)
+            got = await find_message(
+                self._check_api(), self._stream, self._prefix, slot, idem, start
+            )
             if got is None:
                 continue
             message, seq = got
@@ -575,98 +485,13 @@ class OwnedTable:
                 return None
             ended = part.state.ended.get(message.block)
             if ended is not None:
-                return _as_ended(message, ended)
-            at_ms = await self._settled_at(slot, part, message.block, seq)
-            return _as_acked(message, at_ms)
-        return None
-
-    def _candidate_slots(self, idem: str) -> list[int]:
-        # Ids of a cluster carry their slot; any other is looked for everywhere.
-        carried = slot_bits(idem)
-        others = [slot for slot in self._slots if slot != carried]
-        return [carried, *others] if carried in self._slots else others
-
-    async def _find(
-        self, slot: int, idem: str, start_ms: int | None
-    ) -> tuple[StoredMessage, int] | None:
-        subject = f"{self._prefix}.m.{slot}.>"
-        query: dict[str, object] = {"next_by_subj": subject, "batch": _READ_BATCH}
-        if start_ms is not None:
-            when = datetime.datetime.fromtimestamp(
-                max(start_ms - _ID_TIME_SLACK_MS, 0) / 1000, tz=datetime.UTC
+                return as_ended(message, ended)
+            at_ms = await settled_at(
+                self._check_api(), self._stream, self._prefix, slot, part.key, message.block, seq
             )
-            query["start_time"] = when.isoformat().replace("+00:00", "Z")
-        else:
-            query["seq"] = 1
-        while True:
-            batch = await self._check_api().get_batch(self._stream, query)
-            for got in batch:
-                record = orjson.loads(got.data)
-                if record.get("i") == idem:
-                    return _message_of(got, record), got.seq
-            if len(batch) < _READ_BATCH:
-                return None
-            query = {"next_by_subj": subject, "batch": _READ_BATCH, "seq": batch[-1].seq + 1}
-
-    async def _settled_at(self, slot: int, part: _Partition, block: int, seq: int) -> int:
-        """When ``block`` (stored at ``seq``) was settled: its settlement record,
-        or the snapshot that covers it."""
-        subject = state_subject(self._prefix, slot, part.key)
-        after = seq
-        while True:
-            batch = await self._check_api().get_after(self._stream, subject, after + 1, _READ_BATCH)
-            for got in batch:
-                try:
-                    record = partition_log.decode(got.data)
-                except ValueError:
-                    continue
-                if isinstance(record, Settled) and any(
-                    first <= block <= last for first, last in record.ranges
-                ):
-                    return record.at_ms
-            if len(batch) < _READ_BATCH:
-                return part.state.settled_ms
-            after = batch[-1].seq
-
-
-def _row(message: StoredMessage, state: PartitionState) -> StoredMessage | None:
-    """The row a recovered message is held as (None: settled, read from the log)."""
-    block = message.block
-    ended = state.ended.get(block)
-    if ended is not None:
-        return _as_ended(message, ended)
-    if block in state.settled:
+            at_ms = at_ms or part.state.settled_ms
+            return as_acked(message, at_ms)
         return None
-    return dataclasses.replace(
-        message,
-        attempts=state.attempts.get(block, 0),
-        visible_at_ms=state.deferred.get(block, 0),
-    )
-
-
-def _as_ended(message: StoredMessage, ended: Ended) -> StoredMessage:
-    return dataclasses.replace(
-        message, state=ended.state, settled_at_ms=ended.at_ms, dead_reason=ended.reason
-    )
-
-
-def _as_acked(message: StoredMessage, at_ms: int) -> StoredMessage:
-    return dataclasses.replace(message, state=MessageState.ACKED, settled_at_ms=at_ms or None)
-
-
-def _message_of(got: Got, record: dict[str, object]) -> StoredMessage:
-    tokens = got.subject.split(".")
-    return message_from(detoken(tokens[-2]), detoken(tokens[-1]), str(record["i"]), record, None)
-
-
-def _ranges(blocks: list[int]) -> tuple[tuple[int, int], ...]:
-    out: list[tuple[int, int]] = []
-    for block in sorted(blocks):
-        if out and block == out[-1][1] + 1:
-            out[-1] = (out[-1][0], block)
-        else:
-            out.append((block, block))
-    return tuple(out)
 
 
 def _quietly(future: asyncio.Future[list[int]]) -> None:

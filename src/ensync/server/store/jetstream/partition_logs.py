@@ -28,6 +28,7 @@ completely even when a lagging replica answers.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -54,8 +55,10 @@ __all__ = [
     "FencedError",
     "RecoveredPartition",
     "SlotLog",
+    "find_message",
     "messages_subject",
     "recover_slot",
+    "settled_at",
     "snapshot_subject",
     "state_subject",
 ]
@@ -379,3 +382,62 @@ def _decode(data: bytes, subject: str) -> Record:
     if subject.split(".")[-4] == "z" and not isinstance(record, Snapshot):
         raise StoreError(f"{subject}: a snapshot subject holds a {type(record).__name__}")
     return record
+
+
+# --------------------------------------------------- reading one message back
+
+# Messages per read when a replay looks for an acknowledged message.
+_FIND_BATCH = 1000
+# How long before its id's time a message may have been stored (clock skew
+# between the node that made the id and the owner's stream).
+_ID_TIME_SLACK_MS = 60_000
+
+
+async def find_message(
+    api: JetStreamApi, stream: str, prefix: str, slot: int, idem: str, start_ms: int | None
+) -> tuple[StoredMessage, int] | None:
+    """The message ``idem`` among ``slot``'s logs, with its stream sequence:
+    read from ``start_ms`` (its id's time) on, or from the start."""
+    subject = f"{prefix}.m.{slot}.>"
+    query: dict[str, object] = {"next_by_subj": subject, "batch": _FIND_BATCH}
+    if start_ms is not None:
+        when = datetime.datetime.fromtimestamp(
+            max(start_ms - _ID_TIME_SLACK_MS, 0) / 1000, tz=datetime.UTC
+        )
+        query["start_time"] = when.isoformat().replace("+00:00", "Z")
+    else:
+        query["seq"] = 1
+    while True:
+        batch = await api.get_batch(stream, query)
+        for got in batch:
+            record = orjson.loads(got.data)
+            if record.get("i") == idem:
+                tokens = got.subject.split(".")
+                key = (detoken(tokens[-2]), detoken(tokens[-1]))
+                return message_from(*key, idem, record, None), got.seq
+        if len(batch) < _FIND_BATCH:
+            return None
+        query = {"next_by_subj": subject, "batch": _FIND_BATCH, "seq": batch[-1].seq + 1}
+
+
+async def settled_at(
+    api: JetStreamApi, stream: str, prefix: str, slot: int, key: Key, block: int, seq: int
+) -> int:
+    """When ``block`` (stored at ``seq``) was settled, from the settlement
+    record that covers it; 0 if a snapshot covers it instead."""
+    subject = state_subject(prefix, slot, key)
+    after = seq
+    while True:
+        batch = await api.get_after(stream, subject, after + 1, _FIND_BATCH)
+        for got in batch:
+            try:
+                record = partition_log.decode(got.data)
+            except ValueError:
+                continue
+            if isinstance(record, partition_log.Settled) and any(
+                first <= block <= last for first, last in record.ranges
+            ):
+                return record.at_ms
+        if len(batch) < _FIND_BATCH:
+            return 0
+        after = batch[-1].seq

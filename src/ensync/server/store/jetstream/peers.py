@@ -23,14 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from ensync._tasks import raise_if_cancelled
 from ensync.server.store import peer_calls as calls
 from ensync.server.store.base import StoreError
-from ensync.server.store.idems import slot_bits
+from ensync.server.store.idems import slot_in
 from ensync.server.store.jetstream.api import NatsError
 from ensync.server.store.jetstream.owned import NotOwnedError
 from ensync.server.store.jetstream.owned_store import OwnedStore
@@ -41,11 +43,15 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.aio.subscription import Subscription
 
-__all__ = ["PeerClient", "PeerServer", "keys_of_notes", "notes_subject", "rpc_subject"]
+__all__ = ["News", "PeerClient", "PeerServer", "keys_of_notes", "notes_subject", "rpc_subject"]
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+# A partition another node owns is watched this long after this node last
+# claimed from it.
+_INTEREST_S = 120.0
+_WATCH_EVERY_S = 2.0
 
 
 def rpc_subject(prefix: str, node: str) -> str:
@@ -177,11 +183,11 @@ class PeerServer:
         if isinstance(call, calls.ClaimFrom):
             return store.slot_of(call.recipient, call.name)
         if isinstance(call, calls.Extend | calls.Defer | calls.Get | calls.Redrive):
-            return _idem_slot(call.idem, store.slot_count)
+            return slot_in(call.idem, store.slot_count)
         if isinstance(call, calls.ReleaseMany) and call.releases:
-            return _idem_slot(call.releases[0].idem, store.slot_count)
+            return slot_in(call.releases[0].idem, store.slot_count)
         if isinstance(call, calls.SettleMany) and call.settlements:
-            return _idem_slot(call.settlements[0].idem, store.slot_count)
+            return slot_in(call.settlements[0].idem, store.slot_count)
         return None
 
     def _watch(self, call: calls.Watch) -> list[Key]:
@@ -219,11 +225,6 @@ class PeerServer:
             await self._nc.publish(subject, body)
         except NatsError as exc:
             log.debug("a notice to a peer was not sent: %s", exc)
-
-
-def _idem_slot(idem: str, slots: int) -> int | None:
-    slot = slot_bits(idem)
-    return slot if slot is not None and slot < slots else None
 
 
 class PeerClient:
@@ -298,3 +299,75 @@ def keys_of_notes(data: bytes) -> list[Key]:
         return [(str(r), str(n)) for r, n in orjson.loads(data)]
     except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
         raise ValueError(f"not a notice: {exc}") from None
+
+
+class News:
+    """News of the partitions this node claims from while other nodes own
+    them: notices the owners send, and a :class:`Watch` every few seconds
+    that recovers a notice lost.
+
+    Args:
+        node: this node's id.
+        peers: how to ask the owners.
+        owner_of: a partition's owner as last read (``None``: unknown).
+        notify: tells this node's claimers that a partition has news.
+    """
+
+    def __init__(
+        self,
+        node: str,
+        peers: PeerClient,
+        owner_of: Callable[[Key], str | None],
+        notify: Callable[[Key], None],
+    ) -> None:
+        self._node = node
+        self._peers = peers
+        self._owner_of = owner_of
+        self._notify = notify
+        self._waiting: dict[Key, float] = {}  # partition -> when last claimed
+
+    def waiting_for(self, key: Key) -> None:
+        """This node claimed from ``key``, which another node owns."""
+        self._waiting[key] = time.monotonic()
+
+    async def heard(self, msg: Msg) -> None:
+        """A notice from an owner (the subscription's callback)."""
+        try:
+            keys = keys_of_notes(msg.data)
+        except ValueError as exc:
+            log.warning("a peer sent what is not a notice: %s", exc)
+            return
+        for key in keys:
+            self._notify(key)
+
+    async def watch_forever(self) -> None:
+        while True:
+            raise_if_cancelled()
+            await asyncio.sleep(_WATCH_EVERY_S)
+            try:
+                await self.watch_once()
+            except StoreError as exc:
+                log.debug("watching partitions owned elsewhere: %s", exc)
+
+    async def watch_once(self) -> None:
+        """Ask each owner which of the partitions waited for have pending messages."""
+        now = time.monotonic()
+        by_owner: dict[str, list[Key]] = {}
+        for key, used in list(self._waiting.items()):
+            if now - used > _INTEREST_S:
+                del self._waiting[key]
+                continue
+            owner = self._owner_of(key)
+            if owner is not None and owner != self._node:
+                by_owner.setdefault(owner, []).append(key)
+        answers = await asyncio.gather(
+            *(
+                self._peers.call(node, calls.Watch(self._node, tuple(keys)))
+                for node, keys in by_owner.items()
+            ),
+            return_exceptions=True,
+        )
+        for answer in answers:
+            if isinstance(answer, list):
+                for key in answer:
+                    self._notify(key)

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from ensync.server.store import lifecycle
+from ensync.server.store.backing import Ref
 from ensync.server.store.base import AppExistsError, AppRecord, DeadRef, MessageState, StoredMessage
-from ensync.server.store.book import Ref
 from ensync.server.store.lifecycle import Event
 
 __all__ = [

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Final, Literal, Self, cast
 
+from ensync.server.store.backing import Ref
 from ensync.server.store.base import AppRecord, DeadRef, MessageState, StoredMessage, StoreError
-from ensync.server.store.book import Ref
 from ensync.server.store.local import InsertDone, LocalMessages
 from ensync.server.store.sqlite import rows
 from ensync.server.store.sqlite.runner import SqliteRunner, SqliteStoreStatistics
